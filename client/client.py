@@ -1,0 +1,329 @@
+"""`ParameterServerClient`: the control plane (coordinator) and the data plane (shards).
+
+The client learns a model's layout from the coordinator, then streams gradient slices to, and
+weight slices from, every shard directly and in parallel, so no single process carries all bytes.
+It never imports server code.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from optserve.client.codec import (
+    DEFAULT_CHUNK_BYTES,
+    GRADIENT_WIRE_DTYPES,
+    MAX_CHUNK_BYTES,
+    TensorAssembler,
+    dtype_name,
+    encode_tensor,
+    expect_all,
+    torch_dtype,
+)
+from optserve.client.codec import wire_dtype as to_wire_dtype
+from optserve.client.config import AdamConfig, SGDConfig, optimizer_config_json, parse_optimizer_config
+from optserve.client.errors import InvalidArgument, OptserveError, from_rpc_error
+from optserve.client.layout import GroupLayout, ParamSlot, ShardSlice, flatten_group, plan_group
+from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2, shard_pb2_grpc
+
+T = TypeVar("T")
+_MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + (64 << 10)
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the coordinator says about a model: parameters, layout, version, optimizer."""
+
+    name: str
+    groups: tuple[GroupLayout, ...]
+    shards: tuple[ShardSlice, ...]
+    version: int
+    optimizer: SGDConfig | AdamConfig
+
+    @property
+    def params(self) -> tuple[ParamSlot, ...]:
+        return tuple(p for g in self.groups for p in g.params)
+
+    @property
+    def numel(self) -> int:
+        return sum(g.numel for g in self.groups)
+
+    @classmethod
+    def from_proto(cls, info: coordinator_pb2.ModelInfo) -> ModelInfo:
+        specs = {p.name: (tuple(p.shape), torch_dtype(p.dtype)) for p in info.params}
+        groups = tuple(
+            plan_group(g.name, [(n, *specs[n]) for n in g.params]) for g in info.groups
+        )
+        shards = tuple(
+            ShardSlice(s.index, {r.group: (r.start, r.end) for r in s.ranges}, s.address)
+            for s in sorted(info.shards, key=lambda s: s.index)
+        )
+        return cls(
+            name=info.name,
+            groups=groups,
+            shards=shards,
+            version=info.version,
+            optimizer=parse_optimizer_config(info.optimizer_json),
+        )
+
+
+def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    try:
+        return fn(*args, **kwargs)
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from None
+
+
+class ParameterServerClient:
+    """A connection to an optserve server.
+
+    `address` is the coordinator's host:port. Every method raises a subclass of
+    `optserve.client.OptserveError` (InvalidArgument, NotFound, ...) on failure.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 120.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+            raise InvalidArgument(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
+        self.address = address
+        self.timeout_s = timeout_s
+        self.chunk_bytes = chunk_bytes
+        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._coordinator = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+        self._lock = threading.Lock()
+        self._shard_channels: dict[str, tuple[grpc.Channel, shard_pb2_grpc.ShardStub]] = {}
+        self._layouts: dict[str, ModelInfo] = {}
+        self._versions: dict[str, int] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    # ---- control plane -------------------------------------------------------------------
+
+    def create_model(
+        self,
+        model: str,
+        params: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        optimizer: str | Mapping[str, Any] | SGDConfig | AdamConfig,
+        *,
+        num_shards: int = 0,
+    ) -> ModelInfo:
+        """Register a model with its initial parameter values and optimizer config."""
+        named = list(params.items() if isinstance(params, Mapping) else params)
+        config = parse_optimizer_config(optimizer)
+        for name, tensor in named:
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype not in (
+                torch.float32, torch.float16, torch.bfloat16, torch.float64,
+            ):
+                raise InvalidArgument(
+                    f"parameter {name!r} must be a floating-point tensor "
+                    f"(float32, float16, bfloat16 or float64), got {getattr(tensor, 'dtype', type(tensor))}"
+                )
+        spec = coordinator_pb2.ModelSpec(
+            name=model,
+            params=[
+                coordinator_pb2.ParamSpec(name=n, dtype=to_wire_dtype(t.dtype), shape=list(t.shape))
+                for n, t in named
+            ],
+            optimizer_json=optimizer_config_json(config),
+            num_shards=num_shards,
+        )
+
+        def requests() -> Iterator[coordinator_pb2.CreateModelRequest]:
+            yield coordinator_pb2.CreateModelRequest(spec=spec)
+            for name, tensor in named:
+                for chunk in encode_tensor(name, tensor, self.chunk_bytes):
+                    yield coordinator_pb2.CreateModelRequest(chunk=chunk)
+
+        reply = _call(self._coordinator.CreateModel, requests(), timeout=self.timeout_s)
+        return self._remember(reply)
+
+    def describe_model(self, model: str) -> ModelInfo:
+        reply = _call(
+            self._coordinator.DescribeModel,
+            coordinator_pb2.DescribeModelRequest(model=model),
+            timeout=self.timeout_s,
+        )
+        return self._remember(reply)
+
+    def list_models(self) -> list[str]:
+        reply = _call(
+            self._coordinator.ListModels, coordinator_pb2.ListModelsRequest(), timeout=self.timeout_s
+        )
+        return list(reply.models)
+
+    def drop_model(self, model: str) -> None:
+        _call(
+            self._coordinator.DropModel,
+            coordinator_pb2.DropModelRequest(model=model),
+            timeout=self.timeout_s,
+        )
+        with self._lock:
+            self._layouts.pop(model, None)
+            self._versions.pop(model, None)
+
+    # ---- data plane ----------------------------------------------------------------------
+
+    def push(
+        self,
+        model: str,
+        grads: Mapping[str, torch.Tensor],
+        *,
+        version: int | None = None,
+        wire_dtype: torch.dtype = torch.float32,
+        trainer: str = "",
+    ) -> int:
+        """Push one gradient per parameter; return the model version after the update.
+
+        `version` is the model version the gradient was computed on (default: the version this
+        client last pulled). Gradients may travel as float16 or bfloat16 (`wire_dtype`); the
+        server keeps fp32 masters. Nothing is applied unless every gradient is valid.
+        """
+        if wire_dtype not in GRADIENT_WIRE_DTYPES:
+            raise InvalidArgument(
+                f"wire_dtype must be float32, float16 or bfloat16, got {dtype_name(wire_dtype)}"
+            )
+        info = self._layout(model)
+        self._check_gradients(info, grads)
+        based_on = self._versions.get(model, info.version) if version is None else version
+        flats = {g.name: flatten_group(g, grads, wire_dtype) for g in info.groups}
+        header = shard_pb2.PushHeader(model=model, version=based_on, trainer=trainer)
+
+        def push_one(shard: ShardSlice) -> shard_pb2.PushResponse:
+            def requests() -> Iterator[shard_pb2.PushRequest]:
+                yield shard_pb2.PushRequest(header=header)
+                for group, (start, end) in shard.ranges.items():
+                    for chunk in encode_tensor(group, flats[group][start:end], self.chunk_bytes):
+                        yield shard_pb2.PushRequest(chunk=chunk)
+
+            return _call(self._shard(shard.address).Push, requests(), timeout=self.timeout_s)
+
+        replies = self._each_shard(info, push_one)
+        return max(r.version for r in replies)
+
+    def pull(
+        self, model: str, *, wire_dtype: torch.dtype = torch.float32
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """The model's current weights (each in its parameter's dtype) and their version."""
+        info = self._layout(model)
+        request = shard_pb2.PullRequest(model=model, dtype=to_wire_dtype(wire_dtype))
+
+        def pull_one(shard: ShardSlice) -> tuple[int, dict[str, torch.Tensor]]:
+            expected = expect_all(
+                (g, (end - start,), (wire_dtype,)) for g, (start, end) in shard.ranges.items()
+            )
+            assembler = TensorAssembler(expected, what="weights")
+            stream = self._shard(shard.address).Pull(request, timeout=self.timeout_s)
+            version = None
+            try:
+                for reply in stream:
+                    if reply.WhichOneof("payload") == "header":
+                        version = reply.header.version
+                    else:
+                        assembler.add(reply.chunk)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from None
+            if version is None:
+                raise OptserveError(f"shard {shard.index} sent no version header")
+            return version, assembler.finish()
+
+        results = self._each_shard(info, pull_one)
+        weights: dict[str, torch.Tensor] = {}
+        for group in info.groups:
+            flat = torch.cat([parts[group.name] for _, parts in results])
+            for slot in group.params:
+                value = flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
+                weights[slot.name] = value.to(slot.dtype) if value.dtype != slot.dtype else value
+        version = min(v for v, _ in results)
+        with self._lock:
+            self._versions[model] = version
+        return weights, version
+
+    # ---- plumbing ------------------------------------------------------------------------
+
+    def _remember(self, reply: coordinator_pb2.ModelInfo) -> ModelInfo:
+        info = ModelInfo.from_proto(reply)
+        with self._lock:
+            self._layouts[info.name] = info
+        return info
+
+    def _layout(self, model: str) -> ModelInfo:
+        with self._lock:
+            info = self._layouts.get(model)
+        return info if info is not None else self.describe_model(model)
+
+    @staticmethod
+    def _check_gradients(info: ModelInfo, grads: Mapping[str, torch.Tensor]) -> None:
+        names = {p.name for p in info.params}
+        unknown = sorted(set(grads) - names)
+        if unknown:
+            raise InvalidArgument(f"model {info.name!r} has no parameter(s) {unknown}")
+        for slot in info.params:
+            grad = grads.get(slot.name)
+            if grad is None:
+                raise InvalidArgument(f"missing gradient for parameter {slot.name!r}")
+            if tuple(grad.shape) != slot.shape:
+                raise InvalidArgument(
+                    f"gradient for {slot.name!r} has shape {list(grad.shape)}; "
+                    f"the parameter has shape {list(slot.shape)}"
+                )
+            if grad.dtype != slot.dtype:
+                raise InvalidArgument(
+                    f"gradient for {slot.name!r} has dtype {dtype_name(grad.dtype)}; "
+                    f"the parameter has dtype {dtype_name(slot.dtype)}"
+                )
+            if not bool(torch.isfinite(grad).all()):
+                raise InvalidArgument(f"gradient for {slot.name!r} contains NaN or Inf")
+
+    def _shard(self, address: str) -> shard_pb2_grpc.ShardStub:
+        with self._lock:
+            entry = self._shard_channels.get(address)
+            if entry is None:
+                channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+                entry = (channel, shard_pb2_grpc.ShardStub(channel))
+                self._shard_channels[address] = entry
+            return entry[1]
+
+    def _each_shard(self, info: ModelInfo, fn: Callable[[ShardSlice], T]) -> list[T]:
+        """Run `fn` on every shard, in parallel when there are several; results in shard order."""
+        if len(info.shards) == 1:
+            return [fn(info.shards[0])]
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="optserve-client")
+            pool = self._pool
+        return list(pool.map(fn, info.shards))
+
+    def close(self) -> None:
+        with self._lock:
+            channels = [c for c, _ in self._shard_channels.values()]
+            self._shard_channels.clear()
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        for channel in channels:
+            channel.close()
+        self._channel.close()
+
+    def __enter__(self) -> ParameterServerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ParameterServerClient({self.address!r})"
+

@@ -1,0 +1,145 @@
+"""`RemoteOptimizer`: a torch.optim.Optimizer whose update happens on the optserve server."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from optserve.client.client import ModelInfo, ParameterServerClient
+from optserve.client.codec import dtype_name
+from optserve.client.config import AdamConfig, SGDConfig, parse_optimizer_config
+from optserve.client.errors import AlreadyExists, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+
+class RemoteOptimizer(torch.optim.Optimizer):
+    """Drop-in for a torch optimizer; the weights and all optimizer state live on the server.
+
+    On construction it registers the model with the parameters' current values if the server
+    does not have it yet; otherwise it loads the server's weights into the parameters. Each
+    `step()` pushes every parameter's `.grad` (a parameter without one contributes zeros: the
+    server updates its flat buffer as a whole) and loads the updated weights back.
+
+    Example::
+
+        opt = RemoteOptimizer(net.named_parameters(), address="127.0.0.1:50051",
+                              model="mnist-mlp", optimizer={"name": "adam", "lr": 1e-3})
+        loss_fn(net(x), y).backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+        *,
+        address: str | None = None,
+        model: str,
+        optimizer: str | Mapping[str, Any] | SGDConfig | AdamConfig | None = None,
+        client: ParameterServerClient | None = None,
+        wire_dtype: torch.dtype = torch.float32,
+        trainer: str = "",
+    ) -> None:
+        named = list(named_parameters)
+        if not named:
+            raise InvalidArgument("RemoteOptimizer got an empty parameter list")
+        names = [n for n, _ in named]
+        if len(set(names)) != len(names):
+            raise InvalidArgument("parameter names must be unique")
+        if client is None and address is None:
+            raise InvalidArgument("RemoteOptimizer needs address=... (or client=...)")
+        self._constructing = True
+        super().__init__([p for _, p in named], defaults={})
+        self._constructing = False
+        self._named = named
+        self._owns_client = client is None
+        self.client = client if client is not None else ParameterServerClient(address or "")
+        self.model = model
+        self.wire_dtype = wire_dtype
+        self.trainer = trainer
+        config = parse_optimizer_config(optimizer) if optimizer is not None else None
+        info, created = self._attach(config)
+        self._check_matches(info)
+        self.version = info.version
+        if not created:
+            self._load_from_server()
+
+    def _attach(self, config: SGDConfig | AdamConfig | None) -> tuple[ModelInfo, bool]:
+        try:
+            info = self.client.describe_model(self.model)
+        except NotFound:
+            if config is None:
+                raise NotFound(
+                    f"model {self.model!r} does not exist; pass optimizer=... to create it"
+                ) from None
+            values = [(n, p.detach()) for n, p in self._named]
+            try:
+                return self.client.create_model(self.model, values, config), True
+            except AlreadyExists:  # another trainer created it first: join it
+                info = self.client.describe_model(self.model)
+        if config is not None and info.optimizer != config:
+            log.warning(
+                "model %r exists with optimizer %s; keeping it (asked for %s)",
+                self.model, info.optimizer, config,
+            )
+        return info, False
+
+    def _check_matches(self, info: ModelInfo) -> None:
+        server = {p.name: p for p in info.params}
+        local = dict(self._named)
+        if set(server) != set(local):
+            raise InvalidArgument(
+                f"model {self.model!r} on the server has parameters {sorted(server)}, "
+                f"these parameters are named {sorted(local)}"
+            )
+        for name, param in self._named:
+            slot = server[name]
+            if tuple(param.shape) != slot.shape or param.dtype != slot.dtype:
+                raise InvalidArgument(
+                    f"parameter {name!r} is {list(param.shape)} {dtype_name(param.dtype)} here "
+                    f"but {list(slot.shape)} {dtype_name(slot.dtype)} on the server"
+                )
+
+    @torch.no_grad()
+    def _load_from_server(self) -> None:
+        weights, self.version = self.client.pull(self.model)
+        for name, param in self._named:
+            param.copy_(weights[name])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Push every parameter's gradient, then load the updated weights."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = {
+            name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in self._named
+        }
+        self.client.push(
+            self.model, grads, version=self.version, wire_dtype=self.wire_dtype,
+            trainer=self.trainer,
+        )
+        self._load_from_server()
+        return loss
+
+    def pull(self) -> int:
+        """Load the server's current weights into the parameters; return their version."""
+        self._load_from_server()
+        return self.version
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not getattr(self, "_constructing", False):
+            raise InvalidArgument(
+                "RemoteOptimizer's parameters are fixed when the model is registered"
+            )
+        super().add_param_group(param_group)
+
+    def close(self) -> None:
+        if self._owns_client:
+            self.client.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteOptimizer(model={self.model!r}, address={self.client.address!r})"

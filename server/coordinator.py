@@ -1,0 +1,198 @@
+"""The coordinator: the catalogue of models, their layouts and shard actors. No tensor math.
+
+`Coordinator` is plain Python over Ray handles; `CoordinatorActor` is the named Ray actor that
+owns one and serves it on the gRPC front door (the Coordinator service).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+
+from optserve.client.config import AdamConfig, SGDConfig, optimizer_config_json
+from optserve.client.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from optserve.client.layout import (
+    DEFAULT_GROUP,
+    GroupLayout,
+    ShardSlice,
+    flatten_group,
+    plan_group,
+    split_ranges,
+)
+from optserve.server.shard_actor import ShardActor
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_PARAM_NAME_CHARS = 512
+MAX_PARAM_DIMS = 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_model_bytes: int = 16 << 30
+    max_params: int = 100_000
+    max_shards: int = 256
+
+
+@dataclass
+class ModelRecord:
+    name: str
+    groups: list[GroupLayout]
+    shards: list[ShardSlice]
+    optimizer: SGDConfig | AdamConfig
+    actors: list[Any] = field(default_factory=list)
+
+    @property
+    def optimizer_json(self) -> str:
+        return optimizer_config_json(self.optimizer)
+
+
+def validate_params(
+    name: str, params: Sequence[tuple[str, Sequence[int], torch.dtype]], limits: Limits
+) -> None:
+    """Refuse a model spec before any bytes are read: name, parameter names, shapes, size."""
+    if not MODEL_NAME.fullmatch(name):
+        raise InvalidArgument(
+            f"invalid model name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    if not params:
+        raise InvalidArgument(f"model {name!r} has no parameters")
+    if len(params) > limits.max_params:
+        raise ResourceExhausted(
+            f"model {name!r} has {len(params)} parameters; the limit is {limits.max_params}"
+        )
+    seen: set[str] = set()
+    total = 0
+    for pname, shape, _dtype in params:
+        if not pname or len(pname) > MAX_PARAM_NAME_CHARS:
+            raise InvalidArgument(
+                f"parameter name {pname[:40]!r} must have 1-{MAX_PARAM_NAME_CHARS} characters"
+            )
+        if pname in seen:
+            raise InvalidArgument(f"parameter {pname!r} is declared twice")
+        seen.add(pname)
+        if len(shape) > MAX_PARAM_DIMS or any(d < 0 for d in shape):
+            raise InvalidArgument(f"parameter {pname!r} has invalid shape {list(shape)}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        total += numel
+        if total * 4 > limits.max_model_bytes:
+            raise ResourceExhausted(
+                f"model {name!r} exceeds the size limit of {limits.max_model_bytes} bytes "
+                "(fp32 masters)"
+            )
+
+
+class Coordinator:
+    def __init__(self, host: str = "127.0.0.1", default_num_shards: int = 1,
+                 limits: Limits | None = None) -> None:
+        self.host = host
+        self.default_num_shards = default_num_shards
+        self.limits = limits or Limits()
+        self._lock = threading.Lock()
+        self._models: dict[str, ModelRecord] = {}
+        self._reserved: set[str] = set()
+
+    def reserve(self, name: str) -> None:
+        """Claim a model name for a creation in progress (ALREADY_EXISTS if taken)."""
+        with self._lock:
+            if name in self._models or name in self._reserved:
+                raise AlreadyExists(f"model {name!r} already exists")
+            self._reserved.add(name)
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._reserved.discard(name)
+
+    def create_model(
+        self,
+        name: str,
+        params: Sequence[tuple[str, Sequence[int], torch.dtype]],
+        initial: Mapping[str, torch.Tensor],
+        optimizer: SGDConfig | AdamConfig,
+        num_shards: int = 0,
+    ) -> ModelRecord:
+        """Start the shard actors of a new model (its name must be reserved) and register it."""
+        num_shards = num_shards or self.default_num_shards
+        if not 1 <= num_shards <= self.limits.max_shards:
+            raise InvalidArgument(
+                f"num_shards must be between 1 and {self.limits.max_shards}, got {num_shards}"
+            )
+        groups = [plan_group(DEFAULT_GROUP, params)]
+        slices = split_ranges(groups, num_shards)
+        flats = {g.name: flatten_group(g, initial, torch.float32) for g in groups}
+        actor_cls = ray.remote(ShardActor)
+        run_id = uuid.uuid4().hex[:8]
+        actors = []
+        try:
+            for s in slices:
+                weights = {g: flats[g][a:b].clone() for g, (a, b) in s.ranges.items()}
+                actors.append(
+                    actor_cls.options(
+                        name=f"optserve:{name}:shard{s.index}:{run_id}",
+                        num_cpus=0,
+                        max_restarts=0,
+                    ).remote(name, s.index, weights, optimizer_config_json(optimizer), self.host)
+                )
+            addresses = ray.get([a.address.remote() for a in actors], timeout=300)
+        except Exception:
+            for actor in actors:
+                ray.kill(actor)
+            raise
+        shards = [
+            ShardSlice(s.index, s.ranges, addr) for s, addr in zip(slices, addresses, strict=True)
+        ]
+        record = ModelRecord(name, groups, shards, optimizer, actors)
+        with self._lock:
+            self._models[name] = record
+        log.info("created model %s on %d shard(s): %s", name, num_shards, addresses)
+        return record
+
+    def get(self, name: str) -> ModelRecord:
+        with self._lock:
+            record = self._models.get(name)
+        if record is None:
+            raise NotFound(f"unknown model {name!r}")
+        return record
+
+    def version(self, record: ModelRecord) -> int:
+        infos = ray.get([a.info.remote() for a in record.actors], timeout=60)
+        return min(info["version"] for info in infos)
+
+    def list_models(self) -> list[str]:
+        with self._lock:
+            return sorted(self._models)
+
+    def drop_model(self, name: str, grace_s: float = 1.0) -> None:
+        with self._lock:
+            record = self._models.pop(name, None)
+        if record is None:
+            raise NotFound(f"unknown model {name!r}")
+        self._stop_actors(record.actors, grace_s)
+
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        with self._lock:
+            records = list(self._models.values())
+            self._models.clear()
+        for record in records:
+            self._stop_actors(record.actors, grace_s)
+
+    @staticmethod
+    def _stop_actors(actors: Sequence[Any], grace_s: float) -> None:
+        try:
+            ray.get([a.stop.remote(grace_s) for a in actors], timeout=grace_s + 30)
+        except Exception:  # noqa: BLE001 - a dead shard needs no graceful stop
+            log.warning("some shards did not stop gracefully", exc_info=True)
+        for actor in actors:
+            ray.kill(actor)

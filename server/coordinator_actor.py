@@ -1,0 +1,48 @@
+"""The coordinator Ray actor: one Coordinator plus the gRPC front door it serves."""
+
+from __future__ import annotations
+
+import logging
+
+from optserve.server.coordinator import Coordinator, Limits
+from optserve.server.coordinator_service import SERVICE_NAME, CoordinatorService
+from optserve.server.grpc_util import create_server, format_address
+from optserve.v1 import coordinator_pb2_grpc
+
+
+class CoordinatorActor:
+    """Wrapped with `ray.remote` by `optserve.server.runtime.start_service`."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        default_num_shards: int = 1,
+        limits: Limits | None = None,
+    ) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self._coordinator = Coordinator(host, default_num_shards, limits)
+        self._server = create_server(
+            format_address(host, port),
+            [
+                (
+                    coordinator_pb2_grpc.add_CoordinatorServicer_to_server,
+                    CoordinatorService(self._coordinator),
+                    SERVICE_NAME,
+                )
+            ],
+        )
+        self._server.start()
+        self._address = format_address(host, self._server.port)
+
+    def address(self) -> str:
+        return self._address
+
+    def shard_actors(self, model: str) -> list:
+        """Handles of a model's shard actors (for tests and operations tooling)."""
+        return list(self._coordinator.get(model).actors)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting calls, let in-flight ones finish, then stop every shard."""
+        self._server.stop(grace_s)
+        self._coordinator.shutdown(grace_s)

@@ -1,0 +1,86 @@
+"""Starting and stopping optserve on Ray: an embedded local Ray, or an existing cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+NAMESPACE = "optserve"
+COORDINATOR_NAME = "optserve-coordinator"
+# Enough for the initial weights of models passed to shard actors; large tensors never ride Ray
+# on the hot path (push and pull go over each shard's gRPC endpoint).
+DEFAULT_OBJECT_STORE_BYTES = 512 << 20
+
+
+def keep_ray_on_loopback() -> None:
+    """Make a local Ray (ray.cluster_utils clusters included) keep every node on 127.0.0.1.
+
+    Ray advertises the machine's non-loopback address by default; this must be set in the
+    environment before Ray starts.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+def init_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    object_store_memory: int | None = DEFAULT_OBJECT_STORE_BYTES,
+    log_to_driver: bool = True,
+) -> None:
+    """Connect to the Ray cluster at `address`, or start an embedded local one (address None)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        keep_ray_on_loopback()
+        ray.init(
+            address="local",
+            namespace=NAMESPACE,
+            num_cpus=num_cpus,
+            object_store_memory=object_store_memory,
+            include_dashboard=False,
+            log_to_driver=log_to_driver,
+            logging_level=logging.WARNING,
+        )
+    else:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver,
+                 logging_level=logging.WARNING)
+
+
+@dataclass
+class Service:
+    """A running optserve: the coordinator actor and the address of its gRPC front door."""
+
+    actor: Any
+    address: str
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        import ray
+
+        try:
+            ray.get(self.actor.stop.remote(grace_s), timeout=grace_s + 60)
+        finally:
+            ray.kill(self.actor)
+
+
+def start_service(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    default_num_shards: int = 1,
+    name: str = COORDINATOR_NAME,
+) -> Service:
+    """Start the coordinator actor (Ray must be initialised) and wait until it serves."""
+    import ray
+
+    from optserve.server.coordinator_actor import CoordinatorActor
+
+    actor = (
+        ray.remote(CoordinatorActor)
+        .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0)
+        .remote(host, port, default_num_shards)
+    )
+    address = ray.get(actor.address.remote(), timeout=300)
+    return Service(actor, address)
