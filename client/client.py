@@ -27,7 +27,12 @@ from optserve.client.codec import (
     torch_dtype,
 )
 from optserve.client.codec import wire_dtype as to_wire_dtype
-from optserve.client.config import AdamConfig, SGDConfig, optimizer_config_json, parse_optimizer_config
+from optserve.client.config import (
+    AdamConfig,
+    SGDConfig,
+    optimizer_config_json,
+    parse_optimizer_config,
+)
 from optserve.client.errors import InvalidArgument, OptserveError, from_rpc_error
 from optserve.client.layout import GroupLayout, ParamSlot, ShardSlice, flatten_group, plan_group
 from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2, shard_pb2_grpc
@@ -61,9 +66,7 @@ class ModelInfo:
     @classmethod
     def from_proto(cls, info: coordinator_pb2.ModelInfo) -> ModelInfo:
         specs = {p.name: (tuple(p.shape), torch_dtype(p.dtype)) for p in info.params}
-        groups = tuple(
-            plan_group(g.name, [(n, *specs[n]) for n in g.params]) for g in info.groups
-        )
+        groups = tuple(plan_group(g.name, [(n, *specs[n]) for n in g.params]) for g in info.groups)
         shards = tuple(
             ShardSlice(s.index, {r.group: (r.start, r.end) for r in s.ranges}, s.address)
             for s in sorted(info.shards, key=lambda s: s.index)
@@ -99,7 +102,9 @@ class ParameterServerClient:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
-            raise InvalidArgument(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
+            raise InvalidArgument(
+                f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}"
+            )
         self.address = address
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
@@ -126,11 +131,14 @@ class ParameterServerClient:
         config = parse_optimizer_config(optimizer)
         for name, tensor in named:
             if not isinstance(tensor, torch.Tensor) or tensor.dtype not in (
-                torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                torch.float32,
+                torch.float16,
+                torch.bfloat16,
+                torch.float64,
             ):
                 raise InvalidArgument(
-                    f"parameter {name!r} must be a floating-point tensor "
-                    f"(float32, float16, bfloat16 or float64), got {getattr(tensor, 'dtype', type(tensor))}"
+                    f"parameter {name!r} must be a float32, float16, bfloat16 or float64 "
+                    f"tensor, got {getattr(tensor, 'dtype', type(tensor))}"
                 )
         spec = coordinator_pb2.ModelSpec(
             name=model,
@@ -161,7 +169,9 @@ class ParameterServerClient:
 
     def list_models(self) -> list[str]:
         reply = _call(
-            self._coordinator.ListModels, coordinator_pb2.ListModelsRequest(), timeout=self.timeout_s
+            self._coordinator.ListModels,
+            coordinator_pb2.ListModelsRequest(),
+            timeout=self.timeout_s,
         )
         return list(reply.models)
 
@@ -303,7 +313,9 @@ class ParameterServerClient:
             return [fn(info.shards[0])]
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="optserve-client")
+                self._pool = ThreadPoolExecutor(
+                    max_workers=16, thread_name_prefix="optserve-client"
+                )
             pool = self._pool
         return list(pool.map(fn, info.shards))
 
@@ -326,4 +338,3 @@ class ParameterServerClient:
 
     def __repr__(self) -> str:
         return f"ParameterServerClient({self.address!r})"
-

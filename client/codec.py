@@ -202,7 +202,7 @@ class TensorAssembler:
 
     def finish(self) -> dict[str, torch.Tensor]:
         """All tensors, each reshaped to its expected shape; raises if any is missing or short."""
-        for name, spec in self.expected.items():
+        for name in self.expected:
             partial = self._partials.get(name)
             if partial is None:
                 raise InvalidArgument(f"stream ended without {self.what} {name!r}")

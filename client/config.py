@@ -34,7 +34,9 @@ class SGDConfig(_RuleConfig):
     name: Literal["sgd"] = "sgd"
     momentum: NonNegative = Field(0.0, description="Momentum factor mu; 0 disables the buffer.")
     dampening: NonNegative = Field(0.0, description="Dampening tau of the momentum update.")
-    nesterov: bool = Field(False, description="Nesterov momentum (needs momentum > 0, dampening 0).")
+    nesterov: bool = Field(
+        False, description="Nesterov momentum (needs momentum > 0, dampening 0)."
+    )
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> SGDConfig:

@@ -82,7 +82,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if config is not None and info.optimizer != config:
             log.warning(
                 "model %r exists with optimizer %s; keeping it (asked for %s)",
-                self.model, info.optimizer, config,
+                self.model,
+                info.optimizer,
+                config,
             )
         return info, False
 
@@ -119,7 +121,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
             name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in self._named
         }
         self.client.push(
-            self.model, grads, version=self.version, wire_dtype=self.wire_dtype,
+            self.model,
+            grads,
+            version=self.version,
+            wire_dtype=self.wire_dtype,
             trainer=self.trainer,
         )
         self._load_from_server()

@@ -39,14 +39,17 @@ def generate(out_root: Path) -> list[Path]:
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
     return sorted(
-        p for p in (out_root / PROTO_PACKAGE).iterdir() if p.name.endswith((".py", ".pyi"))
-        and "_pb2" in p.name
+        p
+        for p in (out_root / PROTO_PACKAGE).iterdir()
+        if p.name.endswith((".py", ".pyi")) and "_pb2" in p.name
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=PROTO_ROOT, help="output root (default: protos/)")
+    parser.add_argument(
+        "--out", type=Path, default=PROTO_ROOT, help="output root (default: protos/)"
+    )
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(path)

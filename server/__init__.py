@@ -1,1 +1,1 @@
-"""The optserve parameter server: update engine, shard and coordinator actors, gRPC services, CLI."""
+"""The optserve parameter server: engine, shard and coordinator actors, gRPC services, CLI."""

@@ -95,12 +95,15 @@ def validate_params(
 
 
 class Coordinator:
-    def __init__(self, host: str = "127.0.0.1", default_num_shards: int = 1,
-                 limits: Limits | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", default_num_shards: int = 1, limits: Limits | None = None
+    ) -> None:
         self.host = host
         self.default_num_shards = default_num_shards
         self.limits = limits or Limits()
         self._lock = threading.Lock()
+        # Signalled when a creation in progress ends, so lookups of that name can wait for it.
+        self._created = threading.Condition(self._lock)
         self._models: dict[str, ModelRecord] = {}
         self._reserved: set[str] = set()
 
@@ -114,6 +117,7 @@ class Coordinator:
     def release(self, name: str) -> None:
         with self._lock:
             self._reserved.discard(name)
+            self._created.notify_all()
 
     def create_model(
         self,
@@ -159,8 +163,10 @@ class Coordinator:
         log.info("created model %s on %d shard(s): %s", name, num_shards, addresses)
         return record
 
-    def get(self, name: str) -> ModelRecord:
+    def get(self, name: str, wait_s: float = 300.0) -> ModelRecord:
+        """The model's record; a lookup during its creation waits for the creation to end."""
         with self._lock:
+            self._created.wait_for(lambda: name not in self._reserved, timeout=wait_s)
             record = self._models.get(name)
         if record is None:
             raise NotFound(f"unknown model {name!r}")

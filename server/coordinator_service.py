@@ -31,7 +31,8 @@ def model_info(record: ModelRecord, version: int) -> coordinator_pb2.ModelInfo:
             index=s.index,
             address=s.address,
             ranges=[
-                coordinator_pb2.GroupRange(group=g, start=a, end=b) for g, (a, b) in s.ranges.items()
+                coordinator_pb2.GroupRange(group=g, start=a, end=b)
+                for g, (a, b) in s.ranges.items()
             ],
         )
         for s in record.shards

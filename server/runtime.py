@@ -46,8 +46,12 @@ def init_ray(
             logging_level=logging.WARNING,
         )
     else:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=log_to_driver,
-                 logging_level=logging.WARNING)
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            log_to_driver=log_to_driver,
+            logging_level=logging.WARNING,
+        )
 
 
 @dataclass

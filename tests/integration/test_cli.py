@@ -1,0 +1,106 @@
+"""The `optserve` command line, run as a user would: separate processes, their own Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+OPTSERVE = [sys.executable, "-m", "optserve.server.cli"]
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["demo"]])
+def test_every_command_has_help(command):
+    result = subprocess.run(
+        [*OPTSERVE, *command, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: optserve" in result.stdout
+    if command:
+        assert "examples:" in result.stdout
+
+
+def read_until(proc, pattern, timeout_s):
+    """Read proc's stdout until a line matches; return the match (fail with what was seen)."""
+    seen = []
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not selector.select(timeout=1.0):
+            if proc.poll() is not None:
+                break
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    pytest.fail(f"no line matched {pattern!r} in {timeout_s}s; output:\n{''.join(seen)}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_answers_health_checks_and_stops_cleanly(sig):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from optserve.client import ParameterServerClient
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [*OPTSERVE, "serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        address = read_until(proc, r"serving on (\S+)", 180).group(1)
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="optserve.v1.Coordinator"), timeout=30
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with ParameterServerClient(address) as client:
+            import torch
+
+            client.create_model("served", {"w": torch.zeros(3)}, {"name": "sgd", "lr": 1.0})
+            client.push("served", {"w": torch.ones(3)})
+            weights, version = client.pull("served")
+            assert version == 1 and torch.equal(weights["w"], -torch.ones(3))
+        proc.send_signal(sig)
+        read_until(proc, r"stopped in", 120)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_demo_short_reaches_the_accuracy_bar(tmp_path):
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [*OPTSERVE, "demo", "--short", "--report", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[trainer 0] epoch" in result.stdout and "[trainer 1] epoch" in result.stdout
+    assert "final test accuracy" in result.stdout
+    summary = json.loads(report.read_text())
+    assert summary["test_accuracy"] >= 0.90, summary
+    assert summary["trainers"] == 2
+    # Every push of both trainers was applied: 1437 training digits, batches of 32 per trainer.
+    assert summary["version"] == summary["epochs"] * (23 + 23)

@@ -1,0 +1,307 @@
+"""Real Ray, real gRPC on loopback: trainers in other processes against the oracle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from optserve.client import RemoteOptimizer
+from optserve.client.codec import encode_tensor
+from optserve.client.errors import AlreadyExists, InvalidArgument, NotFound
+from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2, shard_pb2_grpc
+
+TRAINER = Path(__file__).resolve().parents[1] / "helpers" / "trainer.py"
+
+ORACLES = {
+    "adam": (
+        {"name": "adam", "lr": 0.01},
+        lambda ps: torch.optim.Adam(ps, lr=0.01),
+    ),
+    "sgd-momentum": (
+        {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+    ),
+}
+
+
+def run_trainer(address, model, optimizer, tmp_path, steps=50, seed=0):
+    out = tmp_path / f"{model}.pt"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(TRAINER),
+            "--address",
+            address,
+            "--model",
+            model,
+            "--optimizer",
+            json.dumps(optimizer),
+            "--steps",
+            str(steps),
+            "--seed",
+            str(seed),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def replay(record, oracle_factory):
+    params = {n: torch.nn.Parameter(t.clone()) for n, t in record["initial"].items()}
+    opt = oracle_factory(list(params.values()))
+    for grads in record["grads"]:
+        for name, p in params.items():
+            p.grad = grads[name]
+        opt.step()
+    return {n: p.detach() for n, p in params.items()}
+
+
+@pytest.mark.parametrize("rule", sorted(ORACLES))
+def test_trainer_process_matches_local_oracle(service, client, model_name, tmp_path, rule):
+    optimizer, oracle = ORACLES[rule]
+    record = run_trainer(service.address, model_name, optimizer, tmp_path)
+    expected = replay(record, oracle)
+    assert record["version"] == 50
+    pulled, version = client.pull(model_name)
+    assert version == 50
+    for name, value in expected.items():
+        assert (record["final"][name] - value).abs().max() <= 1e-6, name
+        assert (pulled[name] - value).abs().max() <= 1e-6, name
+    assert not torch.equal(record["final"]["weight"], record["initial"]["weight"])
+
+
+def test_sharded_model_matches_oracle(service, client, model_name, tmp_path):
+    optimizer, oracle = ORACLES["adam"]
+    generator = torch.Generator().manual_seed(5)
+    initial = {
+        "a": torch.randn(33, generator=generator),
+        "b": torch.randn(4, 4, generator=generator),
+    }
+    info = client.create_model(model_name, initial, optimizer, num_shards=3)
+    assert len(info.shards) == 3 and len({s.address for s in info.shards}) == 3
+    grads = [
+        {n: torch.randn(t.shape, generator=generator) for n, t in initial.items()}
+        for _ in range(10)
+    ]
+    for g in grads:
+        client.push(model_name, g)
+    pulled, version = client.pull(model_name)
+    expected = replay({"initial": initial, "grads": grads}, oracle)
+    assert version == 10
+    for name in initial:
+        assert torch.equal(pulled[name], expected[name])
+
+
+def test_remote_optimizer_joins_an_existing_model(service, client, model_name):
+    client.create_model(model_name, {"w": torch.full((3,), 2.0)}, {"name": "sgd", "lr": 0.5})
+    local = torch.nn.Parameter(torch.zeros(3))
+    opt = RemoteOptimizer([("w", local)], address=service.address, model=model_name)
+    assert torch.equal(local.detach(), torch.full((3,), 2.0))  # loaded the server's weights
+    local.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(local.detach(), torch.full((3,), 1.5))
+    assert opt.version == 1
+    opt.close()
+
+
+def test_remote_optimizer_refuses_a_mismatched_model(service, client, model_name):
+    client.create_model(model_name, {"w": torch.zeros(3)}, {"name": "sgd"})
+    with pytest.raises(InvalidArgument, match=r"\[4\] float32 here but \[3\]"):
+        RemoteOptimizer(
+            [("w", torch.nn.Parameter(torch.zeros(4)))], address=service.address, model=model_name
+        )
+    with pytest.raises(NotFound, match="optimizer="):
+        RemoteOptimizer(
+            [("w", torch.nn.Parameter(torch.zeros(4)))],
+            address=service.address,
+            model=model_name + "-absent",
+        )
+
+
+def test_describe_list_and_drop(client, model_name):
+    info = client.create_model(
+        model_name, {"w": torch.zeros(2, 2), "b": torch.zeros(2)}, {"name": "adam", "lr": 0.1}
+    )
+    described = client.describe_model(model_name)
+    assert [p.name for p in described.params] == ["w", "b"]
+    assert [p.shape for p in described.params] == [(2, 2), (2,)]
+    assert described.optimizer.lr == 0.1 and described.optimizer.betas == (0.9, 0.999)
+    assert described.version == 0 and info.shards == described.shards
+    assert model_name in client.list_models()
+    with pytest.raises(AlreadyExists):
+        client.create_model(model_name, {"w": torch.zeros(1)}, {"name": "sgd"})
+    client.drop_model(model_name)
+    assert model_name not in client.list_models()
+    with pytest.raises(NotFound):
+        client.describe_model(model_name)
+
+
+def test_unknown_model_is_not_found(client):
+    for call in (
+        lambda: client.describe_model("no-such-model"),
+        lambda: client.pull("no-such-model"),
+        lambda: client.push("no-such-model", {}),
+        lambda: client.drop_model("no-such-model"),
+    ):
+        with pytest.raises(NotFound) as info:
+            call()
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"name": "bad name!", "params": [("w", [2])], "optimizer": {"name": "sgd"}}, "model name"),
+        ({"name": "ok", "params": [("w", [2])], "optimizer": {"name": "nadamw"}}, "nadamw"),
+        ({"name": "ok", "params": [("w", [2])], "optimizer": {"name": "adam", "lr": -1}}, "-1"),
+        ({"name": "ok", "params": [("w", [2]), ("w", [3])], "optimizer": {"name": "sgd"}}, "twice"),
+        ({"name": "ok", "params": [("w", [-2])], "optimizer": {"name": "sgd"}}, "shape"),
+        ({"name": "ok", "params": [], "optimizer": {"name": "sgd"}}, "no parameters"),
+    ],
+)
+def test_create_with_bad_spec_is_invalid_argument(service, model_name, spec, message):
+    name = model_name if spec["name"] == "ok" else spec["name"]
+    request = coordinator_pb2.ModelSpec(
+        name=name,
+        params=[coordinator_pb2.ParamSpec(name=n, dtype=1, shape=s) for n, s in spec["params"]],
+        optimizer_json=json.dumps(spec["optimizer"]),
+    )
+    with grpc.insecure_channel(service.address) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CreateModel(iter([coordinator_pb2.CreateModelRequest(spec=request)]), timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.DescribeModel(coordinator_pb2.DescribeModelRequest(model=name), timeout=60)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_create_with_missing_initial_values_creates_nothing(service, model_name):
+    spec = coordinator_pb2.ModelSpec(
+        name=model_name,
+        params=[coordinator_pb2.ParamSpec(name="w", dtype=1, shape=[4])],
+        optimizer_json='{"name": "sgd"}',
+    )
+    with grpc.insecure_channel(service.address) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CreateModel(iter([coordinator_pb2.CreateModelRequest(spec=spec)]), timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "without parameter 'w'" in info.value.details()
+        assert model_name not in stub.ListModels(coordinator_pb2.ListModelsRequest()).models
+
+
+@pytest.fixture()
+def raw_shard(client, model_name):
+    """A 3-parameter Adam model with one update applied, and a raw stub to its shard."""
+    generator = torch.Generator().manual_seed(2)
+    initial = {
+        n: torch.randn(s, generator=generator)
+        for n, s in {"weight": (4, 5), "bias": (7,), "kernel": (2, 3, 2, 2)}.items()
+    }
+    info = client.create_model(model_name, initial, {"name": "adam", "lr": 0.01})
+    client.push(model_name, {n: torch.ones_like(t) for n, t in initial.items()})
+    channel = grpc.insecure_channel(info.shards[0].address)
+    yield model_name, shard_pb2_grpc.ShardStub(channel), info.numel
+    channel.close()
+
+
+def push_raw(stub, model, chunks, version=1):
+    requests = [shard_pb2.PushRequest(header=shard_pb2.PushHeader(model=model, version=version))]
+    requests += [shard_pb2.PushRequest(chunk=c) for c in chunks]
+    return stub.Push(iter(requests), timeout=60)
+
+
+@pytest.mark.parametrize(
+    "make_chunks, message",
+    [
+        (lambda n: encode_tensor("default", torch.ones(n - 1)), "shape"),
+        (lambda n: encode_tensor("default", torch.ones(n, 1)), "shape"),
+        (lambda n: encode_tensor("default", torch.ones(n, dtype=torch.float64)), "dtype"),
+        (lambda n: encode_tensor("default", torch.full((n,), float("nan"))), "NaN"),
+        (lambda n: encode_tensor("other", torch.ones(n)), "unknown"),
+        (lambda n: list(encode_tensor("default", torch.ones(n), 64))[:-1], "ended inside"),
+        (lambda n: [], "without"),
+    ],
+)
+def test_bad_gradient_is_invalid_argument_and_changes_nothing(
+    client, raw_shard, make_chunks, message
+):
+    model, stub, numel = raw_shard
+    before, version = client.pull(model)
+    with pytest.raises(grpc.RpcError) as info:
+        push_raw(stub, model, list(make_chunks(numel)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert message in info.value.details()
+    after, version_after = client.pull(model)
+    assert version_after == version == 1
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_raw_push_and_pull_in_half_precision(client, raw_shard):
+    model, stub, numel = raw_shard
+    reply = push_raw(
+        stub, model, list(encode_tensor("default", torch.ones(numel, dtype=torch.bfloat16)))
+    )
+    assert (reply.version, reply.staleness) == (2, 0)
+    half, _ = client.pull(model, wire_dtype=torch.float16)
+    full, _ = client.pull(model)
+    assert all((half[n] - full[n]).abs().max() < 1e-2 for n in full)
+
+
+def test_push_to_the_wrong_model_on_a_shard_is_not_found(raw_shard):
+    model, stub, numel = raw_shard
+    with pytest.raises(grpc.RpcError) as info:
+        push_raw(stub, model + "-other", list(encode_tensor("default", torch.ones(numel))))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_client_refuses_bad_gradients_before_sending(client, raw_shard):
+    model, _, _ = raw_shard
+    good = {"weight": torch.ones(4, 5), "bias": torch.ones(7), "kernel": torch.ones(2, 3, 2, 2)}
+    cases = [
+        ({**good, "bias": torch.ones(8)}, "shape"),
+        ({**good, "bias": torch.ones(7, dtype=torch.float64)}, "dtype"),
+        ({**good, "bias": torch.ones(7, dtype=torch.int64)}, "dtype"),
+        ({k: v for k, v in good.items() if k != "bias"}, "missing"),
+        ({**good, "extra": torch.ones(1)}, "extra"),
+        ({**good, "bias": torch.full((7,), float("inf"))}, "NaN or Inf"),
+    ]
+    for grads, message in cases:
+        with pytest.raises(InvalidArgument, match=message) as info:
+            client.push(model, grads)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.describe_model(model).version == 1
+
+
+def test_health_and_reflection(service, client, model_name):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    info = client.create_model(model_name, {"w": torch.zeros(2)}, {"name": "sgd"})
+    for address, service_name in (
+        (service.address, "optserve.v1.Coordinator"),
+        (info.shards[0].address, "optserve.v1.Shard"),
+    ):
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for name in ("", service_name):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=30)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            reply = next(reflect.ServerReflectionInfo(iter([request]), timeout=30))
+            names = {s.name for s in reply.list_services_response.service}
+            assert service_name in names and "grpc.health.v1.Health" in names

@@ -1,0 +1,58 @@
+"""ShardState: updates are all-or-nothing and versioned (no Ray, no gRPC)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optserve.client.config import AdamConfig
+from optserve.client.errors import InvalidArgument
+from optserve.server.shard import ShardState
+
+
+def make_state():
+    return ShardState("m", 0, {"default": torch.arange(6.0)}, AdamConfig(lr=0.1))
+
+
+def test_push_updates_weights_state_and_version():
+    state = make_state()
+    version, staleness = state.apply_push({"default": torch.ones(6)}, based_on=0)
+    assert (version, staleness) == (1, 0)
+    _, weights = state.snapshot()
+    assert torch.allclose(weights["default"], torch.arange(6.0) - 0.1)
+    _, opt_state = state.state_snapshot()
+    assert opt_state["default"]["step"] == 1
+    version, staleness = state.apply_push({"default": torch.ones(6, dtype=torch.bfloat16)}, 0)
+    assert (version, staleness) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "grad, based_on, message",
+    [
+        (torch.tensor([0.0, float("nan"), 0, 0, 0, 0]), 0, "NaN"),
+        (torch.tensor([0.0, 0, float("inf"), 0, 0, 0]), 0, "NaN/Inf"),
+        (torch.ones(5), 0, "elements"),
+        (torch.ones(6), 3, "version"),
+    ],
+)
+def test_refused_push_changes_nothing(grad, based_on, message):
+    state = make_state()
+    state.apply_push({"default": torch.ones(6)}, 0)
+    before_version, before_weights = state.snapshot()
+    _, before_state = state.state_snapshot()
+    with pytest.raises(InvalidArgument, match=message):
+        state.apply_push({"default": grad}, based_on)
+    version, weights = state.snapshot()
+    _, after_state = state.state_snapshot()
+    assert version == before_version
+    assert torch.equal(weights["default"], before_weights["default"])
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(after_state["default"][key], before_state["default"][key])
+    assert after_state["default"]["step"] == before_state["default"]["step"]
+
+
+def test_snapshot_is_a_copy():
+    state = make_state()
+    _, weights = state.snapshot()
+    weights["default"].fill_(42.0)
+    assert torch.equal(state.snapshot()[1]["default"], torch.arange(6.0))
