@@ -21,12 +21,18 @@ EXAMPLES_DEMO = """examples:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from optserve.server.runtime import init_ray, keep_ray_on_loopback, start_service
+
+    keep_ray_on_loopback()  # before `import ray`, which reads it
     import ray
 
-    from optserve.server.runtime import init_ray, start_service
-
     init_ray(num_cpus=args.num_cpus)
-    service = start_service(host=args.host, port=args.port, default_num_shards=args.shards)
+    try:
+        service = start_service(host=args.host, port=args.port, default_num_shards=args.shards)
+    except RuntimeError as exc:
+        print(f"optserve: {exc}", file=sys.stderr)
+        ray.shutdown()
+        return 1
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -6,7 +6,7 @@ import logging
 
 from optserve.server.coordinator import Coordinator, Limits
 from optserve.server.coordinator_service import SERVICE_NAME, CoordinatorService
-from optserve.server.grpc_util import create_server, format_address
+from optserve.server.grpc_util import advertised_address, create_server, format_address
 from optserve.v1 import coordinator_pb2_grpc
 
 
@@ -33,7 +33,7 @@ class CoordinatorActor:
             ],
         )
         self._server.start()
-        self._address = format_address(host, self._server.port)
+        self._address = advertised_address(host, self._server.port)
 
     def address(self) -> str:
         return self._address

@@ -30,9 +30,10 @@ def _relay(prefix: str, stream, lines: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
+    from optserve.server.runtime import init_ray, keep_ray_on_loopback, start_service
 
-    from optserve.server.runtime import init_ray, start_service
+    keep_ray_on_loopback()  # before `import ray`, which reads it
+    import ray
 
     started = time.perf_counter()
     optimizer = parse_optimizer_config(args.optimizer)

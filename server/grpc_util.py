@@ -74,9 +74,12 @@ def create_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc raises RuntimeError when the bind fails
+        raise OSError(f"cannot bind a gRPC server to {address} (is the port in use?)") from exc
     if port == 0:
-        raise OSError(f"cannot bind gRPC server to {address}")
+        raise OSError(f"cannot bind a gRPC server to {address} (is the port in use?)")
     return GrpcServer(server, port, health_servicer, names)
 
 
@@ -115,6 +118,21 @@ def stream_errors(method: F) -> F:
             _abort(context, exc, method.__qualname__)
 
     return wrapper  # type: ignore[return-value]
+
+
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def advertised_address(host: str, port: int) -> str:
+    """The address clients should dial for a server bound to host:port.
+
+    A wildcard bind is advertised as this Ray node's IP, so trainers elsewhere can reach it.
+    """
+    if host in WILDCARD_HOSTS:
+        import ray
+
+        host = ray.util.get_node_ip_address()
+    return format_address(host, port)
 
 
 def format_address(host: str, port: int) -> str:

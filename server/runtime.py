@@ -14,11 +14,15 @@ COORDINATOR_NAME = "optserve-coordinator"
 DEFAULT_OBJECT_STORE_BYTES = 512 << 20
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def keep_ray_on_loopback() -> None:
     """Make a local Ray (ray.cluster_utils clusters included) keep every node on 127.0.0.1.
 
-    Ray advertises the machine's non-loopback address by default; this must be set in the
-    environment before Ray starts.
+    Ray advertises the machine's non-loopback address by default. Ray reads this variable when
+    `ray` is first imported, so call this before that in any process that starts a local Ray;
+    the processes Ray starts inherit it.
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
@@ -38,6 +42,8 @@ def init_ray(
         keep_ray_on_loopback()
         ray.init(
             address="local",
+            # In case `ray` was imported before the variable was set: pin this node to loopback.
+            _node_ip_address=LOOPBACK,
             namespace=NAMESPACE,
             num_cpus=num_cpus,
             object_store_memory=object_store_memory,
@@ -86,5 +92,12 @@ def start_service(
         .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0)
         .remote(host, port, default_num_shards)
     )
-    address = ray.get(actor.address.remote(), timeout=300)
+    try:
+        address = ray.get(actor.address.remote(), timeout=300)
+    except ray.exceptions.RayActorError as exc:
+        ray.kill(actor)
+        # The message carries the actor's traceback; its last line names the error.
+        lines = [line for line in str(getattr(exc, "error_msg", exc)).splitlines() if line.strip()]
+        reason = lines[-1].strip() if lines else repr(exc)
+        raise RuntimeError(f"the optserve coordinator failed to start: {reason}") from exc
     return Service(actor, address)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from optserve.client.config import parse_optimizer_config
-from optserve.server.grpc_util import create_server, format_address
+from optserve.server.grpc_util import advertised_address, create_server, format_address
 from optserve.server.shard import ShardState
 from optserve.server.shard_service import SERVICE_NAME, ShardService
 from optserve.v1 import shard_pb2_grpc
@@ -35,7 +35,7 @@ class ShardActor:
             [(shard_pb2_grpc.add_ShardServicer_to_server, ShardService(self._state), SERVICE_NAME)],
         )
         self._server.start()
-        self._address = format_address(host, self._server.port)
+        self._address = advertised_address(host, self._server.port)
 
     def address(self) -> str:
         return self._address

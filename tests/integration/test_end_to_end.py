@@ -305,3 +305,25 @@ def test_health_and_reflection(service, client, model_name):
             reply = next(reflect.ServerReflectionInfo(iter([request]), timeout=30))
             names = {s.name for s in reply.list_services_response.service}
             assert service_name in names and "grpc.health.v1.Health" in names
+
+
+def test_oversized_message_is_resource_exhausted_and_changes_nothing(client, raw_shard):
+    from optserve.v1 import tensor_pb2
+
+    model, stub, numel = raw_shard
+    before, version = client.pull(model)
+    for size in (5 << 20, (4 << 20) + 1):  # over gRPC's message limit; over the chunk limit
+        chunk = tensor_pb2.TensorChunk(name="default", dtype=1, shape=[numel], data=b"\0" * size)
+        with pytest.raises(grpc.RpcError) as info:
+            push_raw(stub, model, [chunk])
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    after, version_after = client.pull(model)
+    assert version_after == version
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_everything_stays_on_loopback(ray_session, service, client, model_name):
+    info = client.create_model(model_name, {"w": torch.zeros(2)}, {"name": "sgd"}, num_shards=2)
+    assert service.address.startswith("127.0.0.1:")
+    assert all(s.address.startswith("127.0.0.1:") for s in info.shards)
+    assert {node["NodeManagerAddress"] for node in ray_session.nodes()} == {"127.0.0.1"}
