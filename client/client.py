@@ -20,6 +20,7 @@ from optserve.client.codec import (
     DEFAULT_CHUNK_BYTES,
     GRADIENT_WIRE_DTYPES,
     MAX_CHUNK_BYTES,
+    MAX_MESSAGE_BYTES,
     TensorAssembler,
     dtype_name,
     encode_tensor,
@@ -33,15 +34,27 @@ from optserve.client.config import (
     optimizer_config_json,
     parse_optimizer_config,
 )
-from optserve.client.errors import InvalidArgument, OptserveError, from_rpc_error
-from optserve.client.layout import GroupLayout, ParamSlot, ShardSlice, flatten_group, plan_group
+from optserve.client.errors import (
+    InvalidArgument,
+    NotFound,
+    OptserveError,
+    Unavailable,
+    from_rpc_error,
+)
+from optserve.client.layout import (
+    GroupLayout,
+    ParamSlot,
+    ShardSlice,
+    flatten_group,
+    plan_group,
+    unflatten_group,
+)
 from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2, shard_pb2_grpc
 
 T = TypeVar("T")
-_MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + (64 << 10)
 _CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 
 
@@ -78,6 +91,16 @@ class ModelInfo:
             version=info.version,
             optimizer=parse_optimizer_config(info.optimizer_json),
         )
+
+
+def _param_spec(name: str, tensor: torch.Tensor) -> coordinator_pb2.ParamSpec:
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidArgument(f"parameter {name!r} must be a tensor, got {type(tensor).__name__}")
+    try:
+        dtype = to_wire_dtype(tensor.dtype)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"parameter {name!r}: {exc}") from None
+    return coordinator_pb2.ParamSpec(name=name, dtype=dtype, shape=list(tensor.shape))
 
 
 def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -129,23 +152,9 @@ class ParameterServerClient:
         """Register a model with its initial parameter values and optimizer config."""
         named = list(params.items() if isinstance(params, Mapping) else params)
         config = parse_optimizer_config(optimizer)
-        for name, tensor in named:
-            if not isinstance(tensor, torch.Tensor) or tensor.dtype not in (
-                torch.float32,
-                torch.float16,
-                torch.bfloat16,
-                torch.float64,
-            ):
-                raise InvalidArgument(
-                    f"parameter {name!r} must be a float32, float16, bfloat16 or float64 "
-                    f"tensor, got {getattr(tensor, 'dtype', type(tensor))}"
-                )
         spec = coordinator_pb2.ModelSpec(
             name=model,
-            params=[
-                coordinator_pb2.ParamSpec(name=n, dtype=to_wire_dtype(t.dtype), shape=list(t.shape))
-                for n, t in named
-            ],
+            params=[_param_spec(n, t) for n, t in named],
             optimizer_json=optimizer_config_json(config),
             num_shards=num_shards,
         )
@@ -201,34 +210,39 @@ class ParameterServerClient:
         `version` is the model version the gradient was computed on (default: the version this
         client last pulled). Gradients may travel as float16 or bfloat16 (`wire_dtype`); the
         server keeps fp32 masters. Nothing is applied unless every gradient is valid.
+
+        Each shard applies its slice on arrival; with several shards, keeping them in lockstep
+        when one of them refuses or fails is not handled yet (single-shard models are exact).
         """
         if wire_dtype not in GRADIENT_WIRE_DTYPES:
             raise InvalidArgument(
                 f"wire_dtype must be float32, float16 or bfloat16, got {dtype_name(wire_dtype)}"
             )
-        info = self._layout(model)
-        self._check_gradients(info, grads)
-        based_on = self._versions.get(model, info.version) if version is None else version
-        flats = {g.name: flatten_group(g, grads, wire_dtype) for g in info.groups}
-        header = shard_pb2.PushHeader(model=model, version=based_on, trainer=trainer)
 
-        def push_one(shard: ShardSlice) -> shard_pb2.PushResponse:
-            def requests() -> Iterator[shard_pb2.PushRequest]:
-                yield shard_pb2.PushRequest(header=header)
-                for group, (start, end) in shard.ranges.items():
-                    for chunk in encode_tensor(group, flats[group][start:end], self.chunk_bytes):
-                        yield shard_pb2.PushRequest(chunk=chunk)
+        def push_all(info: ModelInfo) -> int:
+            self._check_gradients(info, grads)
+            based_on = self._versions.get(model, info.version) if version is None else version
+            flats = {g.name: flatten_group(g, grads, wire_dtype) for g in info.groups}
+            header = shard_pb2.PushHeader(model=model, version=based_on, trainer=trainer)
 
-            return _call(self._shard(shard.address).Push, requests(), timeout=self.timeout_s)
+            def push_one(shard: ShardSlice) -> shard_pb2.PushResponse:
+                def requests() -> Iterator[shard_pb2.PushRequest]:
+                    yield shard_pb2.PushRequest(header=header)
+                    for group, (start, end) in shard.ranges.items():
+                        flat = flats[group][start:end]
+                        for chunk in encode_tensor(group, flat, self.chunk_bytes):
+                            yield shard_pb2.PushRequest(chunk=chunk)
 
-        replies = self._each_shard(info, push_one)
-        return max(r.version for r in replies)
+                return _call(self._shard(shard.address).Push, requests(), timeout=self.timeout_s)
+
+            return max(r.version for r in self._each_shard(info, push_one))
+
+        return self._with_layout(model, push_all)
 
     def pull(
         self, model: str, *, wire_dtype: torch.dtype = torch.float32
     ) -> tuple[dict[str, torch.Tensor], int]:
         """The model's current weights (each in its parameter's dtype) and their version."""
-        info = self._layout(model)
         request = shard_pb2.PullRequest(model=model, dtype=to_wire_dtype(wire_dtype))
 
         def pull_one(shard: ShardSlice) -> tuple[int, dict[str, torch.Tensor]]:
@@ -250,14 +264,17 @@ class ParameterServerClient:
                 raise OptserveError(f"shard {shard.index} sent no version header")
             return version, assembler.finish()
 
-        results = self._each_shard(info, pull_one)
-        weights: dict[str, torch.Tensor] = {}
-        for group in info.groups:
-            flat = torch.cat([parts[group.name] for _, parts in results])
-            for slot in group.params:
-                value = flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
-                weights[slot.name] = value.to(slot.dtype) if value.dtype != slot.dtype else value
-        version = min(v for v, _ in results)
+        def pull_all(info: ModelInfo) -> tuple[dict[str, torch.Tensor], int]:
+            results = self._each_shard(info, pull_one)
+            weights: dict[str, torch.Tensor] = {}
+            for group in info.groups:
+                flat = torch.cat([parts[group.name] for _, parts in results])
+                views = unflatten_group(group, flat)
+                for slot in group.params:
+                    weights[slot.name] = views[slot.name].to(slot.dtype)
+            return weights, min(v for v, _ in results)
+
+        weights, version = self._with_layout(model, pull_all)
         with self._lock:
             self._versions[model] = version
         return weights, version
@@ -269,6 +286,22 @@ class ParameterServerClient:
         with self._lock:
             self._layouts[info.name] = info
         return info
+
+    def _with_layout(self, model: str, fn: Callable[[ModelInfo], T]) -> T:
+        """Run `fn` with the model's layout; if the cached layout is stale, refresh and retry once.
+
+        A layout goes stale when the model is dropped and created again (new shard addresses).
+        Retrying is safe then: the shards that refused or could not be reached were not the
+        model's current ones, so nothing was applied.
+        """
+        info = self._layout(model)
+        try:
+            return fn(info)
+        except (NotFound, Unavailable):
+            fresh = self.describe_model(model)
+            if [s.address for s in fresh.shards] == [s.address for s in info.shards]:
+                raise
+            return fn(fresh)
 
     def _layout(self, model: str) -> ModelInfo:
         with self._lock:

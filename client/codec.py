@@ -28,6 +28,8 @@ if sys.byteorder != "little":  # pragma: no cover - no big-endian machine runs t
 DEFAULT_CHUNK_BYTES = 1 << 20
 # Largest `data` field a receiver accepts in one chunk; senders use DEFAULT_CHUNK_BYTES.
 MAX_CHUNK_BYTES = 4 << 20
+# Largest gRPC message either side accepts: one chunk plus headroom for the other fields.
+MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + (64 << 10)
 
 DTYPE_TO_WIRE: dict[torch.dtype, int] = {
     torch.float32: tensor_pb2.DTYPE_FLOAT32,
@@ -42,7 +44,6 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.bfloat16: "bfloat16",
     torch.float64: "float64",
 }
-NAME_TO_DTYPE: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
 # Dtypes a gradient may travel as; the server converts to its fp32 masters.
 GRADIENT_WIRE_DTYPES: frozenset[torch.dtype] = frozenset(
     {torch.float32, torch.float16, torch.bfloat16}

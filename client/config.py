@@ -65,6 +65,11 @@ _ADAPTER: TypeAdapter[SGDConfig | AdamConfig] = TypeAdapter(OptimizerConfig)
 RULE_NAMES: tuple[str, ...] = ("sgd", "adam")
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
 def _describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors(include_url=False):
@@ -76,9 +81,11 @@ def _describe(error: ValidationError) -> str:
         elif not loc:  # a whole-config check or malformed JSON: the message says it all
             parts.append(message)
         elif item["type"] != "missing":
-            parts.append(f"{loc}: {message} (got {item['input']!r})")
+            parts.append(f"{loc}: {message} (got {_short(item['input'])})")
         else:
             parts.append(f"{loc}: {message}")
+    if len(parts) > 5:
+        parts = [*parts[:5], f"and {len(parts) - 5} more"]
     return "; ".join(parts)
 
 
@@ -105,7 +112,8 @@ def parse_optimizer_config(value: str | Mapping[str, Any] | BaseModel) -> SGDCon
     try:
         return _ADAPTER.validate_json(text)
     except ValidationError as exc:
-        raise InvalidArgument(f"invalid optimizer config {text}: {_describe(exc)}") from None
+        shown = text if len(text) <= 200 else text[:200] + "..."
+        raise InvalidArgument(f"invalid optimizer config {shown}: {_describe(exc)}") from None
 
 
 def optimizer_config_json(config: SGDConfig | AdamConfig) -> str:

@@ -20,9 +20,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
     """Drop-in for a torch optimizer; the weights and all optimizer state live on the server.
 
     On construction it registers the model with the parameters' current values if the server
-    does not have it yet; otherwise it loads the server's weights into the parameters. Each
-    `step()` pushes every parameter's `.grad` (a parameter without one contributes zeros: the
-    server updates its flat buffer as a whole) and loads the updated weights back.
+    does not have it yet; otherwise it loads the server's weights into the parameters.
+    Parameters with ``requires_grad=False`` are left out (the server never moves them, as torch
+    would not). Each `step()` pushes every parameter's `.grad` and loads the updated weights
+    back. Unlike torch.optim, which skips a parameter whose `.grad` is None, a trainable
+    parameter without a gradient contributes zeros: the server updates its flat buffer as a
+    whole, so weight decay and accumulated momentum still move it.
 
     Example::
 
@@ -42,9 +45,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         wire_dtype: torch.dtype = torch.float32,
         trainer: str = "",
     ) -> None:
-        named = list(named_parameters)
+        # Frozen parameters are left out, as torch leaves them alone: the server never moves them.
+        named = [(n, p) for n, p in named_parameters if p.requires_grad]
         if not named:
-            raise InvalidArgument("RemoteOptimizer got an empty parameter list")
+            raise InvalidArgument("RemoteOptimizer got no trainable parameters")
         names = [n for n, _ in named]
         if len(set(names)) != len(names):
             raise InvalidArgument("parameter names must be unique")
@@ -59,12 +63,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.model = model
         self.wire_dtype = wire_dtype
         self.trainer = trainer
-        config = parse_optimizer_config(optimizer) if optimizer is not None else None
-        info, created = self._attach(config)
-        self._check_matches(info)
-        self.version = info.version
-        if not created:
-            self._load_from_server()
+        try:
+            config = parse_optimizer_config(optimizer) if optimizer is not None else None
+            info, created = self._attach(config)
+            self._check_matches(info)
+            self.version = info.version
+            if not created:
+                self._load_from_server()
+        except BaseException:
+            self.close()
+            raise
 
     def _attach(self, config: SGDConfig | AdamConfig | None) -> tuple[ModelInfo, bool]:
         try:

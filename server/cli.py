@@ -14,19 +14,18 @@ EXAMPLES_SERVE = """examples:
   optserve serve --port 6000 --shards 2
 """
 EXAMPLES_DEMO = """examples:
-  optserve demo                       # two trainers on digits, about a minute
+  optserve demo                       # two trainers on digits, about 20 seconds
   optserve demo --short               # fewer epochs, for a quick check
   optserve demo --optimizer '{"name": "sgd", "lr": 0.05, "momentum": 0.9}'
 """
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from optserve.server.runtime import init_ray, keep_ray_on_loopback, start_service
+    from optserve.server.runtime import LOOPBACK_HOSTS, init_ray, start_service
 
-    keep_ray_on_loopback()  # before `import ray`, which reads it
+    init_ray(loopback=args.host in LOOPBACK_HOSTS, num_cpus=args.num_cpus)
     import ray
 
-    init_ray(num_cpus=args.num_cpus)
     try:
         service = start_service(host=args.host, port=args.port, default_num_shards=args.shards)
     except RuntimeError as exc:
@@ -37,7 +36,6 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     print(f"optserve: serving on {service.address} (Ctrl-C or SIGTERM to stop)", flush=True)
-    exit_code = 0
     try:
         while not stop.wait(timeout=5.0):
             try:  # the coordinator must stay alive; exit loudly if it is gone
@@ -51,7 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"optserve: stopped in {time.perf_counter() - started:.1f}s", flush=True)
     finally:
         ray.shutdown()
-    return exit_code
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

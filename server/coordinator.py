@@ -7,6 +7,7 @@ owns one and serves it on the gRPC front door (the Coordinator service).
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import uuid
@@ -18,7 +19,13 @@ import ray
 import torch
 
 from optserve.client.config import AdamConfig, SGDConfig, optimizer_config_json
-from optserve.client.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from optserve.client.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from optserve.client.layout import (
     DEFAULT_GROUP,
     GroupLayout,
@@ -38,9 +45,19 @@ MAX_PARAM_DIMS = 16
 
 @dataclass(frozen=True)
 class Limits:
-    max_model_bytes: int = 16 << 30
+    """Bounds on what one request may make the server allocate."""
+
+    # fp32 masters of one model; also bounds the initial values a CreateModel stream may declare.
+    # The initial weights pass through Ray's object store on their way to the shards.
+    max_model_bytes: int = 1 << 30
+    max_models: int = 64
     max_params: int = 100_000
     max_shards: int = 256
+    # How long a lookup of a model that is being created waits before answering UNAVAILABLE.
+    creation_wait_s: float = 30.0
+
+
+_ShardActor = ray.remote(ShardActor)
 
 
 @dataclass
@@ -72,8 +89,8 @@ def validate_params(
             f"model {name!r} has {len(params)} parameters; the limit is {limits.max_params}"
         )
     seen: set[str] = set()
-    total = 0
-    for pname, shape, _dtype in params:
+    master_bytes = declared_bytes = 0
+    for pname, shape, dtype in params:
         if not pname or len(pname) > MAX_PARAM_NAME_CHARS:
             raise InvalidArgument(
                 f"parameter name {pname[:40]!r} must have 1-{MAX_PARAM_NAME_CHARS} characters"
@@ -83,14 +100,12 @@ def validate_params(
         seen.add(pname)
         if len(shape) > MAX_PARAM_DIMS or any(d < 0 for d in shape):
             raise InvalidArgument(f"parameter {pname!r} has invalid shape {list(shape)}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        total += numel
-        if total * 4 > limits.max_model_bytes:
+        numel = math.prod(shape)
+        master_bytes += numel * 4
+        declared_bytes += numel * dtype.itemsize
+        if max(master_bytes, declared_bytes) > limits.max_model_bytes:
             raise ResourceExhausted(
-                f"model {name!r} exceeds the size limit of {limits.max_model_bytes} bytes "
-                "(fp32 masters)"
+                f"model {name!r} exceeds the size limit of {limits.max_model_bytes} bytes"
             )
 
 
@@ -112,6 +127,10 @@ class Coordinator:
         with self._lock:
             if name in self._models or name in self._reserved:
                 raise AlreadyExists(f"model {name!r} already exists")
+            if len(self._models) + len(self._reserved) >= self.limits.max_models:
+                raise ResourceExhausted(
+                    f"the server holds its limit of {self.limits.max_models} models; drop one first"
+                )
             self._reserved.add(name)
 
     def release(self, name: str) -> None:
@@ -136,14 +155,13 @@ class Coordinator:
         groups = [plan_group(DEFAULT_GROUP, params)]
         slices = split_ranges(groups, num_shards)
         flats = {g.name: flatten_group(g, initial, torch.float32) for g in groups}
-        actor_cls = ray.remote(ShardActor)
         run_id = uuid.uuid4().hex[:8]
         actors = []
         try:
             for s in slices:
                 weights = {g: flats[g][a:b].clone() for g, (a, b) in s.ranges.items()}
                 actors.append(
-                    actor_cls.options(
+                    _ShardActor.options(
                         name=f"optserve:{name}:shard{s.index}:{run_id}",
                         num_cpus=0,
                         max_restarts=0,
@@ -163,18 +181,20 @@ class Coordinator:
         log.info("created model %s on %d shard(s): %s", name, num_shards, addresses)
         return record
 
-    def get(self, name: str, wait_s: float = 300.0) -> ModelRecord:
-        """The model's record; a lookup during its creation waits for the creation to end."""
+    def get(self, name: str) -> ModelRecord:
+        """The model's record; a lookup during its creation waits a while for it to end."""
         with self._lock:
-            self._created.wait_for(lambda: name not in self._reserved, timeout=wait_s)
+            if not self._created.wait_for(
+                lambda: name not in self._reserved, timeout=self.limits.creation_wait_s
+            ):
+                raise Unavailable(f"model {name!r} is still being created; retry shortly")
             record = self._models.get(name)
         if record is None:
             raise NotFound(f"unknown model {name!r}")
         return record
 
     def version(self, record: ModelRecord) -> int:
-        infos = ray.get([a.info.remote() for a in record.actors], timeout=60)
-        return min(info["version"] for info in infos)
+        return min(ray.get([a.version.remote() for a in record.actors], timeout=60))
 
     def list_models(self) -> list[str]:
         with self._lock:
@@ -191,8 +211,7 @@ class Coordinator:
         with self._lock:
             records = list(self._models.values())
             self._models.clear()
-        for record in records:
-            self._stop_actors(record.actors, grace_s)
+        self._stop_actors([a for r in records for a in r.actors], grace_s)
 
     @staticmethod
     def _stop_actors(actors: Sequence[Any], grace_s: float) -> None:

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 from optserve.client.client import ParameterServerClient
 from optserve.client.config import parse_optimizer_config
@@ -23,66 +24,93 @@ from optserve.client.demo_trainer import accuracy, build_model, load_digits_spli
 MODEL = "digits-mlp"
 
 
-def _relay(prefix: str, stream, lines: list[str]) -> None:
+# A trainer that has not finished by then is stuck; the demo takes about 20 seconds.
+TRAINER_TIMEOUT_S = 900
+
+
+def _relay(prefix: str, stream: IO[str]) -> None:
     for line in stream:
-        lines.append(line)
         print(f"{prefix} {line}", end="", flush=True)
 
 
+def _trainer_command(
+    address: str, rank: int, args: argparse.Namespace, epochs: int, optimizer_json: str
+) -> list[str]:
+    return [
+        sys.executable, "-m", "optserve.client.demo_trainer",
+        "--address", address, "--model", MODEL,
+        "--rank", str(rank), "--world-size", str(args.trainers),
+        "--epochs", str(epochs), "--optimizer", optimizer_json, "--seed", str(args.seed),
+    ]  # fmt: skip
+
+
+def _run_trainers(commands: list[list[str]]) -> list[int]:
+    """Run the trainer processes, relaying their output; return the ranks that failed.
+
+    If one fails, or on Ctrl-C, the others are stopped rather than left behind.
+    """
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         bufsize=1)
+        for cmd in commands
+    ]  # fmt: skip
+    relays = [
+        threading.Thread(target=_relay, args=(f"[trainer {rank}]", proc.stdout), daemon=True)
+        for rank, proc in enumerate(procs)
+    ]
+    for relay in relays:
+        relay.start()
+    failed: list[int] = []
+    deadline = time.monotonic() + TRAINER_TIMEOUT_S
+    try:
+        while any(p.poll() is None for p in procs) and not failed:
+            if time.monotonic() > deadline:
+                failed = [r for r, p in enumerate(procs) if p.poll() is None]
+                break
+            time.sleep(0.1)
+            failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for relay in relays:
+            relay.join(timeout=5)
+    return failed
+
+
 def run(args: argparse.Namespace) -> int:
-    from optserve.server.runtime import init_ray, keep_ray_on_loopback, start_service
+    from optserve.server.runtime import init_ray, start_service
 
-    keep_ray_on_loopback()  # before `import ray`, which reads it
-    import ray
-
+    try:
+        import sklearn  # noqa: F401 - the data set ships inside it
+    except ImportError:
+        print("optserve demo needs scikit-learn: pip install 'optserve[demo]'", file=sys.stderr)
+        return 1
     started = time.perf_counter()
     optimizer = parse_optimizer_config(args.optimizer)
     epochs = args.epochs if args.epochs is not None else (5 if args.short else 20)
     print(f"optserve demo: {args.trainers} trainers, {epochs} epochs, optimizer {args.optimizer}")
     print("starting an embedded Ray and the optserve server ...", flush=True)
     init_ray(log_to_driver=False)
-    service = start_service(port=args.port, default_num_shards=args.shards)
+    import ray
+
+    service = None
     try:
+        service = start_service(port=args.port, default_num_shards=args.shards)
         print(
             f"server ready at {service.address} ({time.perf_counter() - started:.1f}s)", flush=True
         )
-        procs, relays = [], []
-        for rank in range(args.trainers):
-            cmd = [
-                sys.executable,
-                "-m",
-                "optserve.client.demo_trainer",
-                "--address",
-                service.address,
-                "--model",
-                MODEL,
-                "--rank",
-                str(rank),
-                "--world-size",
-                str(args.trainers),
-                "--epochs",
-                str(epochs),
-                "--optimizer",
-                optimizer.model_dump_json(),
-                "--seed",
-                str(args.seed),
-            ]
-            proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-            )
-            lines: list[str] = []
-            relay = threading.Thread(
-                target=_relay, args=(f"[trainer {rank}]", proc.stdout, lines), daemon=True
-            )
-            relay.start()
-            procs.append((rank, proc, lines))
-            relays.append(relay)
-        failed = []
-        for rank, proc, _ in procs:
-            if proc.wait() != 0:
-                failed.append(rank)
-        for relay in relays:
-            relay.join(timeout=5)
+        commands = [
+            _trainer_command(service.address, rank, args, epochs, optimizer.model_dump_json())
+            for rank in range(args.trainers)
+        ]
+        failed = _run_trainers(commands)
         if failed:
             print(f"optserve demo: trainer(s) {failed} failed", file=sys.stderr)
             return 1
@@ -111,5 +139,6 @@ def run(args: argparse.Namespace) -> int:
             Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
         return 0
     finally:
-        service.stop(grace_s=2.0)
+        if service is not None:
+            service.stop(grace_s=2.0)
         ray.shutdown()

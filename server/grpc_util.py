@@ -17,13 +17,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from optserve.client.codec import MAX_CHUNK_BYTES
-from optserve.client.errors import OptserveError
+from optserve.client.codec import MAX_MESSAGE_BYTES
+from optserve.client.errors import OptserveError, Unavailable
 
 log = logging.getLogger(__name__)
 
-# Headroom over the largest chunk for the other fields of a message.
-MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + (64 << 10)
+# Status details travel in HTTP/2 trailers, whose size is limited: keep them readable and small.
+MAX_DETAILS_CHARS = 1000
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,11 +83,24 @@ def create_server(
     return GrpcServer(server, port, health_servicer, names)
 
 
+def _details(message: str) -> str:
+    if len(message) <= MAX_DETAILS_CHARS:
+        return message
+    return message[: MAX_DETAILS_CHARS - 20] + " ... (truncated)"
+
+
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+    import ray.exceptions
+
+    if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.GetTimeoutError):
+        # A shard died or did not answer: the request may be retried once it is back.
+        exc = Unavailable(f"a shard actor is unavailable ({type(exc).__name__}); retry later")
     if isinstance(exc, OptserveError):
-        context.abort(exc.code, exc.message)
+        context.abort(exc.code, _details(exc.message))
     log.exception("unexpected error in %s", method)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc!r}")
+    context.abort(
+        grpc.StatusCode.INTERNAL, _details(f"internal error in {method}: {type(exc).__name__}")
+    )
 
 
 def unary_errors(method: F) -> F:

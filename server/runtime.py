@@ -9,12 +9,11 @@ from typing import Any
 
 NAMESPACE = "optserve"
 COORDINATOR_NAME = "optserve-coordinator"
-# Enough for the initial weights of models passed to shard actors; large tensors never ride Ray
-# on the hot path (push and pull go over each shard's gRPC endpoint).
-DEFAULT_OBJECT_STORE_BYTES = 512 << 20
-
-
+# Room for the initial weights of a model at the default size limit on their way to the shard
+# actors; tensors never ride Ray on the hot path (push and pull go over each shard's gRPC).
+DEFAULT_OBJECT_STORE_BYTES = 2 << 30
 LOOPBACK = "127.0.0.1"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
 def keep_ray_on_loopback() -> None:
@@ -28,36 +27,35 @@ def keep_ray_on_loopback() -> None:
 
 
 def init_ray(
-    address: str | None = None,
+    *,
+    loopback: bool = True,
     num_cpus: int | None = None,
     object_store_memory: int | None = DEFAULT_OBJECT_STORE_BYTES,
     log_to_driver: bool = True,
 ) -> None:
-    """Connect to the Ray cluster at `address`, or start an embedded local one (address None)."""
+    """Start an embedded local Ray (a no-op if this process already has one).
+
+    With `loopback` (the default) every node stays on 127.0.0.1; without it Ray advertises the
+    machine's address, which servers bound to a wildcard address then advertise to clients.
+    """
+    if loopback:
+        keep_ray_on_loopback()
     import ray
 
     if ray.is_initialized():
         return
-    if address is None:
-        keep_ray_on_loopback()
-        ray.init(
-            address="local",
-            # In case `ray` was imported before the variable was set: pin this node to loopback.
-            _node_ip_address=LOOPBACK,
-            namespace=NAMESPACE,
-            num_cpus=num_cpus,
-            object_store_memory=object_store_memory,
-            include_dashboard=False,
-            log_to_driver=log_to_driver,
-            logging_level=logging.WARNING,
-        )
-    else:
-        ray.init(
-            address=address,
-            namespace=NAMESPACE,
-            log_to_driver=log_to_driver,
-            logging_level=logging.WARNING,
-        )
+    # In case `ray` was imported before the variable was set: pin this node to loopback.
+    extra: dict[str, Any] = {"_node_ip_address": LOOPBACK} if loopback else {}
+    ray.init(
+        address="local",
+        namespace=NAMESPACE,
+        num_cpus=num_cpus,
+        object_store_memory=object_store_memory,
+        include_dashboard=False,
+        log_to_driver=log_to_driver,
+        logging_level=logging.WARNING,
+        **extra,
+    )
 
 
 @dataclass

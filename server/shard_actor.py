@@ -43,8 +43,8 @@ class ShardActor:
     def info(self) -> dict[str, Any]:
         return {**self._state.info(), "address": self._address}
 
-    def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
-        return self._state.snapshot()
+    def version(self) -> int:
+        return self._state.version
 
     def optimizer_state(self) -> tuple[int, dict[str, dict[str, Any]]]:
         return self._state.state_snapshot()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import os
 
 import pytest
 
-# Must be in the environment before any Ray starts (this process's, and the ones tests spawn).
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+from optserve.server.runtime import keep_ray_on_loopback
+
+# Before any `import ray`: this process's Ray, and those of the processes tests spawn.
+keep_ray_on_loopback()
 
 _model_ids = itertools.count()
 
@@ -43,7 +45,17 @@ def client(service):
 
 
 @pytest.fixture()
-def model_name(request) -> str:
-    """A model name unique within the session."""
+def model_name(request):
+    """A model name unique within the session; the model is dropped after the test.
+
+    Dropping frees the shard actors' worker processes, so the session does not pile them up.
+    """
     base = "".join(ch if ch.isalnum() else "-" for ch in request.node.name)[:80].strip("-")
-    return f"{base}-{next(_model_ids)}"
+    name = f"{base}-{next(_model_ids)}"
+    yield name
+    if "service" in request.fixturenames:
+        from optserve.client import NotFound, ParameterServerClient
+
+        address = request.getfixturevalue("service").address
+        with ParameterServerClient(address) as c, contextlib.suppress(NotFound):
+            c.drop_model(name)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+import ray
 import torch
 
-from optserve.client import RemoteOptimizer
+from optserve.client import ParameterServerClient, RemoteOptimizer
 from optserve.client.codec import encode_tensor
 from optserve.client.errors import AlreadyExists, InvalidArgument, NotFound
 from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2, shard_pb2_grpc
@@ -57,21 +58,29 @@ def run_trainer(address, model, optimizer, tmp_path, steps=50, seed=0):
     return torch.load(out, weights_only=True)
 
 
-def replay(record, oracle_factory):
+def replay(record, oracle_factory, with_state=False):
     params = {n: torch.nn.Parameter(t.clone()) for n, t in record["initial"].items()}
     opt = oracle_factory(list(params.values()))
     for grads in record["grads"]:
         for name, p in params.items():
             p.grad = grads[name]
         opt.step()
-    return {n: p.detach() for n, p in params.items()}
+    weights = {n: p.detach() for n, p in params.items()}
+    if not with_state:
+        return weights
+    state = {
+        key: torch.cat([opt.state[p][key].reshape(-1) for p in params.values()])
+        for key in opt.state[params["weight"]]
+        if key != "step"
+    }
+    return weights, state
 
 
 @pytest.mark.parametrize("rule", sorted(ORACLES))
 def test_trainer_process_matches_local_oracle(service, client, model_name, tmp_path, rule):
     optimizer, oracle = ORACLES[rule]
     record = run_trainer(service.address, model_name, optimizer, tmp_path)
-    expected = replay(record, oracle)
+    expected, expected_state = replay(record, oracle, with_state=True)
     assert record["version"] == 50
     pulled, version = client.pull(model_name)
     assert version == 50
@@ -79,6 +88,13 @@ def test_trainer_process_matches_local_oracle(service, client, model_name, tmp_p
         assert (record["final"][name] - value).abs().max() <= 1e-6, name
         assert (pulled[name] - value).abs().max() <= 1e-6, name
     assert not torch.equal(record["final"]["weight"], record["initial"]["weight"])
+    # The optimizer state on the server is torch's state, flattened (same keys, same values).
+    (shard,) = ray.get(service.actor.shard_actors.remote(model_name))
+    state_version, state = ray.get(shard.optimizer_state.remote())
+    assert state_version == 50 and expected_state
+    assert set(state["default"]) - {"step"} == set(expected_state)
+    for key, value in expected_state.items():
+        assert (state["default"][key] - value).abs().max() <= 1e-6, key
 
 
 def test_sharded_model_matches_oracle(service, client, model_name, tmp_path):
@@ -327,3 +343,55 @@ def test_everything_stays_on_loopback(ray_session, service, client, model_name):
     assert service.address.startswith("127.0.0.1:")
     assert all(s.address.startswith("127.0.0.1:") for s in info.shards)
     assert {node["NodeManagerAddress"] for node in ray_session.nodes()} == {"127.0.0.1"}
+
+
+def test_frozen_parameters_stay_local(service, model_name):
+    trainable = torch.nn.Parameter(torch.ones(2))
+    frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    opt = RemoteOptimizer(
+        [("w", trainable), ("frozen", frozen)],
+        address=service.address,
+        model=model_name,
+        optimizer={"name": "sgd", "lr": 1.0},
+    )
+    assert [p.name for p in opt.client.describe_model(model_name).params] == ["w"]
+    trainable.grad = torch.ones(2)
+    opt.step()
+    assert torch.equal(trainable.detach(), torch.zeros(2))
+    assert torch.equal(frozen, torch.ones(3))
+    opt.close()
+
+
+def test_client_recovers_when_the_model_is_recreated(service, client, model_name):
+    client.create_model(model_name, {"w": torch.zeros(2)}, {"name": "sgd", "lr": 1.0})
+    client.pull(model_name)  # caches the layout
+    with ParameterServerClient(service.address) as other:
+        other.drop_model(model_name)
+        other.create_model(model_name, {"w": torch.full((2,), 5.0)}, {"name": "sgd", "lr": 1.0})
+    assert client.push(model_name, {"w": torch.ones(2)}, version=0) == 1
+    weights, version = client.pull(model_name)
+    assert version == 1 and torch.equal(weights["w"], torch.full((2,), 4.0))
+
+
+def test_size_limits_and_long_configs_give_clear_statuses(service, model_name):
+    huge = coordinator_pb2.ModelSpec(
+        name=model_name,
+        params=[coordinator_pb2.ParamSpec(name="w", dtype=4, shape=[1 << 28])],  # 2 GiB fp64
+        optimizer_json='{"name": "sgd"}',
+    )
+    long_config = coordinator_pb2.ModelSpec(
+        name=model_name,
+        params=[coordinator_pb2.ParamSpec(name="w", dtype=1, shape=[1])],
+        optimizer_json=json.dumps({"name": "sgd", **{f"k{i}": "x" * 100 for i in range(200)}}),
+    )
+    with grpc.insecure_channel(service.address) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        for spec, code in (
+            (huge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+            (long_config, grpc.StatusCode.INVALID_ARGUMENT),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.CreateModel(iter([coordinator_pb2.CreateModelRequest(spec=spec)]), timeout=60)
+            assert info.value.code() == code, info.value.details()
+            assert len(info.value.details()) <= 1000
+        assert model_name not in stub.ListModels(coordinator_pb2.ListModelsRequest()).models

@@ -13,8 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ruff_check_is_clean():
-    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
-    if not Path(ruff).exists():
+    # The virtualenv's ruff (the pinned one) first, then whatever is on PATH.
+    venv_ruff = Path(sys.executable).with_name("ruff")
+    ruff = str(venv_ruff) if venv_ruff.exists() else shutil.which("ruff")
+    if ruff is None:
         pytest.skip("ruff is not installed (pip install -e '.[test]')")
     for command in (["check", "--quiet"], ["format", "--check", "--quiet"]):
         result = subprocess.run(
