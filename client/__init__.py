@@ -6,7 +6,21 @@
 """
 
 from optserve.client.client import ModelInfo, ParameterServerClient
-from optserve.client.config import AdamConfig, SGDConfig, parse_optimizer_config
+from optserve.client.config import (
+    AdaBoundConfig,
+    AdadeltaConfig,
+    AdagradConfig,
+    AdamConfig,
+    AdamWConfig,
+    AMSGradConfig,
+    LookaheadConfig,
+    RAdamConfig,
+    RangerConfig,
+    RMSpropConfig,
+    SGDConfig,
+    parse_optimizer_config,
+    parse_schedule_config,
+)
 from optserve.client.errors import (
     Aborted,
     AlreadyExists,
@@ -24,8 +38,17 @@ from optserve.client.errors import (
 from optserve.client.remote_optimizer import RemoteOptimizer
 
 __all__ = [
+    "AMSGradConfig",
     "Aborted",
+    "AdaBoundConfig",
+    "AdadeltaConfig",
+    "AdagradConfig",
     "AdamConfig",
+    "AdamWConfig",
+    "LookaheadConfig",
+    "RAdamConfig",
+    "RMSpropConfig",
+    "RangerConfig",
     "AlreadyExists",
     "DeadlineExceeded",
     "FailedPrecondition",
@@ -42,4 +65,5 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "parse_optimizer_config",
+    "parse_schedule_config",
 ]

@@ -7,10 +7,11 @@ It never imports server code.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -29,10 +30,11 @@ from optserve.client.codec import (
 )
 from optserve.client.codec import wire_dtype as to_wire_dtype
 from optserve.client.config import (
-    AdamConfig,
-    SGDConfig,
+    RuleConfig,
     optimizer_config_json,
     parse_optimizer_config,
+    parse_schedule_config,
+    schedule_config_json,
 )
 from optserve.client.errors import (
     InvalidArgument,
@@ -66,7 +68,10 @@ class ModelInfo:
     groups: tuple[GroupLayout, ...]
     shards: tuple[ShardSlice, ...]
     version: int
-    optimizer: SGDConfig | AdamConfig
+    optimizer: RuleConfig
+    schedule: Any = None
+    # Per group: its overrides, its effective optimizer config and its current lr.
+    group_configs: Mapping[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def params(self) -> tuple[ParamSlot, ...]:
@@ -90,6 +95,15 @@ class ModelInfo:
             shards=shards,
             version=info.version,
             optimizer=parse_optimizer_config(info.optimizer_json),
+            schedule=parse_schedule_config(info.schedule_json or None),
+            group_configs={
+                g.name: {
+                    "overrides": json.loads(g.overrides_json or "{}"),
+                    "optimizer": json.loads(g.optimizer_json) if g.optimizer_json else None,
+                    "lr": g.lr,
+                }
+                for g in info.groups
+            },
         )
 
 
@@ -145,18 +159,39 @@ class ParameterServerClient:
         self,
         model: str,
         params: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-        optimizer: str | Mapping[str, Any] | SGDConfig | AdamConfig,
+        optimizer: str | Mapping[str, Any] | RuleConfig,
         *,
         num_shards: int = 0,
+        groups: Mapping[str, Mapping[str, Any]] | None = None,
+        schedule: str | Mapping[str, Any] | None = None,
     ) -> ModelInfo:
-        """Register a model with its initial parameter values and optimizer config."""
+        """Register a model with its initial parameter values and optimizer config.
+
+        `groups` maps a group name to ``{"params": [names], <hyperparameter overrides>}``, for
+        example ``{"no_decay": {"params": ["fc.bias"], "weight_decay": 0.0}}``; parameters in no
+        group form the group "default". `schedule` is a schedule config (default constant).
+        """
         named = list(params.items() if isinstance(params, Mapping) else params)
         config = parse_optimizer_config(optimizer)
+        schedule_config = parse_schedule_config(schedule)
+        group_specs = []
+        for group_name, body in (groups or {}).items():
+            body = dict(body)
+            names = body.pop("params", None)
+            if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+                raise InvalidArgument(f"group {group_name!r} needs a list of parameter names")
+            group_specs.append(
+                coordinator_pb2.ParamGroupSpec(
+                    name=group_name, params=list(names), overrides_json=json.dumps(body)
+                )
+            )
         spec = coordinator_pb2.ModelSpec(
             name=model,
             params=[_param_spec(n, t) for n, t in named],
             optimizer_json=optimizer_config_json(config),
             num_shards=num_shards,
+            groups=group_specs,
+            schedule_json=schedule_config_json(schedule_config),
         )
 
         def requests() -> Iterator[coordinator_pb2.CreateModelRequest]:
@@ -193,6 +228,38 @@ class ParameterServerClient:
         with self._lock:
             self._layouts.pop(model, None)
             self._versions.pop(model, None)
+
+    def set_optimizer(
+        self,
+        model: str,
+        config: str | Mapping[str, Any] | RuleConfig,
+        policy: str = "migrate",
+    ) -> dict[str, Any]:
+        """Swap the model's optimizer; `policy` "migrate" carries state (optimizer spec section
+        5), "reset" starts fresh. Returns the report: per group, every state key kept,
+        converted, fresh or dropped, and why."""
+        request = coordinator_pb2.SetOptimizerRequest(
+            model=model,
+            optimizer_json=optimizer_config_json(parse_optimizer_config(config)),
+            policy=policy,
+        )
+        reply = _call(self._coordinator.SetOptimizer, request, timeout=self.timeout_s)
+        self._forget_layout(model)
+        return {**json.loads(reply.report_json), "version": reply.version}
+
+    def set_schedule(self, model: str, config: str | Mapping[str, Any] | None) -> int:
+        """Replace the model's learning-rate schedule; returns the model version."""
+        request = coordinator_pb2.SetScheduleRequest(
+            model=model, schedule_json=schedule_config_json(parse_schedule_config(config))
+        )
+        return _call(self._coordinator.SetSchedule, request, timeout=self.timeout_s).version
+
+    def report_metric(self, model: str, name: str, value: float, step: int | None = None) -> bool:
+        """Report a metric (loss, validation metric); True if it changed the learning rate."""
+        request = coordinator_pb2.ReportMetricRequest(
+            model=model, name=name, value=float(value), step=step
+        )
+        return _call(self._coordinator.ReportMetric, request, timeout=self.timeout_s).lr_changed
 
     # ---- data plane ----------------------------------------------------------------------
 
@@ -302,6 +369,10 @@ class ParameterServerClient:
             if [s.address for s in fresh.shards] == [s.address for s in info.shards]:
                 raise
             return fn(fresh)
+
+    def _forget_layout(self, model: str) -> None:
+        with self._lock:
+            self._layouts.pop(model, None)
 
     def _layout(self, model: str) -> ModelInfo:
         with self._lock:

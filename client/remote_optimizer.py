@@ -10,7 +10,7 @@ import torch
 
 from optserve.client.client import ModelInfo, ParameterServerClient
 from optserve.client.codec import dtype_name
-from optserve.client.config import AdamConfig, SGDConfig, parse_optimizer_config
+from optserve.client.config import RuleConfig, parse_optimizer_config
 from optserve.client.errors import AlreadyExists, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         *,
         address: str | None = None,
         model: str,
-        optimizer: str | Mapping[str, Any] | SGDConfig | AdamConfig | None = None,
+        optimizer: str | Mapping[str, Any] | RuleConfig | None = None,
+        schedule: str | Mapping[str, Any] | None = None,
+        groups: Mapping[str, Mapping[str, Any]] | None = None,
         client: ParameterServerClient | None = None,
         wire_dtype: torch.dtype = torch.float32,
         trainer: str = "",
@@ -65,6 +67,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.trainer = trainer
         try:
             config = parse_optimizer_config(optimizer) if optimizer is not None else None
+            self._create_options = {"schedule": schedule, "groups": groups}
             info, created = self._attach(config)
             self._check_matches(info)
             self.version = info.version
@@ -74,7 +77,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self.close()
             raise
 
-    def _attach(self, config: SGDConfig | AdamConfig | None) -> tuple[ModelInfo, bool]:
+    def _attach(self, config: RuleConfig | None) -> tuple[ModelInfo, bool]:
         try:
             info = self.client.describe_model(self.model)
         except NotFound:
@@ -84,7 +87,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 ) from None
             values = [(n, p.detach()) for n, p in self._named]
             try:
-                return self.client.create_model(self.model, values, config), True
+                info = self.client.create_model(self.model, values, config, **self._create_options)
+                return info, True
             except AlreadyExists:  # another trainer created it first: join it
                 info = self.client.describe_model(self.model)
         if config is not None and info.optimizer != config:
@@ -142,6 +146,24 @@ class RemoteOptimizer(torch.optim.Optimizer):
         """Load the server's current weights into the parameters; return their version."""
         self._load_from_server()
         return self.version
+
+    def set_optimizer(
+        self, config: str | Mapping[str, Any] | RuleConfig, policy: str = "migrate"
+    ) -> dict[str, Any]:
+        """Swap the model's optimizer on the server; see ParameterServerClient.set_optimizer."""
+        return self.client.set_optimizer(self.model, config, policy)
+
+    def set_hyperparameters(self, **changes: Any) -> dict[str, Any]:
+        """Change some hyperparameters of the current rule (its state is kept)."""
+        current = self.client.describe_model(self.model).optimizer
+        merged = {**current.model_dump(mode="json"), **changes}
+        return self.client.set_optimizer(self.model, merged, "migrate")
+
+    def set_schedule(self, config: str | Mapping[str, Any] | None) -> int:
+        return self.client.set_schedule(self.model, config)
+
+    def report_metric(self, name: str, value: float, step: int | None = None) -> bool:
+        return self.client.report_metric(self.model, name, value, step)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not getattr(self, "_constructing", False):

@@ -18,7 +18,15 @@ from typing import Any
 import ray
 import torch
 
-from optserve.client.config import AdamConfig, SGDConfig, optimizer_config_json
+from optserve.client.config import (
+    RULE_CONFIGS,
+    RangerConfig,
+    RuleConfig,
+    optimizer_config_json,
+    parse_schedule_config,
+    schedule_config_json,
+    with_overrides,
+)
 from optserve.client.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -55,9 +63,20 @@ class Limits:
     max_shards: int = 256
     # How long a lookup of a model that is being created waits before answering UNAVAILABLE.
     creation_wait_s: float = 30.0
+    max_groups: int = 64
+    max_metric_history: int = 10_000
 
 
 _ShardActor = ray.remote(ShardActor)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """A parameter group as a CreateModel request declares it."""
+
+    name: str
+    params: tuple[str, ...]
+    overrides: Mapping[str, Any]
 
 
 @dataclass
@@ -65,12 +84,86 @@ class ModelRecord:
     name: str
     groups: list[GroupLayout]
     shards: list[ShardSlice]
-    optimizer: SGDConfig | AdamConfig
+    optimizer: RuleConfig
+    overrides: dict[str, dict[str, Any]]
+    schedule: Any
     actors: list[Any] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def optimizer_json(self) -> str:
         return optimizer_config_json(self.optimizer)
+
+    @property
+    def schedule_json(self) -> str:
+        return schedule_config_json(self.schedule)
+
+
+def plan_groups(
+    params: Sequence[tuple[str, Sequence[int], torch.dtype]], groups: Sequence[GroupSpec]
+) -> tuple[list[GroupLayout], dict[str, dict[str, Any]]]:
+    """Group layouts in declaration order; parameters in no group form the group "default"."""
+    if len(groups) > Limits.max_groups:
+        raise ResourceExhausted(f"{len(groups)} parameter groups; the limit is {Limits.max_groups}")
+    by_name = {p[0]: p for p in params}
+    owner: dict[str, str] = {}
+    layouts, overrides = [], {}
+    for group in groups:
+        if not group.name or group.name in overrides:
+            raise InvalidArgument(
+                f"parameter group names must be unique and non-empty: {group.name!r}"
+            )
+        if not group.params:
+            raise InvalidArgument(f"parameter group {group.name!r} has no parameters")
+        for pname in group.params:
+            if pname not in by_name:
+                raise InvalidArgument(f"group {group.name!r} names unknown parameter {pname!r}")
+            if pname in owner:
+                raise InvalidArgument(
+                    f"parameter {pname!r} is in groups {owner[pname]!r} and {group.name!r}"
+                )
+            owner[pname] = group.name
+        layouts.append(plan_group(group.name, [by_name[n] for n in group.params]))
+        overrides[group.name] = dict(group.overrides)
+    rest = [p for p in params if p[0] not in owner]
+    if rest:
+        if DEFAULT_GROUP in overrides:
+            raise InvalidArgument(
+                f"parameters {[p[0] for p in rest][:5]} are in no group, and a group is already "
+                f"named {DEFAULT_GROUP!r}"
+            )
+        layouts.append(plan_group(DEFAULT_GROUP, rest))
+        overrides[DEFAULT_GROUP] = {}
+    return layouts, overrides
+
+
+def tensor_views(group: GroupLayout, start: int, end: int) -> list[tuple[int, tuple[int, ...]]]:
+    """(offset within [start, end), shape) of each parameter lying wholly inside the range."""
+    return [
+        (p.offset - start, p.shape)
+        for p in group.params
+        if p.offset >= start and p.offset + p.numel <= end
+    ]
+
+
+def _check_gradient_centralization(
+    configs: Mapping[str, RuleConfig], groups: Sequence[GroupLayout], slices: Sequence[ShardSlice]
+) -> None:
+    """Ranger's gradient centralization is per tensor: each such tensor must sit on one shard."""
+    for group in groups:
+        config = configs[group.name]
+        if not (isinstance(config, RangerConfig) and config.use_gc) or len(slices) == 1:
+            continue
+        for p in group.params:
+            if len(p.shape) > 1 and not any(
+                s.ranges[group.name][0] <= p.offset
+                and p.offset + p.numel <= s.ranges[group.name][1]
+                for s in slices
+            ):
+                raise InvalidArgument(
+                    f"use_gc needs every tensor it centralizes on one shard, but {p.name!r} "
+                    f"spans shards; use fewer shards or use_gc=false"
+                )
 
 
 def validate_params(
@@ -143,8 +236,10 @@ class Coordinator:
         name: str,
         params: Sequence[tuple[str, Sequence[int], torch.dtype]],
         initial: Mapping[str, torch.Tensor],
-        optimizer: SGDConfig | AdamConfig,
+        optimizer: RuleConfig,
         num_shards: int = 0,
+        groups: Sequence[GroupSpec] = (),
+        schedule: Any = None,
     ) -> ModelRecord:
         """Start the shard actors of a new model (its name must be reserved) and register it."""
         num_shards = num_shards or self.default_num_shards
@@ -152,20 +247,37 @@ class Coordinator:
             raise InvalidArgument(
                 f"num_shards must be between 1 and {self.limits.max_shards}, got {num_shards}"
             )
-        groups = [plan_group(DEFAULT_GROUP, params)]
-        slices = split_ranges(groups, num_shards)
-        flats = {g.name: flatten_group(g, initial, torch.float32) for g in groups}
+        layouts, overrides = plan_groups(params, groups)
+        configs = {g.name: with_overrides(optimizer, overrides[g.name]) for g in layouts}
+        schedule_config = parse_schedule_config(schedule)
+        slices = split_ranges(layouts, num_shards)
+        _check_gradient_centralization(configs, layouts, slices)
+        flats = {g.name: flatten_group(g, initial, torch.float32) for g in layouts}
         run_id = uuid.uuid4().hex[:8]
         actors = []
         try:
             for s in slices:
-                weights = {g: flats[g][a:b].clone() for g, (a, b) in s.ranges.items()}
+                shard_groups = {
+                    g.name: {
+                        "weights": flats[g.name][a:b].clone(),
+                        "optimizer": optimizer_config_json(configs[g.name]),
+                        "views": tensor_views(g, a, b),
+                    }
+                    for g in layouts
+                    for a, b in [s.ranges[g.name]]
+                }
                 actors.append(
                     _ShardActor.options(
                         name=f"optserve:{name}:shard{s.index}:{run_id}",
                         num_cpus=0,
                         max_restarts=0,
-                    ).remote(name, s.index, weights, optimizer_config_json(optimizer), self.host)
+                    ).remote(
+                        name,
+                        s.index,
+                        shard_groups,
+                        schedule_config_json(schedule_config),
+                        self.host,
+                    )  # fmt: skip
                 )
             addresses = ray.get([a.address.remote() for a in actors], timeout=300)
         except Exception:
@@ -175,11 +287,55 @@ class Coordinator:
         shards = [
             ShardSlice(s.index, s.ranges, addr) for s, addr in zip(slices, addresses, strict=True)
         ]
-        record = ModelRecord(name, groups, shards, optimizer, actors)
+        record = ModelRecord(name, layouts, shards, optimizer, overrides, schedule_config, actors)
         with self._lock:
             self._models[name] = record
         log.info("created model %s on %d shard(s): %s", name, num_shards, addresses)
         return record
+
+    def set_optimizer(self, name: str, optimizer: RuleConfig, policy: str) -> dict[str, Any]:
+        """Swap every group's rule on every shard; return the migration report."""
+        if policy not in ("migrate", "reset"):
+            raise InvalidArgument(f"policy must be 'migrate' or 'reset', got {policy!r}")
+        record = self.get(name)
+        fields = RULE_CONFIGS[optimizer.name].model_fields
+        configs, ignored = {}, {}
+        for group, overrides in record.overrides.items():
+            kept = {k: v for k, v in overrides.items() if k in fields}
+            ignored[group] = sorted(set(overrides) - set(kept))
+            configs[group] = optimizer_config_json(with_overrides(optimizer, kept))
+        reports = ray.get(
+            [a.set_optimizer.remote(configs, policy) for a in record.actors], timeout=120
+        )
+        record.optimizer = optimizer
+        return {
+            "groups": reports[0],
+            "shards": len(reports),
+            "overrides_not_applicable": {g: keys for g, keys in ignored.items() if keys},
+        }
+
+    def set_schedule(self, name: str, schedule: Any) -> None:
+        record = self.get(name)
+        config = parse_schedule_config(schedule)
+        text = schedule_config_json(config)
+        ray.get([a.set_schedule.remote(text) for a in record.actors], timeout=120)
+        record.schedule = config
+
+    def report_metric(self, name: str, metric: str, value: float, step: int | None) -> bool:
+        if not metric or len(metric) > 128:
+            raise InvalidArgument(f"metric name must have 1-128 characters, got {metric[:40]!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise InvalidArgument(f"metric {metric!r} must be finite, got {value}")
+        record = self.get(name)
+        changed = ray.get(
+            [a.report_metric.remote(metric, value) for a in record.actors], timeout=120
+        )
+        record.metrics.append({"name": metric, "value": value, "step": step})
+        del record.metrics[: -self.limits.max_metric_history]
+        return any(changed)
+
+    def shard_info(self, record: ModelRecord) -> list[dict[str, Any]]:
+        return ray.get([a.info.remote() for a in record.actors], timeout=60)
 
     def get(self, name: str) -> ModelRecord:
         """The model's record; a lookup during its creation waits a while for it to end."""

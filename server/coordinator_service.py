@@ -2,28 +2,51 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
 from optserve.client.codec import TensorAssembler, expect_all, torch_dtype, wire_dtype
-from optserve.client.config import parse_optimizer_config
+from optserve.client.config import optimizer_config_json, parse_optimizer_config
 from optserve.client.errors import InvalidArgument
-from optserve.server.coordinator import Coordinator, ModelRecord, validate_params
+from optserve.server.coordinator import Coordinator, GroupSpec, ModelRecord, validate_params
 from optserve.server.grpc_util import unary_errors
 from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 SERVICE_NAME = "optserve.v1.Coordinator"
 
 
-def model_info(record: ModelRecord, version: int) -> coordinator_pb2.ModelInfo:
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def model_info(
+    record: ModelRecord, shard_infos: list[dict[str, Any]] | None = None
+) -> coordinator_pb2.ModelInfo:
+    lead = shard_infos[0]["groups"] if shard_infos else {}
     params = [
         coordinator_pb2.ParamSpec(name=p.name, dtype=wire_dtype(p.dtype), shape=list(p.shape))
         for g in record.groups
         for p in g.params
     ]
     groups = [
-        coordinator_pb2.GroupInfo(name=g.name, params=[p.name for p in g.params])
+        coordinator_pb2.GroupInfo(
+            name=g.name,
+            params=[p.name for p in g.params],
+            overrides_json=json.dumps(record.overrides.get(g.name, {})),
+            optimizer_json=json.dumps(lead[g.name]["config"]) if g.name in lead else "",
+            lr=lead[g.name]["lr"] if g.name in lead else 0.0,
+        )
         for g in record.groups
     ]
     shards = [
@@ -42,8 +65,9 @@ def model_info(record: ModelRecord, version: int) -> coordinator_pb2.ModelInfo:
         params=params,
         groups=groups,
         shards=shards,
-        version=version,
+        version=min(i["version"] for i in shard_infos) if shard_infos else 0,
         optimizer_json=record.optimizer_json,
+        schedule_json=record.schedule_json,
     )
 
 
@@ -64,6 +88,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         params = [(p.name, tuple(p.shape), torch_dtype(p.dtype)) for p in spec.params]
         validate_params(spec.name, params, self._coordinator.limits)
         optimizer = parse_optimizer_config(spec.optimizer_json)
+        groups = [
+            GroupSpec(g.name, tuple(g.params), _json_object(g.overrides_json, "group overrides"))
+            for g in spec.groups
+        ]
         self._coordinator.reserve(spec.name)
         try:
             assembler = TensorAssembler(
@@ -75,18 +103,19 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 assembler.add(request.chunk)
             initial = assembler.finish()
             record = self._coordinator.create_model(
-                spec.name, params, initial, optimizer, spec.num_shards
-            )
+                spec.name, params, initial, optimizer, spec.num_shards, groups,
+                spec.schedule_json or None,
+            )  # fmt: skip
         finally:
             self._coordinator.release(spec.name)
-        return model_info(record, 0)
+        return model_info(record, self._coordinator.shard_info(record))
 
     @unary_errors
     def DescribeModel(
         self, request: coordinator_pb2.DescribeModelRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.ModelInfo:
         record = self._coordinator.get(request.model)
-        return model_info(record, self._coordinator.version(record))
+        return model_info(record, self._coordinator.shard_info(record))
 
     @unary_errors
     def ListModels(
@@ -100,3 +129,36 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.DropModelResponse:
         self._coordinator.drop_model(request.model)
         return coordinator_pb2.DropModelResponse()
+
+    @unary_errors
+    def SetOptimizer(
+        self, request: coordinator_pb2.SetOptimizerRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.SetOptimizerResponse:
+        optimizer = parse_optimizer_config(request.optimizer_json)
+        report = self._coordinator.set_optimizer(
+            request.model, optimizer, request.policy or "migrate"
+        )
+        report["optimizer"] = json.loads(optimizer_config_json(optimizer))
+        record = self._coordinator.get(request.model)
+        return coordinator_pb2.SetOptimizerResponse(
+            version=self._coordinator.version(record), report_json=json.dumps(report)
+        )
+
+    @unary_errors
+    def SetSchedule(
+        self, request: coordinator_pb2.SetScheduleRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.SetScheduleResponse:
+        self._coordinator.set_schedule(request.model, request.schedule_json or None)
+        record = self._coordinator.get(request.model)
+        return coordinator_pb2.SetScheduleResponse(version=self._coordinator.version(record))
+
+    @unary_errors
+    def ReportMetric(
+        self, request: coordinator_pb2.ReportMetricRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ReportMetricResponse:
+        step = request.step if request.HasField("step") else None
+        changed = self._coordinator.report_metric(request.model, request.name, request.value, step)
+        record = self._coordinator.get(request.model)
+        return coordinator_pb2.ReportMetricResponse(
+            version=self._coordinator.version(record), lr_changed=changed
+        )

@@ -1,8 +1,8 @@
-"""A shard's slice of one model: flat fp32 masters per parameter group, optimizer state, version.
+"""A shard's slice of one model: one GroupEngine per parameter group, a schedule, a version.
 
 Pure state and math (no Ray, no gRPC): the shard actor owns one of these and its gRPC service
 decodes requests into calls on it. Every method that mutates takes the lock and validates fully
-before touching anything, so a refused push changes nothing.
+before touching anything, so a refused request changes nothing.
 """
 
 from __future__ import annotations
@@ -15,16 +15,22 @@ from typing import Any
 import torch
 
 from optserve.client.codec import GRADIENT_WIRE_DTYPES, Expected
-from optserve.client.config import AdamConfig, SGDConfig, optimizer_config_json
+from optserve.client.config import RuleConfig, parse_schedule_config, schedule_config_json
 from optserve.client.errors import InvalidArgument
-from optserve.server.engine import Rule, State, build_rule
+from optserve.server.engine.base import TensorViews
+from optserve.server.engine.group import GroupEngine, Path
+from optserve.server.engine.migration import Policy
+from optserve.server.engine.schedules import Schedule, build_schedule
 
 
-@dataclass
-class GroupBuffer:
-    name: str
+@dataclass(frozen=True)
+class GroupInit:
+    """What a shard needs to start one group: its slice of the weights, its config, and the
+    (offset, shape) of every parameter tensor wholly inside the slice."""
+
     weights: torch.Tensor
-    state: State
+    config: RuleConfig
+    views: TensorViews = ()
 
 
 class ShardState:
@@ -32,25 +38,22 @@ class ShardState:
         self,
         model: str,
         index: int,
-        weights: Mapping[str, torch.Tensor],
-        optimizer: SGDConfig | AdamConfig,
+        groups: Mapping[str, GroupInit],
+        schedule: Any = None,
         device: str | torch.device = "cpu",
+        path: Path = "fast",
     ) -> None:
         self.model = model
         self.index = index
         self.device = torch.device(device)
         self.version = 0
         self._lock = threading.Lock()
-        self._config = optimizer
-        self._rule: Rule = build_rule(optimizer)
-        self._groups: dict[str, GroupBuffer] = {}
-        for name, tensor in weights.items():
-            flat = tensor.detach().reshape(-1).to(self.device, torch.float32, copy=True)
-            self._groups[name] = GroupBuffer(name, flat, self._rule.init_state(flat))
-
-    @property
-    def optimizer(self) -> SGDConfig | AdamConfig:
-        return self._config
+        self._groups: dict[str, GroupEngine] = {}
+        for name, init in groups.items():
+            flat = init.weights.detach().reshape(-1).to(self.device, torch.float32, copy=True)
+            self._groups[name] = GroupEngine(name, flat, init.config, init.views, path)
+        self._schedule_config = parse_schedule_config(schedule)
+        self._schedule: Schedule = build_schedule(self._schedule_config)
 
     def expected_gradients(self) -> dict[str, Expected]:
         """What a push must carry: one flat tensor per group, of this shard's length."""
@@ -59,11 +62,15 @@ class ShardState:
             for name, g in self._groups.items()
         }
 
+    def lr(self, group: str) -> float:
+        """The lr the next update of `group` will use."""
+        return self._schedule.lr(self._groups[group].config.lr, self.version)
+
     def apply_push(self, grads: Mapping[str, torch.Tensor], based_on: int) -> tuple[int, int]:
         """Apply one update from per-group gradients; return (new version, staleness)."""
         prepared = {}
         for name, group in self._groups.items():
-            grad = grads[name].reshape(-1).to(self.device, torch.float32)
+            grad = grads[name].reshape(-1).to(self.device, torch.float32, copy=True)
             if grad.numel() != group.weights.numel():
                 raise InvalidArgument(
                     f"gradient for group {name!r} has {grad.numel()} elements; "
@@ -81,12 +88,32 @@ class ShardState:
                     f"gradient claims model version {based_on}, "
                     f"but model {self.model!r} is at version {self.version}"
                 )
-            lr = self._config.lr
             for name, group in self._groups.items():
-                self._rule.apply(group.weights, prepared[name], group.state, lr)
+                group.step(prepared[name], self.lr(name))
             staleness = self.version - based_on
             self.version += 1
             return self.version, staleness
+
+    def set_optimizer(self, configs: Mapping[str, RuleConfig], policy: Policy) -> dict[str, Any]:
+        """Swap every group's rule (state moved by `policy`); return the per-group reports."""
+        if set(configs) != set(self._groups):
+            raise InvalidArgument(f"need a config for each group {sorted(self._groups)}")
+        with self._lock:
+            return {
+                name: self._groups[name].set_optimizer(configs[name], policy).as_dict()
+                for name in self._groups
+            }
+
+    def set_schedule(self, schedule: Any) -> None:
+        config = parse_schedule_config(schedule)
+        with self._lock:
+            self._schedule_config = config
+            self._schedule = build_schedule(config)
+
+    def report_metric(self, name: str, value: float) -> bool:
+        """Feed a reported metric to the schedule; True if it changed the lr."""
+        with self._lock:
+            return self._schedule.observe(name, value)
 
     def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
         """A consistent copy of (version, per-group weights) on the CPU."""
@@ -95,16 +122,38 @@ class ShardState:
                 name: g.weights.detach().to("cpu", copy=True) for name, g in self._groups.items()
             }
 
-    def state_snapshot(self) -> tuple[int, dict[str, State]]:
-        """A consistent copy of every group's optimizer state (for tests and checkpoints)."""
+    def state_dict(self) -> dict[str, Any]:
+        """A consistent copy of everything: version, weights, rule state, schedule state."""
         with self._lock:
-            return self.version, {
-                name: {
-                    k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
-                    for k, v in g.state.items()
-                }
-                for name, g in self._groups.items()
+            return {
+                "version": self.version,
+                "schedule": schedule_config_json(self._schedule_config),
+                "schedule_state": self._schedule.state_dict(),
+                "groups": {
+                    name: {"weights": g.weights.detach().to("cpu", copy=True), **g.state_dict()}
+                    for name, g in self._groups.items()
+                },
             }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        groups = state["groups"]
+        if set(groups) != set(self._groups):
+            raise InvalidArgument(
+                f"state has groups {sorted(groups)}; this shard has {sorted(self._groups)}"
+            )
+        for name, g in groups.items():
+            if g["weights"].numel() != self._groups[name].weights.numel():
+                raise InvalidArgument(f"state for group {name!r} has the wrong length")
+        schedule_config = parse_schedule_config(state["schedule"])
+        with self._lock:
+            for name, g in groups.items():
+                engine = self._groups[name]
+                engine.weights.copy_(g["weights"].reshape(-1))
+                engine.load_state_dict(g)
+            self._schedule_config = schedule_config
+            self._schedule = build_schedule(schedule_config)
+            self._schedule.load_state_dict(state.get("schedule_state", {}))
+            self.version = int(state["version"])
 
     def info(self) -> dict[str, Any]:
         with self._lock:
@@ -113,6 +162,8 @@ class ShardState:
                 "index": self.index,
                 "version": self.version,
                 "device": str(self.device),
-                "optimizer": optimizer_config_json(self._config),
-                "numel": {name: g.weights.numel() for name, g in self._groups.items()},
+                "schedule": schedule_config_json(self._schedule_config),
+                "groups": {
+                    name: {**g.describe(), "lr": self.lr(name)} for name, g in self._groups.items()
+                },
             }

@@ -8,7 +8,7 @@ import torch
 
 from optserve.client.config import parse_optimizer_config
 from optserve.server.grpc_util import advertised_address, create_server, format_address
-from optserve.server.shard import ShardState
+from optserve.server.shard import GroupInit, ShardState
 from optserve.server.shard_service import SERVICE_NAME, ShardService
 from optserve.v1 import shard_pb2_grpc
 
@@ -17,19 +17,29 @@ class ShardActor:
     """One shard of one model. Wrapped with `ray.remote` by the coordinator.
 
     The gRPC data plane runs on the server's own threads inside this actor process and talks to
-    the ShardState directly; Ray method calls are for the coordinator (info, stop).
+    the ShardState directly; Ray method calls are the coordinator's control plane.
+
+    `groups` maps each group name to {"weights": flat slice, "optimizer": config JSON,
+    "views": [(offset, shape), ...]}.
     """
 
     def __init__(
         self,
         model: str,
         index: int,
-        weights: dict[str, torch.Tensor],
-        optimizer_json: str,
+        groups: dict[str, dict[str, Any]],
+        schedule_json: str = "",
         host: str = "127.0.0.1",
     ) -> None:
-        config = parse_optimizer_config(optimizer_json)
-        self._state = ShardState(model, index, weights, config)
+        inits = {
+            name: GroupInit(
+                weights=g["weights"],
+                config=parse_optimizer_config(g["optimizer"]),
+                views=tuple((int(o), tuple(s)) for o, s in g.get("views", ())),
+            )
+            for name, g in groups.items()
+        }
+        self._state = ShardState(model, index, inits, schedule_json or None)
         self._server = create_server(
             format_address(host, 0),
             [(shard_pb2_grpc.add_ShardServicer_to_server, ShardService(self._state), SERVICE_NAME)],
@@ -46,8 +56,24 @@ class ShardActor:
     def version(self) -> int:
         return self._state.version
 
-    def optimizer_state(self) -> tuple[int, dict[str, dict[str, Any]]]:
-        return self._state.state_snapshot()
+    def set_optimizer(self, configs_json: dict[str, str], policy: str) -> dict[str, Any]:
+        configs = {name: parse_optimizer_config(c) for name, c in configs_json.items()}
+        return self._state.set_optimizer(configs, policy)  # type: ignore[arg-type]
+
+    def set_schedule(self, schedule_json: str) -> None:
+        self._state.set_schedule(schedule_json)
+
+    def report_metric(self, name: str, value: float) -> bool:
+        return self._state.report_metric(name, value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._state.load_state_dict(state)
+
+    def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
+        return self._state.snapshot()
 
     def stop(self, grace_s: float = 5.0) -> None:
         self._server.stop(grace_s)

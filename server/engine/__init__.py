@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
-from optserve.client.config import AdamConfig, SGDConfig
+from optserve.client.config import RangerConfig, RuleConfig
+from optserve.server.engine.adabound import AdaBound
+from optserve.server.engine.adadelta import Adadelta
+from optserve.server.engine.adagrad import Adagrad
 from optserve.server.engine.adam import Adam
-from optserve.server.engine.base import Rule, State
+from optserve.server.engine.base import Rule, Scalars, State, TensorViews
+from optserve.server.engine.lookahead import Lookahead, ranger
+from optserve.server.engine.radam import RAdam
+from optserve.server.engine.rmsprop import RMSprop
 from optserve.server.engine.sgd import SGD
 
-_RULES: dict[type, type[Rule]] = {SGDConfig: SGD, AdamConfig: Adam}
+_RULES: dict[str, type[Rule]] = {
+    "sgd": SGD,
+    "adagrad": Adagrad,
+    "rmsprop": RMSprop,
+    "adadelta": Adadelta,
+    "adam": Adam,
+    "adamw": Adam,
+    "amsgrad": Adam,
+    "adabound": AdaBound,
+    "radam": RAdam,
+}
 
 
-def build_rule(config: SGDConfig | AdamConfig) -> Rule:
-    """The rule object for a validated optimizer config."""
-    return _RULES[type(config)](config)
+def build_rule(config: RuleConfig) -> Rule:
+    """The rule object for a validated optimizer config (wrapped in Lookahead if asked)."""
+    if isinstance(config, RangerConfig):
+        return ranger(config)
+    rule = _RULES[config.name](config)
+    if config.lookahead is not None:
+        return Lookahead(rule, config.lookahead)
+    return rule
 
 
-__all__ = ["Adam", "Rule", "SGD", "State", "build_rule"]
+__all__ = ["Lookahead", "Rule", "Scalars", "State", "TensorViews", "build_rule"]

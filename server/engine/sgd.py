@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from optserve.client.config import SGDConfig
-from optserve.server.engine.base import Rule, State
+from optserve.server.engine.base import Rule, Scalars, State, maybe_maximize
 
 
 class SGD(Rule[SGDConfig]):
@@ -24,17 +24,24 @@ class SGD(Rule[SGDConfig]):
     def init_state(self, weights: torch.Tensor) -> State:
         return {}
 
-    def apply(self, weights: torch.Tensor, grad: torch.Tensor, state: State, lr: float) -> None:
+    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> Scalars:
+        first = self.config.momentum != 0 and "momentum_buffer" not in state
+        if first:
+            # torch creates the buffer at the first step as a copy of g (undamped); it is
+            # allocated here and filled by `update`, so slices can be updated independently.
+            state["momentum_buffer"] = torch.empty_like(weights)
+        return {"lr": lr, "first": first}
+
+    def update(self, weights: torch.Tensor, grad: torch.Tensor, state: State, s: Scalars) -> None:
         cfg = self.config
-        d_p = grad if not cfg.maximize else -grad
+        d_p = maybe_maximize(grad, cfg.maximize)
         if cfg.weight_decay != 0:
             d_p = d_p.add(weights, alpha=cfg.weight_decay)
         if cfg.momentum != 0:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = d_p.detach().clone()
-                state["momentum_buffer"] = buf
+            buf = state["momentum_buffer"]
+            if s["first"]:
+                buf.copy_(d_p)
             else:
                 buf.mul_(cfg.momentum).add_(d_p, alpha=1 - cfg.dampening)
             d_p = d_p.add(buf, alpha=cfg.momentum) if cfg.nesterov else buf
-        weights.add_(d_p, alpha=-lr)
+        weights.add_(d_p, alpha=-s["lr"])

@@ -33,6 +33,7 @@ def test_canonical_json_round_trips_with_defaults_filled_in():
         "momentum": 0.9,
         "dampening": 0.0,
         "nesterov": False,
+        "lookahead": None,
         "weight_decay": 0.0,
         "maximize": False,
     }

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from optserve.v1 import tensor_pb2 as optserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1doptserve/v1/coordinator.proto\x12\x0boptserve.v1\x1a\x18optserve/v1/tensor.proto\"K\n\tParamSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.optserve.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"m\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06params\x18\x02 \x03(\x0b\x32\x16.optserve.v1.ParamSpec\x12\x16\n\x0eoptimizer_json\x18\x03 \x01(\t\x12\x12\n\nnum_shards\x18\x04 \x01(\r\"r\n\x12\x43reateModelRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x16.optserve.v1.ModelSpecH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.optserve.v1.TensorChunkH\x00\x42\t\n\x07payload\"%\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"7\n\nGroupRange\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\"T\n\tShardInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x06ranges\x18\x03 \x03(\x0b\x32\x17.optserve.v1.GroupRange\")\n\tGroupInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06params\x18\x02 \x03(\t\"\xba\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06params\x18\x02 \x03(\x0b\x32\x16.optserve.v1.ParamSpec\x12&\n\x06groups\x18\x03 \x03(\x0b\x32\x16.optserve.v1.GroupInfo\x12&\n\x06shards\x18\x04 \x03(\x0b\x32\x16.optserve.v1.ShardInfo\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x16\n\x0eoptimizer_json\x18\x06 \x01(\t\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"!\n\x10\x44ropModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11\x44ropModelResponse2\xbe\x02\n\x0b\x43oordinator\x12H\n\x0b\x43reateModel\x12\x1f.optserve.v1.CreateModelRequest\x1a\x16.optserve.v1.ModelInfo(\x01\x12J\n\rDescribeModel\x12!.optserve.v1.DescribeModelRequest\x1a\x16.optserve.v1.ModelInfo\x12M\n\nListModels\x12\x1e.optserve.v1.ListModelsRequest\x1a\x1f.optserve.v1.ListModelsResponse\x12J\n\tDropModel\x12\x1d.optserve.v1.DropModelRequest\x1a\x1e.optserve.v1.DropModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1doptserve/v1/coordinator.proto\x12\x0boptserve.v1\x1a\x18optserve/v1/tensor.proto\"K\n\tParamSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.optserve.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xb1\x01\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06params\x18\x02 \x03(\x0b\x32\x16.optserve.v1.ParamSpec\x12\x16\n\x0eoptimizer_json\x18\x03 \x01(\t\x12\x12\n\nnum_shards\x18\x04 \x01(\r\x12+\n\x06groups\x18\x05 \x03(\x0b\x32\x1b.optserve.v1.ParamGroupSpec\x12\x15\n\rschedule_json\x18\x06 \x01(\t\"F\n\x0eParamGroupSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06params\x18\x02 \x03(\t\x12\x16\n\x0eoverrides_json\x18\x03 \x01(\t\"r\n\x12\x43reateModelRequest\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x16.optserve.v1.ModelSpecH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.optserve.v1.TensorChunkH\x00\x42\t\n\x07payload\"%\n\x14\x44\x65scribeModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"7\n\nGroupRange\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x04\"T\n\tShardInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x06ranges\x18\x03 \x03(\x0b\x32\x17.optserve.v1.GroupRange\"e\n\tGroupInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06params\x18\x02 \x03(\t\x12\x16\n\x0eoverrides_json\x18\x03 \x01(\t\x12\x16\n\x0eoptimizer_json\x18\x04 \x01(\t\x12\n\n\x02lr\x18\x05 \x01(\x01\"\xd1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06params\x18\x02 \x03(\x0b\x32\x16.optserve.v1.ParamSpec\x12&\n\x06groups\x18\x03 \x03(\x0b\x32\x16.optserve.v1.GroupInfo\x12&\n\x06shards\x18\x04 \x03(\x0b\x32\x16.optserve.v1.ShardInfo\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x16\n\x0eoptimizer_json\x18\x06 \x01(\t\x12\x15\n\rschedule_json\x18\x07 \x01(\t\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"!\n\x10\x44ropModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11\x44ropModelResponse\"L\n\x13SetOptimizerRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0eoptimizer_json\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\"<\n\x14SetOptimizerResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x13\n\x0breport_json\x18\x02 \x01(\t\":\n\x12SetScheduleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rschedule_json\x18\x02 \x01(\t\"&\n\x13SetScheduleResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"]\n\x13ReportMetricRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x11\n\x04step\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_step\";\n\x14ReportMetricResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x12\n\nlr_changed\x18\x02 \x01(\x08\x32\xba\x04\n\x0b\x43oordinator\x12H\n\x0b\x43reateModel\x12\x1f.optserve.v1.CreateModelRequest\x1a\x16.optserve.v1.ModelInfo(\x01\x12J\n\rDescribeModel\x12!.optserve.v1.DescribeModelRequest\x1a\x16.optserve.v1.ModelInfo\x12M\n\nListModels\x12\x1e.optserve.v1.ListModelsRequest\x1a\x1f.optserve.v1.ListModelsResponse\x12J\n\tDropModel\x12\x1d.optserve.v1.DropModelRequest\x1a\x1e.optserve.v1.DropModelResponse\x12S\n\x0cSetOptimizer\x12 .optserve.v1.SetOptimizerRequest\x1a!.optserve.v1.SetOptimizerResponse\x12P\n\x0bSetSchedule\x12\x1f.optserve.v1.SetScheduleRequest\x1a .optserve.v1.SetScheduleResponse\x12S\n\x0cReportMetric\x12 .optserve.v1.ReportMetricRequest\x1a!.optserve.v1.ReportMetricResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,28 +34,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PARAMSPEC']._serialized_start=72
   _globals['_PARAMSPEC']._serialized_end=147
-  _globals['_MODELSPEC']._serialized_start=149
-  _globals['_MODELSPEC']._serialized_end=258
-  _globals['_CREATEMODELREQUEST']._serialized_start=260
-  _globals['_CREATEMODELREQUEST']._serialized_end=374
-  _globals['_DESCRIBEMODELREQUEST']._serialized_start=376
-  _globals['_DESCRIBEMODELREQUEST']._serialized_end=413
-  _globals['_GROUPRANGE']._serialized_start=415
-  _globals['_GROUPRANGE']._serialized_end=470
-  _globals['_SHARDINFO']._serialized_start=472
-  _globals['_SHARDINFO']._serialized_end=556
-  _globals['_GROUPINFO']._serialized_start=558
-  _globals['_GROUPINFO']._serialized_end=599
-  _globals['_MODELINFO']._serialized_start=602
-  _globals['_MODELINFO']._serialized_end=788
-  _globals['_LISTMODELSREQUEST']._serialized_start=790
-  _globals['_LISTMODELSREQUEST']._serialized_end=809
-  _globals['_LISTMODELSRESPONSE']._serialized_start=811
-  _globals['_LISTMODELSRESPONSE']._serialized_end=847
-  _globals['_DROPMODELREQUEST']._serialized_start=849
-  _globals['_DROPMODELREQUEST']._serialized_end=882
-  _globals['_DROPMODELRESPONSE']._serialized_start=884
-  _globals['_DROPMODELRESPONSE']._serialized_end=903
-  _globals['_COORDINATOR']._serialized_start=906
-  _globals['_COORDINATOR']._serialized_end=1224
+  _globals['_MODELSPEC']._serialized_start=150
+  _globals['_MODELSPEC']._serialized_end=327
+  _globals['_PARAMGROUPSPEC']._serialized_start=329
+  _globals['_PARAMGROUPSPEC']._serialized_end=399
+  _globals['_CREATEMODELREQUEST']._serialized_start=401
+  _globals['_CREATEMODELREQUEST']._serialized_end=515
+  _globals['_DESCRIBEMODELREQUEST']._serialized_start=517
+  _globals['_DESCRIBEMODELREQUEST']._serialized_end=554
+  _globals['_GROUPRANGE']._serialized_start=556
+  _globals['_GROUPRANGE']._serialized_end=611
+  _globals['_SHARDINFO']._serialized_start=613
+  _globals['_SHARDINFO']._serialized_end=697
+  _globals['_GROUPINFO']._serialized_start=699
+  _globals['_GROUPINFO']._serialized_end=800
+  _globals['_MODELINFO']._serialized_start=803
+  _globals['_MODELINFO']._serialized_end=1012
+  _globals['_LISTMODELSREQUEST']._serialized_start=1014
+  _globals['_LISTMODELSREQUEST']._serialized_end=1033
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1035
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1071
+  _globals['_DROPMODELREQUEST']._serialized_start=1073
+  _globals['_DROPMODELREQUEST']._serialized_end=1106
+  _globals['_DROPMODELRESPONSE']._serialized_start=1108
+  _globals['_DROPMODELRESPONSE']._serialized_end=1127
+  _globals['_SETOPTIMIZERREQUEST']._serialized_start=1129
+  _globals['_SETOPTIMIZERREQUEST']._serialized_end=1205
+  _globals['_SETOPTIMIZERRESPONSE']._serialized_start=1207
+  _globals['_SETOPTIMIZERRESPONSE']._serialized_end=1267
+  _globals['_SETSCHEDULEREQUEST']._serialized_start=1269
+  _globals['_SETSCHEDULEREQUEST']._serialized_end=1327
+  _globals['_SETSCHEDULERESPONSE']._serialized_start=1329
+  _globals['_SETSCHEDULERESPONSE']._serialized_end=1367
+  _globals['_REPORTMETRICREQUEST']._serialized_start=1369
+  _globals['_REPORTMETRICREQUEST']._serialized_end=1462
+  _globals['_REPORTMETRICRESPONSE']._serialized_start=1464
+  _globals['_REPORTMETRICRESPONSE']._serialized_end=1523
+  _globals['_COORDINATOR']._serialized_start=1526
+  _globals['_COORDINATOR']._serialized_end=2096
 # @@protoc_insertion_point(module_scope)

@@ -18,16 +18,30 @@ class ParamSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "params", "optimizer_json", "num_shards")
+    __slots__ = ("name", "params", "optimizer_json", "num_shards", "groups", "schedule_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
     optimizer_json: str
     num_shards: int
-    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., num_shards: _Optional[int] = ...) -> None: ...
+    groups: _containers.RepeatedCompositeFieldContainer[ParamGroupSpec]
+    schedule_json: str
+    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., num_shards: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[ParamGroupSpec, _Mapping]]] = ..., schedule_json: _Optional[str] = ...) -> None: ...
+
+class ParamGroupSpec(_message.Message):
+    __slots__ = ("name", "params", "overrides_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    params: _containers.RepeatedScalarFieldContainer[str]
+    overrides_json: str
+    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[str]] = ..., overrides_json: _Optional[str] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("spec", "chunk")
@@ -64,28 +78,36 @@ class ShardInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[GroupRange, _Mapping]]] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
-    __slots__ = ("name", "params")
+    __slots__ = ("name", "params", "overrides_json", "optimizer_json", "lr")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_JSON_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
     name: str
     params: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[str]] = ...) -> None: ...
+    overrides_json: str
+    optimizer_json: str
+    lr: float
+    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[str]] = ..., overrides_json: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "params", "groups", "shards", "version", "optimizer_json")
+    __slots__ = ("name", "params", "groups", "shards", "version", "optimizer_json", "schedule_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
     groups: _containers.RepeatedCompositeFieldContainer[GroupInfo]
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     version: int
     optimizer_json: str
-    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., version: _Optional[int] = ..., optimizer_json: _Optional[str] = ...) -> None: ...
+    schedule_json: str
+    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., version: _Optional[int] = ..., optimizer_json: _Optional[str] = ..., schedule_json: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -106,3 +128,55 @@ class DropModelRequest(_message.Message):
 class DropModelResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SetOptimizerRequest(_message.Message):
+    __slots__ = ("model", "optimizer_json", "policy")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    optimizer_json: str
+    policy: str
+    def __init__(self, model: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class SetOptimizerResponse(_message.Message):
+    __slots__ = ("version", "report_json")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    report_json: str
+    def __init__(self, version: _Optional[int] = ..., report_json: _Optional[str] = ...) -> None: ...
+
+class SetScheduleRequest(_message.Message):
+    __slots__ = ("model", "schedule_json")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_JSON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    schedule_json: str
+    def __init__(self, model: _Optional[str] = ..., schedule_json: _Optional[str] = ...) -> None: ...
+
+class SetScheduleResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class ReportMetricRequest(_message.Message):
+    __slots__ = ("model", "name", "value", "step")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    name: str
+    value: float
+    step: int
+    def __init__(self, model: _Optional[str] = ..., name: _Optional[str] = ..., value: _Optional[float] = ..., step: _Optional[int] = ...) -> None: ...
+
+class ReportMetricResponse(_message.Message):
+    __slots__ = ("version", "lr_changed")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LR_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    lr_changed: bool
+    def __init__(self, version: _Optional[int] = ..., lr_changed: _Optional[bool] = ...) -> None: ...

@@ -54,6 +54,21 @@ class CoordinatorStub:
                 request_serializer=optserve_dot_v1_dot_coordinator__pb2.DropModelRequest.SerializeToString,
                 response_deserializer=optserve_dot_v1_dot_coordinator__pb2.DropModelResponse.FromString,
                 _registered_method=True)
+        self.SetOptimizer = channel.unary_unary(
+                '/optserve.v1.Coordinator/SetOptimizer',
+                request_serializer=optserve_dot_v1_dot_coordinator__pb2.SetOptimizerRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_coordinator__pb2.SetOptimizerResponse.FromString,
+                _registered_method=True)
+        self.SetSchedule = channel.unary_unary(
+                '/optserve.v1.Coordinator/SetSchedule',
+                request_serializer=optserve_dot_v1_dot_coordinator__pb2.SetScheduleRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_coordinator__pb2.SetScheduleResponse.FromString,
+                _registered_method=True)
+        self.ReportMetric = channel.unary_unary(
+                '/optserve.v1.Coordinator/ReportMetric',
+                request_serializer=optserve_dot_v1_dot_coordinator__pb2.ReportMetricRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_coordinator__pb2.ReportMetricResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -84,6 +99,27 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetOptimizer(self, request, context):
+        """Swap the optimizer of every group (their overrides re-applied where the new rule has
+        those hyperparameters); the answer says what happened to every state key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportMetric(self, request, context):
+        """A metric reported by a trainer (loss, validation metric); the plateau schedule reads them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +142,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.DropModel,
                     request_deserializer=optserve_dot_v1_dot_coordinator__pb2.DropModelRequest.FromString,
                     response_serializer=optserve_dot_v1_dot_coordinator__pb2.DropModelResponse.SerializeToString,
+            ),
+            'SetOptimizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOptimizer,
+                    request_deserializer=optserve_dot_v1_dot_coordinator__pb2.SetOptimizerRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_coordinator__pb2.SetOptimizerResponse.SerializeToString,
+            ),
+            'SetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSchedule,
+                    request_deserializer=optserve_dot_v1_dot_coordinator__pb2.SetScheduleRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_coordinator__pb2.SetScheduleResponse.SerializeToString,
+            ),
+            'ReportMetric': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportMetric,
+                    request_deserializer=optserve_dot_v1_dot_coordinator__pb2.ReportMetricRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_coordinator__pb2.ReportMetricResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +267,87 @@ class Coordinator:
             '/optserve.v1.Coordinator/DropModel',
             optserve_dot_v1_dot_coordinator__pb2.DropModelRequest.SerializeToString,
             optserve_dot_v1_dot_coordinator__pb2.DropModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOptimizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Coordinator/SetOptimizer',
+            optserve_dot_v1_dot_coordinator__pb2.SetOptimizerRequest.SerializeToString,
+            optserve_dot_v1_dot_coordinator__pb2.SetOptimizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Coordinator/SetSchedule',
+            optserve_dot_v1_dot_coordinator__pb2.SetScheduleRequest.SerializeToString,
+            optserve_dot_v1_dot_coordinator__pb2.SetScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportMetric(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Coordinator/ReportMetric',
+            optserve_dot_v1_dot_coordinator__pb2.ReportMetricRequest.SerializeToString,
+            optserve_dot_v1_dot_coordinator__pb2.ReportMetricResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,77 @@
+"""Lookahead around any rule, and Ranger (spec 1.12, 1.13; Zhang et al. 2019, Wright 2019).
+
+Lookahead(A), the paper's rule (as michaelrzhang/lookahead):
+
+    at construction: phi <- theta, c <- 0
+    each step: A updates theta; c <- c + 1
+    if c == k: theta <- phi + alpha (theta - phi); phi <- theta; c <- 0
+
+A's own state is left alone at a sync. State: A's keys + `slow_buffer` (phi) + `counter` (c).
+
+Ranger = Lookahead(RAdam(betas=(0.95, 0.999), eps=1e-5, decoupled decay), k=6, alpha=0.5),
+syncing when RAdam's step is a multiple of k (c starts at t mod k), plus optional gradient
+centralization: for every tensor with dim > 1 (> 3 with gc_conv_only),
+g <- g - mean(g over all dims but the first). That is per tensor, so it runs on the tensor views
+of the flat buffer, never on the flat buffer itself (spec section 4).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from optserve.client.config import LookaheadConfig, RangerConfig
+from optserve.server.engine.base import Rule, Scalars, State, TensorViews
+from optserve.server.engine.radam import RAdam
+
+
+class Lookahead(Rule):
+    name = "lookahead"
+
+    def __init__(self, inner: Rule, lookahead: LookaheadConfig) -> None:
+        super().__init__(inner.config)
+        self.inner = inner
+        self.k = lookahead.k
+        self.alpha = lookahead.alpha
+
+    def init_state(self, weights: torch.Tensor) -> State:
+        return {**self.inner.init_state(weights), "slow_buffer": weights.clone(), "counter": 0}
+
+    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> Scalars:
+        scalars = self.inner.prepare(state, lr, weights)
+        state["counter"] += 1
+        sync = state["counter"] >= self.k
+        if sync:
+            state["counter"] = 0
+        return {**scalars, "lookahead_sync": sync}
+
+    def update(self, weights: torch.Tensor, grad: torch.Tensor, state: State, s: Scalars) -> None:
+        self.inner.update(weights, grad, state, s)
+        if s["lookahead_sync"]:
+            slow = state["slow_buffer"]
+            slow.add_(weights - slow, alpha=self.alpha)
+            weights.copy_(slow)
+
+    def preprocess(self, grad: torch.Tensor, views: TensorViews) -> None:
+        self.inner.preprocess(grad, views)
+
+
+class RangerRAdam(RAdam):
+    """RAdam with Ranger's gradient centralization in front."""
+
+    config: RangerConfig
+
+    def preprocess(self, grad: torch.Tensor, views: TensorViews) -> None:
+        if not self.config.use_gc:
+            return
+        min_dims = 3 if self.config.gc_conv_only else 1
+        for offset, shape in views:
+            if len(shape) > min_dims:
+                numel = 1
+                for d in shape:
+                    numel *= d
+                view = grad[offset : offset + numel].view(shape)
+                view.sub_(view.mean(dim=tuple(range(1, len(shape))), keepdim=True))
+
+
+def ranger(config: RangerConfig) -> Lookahead:
+    return Lookahead(RangerRAdam(config), LookaheadConfig(k=config.k, alpha=config.alpha))

@@ -1,0 +1,77 @@
+"""The oracle of every rule (spec section 1 table), run per parameter tensor, for the tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+class PaperLookahead:
+    """Lookahead as the paper (and michaelrzhang/lookahead) defines it, around any optimizer:
+    phi <- theta at construction; every k inner steps theta <- phi + alpha (theta - phi),
+    phi <- theta. Hand-written; PO.Lookahead is bit-identical to this (spec 6.2)."""
+
+    def __init__(self, inner: torch.optim.Optimizer, k: int, alpha: float) -> None:
+        self.inner = inner
+        self.k, self.alpha = k, alpha
+        self.params = [p for g in inner.param_groups for p in g["params"]]
+        self.slow = [p.detach().clone() for p in self.params]
+        self.counter = 0
+        self.param_groups = inner.param_groups
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.inner.step()
+        self.counter += 1
+        if self.counter == self.k:
+            self.counter = 0
+            for p, slow in zip(self.params, self.slow, strict=True):
+                slow.add_(p - slow, alpha=self.alpha)
+                p.copy_(slow)
+
+
+def _adabound(params, **kwargs):
+    import adabound
+
+    return adabound.AdaBound(params, **kwargs)
+
+
+def torch_oracle(config: dict, params: list[torch.nn.Parameter]):
+    """The oracle optimizer for one of our configs (a JSON-like dict)."""
+    cfg = {k: v for k, v in config.items() if k not in ("name", "lookahead")}
+    if "betas" in cfg:
+        cfg["betas"] = tuple(cfg["betas"])
+    name = config["name"]
+    if name == "ranger":
+        use_gc = cfg.pop("use_gc", False)
+        cfg.pop("gc_conv_only", None)
+        cfg.pop("N_sma_threshold", None)
+        k, alpha = cfg.pop("k", 6), cfg.pop("alpha", 0.5)
+        cfg.setdefault("betas", (0.95, 0.999))
+        cfg.setdefault("eps", 1e-5)
+        inner = torch.optim.RAdam(params, decoupled_weight_decay=True, **cfg)
+        opt = PaperLookahead(inner, k, alpha)
+        opt.use_gc = use_gc
+        return opt
+    factory = {
+        "sgd": torch.optim.SGD,
+        "adagrad": torch.optim.Adagrad,
+        "rmsprop": torch.optim.RMSprop,
+        "adadelta": torch.optim.Adadelta,
+        "adam": torch.optim.Adam,
+        "adamw": torch.optim.AdamW,
+        "amsgrad": lambda ps, **kw: torch.optim.Adam(ps, amsgrad=True, **kw),
+        "adabound": _adabound,
+        "radam": torch.optim.RAdam,
+    }[name]
+    opt = factory(params, **cfg)
+    if config.get("lookahead"):
+        la = {"k": 5, "alpha": 0.5, **config["lookahead"]}
+        return PaperLookahead(opt, la["k"], la["alpha"])
+    return opt
+
+
+def centralize(grad: torch.Tensor) -> torch.Tensor:
+    """Gradient centralization (Ranger 20.4.11+): subtract the mean over all dims but the first."""
+    if grad.dim() <= 1:
+        return grad
+    return grad - grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True)
