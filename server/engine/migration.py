@@ -241,8 +241,11 @@ def _into_rms(
         report.set("acc_delta", "fresh", "no counterpart anywhere (C8)")
         return
     if est.g_hat is not None and dst.centered:
-        new["grad_avg"] = est.g_hat.clone()
-        report.set("grad_avg", "converted", "G := g_hat (C7)")
+        # The two estimates come from EMAs of different horizons, so g_hat^2 may exceed Q
+        # locally; centered RMSprop takes sqrt(Q - G^2), so G is clipped to keep that >= 0.
+        bound = new["square_avg"].sqrt()
+        new["grad_avg"] = torch.maximum(torch.minimum(est.g_hat, bound), -bound)
+        report.set("grad_avg", "converted", "G := g_hat, clipped to |G| <= sqrt(Q) (C7)")
     if est.g_hat is not None and dst.momentum > 0:
         denom = new["square_avg"].sqrt().add_(dst.eps)
         new["momentum_buffer"] = est.g_hat / ((1 - dst.momentum) * denom)

@@ -24,7 +24,12 @@ BASE = {
     "dampened": {"name": "sgd", "lr": 0.02, "momentum": 0.5, "dampening": 0.3, "maximize": True},
     "adagrad": {"name": "adagrad", "lr": 0.05, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
     "rmsprop": {"name": "rmsprop", "lr": 0.01},
-    "rmsprop-centered-momentum": {"name": "rmsprop", "lr": 0.005, "centered": True, "momentum": 0.9},
+    "rmsprop-centered-momentum": {
+        "name": "rmsprop",
+        "lr": 0.005,
+        "centered": True,
+        "momentum": 0.9,
+    },
     "adadelta": {"name": "adadelta"},
     "adadelta-lr": {"name": "adadelta", "lr": 0.5, "rho": 0.95},
     "adam": {"name": "adam", "lr": 0.01},
@@ -183,7 +188,9 @@ def test_state_keys_are_torchs():
         assert set(rule.init_state(torch.zeros(3))) == keys, name
 
 
-@pytest.mark.parametrize("name", ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "radam"])
+@pytest.mark.parametrize(
+    "name", ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "radam"]
+)
 def test_defaults_are_the_oracles(name):
     oracle = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
               "rmsprop": torch.optim.RMSprop, "adadelta": torch.optim.Adadelta,

@@ -7,11 +7,15 @@ import torch
 
 from optserve.client.config import AdamConfig
 from optserve.client.errors import InvalidArgument
-from optserve.server.shard import ShardState
+from optserve.server.shard import GroupInit, ShardState
 
 
 def make_state():
-    return ShardState("m", 0, {"default": torch.arange(6.0)}, AdamConfig(lr=0.1))
+    return ShardState("m", 0, {"default": GroupInit(torch.arange(6.0), AdamConfig(lr=0.1))})
+
+
+def opt_state(state):
+    return state.state_dict()["groups"]["default"]["state"]
 
 
 def test_push_updates_weights_state_and_version():
@@ -20,8 +24,7 @@ def test_push_updates_weights_state_and_version():
     assert (version, staleness) == (1, 0)
     _, weights = state.snapshot()
     assert torch.allclose(weights["default"], torch.arange(6.0) - 0.1)
-    _, opt_state = state.state_snapshot()
-    assert opt_state["default"]["step"] == 1
+    assert opt_state(state)["step"] == 1
     version, staleness = state.apply_push({"default": torch.ones(6, dtype=torch.bfloat16)}, 0)
     assert (version, staleness) == (2, 1)
 
@@ -39,16 +42,16 @@ def test_refused_push_changes_nothing(grad, based_on, message):
     state = make_state()
     state.apply_push({"default": torch.ones(6)}, 0)
     before_version, before_weights = state.snapshot()
-    _, before_state = state.state_snapshot()
+    before_state = opt_state(state)
     with pytest.raises(InvalidArgument, match=message):
         state.apply_push({"default": grad}, based_on)
     version, weights = state.snapshot()
-    _, after_state = state.state_snapshot()
+    after_state = opt_state(state)
     assert version == before_version
     assert torch.equal(weights["default"], before_weights["default"])
     for key in ("exp_avg", "exp_avg_sq"):
-        assert torch.equal(after_state["default"][key], before_state["default"][key])
-    assert after_state["default"]["step"] == before_state["default"]["step"]
+        assert torch.equal(after_state[key], before_state[key])
+    assert after_state["step"] == before_state["step"]
 
 
 def test_snapshot_is_a_copy():
@@ -56,3 +59,18 @@ def test_snapshot_is_a_copy():
     _, weights = state.snapshot()
     weights["default"].fill_(42.0)
     assert torch.equal(state.snapshot()[1]["default"], torch.arange(6.0))
+
+
+def test_state_dict_round_trips_into_a_fresh_shard():
+    a = make_state()
+    a.set_schedule({"name": "plateau", "rule": "newbob"})
+    for value in (1.0, 2.0):
+        a.report_metric("val_loss", value)
+    a.apply_push({"default": torch.ones(6)}, 0)
+    b = ShardState("m", 0, {"default": GroupInit(torch.zeros(6), AdamConfig(lr=0.5))})
+    b.load_state_dict(a.state_dict())
+    assert b.version == 1 and b.lr("default") == a.lr("default") == 0.05
+    for _ in range(3):
+        a.apply_push({"default": torch.ones(6)}, 1)
+        b.apply_push({"default": torch.ones(6)}, 1)
+    assert torch.equal(a.snapshot()[1]["default"], b.snapshot()[1]["default"])

@@ -1,0 +1,209 @@
+"""State migration between rules (spec section 5), reproducing the experiments of 6.3."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from optserve.client.config import parse_optimizer_config
+from optserve.server.engine.group import GroupEngine
+
+N = 4000
+
+
+def grads(steps, seed=0):
+    """Stationary gradients N(0.3, 1), as in spec 6.3."""
+    gen = torch.Generator().manual_seed(seed)
+    return [0.3 + torch.randn(N, generator=gen, dtype=torch.float64) for _ in range(steps)]
+
+
+def engine(config, weights=None):
+    w = torch.zeros(N, dtype=torch.float64) if weights is None else weights.clone()
+    return GroupEngine("g", w, parse_optimizer_config(config), path="reference")
+
+
+def run(eng, gs):
+    for g in gs:
+        eng.step(g.clone(), eng.config.lr)
+
+
+def test_adam_to_sgd_momentum_continues_exactly_c1():
+    stream = grads(80)
+    adam = engine({"name": "adam", "lr": 0.01})
+    run(adam, stream[:50])
+    sgd_config = parse_optimizer_config({"name": "sgd", "lr": 0.01, "momentum": 0.9})
+    report = adam.set_optimizer(sgd_config, "migrate")
+    assert report.entries["momentum_buffer"][0] == "converted"
+    assert report.entries["exp_avg"][0] == report.entries["exp_avg_sq"][0] == "dropped"
+    # torch SGD run on the same gradients from the start has exactly this buffer (C1).
+    param = torch.nn.Parameter(torch.zeros(N, dtype=torch.float64))
+    sgd = torch.optim.SGD([param], lr=0.01, momentum=0.9)
+    for g in stream[:50]:
+        param.grad = g.clone()
+        sgd.step()
+    assert (adam.state["momentum_buffer"] - sgd.state[param]["momentum_buffer"]).abs().max() < 1e-12
+    before, torch_before = adam.weights.clone(), param.detach().clone()
+    for g in stream[50:]:
+        adam.step(g.clone(), 0.01)
+        param.grad = g.clone()
+        sgd.step()
+    assert torch.allclose(adam.weights - before, param.detach() - torch_before, atol=1e-12)
+
+
+def test_adabound_to_sgd_continues_its_limit_c1_prime():
+    stream = grads(600, seed=1)
+    config = {"name": "adabound", "lr": 0.01, "final_lr": 0.1, "gamma": 0.1}
+    a, b = engine(config), engine(config)
+    run(a, stream[:500])
+    run(b, stream[:500])
+    f, beta1 = 0.1, 0.9
+    b.set_optimizer(parse_optimizer_config({"name": "sgd", "lr": f * (1 - beta1),
+                                            "momentum": beta1}), "migrate")  # fmt: skip
+    start = a.weights.clone()
+    for g in stream[500:]:
+        a.step(g.clone(), 0.01)
+        b.step(g.clone(), f * (1 - beta1))
+    moved = (a.weights - start).abs().max()
+    # Within the bounds' remaining width 1/(gamma t) = 2 % of AdaBound's own movement.
+    assert (a.weights - b.weights).abs().max() <= 0.03 * moved
+
+
+def test_adam_to_amsgrad_keeps_going_c6():
+    stream = grads(60, seed=2)
+    eng = engine({"name": "adam", "lr": 0.01})
+    run(eng, stream[:40])
+    report = eng.set_optimizer(parse_optimizer_config({"name": "amsgrad", "lr": 0.01}), "migrate")
+    assert report.entries["max_exp_avg_sq"][0] == "converted"
+    assert report.entries["exp_avg"][0] == "kept" and report.entries["step"][0] == "kept"
+    assert torch.equal(eng.state["max_exp_avg_sq"], eng.state["exp_avg_sq"])
+    # The oracle: torch AMSGrad holding the same M, V, t and Vmax := V.
+    param = torch.nn.Parameter(eng.weights.clone())
+    oracle = torch.optim.Adam([param], lr=0.01, amsgrad=True)
+    oracle.state[param] = {
+        "step": torch.tensor(40.0),
+        "exp_avg": eng.state["exp_avg"].clone(),
+        "exp_avg_sq": eng.state["exp_avg_sq"].clone(),
+        "max_exp_avg_sq": eng.state["max_exp_avg_sq"].clone(),
+    }
+    for g in stream[40:]:
+        eng.step(g.clone(), 0.01)
+        param.grad = g.clone()
+        oracle.step()
+    assert (eng.weights - param.detach()).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("source", [{"name": "adam"}, {"name": "sgd", "momentum": 0.9},
+                                    {"name": "rmsprop"}])  # fmt: skip
+def test_entering_ranger_seeds_slow_weights_from_current_weights_c11(source):
+    stream = grads(23, seed=3)
+    eng = engine({**source, "lr": 0.01})
+    run(eng, stream)
+    report = eng.set_optimizer(parse_optimizer_config({"name": "ranger", "k": 6}), "migrate")
+    assert torch.equal(eng.state["slow_buffer"], eng.weights)
+    assert report.entries["slow_buffer"][0] == "converted"
+    # Ranger syncs on RAdam's own step: the counter continues from t mod k.
+    assert eng.state["counter"] == eng.state["step"] % 6
+
+
+def test_lookahead_to_lookahead_carries_phi():
+    stream = grads(7, seed=4)
+    eng = engine({"name": "adam", "lr": 0.01, "lookahead": {"k": 5, "alpha": 0.5}})
+    run(eng, stream)
+    slow = eng.state["slow_buffer"].clone()
+    report = eng.set_optimizer(parse_optimizer_config(
+        {"name": "sgd", "lr": 0.01, "lookahead": {"k": 5, "alpha": 0.5}}), "migrate")  # fmt: skip
+    assert torch.equal(eng.state["slow_buffer"], slow) and eng.state["counter"] == 2
+    assert report.entries["slow_buffer"][0] == "kept"
+
+
+def test_reset_starts_as_a_fresh_oracle_would():
+    eng = engine({"name": "adam", "lr": 0.01})
+    run(eng, grads(10))
+    report = eng.set_optimizer(parse_optimizer_config({"name": "adagrad", "lr": 0.1,
+                                                       "initial_accumulator_value": 0.5}),
+                               "reset")  # fmt: skip
+    assert eng.state["step"] == 0 and torch.equal(
+        eng.state["sum"], torch.full((N,), 0.5, dtype=torch.float64)
+    )
+    assert {k for k, (a, _) in report.entries.items() if a == "fresh"} == {"sum", "step"}
+    assert report.entries["exp_avg"][0] == "dropped"
+
+
+RULES = {
+    "sgd": {"name": "sgd", "lr": 0.01},
+    "momentum": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+    "nesterov": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True},
+    "adagrad": {"name": "adagrad", "lr": 0.01},
+    "rmsprop": {"name": "rmsprop", "lr": 0.001},
+    "rmsprop-centered-momentum": {
+        "name": "rmsprop",
+        "lr": 0.001,
+        "centered": True,
+        "momentum": 0.9,
+    },  # fmt: skip
+    "adadelta": {"name": "adadelta"},
+    "adam": {"name": "adam", "lr": 0.001},
+    "adamw": {"name": "adamw", "lr": 0.001},
+    "amsgrad": {"name": "amsgrad", "lr": 0.001},
+    "adabound": {"name": "adabound", "lr": 0.001},
+    "radam": {"name": "radam", "lr": 0.001},
+    "ranger": {"name": "ranger", "lr": 0.001},
+    "lookahead-adam": {"name": "adam", "lr": 0.001, "lookahead": {"k": 5, "alpha": 0.5}},
+}
+SOURCE_STEPS = 300
+
+
+def step_size(eng, g):
+    before = eng.weights.clone()
+    eng.step(g.clone(), eng.config.lr)
+    return (eng.weights - before).abs().median().item()
+
+
+@pytest.fixture(scope="module")
+def warm_sources():
+    stream = grads(SOURCE_STEPS, seed=5)
+    warm = {}
+    for name, config in RULES.items():
+        eng = engine(config)
+        run(eng, stream)
+        warm[name] = eng
+    return warm
+
+
+FIRST_GRAD = grads(1, seed=7)[0]
+
+
+@pytest.fixture(scope="module")
+def reference_steps():
+    """Per target rule, the larger of: its median step in its own steady state on the same
+    gradient stream, and its first step from a fresh start (its own cold start, which every
+    newly built optimizer takes)."""
+    stream = grads(SOURCE_STEPS + 50, seed=6)
+    reference = {}
+    for name, config in RULES.items():
+        eng = engine(config)
+        run(eng, stream[:SOURCE_STEPS])
+        steady = sorted(step_size(eng, g) for g in stream[SOURCE_STEPS:])[25]
+        reference[name] = max(steady, step_size(engine(config), FIRST_GRAD))
+    return reference
+
+
+@pytest.mark.parametrize("target", sorted(RULES))
+@pytest.mark.parametrize("source", sorted(RULES))
+def test_no_migration_in_the_matrix_overshoots_c9(source, target, warm_sources, reference_steps):
+    """The C9 hazard: a migrated state must not make the target step far beyond anything the
+    target rule itself takes (carrying a warm M with a cold V gave 14-44x in spec 5.2).
+
+    Steps of different rules are in different units (an lr multiplies gradients for SGD, a
+    normalised step for Adam), so the yardstick is the target rule's own steps."""
+    eng = copy.deepcopy(warm_sources[source])
+    config = parse_optimizer_config(RULES[target])
+    report = eng.set_optimizer(config, "migrate")
+    # The report names every key of both rules.
+    assert set(eng.state) <= set(report.entries)
+    assert set(warm_sources[source].state) <= set(report.entries)
+    assert {a for a, _ in report.entries.values()} <= {"kept", "converted", "fresh", "dropped"}
+    first = step_size(eng, FIRST_GRAD)
+    assert first <= 2 * reference_steps[target], (first, reference_steps[target], report.as_dict())
