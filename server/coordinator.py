@@ -100,11 +100,13 @@ class ModelRecord:
 
 
 def plan_groups(
-    params: Sequence[tuple[str, Sequence[int], torch.dtype]], groups: Sequence[GroupSpec]
+    params: Sequence[tuple[str, Sequence[int], torch.dtype]],
+    groups: Sequence[GroupSpec],
+    limits: Limits,
 ) -> tuple[list[GroupLayout], dict[str, dict[str, Any]]]:
     """Group layouts in declaration order; parameters in no group form the group "default"."""
-    if len(groups) > Limits.max_groups:
-        raise ResourceExhausted(f"{len(groups)} parameter groups; the limit is {Limits.max_groups}")
+    if len(groups) > limits.max_groups:
+        raise ResourceExhausted(f"{len(groups)} parameter groups; the limit is {limits.max_groups}")
     by_name = {p[0]: p for p in params}
     owner: dict[str, str] = {}
     layouts, overrides = [], {}
@@ -247,7 +249,7 @@ class Coordinator:
             raise InvalidArgument(
                 f"num_shards must be between 1 and {self.limits.max_shards}, got {num_shards}"
             )
-        layouts, overrides = plan_groups(params, groups)
+        layouts, overrides = plan_groups(params, groups, self.limits)
         configs = {g.name: with_overrides(optimizer, overrides[g.name]) for g in layouts}
         schedule_config = parse_schedule_config(schedule)
         slices = split_ranges(layouts, num_shards)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from optserve.client.config import parse_optimizer_config
 from optserve.server.grpc_util import advertised_address, create_server, format_address
 from optserve.server.shard import GroupInit, ShardState
@@ -71,9 +69,6 @@ class ShardActor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._state.load_state_dict(state)
-
-    def weights(self) -> tuple[int, dict[str, torch.Tensor]]:
-        return self._state.snapshot()
 
     def stop(self, grace_s: float = 5.0) -> None:
         self._server.stop(grace_s)

@@ -29,10 +29,6 @@ Scalars = dict[str, Any]
 TensorViews = Sequence[tuple[int, tuple[int, ...]]]
 
 
-def tensors_of(state: State) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
 def maybe_maximize(grad: torch.Tensor, maximize: bool) -> torch.Tensor:
     return -grad if maximize else grad
 

@@ -15,13 +15,14 @@ from typing import Any
 import torch
 
 from optserve.server.engine.base import Rule, State
+from optserve.server.engine.lookahead import Lookahead
 
 _FUSED_RULES = ("sgd", "adam", "adamw", "amsgrad", "adagrad")
 
 
 def fused_available(rule: Rule, device: torch.device) -> bool:
     """Whether torch has a fused kernel for this (bare, not Lookahead-wrapped) rule here."""
-    if type(rule).__name__ == "Lookahead" or rule.config.name not in _FUSED_RULES:
+    if isinstance(rule, Lookahead) or rule.config.name not in _FUSED_RULES:
         return False
     if rule.config.name == "adagrad" and device.type != "cpu":
         return False  # torch's fused Adagrad is documented for CPU; CUDA support is unverified

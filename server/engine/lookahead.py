@@ -17,6 +17,8 @@ of the flat buffer, never on the flat buffer itself (spec section 4).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from optserve.client.config import LookaheadConfig, RangerConfig
@@ -66,10 +68,7 @@ class RangerRAdam(RAdam):
         min_dims = 3 if self.config.gc_conv_only else 1
         for offset, shape in views:
             if len(shape) > min_dims:
-                numel = 1
-                for d in shape:
-                    numel *= d
-                view = grad[offset : offset + numel].view(shape)
+                view = grad[offset : offset + math.prod(shape)].view(shape)
                 view.sub_(view.mean(dim=tuple(range(1, len(shape))), keepdim=True))
 
 
