@@ -18,10 +18,14 @@ from optserve.server.engine.base import Rule, State
 from optserve.server.engine.lookahead import Lookahead
 
 _FUSED_RULES = ("sgd", "adam", "adamw", "amsgrad", "adagrad")
+_TORCH_KEYS = frozenset(
+    {"step", "momentum_buffer", "sum", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+)
 
 
 def fused_available(rule: Rule, device: torch.device) -> bool:
-    """Whether torch has a fused kernel for this (bare, not Lookahead-wrapped) rule here."""
+    """Whether torch has a fused kernel for this rule here (a Lookahead wrapper: pass its inner
+    rule; the engine runs the slow-weight sync itself)."""
     if isinstance(rule, Lookahead) or rule.config.name not in _FUSED_RULES:
         return False
     if rule.config.name == "adagrad" and device.type != "cpu":
@@ -63,6 +67,8 @@ class FusedStep:
         group["lr"] = lr
         torch_state: dict[str, Any] = {}
         for key, value in state.items():
+            if key not in _TORCH_KEYS:  # Lookahead's slow weights and counter, when wrapped
+                continue
             if key == "step":
                 torch_state["step"] = torch.tensor(
                     float(value), dtype=torch.float32, device=self.param.device

@@ -3,14 +3,20 @@
 Paths, all tested against the readable reference (`Rule.apply` on the whole buffer):
 
 * fused: torch's fused kernel where torch has one for the rule and device (engine/fused.py);
+* compiled: the rule's kernel compiled by inductor (engine/compiled.py), for the other rules on
+  buffers of at least COMPILE_MIN_ELEMENTS; compiled in the background, and used once ready;
 * chunked: the rule's element-wise `update` run slice by slice, so each slice's temporaries
   stay in cache (CPU); bit-identical to the reference, since every element sees the same ops;
 * reference: `update` on the whole buffer (also what other devices use).
+
+A Lookahead wrapper runs its inner rule on the inner rule's fast path and syncs the slow weights
+itself. OPTSERVE_COMPILE=off in the environment turns the compiled path off.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Literal
 
 import torch
@@ -18,12 +24,17 @@ import torch
 from optserve.client.config import RuleConfig, optimizer_config_json, parse_optimizer_config
 from optserve.server.engine import build_rule
 from optserve.server.engine.base import Rule, State, TensorViews
+from optserve.server.engine.compiled import CompiledStep, compiled_available
 from optserve.server.engine.fused import FusedStep, fused_available
+from optserve.server.engine.lookahead import Lookahead
 from optserve.server.engine.migration import MigrationReport, Policy, migrate
 
 # Elements per slice of the chunked path: 1 MiB of fp32, so a slice and its temporaries stay
 # in the L2/L3 caches (measured: 2-3x faster than whole-buffer ops on the development machine).
 CHUNK_ELEMENTS = 1 << 18
+# Below this, a step costs well under a millisecond on any path and a compile (seconds of CPU)
+# would not pay for itself; tests' small models stay on the eager paths.
+COMPILE_MIN_ELEMENTS = 1 << 20
 Path = Literal["fast", "reference"]
 
 
@@ -46,32 +57,81 @@ class GroupEngine:
     def _set_rule(self, config: RuleConfig) -> None:
         self.config = config
         self.rule: Rule = build_rule(config)
+        self._lookahead = self.rule if isinstance(self.rule, Lookahead) else None
+        base = self._lookahead.inner if self._lookahead is not None else self.rule
         self._fused: FusedStep | None = None
-        if fused_available(self.rule, self.weights.device):
-            self._fused = FusedStep(self.rule, self.weights)
+        self._compiled: CompiledStep | None = None
+        if self.path == "reference":
+            return
+        if fused_available(base, self.weights.device):
+            self._fused = FusedStep(base, self.weights)
+        elif compiled_available(base) and self._compile_wanted():
+            self._compiled = CompiledStep(base, self.weights)
+
+    def _compile_wanted(self) -> bool:
+        if os.environ.get("OPTSERVE_COMPILE", "auto").lower() in ("off", "0", "false", "no"):
+            return False
+        return self.weights.numel() >= COMPILE_MIN_ELEMENTS
+
+    @property
+    def fast_path(self) -> str:
+        """Which path the next step takes: fused, compiled, chunked or reference."""
+        if self.path == "reference":
+            return "reference"
+        if self._fused is not None:
+            return "fused"
+        if self._compiled is not None and self._compiled.ready:
+            return "compiled"
+        if self.weights.device.type == "cpu" and self.weights.numel() > CHUNK_ELEMENTS:
+            return "chunked"
+        return "reference"
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Block until a compile in progress ended; True if the compiled path is in use."""
+        return self._compiled is not None and self._compiled.wait(timeout)
 
     def step(self, grad: torch.Tensor, lr: float) -> None:
         """Apply one update with gradient `grad` (fp32, same length; may be modified)."""
         self.rule.preprocess(grad, self.views)
-        if self.path == "reference":
-            self.rule.apply(self.weights, grad, self.state, lr)
-        elif self._fused is not None:
+        path = self.fast_path
+        if path == "fused":
+            assert self._fused is not None
+            sync = self._lookahead is not None and self._lookahead.tick(self.state)
             self._fused.step(grad, self.state, lr)
-        elif self.weights.device.type == "cpu" and self.weights.numel() > CHUNK_ELEMENTS:
+            if sync:
+                self._sync()
+        elif path == "compiled":
+            assert self._compiled is not None
+            scalars = self.rule.prepare(self.state, lr, self.weights)
+            self._compiled.step(self.weights, grad, self.state, scalars)
+            if scalars.get("lookahead_sync"):
+                self._sync()
+        elif path == "chunked":
             self._chunked(grad, lr)
         else:
             self.rule.apply(self.weights, grad, self.state, lr)
 
+    def _slices(self) -> list[slice]:
+        numel = self.weights.numel()
+        if self.weights.device.type != "cpu":
+            return [slice(0, numel)]
+        return [slice(a, min(a + CHUNK_ELEMENTS, numel)) for a in range(0, numel, CHUNK_ELEMENTS)]
+
+    def _sync(self) -> None:
+        """Lookahead's slow-weight sync after a fused or compiled inner step."""
+        assert self._lookahead is not None
+        slow = self.state["slow_buffer"]
+        for part in self._slices():
+            self._lookahead.sync(self.weights[part], {"slow_buffer": slow[part]})
+
     def _chunked(self, grad: torch.Tensor, lr: float) -> None:
         scalars = self.rule.prepare(self.state, lr, self.weights)
         tensor_keys = [k for k, v in self.state.items() if isinstance(v, torch.Tensor)]
-        numel = self.weights.numel()
-        for start in range(0, numel, CHUNK_ELEMENTS):
-            end = min(start + CHUNK_ELEMENTS, numel)
-            part = dict(self.state)
+        for part in self._slices():
+            chunk = dict(self.state)
             for key in tensor_keys:
-                part[key] = self.state[key][start:end]
-            self.rule.update(self.weights[start:end], grad[start:end], part, scalars)
+                chunk[key] = self.state[key][part]
+            self.rule.update(self.weights[part], grad[part], chunk, scalars)
 
     def set_optimizer(self, config: RuleConfig, policy: Policy) -> MigrationReport:
         """Switch rules, moving the state by `policy` (spec section 5)."""
@@ -110,6 +170,6 @@ class GroupEngine:
             "rule": self.config.name,
             "config": json.loads(optimizer_config_json(self.config)),
             "numel": self.weights.numel(),
-            "fused": self._fused is not None,
+            "path": self.fast_path,
             "scalars": {k: v for k, v in self.state.items() if not isinstance(v, torch.Tensor)},
         }

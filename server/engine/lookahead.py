@@ -39,19 +39,26 @@ class Lookahead(Rule):
         return {**self.inner.init_state(weights), "slow_buffer": weights.clone(), "counter": 0}
 
     def prepare(self, state: State, lr: float, weights: torch.Tensor) -> Scalars:
-        scalars = self.inner.prepare(state, lr, weights)
+        return {**self.inner.prepare(state, lr, weights), "lookahead_sync": self.tick(state)}
+
+    def tick(self, state: State) -> bool:
+        """Count one step; True when this step ends with a sync of the slow weights."""
         state["counter"] += 1
         sync = state["counter"] >= self.k
         if sync:
             state["counter"] = 0
-        return {**scalars, "lookahead_sync": sync}
+        return sync
+
+    def sync(self, weights: torch.Tensor, state: State) -> None:
+        """phi <- phi + alpha (theta - phi); theta <- phi (element-wise, so slices may sync)."""
+        slow = state["slow_buffer"]
+        slow.add_(weights - slow, alpha=self.alpha)
+        weights.copy_(slow)
 
     def update(self, weights: torch.Tensor, grad: torch.Tensor, state: State, s: Scalars) -> None:
         self.inner.update(weights, grad, state, s)
         if s["lookahead_sync"]:
-            slow = state["slow_buffer"]
-            slow.add_(weights - slow, alpha=self.alpha)
-            weights.copy_(slow)
+            self.sync(weights, state)
 
     def preprocess(self, grad: torch.Tensor, views: TensorViews) -> None:
         self.inner.preprocess(grad, views)

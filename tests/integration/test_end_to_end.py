@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -449,3 +450,34 @@ def test_groups_schedule_swap_and_metrics_through_the_server(client, model_name)
     with pytest.raises(InvalidArgument):
         client.report_metric(model_name, "val_loss", float("nan"))
     assert client.describe_model(model_name).optimizer.name == "sgd"
+
+
+def test_large_group_runs_the_compiled_kernel_in_the_shard(service, client, model_name):
+    """A group of >= COMPILE_MIN_ELEMENTS compiles its rule's kernel inside the shard's process
+    (in the background) and, once it is ready, keeps matching torch's RAdam."""
+    from optserve.server.engine.group import COMPILE_MIN_ELEMENTS
+
+    generator = torch.Generator().manual_seed(3)
+    initial = {"w": torch.randn(COMPILE_MIN_ELEMENTS + 7, generator=generator)}
+    client.create_model(model_name, initial, {"name": "radam", "lr": 0.01})
+    (shard,) = ray.get(service.actor.shard_actors.remote(model_name))
+    param = torch.nn.Parameter(initial["w"].clone())
+    oracle = torch.optim.RAdam([param], lr=0.01)
+    paths = set()
+    deadline = time.monotonic() + 240
+    step = 0
+    while step < 8 or "compiled" not in paths:
+        assert time.monotonic() < deadline, f"the kernel never became ready: {paths}"
+        path = ray.get(shard.info.remote())["groups"]["default"]["path"]
+        paths.add(path)
+        grad = torch.randn(initial["w"].shape, generator=generator)
+        client.push(model_name, {"w": grad})
+        param.grad = grad
+        oracle.step()
+        step += 1
+        if path != "compiled":
+            time.sleep(0.5)
+    assert paths <= {"chunked", "compiled"}
+    pulled, version = client.pull(model_name)
+    assert version == step
+    torch.testing.assert_close(pulled["w"], param.detach(), rtol=1e-5, atol=1e-6)

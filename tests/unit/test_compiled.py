@@ -1,0 +1,120 @@
+"""The compiled path (engine/compiled.py) against the readable reference path.
+
+Each structural variant compiles once per process (a few seconds cold; inductor caches on disk).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optserve.client.config import parse_optimizer_config
+from optserve.server.engine import build_rule, compiled
+from optserve.server.engine import group as group_module
+from optserve.server.engine.group import GroupEngine
+from tests.unit.test_engine import CASES, seeded
+
+NUMEL = 5000  # below CHUNK_ELEMENTS: without the kernel, the engine would take the reference path
+
+
+def _base(config):
+    rule = build_rule(config)
+    return getattr(rule, "inner", rule)
+
+
+# Rules that take the compiled path here (Adagrad's kernel serves devices without torch's fused
+# Adagrad, so on CPU it is tested on its own below).
+COMPILED_CASES = sorted(
+    key
+    for key, cfg in CASES.items()
+    if compiled.compiled_available(_base(parse_optimizer_config(cfg))) and cfg["name"] != "adagrad"
+)
+
+
+@pytest.fixture
+def compile_small(monkeypatch):
+    """Let the engine compile buffers of test size."""
+    monkeypatch.setattr(group_module, "COMPILE_MIN_ELEMENTS", 1)
+    monkeypatch.delenv("OPTSERVE_COMPILE", raising=False)
+
+
+def test_every_rule_without_a_fused_kernel_has_one():
+    names = {parse_optimizer_config(CASES[key]).name for key in COMPILED_CASES}
+    assert names == {"rmsprop", "adadelta", "adabound", "radam", "ranger"}
+    assert set(compiled.KERNELS) == names | {"adagrad"}
+
+
+@pytest.mark.parametrize("case", COMPILED_CASES)
+def test_compiled_path_equals_reference_path(case, compile_small):
+    config = parse_optimizer_config(CASES[case])
+    fast = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config)
+    ref = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config, path="reference")
+    assert fast.wait_compiled(timeout=300), fast._compiled and fast._compiled.error
+    assert fast.fast_path == "compiled"
+    lr = config.lr
+    # Once compiled, changing every per-step number (lr, bias corrections, bounds) and the
+    # buffer length must not compile again: they travel as tensors, shapes are dynamic.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(30):
+            if step == 15:
+                lr *= 0.3
+            grad = seeded(NUMEL, step + 10, torch.float32)
+            fast.step(grad.clone(), lr)
+            ref.step(grad.clone(), lr)
+    torch.testing.assert_close(fast.weights, ref.weights, rtol=1e-5, atol=1e-6)
+    assert set(fast.state) == set(ref.state)
+    for key, value in ref.state.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(fast.state[key], value, rtol=1e-5, atol=1e-5)
+        else:
+            assert fast.state[key] == value, key
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adagrad_kernel_equals_reference(weight_decay):
+    config = parse_optimizer_config(
+        {"name": "adagrad", "lr": 0.05, "lr_decay": 0.01, "weight_decay": weight_decay}
+    )
+    rule = build_rule(config)
+    weights, ref_weights = seeded(NUMEL, 1, torch.float32), seeded(NUMEL, 1, torch.float32)
+    state, ref_state = rule.init_state(weights), rule.init_state(ref_weights)
+    step = compiled.CompiledStep(rule, weights, background=False)
+    assert step.ready, step.error
+    for i in range(20):
+        grad = seeded(NUMEL, i + 10, torch.float32)
+        step.step(weights, grad, state, rule.prepare(state, config.lr, weights))
+        rule.apply(ref_weights, grad, ref_state, config.lr)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state["sum"], ref_state["sum"], rtol=1e-5, atol=1e-6)
+
+
+def test_engine_keeps_working_while_and_if_compiling_fails(compile_small, monkeypatch):
+    def broken(fn):
+        def fail(*args, **kwargs):
+            raise RuntimeError("no compiler here")
+
+        return fail
+
+    monkeypatch.setattr(compiled, "_compiled", broken)
+    config = parse_optimizer_config({"name": "rmsprop", "lr": 0.01})
+    fast = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config)
+    ref = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config, path="reference")
+    assert not fast.wait_compiled(timeout=60)
+    assert "no compiler here" in str(fast._compiled.error)
+    assert fast.fast_path == "reference"
+    for step in range(5):
+        grad = seeded(NUMEL, step, torch.float32)
+        fast.step(grad.clone(), 0.01)
+        ref.step(grad.clone(), 0.01)
+    assert torch.equal(fast.weights, ref.weights)
+
+
+def test_compiling_can_be_turned_off(compile_small, monkeypatch):
+    monkeypatch.setenv("OPTSERVE_COMPILE", "off")
+    engine = GroupEngine("g", torch.zeros(NUMEL), parse_optimizer_config({"name": "radam"}))
+    assert engine._compiled is None and engine.fast_path == "reference"
+
+
+def test_small_buffers_are_not_compiled():
+    engine = GroupEngine("g", torch.zeros(NUMEL), parse_optimizer_config({"name": "radam"}))
+    assert engine._compiled is None
