@@ -1,14 +1,14 @@
 """Benchmark: one update of a flat fp32 buffer per rule, against torch's fastest path.
 
-Usage: python bench/engine.py [--sizes 16000000 100000000] [--repeat 5] [--device cpu|cuda]
+Usage: python bench/engine.py [--sizes 16000000 100000000] [--repeat 9] [--device cpu|cuda]
 
-For every rule it prints, measured in the same run: our time (GroupEngine's fast path), torch's
-fastest available path for the same rule on the same buffer (fused, else foreach), their ratio,
-and our effective bytes/s (the bytes the rule must read and write: weights and gradient, plus
-every state buffer read and written) as a fraction of torch fused Adam's. Targets (issue 3):
-sgd/adam/adamw/amsgrad/adagrad within 1/0.9 of torch fused; every other rule at least 50 % of
-fused Adam's effective bytes/s.
-"""
+For every rule it prints, measured in the same run and interleaved call by call: our time
+(GroupEngine's fast path: fused, compiled or chunked, named in the table; a compile is awaited
+first), torch's fastest available path for the same rule on the same buffer (fused, else
+foreach), their ratio, and our effective bytes/s (the bytes the rule must read and write:
+weights and gradient, plus every state buffer read and written) as a fraction of torch fused
+Adam's (28 bytes per element). Targets (issue 3): sgd/adam/adamw/amsgrad/adagrad within 1/0.9
+of torch fused; every other rule at least 50 % of fused Adam's effective bytes/s."""
 
 from __future__ import annotations
 
