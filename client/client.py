@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ from optserve.client.codec import (
 from optserve.client.codec import wire_dtype as to_wire_dtype
 from optserve.client.config import (
     RuleConfig,
+    mode_config_json,
     optimizer_config_json,
+    parse_mode_config,
     parse_optimizer_config,
     parse_schedule_config,
     schedule_config_json,
@@ -72,6 +75,8 @@ class ModelInfo:
     schedule: Any = None
     # Per group: its overrides, its effective optimizer config and its current lr.
     group_configs: Mapping[str, dict[str, Any]] = field(default_factory=dict)
+    # How pushes become updates: AsyncMode or SyncMode (optserve.client.config).
+    mode: Any = None
 
     @property
     def params(self) -> tuple[ParamSlot, ...]:
@@ -96,6 +101,7 @@ class ModelInfo:
             version=info.version,
             optimizer=parse_optimizer_config(info.optimizer_json),
             schedule=parse_schedule_config(info.schedule_json or None),
+            mode=parse_mode_config(info.mode_json or None),
             group_configs={
                 g.name: {
                     "overrides": json.loads(g.overrides_json or "{}"),
@@ -164,16 +170,21 @@ class ParameterServerClient:
         num_shards: int = 0,
         groups: Mapping[str, Mapping[str, Any]] | None = None,
         schedule: str | Mapping[str, Any] | None = None,
+        mode: str | Mapping[str, Any] | None = None,
     ) -> ModelInfo:
         """Register a model with its initial parameter values and optimizer config.
 
         `groups` maps a group name to ``{"params": [names], <hyperparameter overrides>}``, for
         example ``{"no_decay": {"params": ["fc.bias"], "weight_decay": 0.0}}``; parameters in no
         group form the group "default". `schedule` is a schedule config (default constant).
+        `mode` says how pushes become updates (default ``{"mode": "async"}``):
+        ``{"mode": "sync", "trainers": 3, "round_timeout_s": 30}`` averages one push from each
+        trainer per update; ``{"mode": "async", "max_staleness": 4}`` refuses stale pushes.
         """
         named = list(params.items() if isinstance(params, Mapping) else params)
         config = parse_optimizer_config(optimizer)
         schedule_config = parse_schedule_config(schedule)
+        mode_config = parse_mode_config(mode)
         group_specs = []
         for group_name, body in (groups or {}).items():
             body = dict(body)
@@ -192,6 +203,7 @@ class ParameterServerClient:
             num_shards=num_shards,
             groups=group_specs,
             schedule_json=schedule_config_json(schedule_config),
+            mode_json=mode_config_json(mode_config),
         )
 
         def requests() -> Iterator[coordinator_pb2.CreateModelRequest]:
@@ -272,39 +284,91 @@ class ParameterServerClient:
         wire_dtype: torch.dtype = torch.float32,
         trainer: str = "",
     ) -> int:
-        """Push one gradient per parameter; return the model version after the update.
+        """Push one gradient per parameter; return the model version of the update it is in.
 
         `version` is the model version the gradient was computed on (default: the version this
         client last pulled). Gradients may travel as float16 or bfloat16 (`wire_dtype`); the
-        server keeps fp32 masters. Nothing is applied unless every gradient is valid.
-
-        Each shard applies its slice on arrival; with several shards, keeping them in lockstep
-        when one of them refuses or fails is not handled yet (single-shard models are exact).
+        server keeps fp32 masters. Every shard of the model applies the push, or none does:
+        a refused push (invalid, stale beyond `max_staleness`: FailedPrecondition, a closed
+        sync round: Aborted) changes nothing. In sync mode the call returns once the round
+        that includes the push is applied. `trainer` names the pusher (one push per trainer
+        per sync round).
         """
+        return self._push(model, grads, version, wire_dtype, trainer, None)[1]
+
+    def push_and_pull(
+        self,
+        model: str,
+        grads: Mapping[str, torch.Tensor],
+        *,
+        version: int | None = None,
+        wire_dtype: torch.dtype = torch.float32,
+        pull_dtype: torch.dtype = torch.float32,
+        trainer: str = "",
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """Push, and get the weights after the update back in the same round trip.
+
+        Returns (weights, version): the weights' version is the push's or a later one.
+        """
+        weights, version = self._push(model, grads, version, wire_dtype, trainer, pull_dtype)
+        assert weights is not None
+        return weights, version
+
+    def _push(
+        self,
+        model: str,
+        grads: Mapping[str, torch.Tensor],
+        version: int | None,
+        wire_dtype: torch.dtype,
+        trainer: str,
+        pull_dtype: torch.dtype | None,
+    ) -> tuple[dict[str, torch.Tensor] | None, int]:
         if wire_dtype not in GRADIENT_WIRE_DTYPES:
             raise InvalidArgument(
                 f"wire_dtype must be float32, float16 or bfloat16, got {dtype_name(wire_dtype)}"
             )
 
-        def push_all(info: ModelInfo) -> int:
+        def push_all(info: ModelInfo) -> tuple[dict[str, torch.Tensor] | None, int]:
             self._check_gradients(info, grads)
             based_on = self._versions.get(model, info.version) if version is None else version
             flats = {g.name: flatten_group(g, grads, wire_dtype) for g in info.groups}
-            header = shard_pb2.PushHeader(model=model, version=based_on, trainer=trainer)
+            header = shard_pb2.PushHeader(
+                model=model,
+                version=based_on,
+                trainer=trainer,
+                push_id=uuid.uuid4().hex,
+                pull_dtype=to_wire_dtype(pull_dtype or torch.float32),
+            )
 
-            def push_one(shard: ShardSlice) -> shard_pb2.PushResponse:
-                def requests() -> Iterator[shard_pb2.PushRequest]:
-                    yield shard_pb2.PushRequest(header=header)
-                    for group, (start, end) in shard.ranges.items():
-                        flat = flats[group][start:end]
-                        for chunk in encode_tensor(group, flat, self.chunk_bytes):
-                            yield shard_pb2.PushRequest(chunk=chunk)
+            def requests(shard: ShardSlice) -> Iterator[shard_pb2.PushRequest]:
+                yield shard_pb2.PushRequest(header=header)
+                for group, (start, end) in shard.ranges.items():
+                    flat = flats[group][start:end]
+                    for chunk in encode_tensor(group, flat, self.chunk_bytes):
+                        yield shard_pb2.PushRequest(chunk=chunk)
 
-                return _call(self._shard(shard.address).Push, requests(), timeout=self.timeout_s)
+            if pull_dtype is None:
 
-            return max(r.version for r in self._each_shard(info, push_one))
+                def push_one(shard: ShardSlice) -> int:
+                    stub = self._shard(shard.address)
+                    reply = _call(stub.Push, requests(shard), timeout=self.timeout_s)
+                    return reply.version
 
-        return self._with_layout(model, push_all)
+                return None, max(self._each_shard(info, push_one))
+
+            def push_pull_one(shard: ShardSlice) -> tuple[int, dict[str, torch.Tensor]]:
+                stream = self._shard(shard.address).PushPull(
+                    requests(shard), timeout=self.timeout_s
+                )
+                return self._receive_weights(shard, stream, pull_dtype)
+
+            return self._join_weights(info, self._each_shard(info, push_pull_one))
+
+        weights, new_version = self._with_layout(model, push_all)
+        if weights is not None:
+            with self._lock:
+                self._versions[model] = new_version
+        return weights, new_version
 
     def pull(
         self, model: str, *, wire_dtype: torch.dtype = torch.float32
@@ -313,38 +377,50 @@ class ParameterServerClient:
         request = shard_pb2.PullRequest(model=model, dtype=to_wire_dtype(wire_dtype))
 
         def pull_one(shard: ShardSlice) -> tuple[int, dict[str, torch.Tensor]]:
-            expected = expect_all(
-                (g, (end - start,), (wire_dtype,)) for g, (start, end) in shard.ranges.items()
-            )
-            assembler = TensorAssembler(expected, what="weights")
             stream = self._shard(shard.address).Pull(request, timeout=self.timeout_s)
-            version = None
-            try:
-                for reply in stream:
-                    if reply.WhichOneof("payload") == "header":
-                        version = reply.header.version
-                    else:
-                        assembler.add(reply.chunk)
-            except grpc.RpcError as exc:
-                raise from_rpc_error(exc) from None
-            if version is None:
-                raise OptserveError(f"shard {shard.index} sent no version header")
-            return version, assembler.finish()
+            return self._receive_weights(shard, stream, wire_dtype)
 
         def pull_all(info: ModelInfo) -> tuple[dict[str, torch.Tensor], int]:
-            results = self._each_shard(info, pull_one)
-            weights: dict[str, torch.Tensor] = {}
-            for group in info.groups:
-                flat = torch.cat([parts[group.name] for _, parts in results])
-                views = unflatten_group(group, flat)
-                for slot in group.params:
-                    weights[slot.name] = views[slot.name].to(slot.dtype)
-            return weights, min(v for v, _ in results)
+            return self._join_weights(info, self._each_shard(info, pull_one))
 
         weights, version = self._with_layout(model, pull_all)
         with self._lock:
             self._versions[model] = version
         return weights, version
+
+    @staticmethod
+    def _receive_weights(
+        shard: ShardSlice, stream: Iterable[shard_pb2.PullResponse], wire_dtype: torch.dtype
+    ) -> tuple[int, dict[str, torch.Tensor]]:
+        expected = expect_all(
+            (g, (end - start,), (wire_dtype,)) for g, (start, end) in shard.ranges.items()
+        )
+        assembler = TensorAssembler(expected, what="weights")
+        version = None
+        try:
+            for reply in stream:
+                if reply.WhichOneof("payload") == "header":
+                    version = reply.header.version
+                else:
+                    assembler.add(reply.chunk)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        if version is None:
+            raise OptserveError(f"shard {shard.index} sent no version header")
+        return version, assembler.finish()
+
+    @staticmethod
+    def _join_weights(
+        info: ModelInfo, results: list[tuple[int, dict[str, torch.Tensor]]]
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """Per-parameter weights from every shard's slices; the version is the lowest seen."""
+        weights: dict[str, torch.Tensor] = {}
+        for group in info.groups:
+            flat = torch.cat([parts[group.name] for _, parts in results])
+            views = unflatten_group(group, flat)
+            for slot in group.params:
+                weights[slot.name] = views[slot.name].to(slot.dtype)
+        return weights, min(v for v, _ in results)
 
     # ---- plumbing ------------------------------------------------------------------------
 

@@ -317,6 +317,36 @@ _OPTIMIZER: TypeAdapter[RuleConfig] = TypeAdapter(OptimizerConfig)
 _SCHEDULE: TypeAdapter[Any] = TypeAdapter(ScheduleConfig)
 
 
+# ---- update modes (DESIGN section 4) --------------------------------------------------------
+
+
+class AsyncMode(_Strict):
+    """Each push is applied on arrival. With `max_staleness`, a push computed on a version more
+    than that many updates old is refused (the trainer should pull) and changes nothing."""
+
+    mode: Literal["async"] = "async"
+    max_staleness: int | None = Field(None, ge=0, description="Refuse pushes staler than this.")
+    staleness_lr: Literal["none", "inverse"] = Field(
+        "none", description="'inverse': a push s updates stale uses lr / (1 + s)."
+    )
+
+
+class SyncMode(_Strict):
+    """A round waits for one push from each of `trainers` trainers, combines them (mean or sum)
+    and applies one update. After `round_timeout_s` a round closes with the pushes it has; a
+    push for a closed round is refused with ABORTED (pull and push again)."""
+
+    mode: Literal["sync"] = "sync"
+    trainers: int = Field(..., ge=1, le=4096, description="Pushes that make a full round.")
+    round_timeout_s: float = Field(30.0, gt=0.0, le=86_400.0)
+    aggregate: Literal["mean", "sum"] = "mean"
+
+
+ModeConfig: TypeAlias = Annotated[AsyncMode | SyncMode, Field(discriminator="mode")]
+_MODE: TypeAdapter[Any] = TypeAdapter(ModeConfig)
+MODE_NAMES = ("async", "sync")
+
+
 # ---- parsing -------------------------------------------------------------------------------
 
 
@@ -385,6 +415,15 @@ def parse_schedule_config(value: str | Mapping[str, Any] | BaseModel | None) -> 
     return _validate(_SCHEDULE, value, "schedule", SCHEDULE_NAMES)
 
 
+def parse_mode_config(value: str | Mapping[str, Any] | BaseModel | None) -> Any:
+    """Validate an update-mode config (None means async with no staleness bound)."""
+    if value is None or value == "":
+        return AsyncMode()
+    if isinstance(value, AsyncMode | SyncMode):
+        return value
+    return _validate(_MODE, value, "mode", MODE_NAMES)
+
+
 def with_overrides(config: RuleConfig, overrides: Mapping[str, Any]) -> RuleConfig:
     """A parameter group's config: the model's config with some hyperparameters replaced."""
     if "name" in overrides and overrides["name"] != config.name:
@@ -402,3 +441,4 @@ def optimizer_config_json(config: BaseModel) -> str:
 
 
 schedule_config_json = optimizer_config_json
+mode_config_json = optimizer_config_json

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -10,10 +13,27 @@ import torch
 
 from optserve.client.client import ModelInfo, ParameterServerClient
 from optserve.client.codec import dtype_name
-from optserve.client.config import RuleConfig, parse_optimizer_config
-from optserve.client.errors import AlreadyExists, InvalidArgument, NotFound
+from optserve.client.config import RuleConfig, parse_mode_config, parse_optimizer_config
+from optserve.client.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 
 log = logging.getLogger(__name__)
+
+
+def _mode(mode: str | Mapping[str, Any] | None, trainers: int | None) -> Any:
+    """The mode config from RemoteOptimizer's `mode` ("sync", "async" or a config) and
+    `trainers` (sync: pushes per round)."""
+    if mode is None and trainers is None:
+        return None
+    config = dict(mode) if isinstance(mode, Mapping) else {"mode": mode or "sync"}
+    if trainers is not None:
+        config["trainers"] = trainers
+    return parse_mode_config(config)
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -26,6 +46,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
     back. Unlike torch.optim, which skips a parameter whose `.grad` is None, a trainable
     parameter without a gradient contributes zeros: the server updates its flat buffer as a
     whole, so weight decay and accumulated momentum still move it.
+
+    `mode="sync", trainers=N` makes each update the mean of one push from each of N trainers
+    (`step()` returns once the round is applied); the default is async. A push the server
+    refuses as stale or too late is dropped: `step()` loads the current weights instead and
+    counts it in `dropped_pushes`.
 
     Example::
 
@@ -46,6 +71,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         client: ParameterServerClient | None = None,
         wire_dtype: torch.dtype = torch.float32,
         trainer: str = "",
+        mode: str | Mapping[str, Any] | None = None,
+        trainers: int | None = None,
     ) -> None:
         # Frozen parameters are left out, as torch leaves them alone: the server never moves them.
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
@@ -64,10 +91,14 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.client = client if client is not None else ParameterServerClient(address or "")
         self.model = model
         self.wire_dtype = wire_dtype
-        self.trainer = trainer
+        # A sync round takes one push per trainer, so every trainer needs its own name.
+        self.trainer = trainer or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        # Pushes the server refused as stale (async max_staleness) or too late (sync round).
+        self.dropped_pushes = 0
         try:
             config = parse_optimizer_config(optimizer) if optimizer is not None else None
-            self._create_options = {"schedule": schedule, "groups": groups}
+            mode_config = _mode(mode, trainers)
+            self._create_options = {"schedule": schedule, "groups": groups, "mode": mode_config}
             info, created = self._attach(config)
             self._check_matches(info)
             self.version = info.version
@@ -132,14 +163,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
         grads = {
             name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in self._named
         }
-        self.client.push(
-            self.model,
-            grads,
-            version=self.version,
-            wire_dtype=self.wire_dtype,
-            trainer=self.trainer,
-        )
-        self._load_from_server()
+        try:
+            weights, self.version = self.client.push_and_pull(
+                self.model,
+                grads,
+                version=self.version,
+                wire_dtype=self.wire_dtype,
+                trainer=self.trainer,
+            )
+        except (Aborted, FailedPrecondition) as exc:
+            # Too stale (async max_staleness) or too late for its sync round: the server applied
+            # nothing. Catch up with the current weights; this gradient is dropped.
+            self.dropped_pushes += 1
+            log.warning("push dropped, loading the current weights: %s", exc)
+            self._load_from_server()
+            return loss
+        for name, param in self._named:
+            param.copy_(weights[name])
         return loss
 
     def pull(self) -> int:

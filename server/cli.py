@@ -12,6 +12,7 @@ import time
 EXAMPLES_SERVE = """examples:
   optserve serve                      # embedded local Ray, gRPC on 127.0.0.1:50051
   optserve serve --port 6000 --shards 2
+  optserve serve --ray-address auto --host 0.0.0.0 --shards 4   # on a Ray cluster's head node
 """
 EXAMPLES_DEMO = """examples:
   optserve demo                       # two trainers on digits, about 20 seconds
@@ -21,13 +22,20 @@ EXAMPLES_DEMO = """examples:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from optserve.server.runtime import LOOPBACK_HOSTS, init_ray, start_service
+    from optserve.server.coordinator import Placement
+    from optserve.server.runtime import LOOPBACK_HOSTS, connect_ray, init_ray, start_service
 
-    init_ray(loopback=args.host in LOOPBACK_HOSTS, num_cpus=args.num_cpus)
+    if args.ray_address:
+        connect_ray(args.ray_address)
+    else:
+        init_ray(loopback=args.host in LOOPBACK_HOSTS, num_cpus=args.num_cpus)
     import ray
 
+    placement = Placement(cpus=args.shard_cpus, gpus=args.shard_gpus, strategy=args.placement)
     try:
-        service = start_service(host=args.host, port=args.port, default_num_shards=args.shards)
+        service = start_service(
+            host=args.host, port=args.port, default_num_shards=args.shards, placement=placement
+        )
     except RuntimeError as exc:
         print(f"optserve: {exc}", file=sys.stderr)
         ray.shutdown()
@@ -67,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="run the server on an embedded local Ray",
-        description="Start an embedded local Ray and the optserve server; stop on Ctrl-C/SIGTERM.",
+        help="run the server (embedded local Ray, or --ray-address to join a cluster)",
+        description="Start the optserve server on an embedded local Ray, or on an existing Ray "
+        "cluster with --ray-address; stop on Ctrl-C/SIGTERM.",
         epilog=EXAMPLES_SERVE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -76,6 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=50051, help="coordinator gRPC port (0 = any)")
     serve.add_argument("--shards", type=int, default=1, help="default number of shards per model")
     serve.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray")
+    serve.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster ('auto', 'ray://head:10001', 'head:6379') instead of "
+        "starting an embedded one; bind --host 0.0.0.0 so trainers on other machines reach it",
+    )
+    serve.add_argument(
+        "--shard-cpus", type=float, default=0.0, help="CPUs each shard reserves (default: a token)"
+    )
+    serve.add_argument(
+        "--shard-gpus",
+        type=float,
+        default=None,
+        help="GPUs per shard (default: 1 when the cluster has GPUs, else 0)",
+    )
+    serve.add_argument(
+        "--placement",
+        default="SPREAD",
+        choices=["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"],
+        help="placement-group strategy for a model's shards (default SPREAD: across nodes)",
+    )
     serve.add_argument(
         "--grace-s",
         type=float,

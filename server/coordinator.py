@@ -17,12 +17,17 @@ from typing import Any
 
 import ray
 import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from optserve.client.config import (
     RULE_CONFIGS,
+    AsyncMode,
     RangerConfig,
     RuleConfig,
+    mode_config_json,
     optimizer_config_json,
+    parse_mode_config,
     parse_schedule_config,
     schedule_config_json,
     with_overrides,
@@ -89,6 +94,9 @@ class ModelRecord:
     schedule: Any
     actors: list[Any] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    mode: Any = field(default_factory=AsyncMode)
+    placement_group: Any = None
+    device: str = "cpu"
 
     @property
     def optimizer_json(self) -> str:
@@ -97,6 +105,10 @@ class ModelRecord:
     @property
     def schedule_json(self) -> str:
         return schedule_config_json(self.schedule)
+
+    @property
+    def mode_json(self) -> str:
+        return mode_config_json(self.mode)
 
 
 def plan_groups(
@@ -204,13 +216,44 @@ def validate_params(
             )
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where shard actors go: one placement-group bundle per shard.
+
+    `gpus` per shard: None means one GPU per shard when the cluster has GPUs, none otherwise.
+    `cpus` is what each shard reserves (a token amount by default: shards mostly wait on I/O
+    between updates, and a laptop's embedded Ray should hold many). SPREAD puts shards on
+    different nodes where it can; PACK, STRICT_SPREAD and STRICT_PACK are Ray's other choices.
+    """
+
+    cpus: float = 0.0
+    gpus: float | None = None
+    strategy: str = "SPREAD"
+    timeout_s: float = 120.0
+
+    def bundle(self) -> tuple[dict[str, float], str]:
+        """The bundle for one shard, and the device its buffers live on."""
+        gpus = self.gpus
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        bundle = {"CPU": max(self.cpus, 0.001)}  # Ray refuses an all-zero bundle
+        if gpus > 0:
+            bundle["GPU"] = gpus
+        return bundle, "cuda" if gpus > 0 else "cpu"
+
+
 class Coordinator:
     def __init__(
-        self, host: str = "127.0.0.1", default_num_shards: int = 1, limits: Limits | None = None
+        self,
+        host: str = "127.0.0.1",
+        default_num_shards: int = 1,
+        limits: Limits | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.host = host
         self.default_num_shards = default_num_shards
         self.limits = limits or Limits()
+        self.placement = placement or Placement()
         self._lock = threading.Lock()
         # Signalled when a creation in progress ends, so lookups of that name can wait for it.
         self._created = threading.Condition(self._lock)
@@ -242,6 +285,7 @@ class Coordinator:
         num_shards: int = 0,
         groups: Sequence[GroupSpec] = (),
         schedule: Any = None,
+        mode: Any = None,
     ) -> ModelRecord:
         """Start the shard actors of a new model (its name must be reserved) and register it."""
         num_shards = num_shards or self.default_num_shards
@@ -252,12 +296,22 @@ class Coordinator:
         layouts, overrides = plan_groups(params, groups, self.limits)
         configs = {g.name: with_overrides(optimizer, overrides[g.name]) for g in layouts}
         schedule_config = parse_schedule_config(schedule)
+        mode_config = parse_mode_config(mode)
         slices = split_ranges(layouts, num_shards)
         _check_gradient_centralization(configs, layouts, slices)
         flats = {g.name: flatten_group(g, initial, torch.float32) for g in layouts}
         run_id = uuid.uuid4().hex[:8]
+        bundle, device = self.placement.bundle()
+        group = placement_group([bundle] * num_shards, strategy=self.placement.strategy)
         actors = []
         try:
+            ready, _ = ray.wait([group.ready()], timeout=self.placement.timeout_s)
+            if not ready:
+                raise ResourceExhausted(
+                    f"the cluster cannot place {num_shards} shard(s) of {bundle} "
+                    f"({self.placement.strategy}) within {self.placement.timeout_s:.0f} s; "
+                    f"it has {ray.available_resources()} free"
+                )
             for s in slices:
                 shard_groups = {
                     g.name: {
@@ -271,25 +325,38 @@ class Coordinator:
                 actors.append(
                     _ShardActor.options(
                         name=f"optserve:{name}:shard{s.index}:{run_id}",
-                        num_cpus=0,
+                        num_cpus=bundle["CPU"],
+                        num_gpus=bundle.get("GPU", 0),
                         max_restarts=0,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(
+                            group, placement_group_bundle_index=s.index
+                        ),
                     ).remote(
                         name,
                         s.index,
                         shard_groups,
                         schedule_config_json(schedule_config),
                         self.host,
+                        num_shards,
+                        mode_config_json(mode_config),
+                        device,
                     )  # fmt: skip
                 )
             addresses = ray.get([a.address.remote() for a in actors], timeout=300)
+            # Shard 0 orders the model's pushes; the others ask it (server/sequencer.py).
+            ray.get([a.set_leader.remote(addresses[0]) for a in actors[1:]], timeout=60)
         except Exception:
             for actor in actors:
                 ray.kill(actor)
+            remove_placement_group(group)
             raise
         shards = [
             ShardSlice(s.index, s.ranges, addr) for s, addr in zip(slices, addresses, strict=True)
         ]
-        record = ModelRecord(name, layouts, shards, optimizer, overrides, schedule_config, actors)
+        record = ModelRecord(
+            name, layouts, shards, optimizer, overrides, schedule_config, actors,
+            mode=mode_config, placement_group=group, device=device,
+        )  # fmt: skip
         with self._lock:
             self._models[name] = record
         log.info("created model %s on %d shard(s): %s", name, num_shards, addresses)
@@ -364,12 +431,23 @@ class Coordinator:
         if record is None:
             raise NotFound(f"unknown model {name!r}")
         self._stop_actors(record.actors, grace_s)
+        self._remove_group(record)
 
     def shutdown(self, grace_s: float = 5.0) -> None:
         with self._lock:
             records = list(self._models.values())
             self._models.clear()
         self._stop_actors([a for r in records for a in r.actors], grace_s)
+        for record in records:
+            self._remove_group(record)
+
+    @staticmethod
+    def _remove_group(record: ModelRecord) -> None:
+        if record.placement_group is not None:
+            try:
+                remove_placement_group(record.placement_group)
+            except Exception:  # noqa: BLE001 - the cluster may be going away
+                log.warning("could not remove the placement group of %s", record.name)
 
     @staticmethod
     def _stop_actors(actors: Sequence[Any], grace_s: float) -> None:

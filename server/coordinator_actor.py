@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from optserve.server.coordinator import Coordinator, Limits
+from optserve.server.coordinator import Coordinator, Limits, Placement
 from optserve.server.coordinator_service import SERVICE_NAME, CoordinatorService
 from optserve.server.grpc_util import advertised_address, create_server, format_address
 from optserve.v1 import coordinator_pb2_grpc
@@ -19,9 +19,10 @@ class CoordinatorActor:
         port: int = 0,
         default_num_shards: int = 1,
         limits: Limits | None = None,
+        placement: Placement | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
-        self._coordinator = Coordinator(host, default_num_shards, limits)
+        self._coordinator = Coordinator(host, default_num_shards, limits, placement)
         self._server = create_server(
             format_address(host, port),
             [

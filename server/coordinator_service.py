@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from optserve.client.codec import TensorAssembler, expect_all, torch_dtype, wire_dtype
-from optserve.client.config import optimizer_config_json, parse_optimizer_config
+from optserve.client.config import optimizer_config_json, parse_mode_config, parse_optimizer_config
 from optserve.client.errors import InvalidArgument
 from optserve.server.coordinator import Coordinator, GroupSpec, ModelRecord, validate_params
 from optserve.server.grpc_util import unary_errors
@@ -68,6 +68,7 @@ def model_info(
         version=min(i["version"] for i in shard_infos) if shard_infos else 0,
         optimizer_json=record.optimizer_json,
         schedule_json=record.schedule_json,
+        mode_json=record.mode_json,
     )
 
 
@@ -88,6 +89,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         params = [(p.name, tuple(p.shape), torch_dtype(p.dtype)) for p in spec.params]
         validate_params(spec.name, params, self._coordinator.limits)
         optimizer = parse_optimizer_config(spec.optimizer_json)
+        mode = parse_mode_config(spec.mode_json or None)
         groups = [
             GroupSpec(g.name, tuple(g.params), _json_object(g.overrides_json, "group overrides"))
             for g in spec.groups
@@ -104,7 +106,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             initial = assembler.finish()
             record = self._coordinator.create_model(
                 spec.name, params, initial, optimizer, spec.num_shards, groups,
-                spec.schedule_json or None,
+                spec.schedule_json or None, mode,
             )  # fmt: skip
         finally:
             self._coordinator.release(spec.name)

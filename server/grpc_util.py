@@ -22,6 +22,12 @@ from optserve.client.errors import OptserveError, Unavailable
 
 log = logging.getLogger(__name__)
 
+# Options for the channels servers open to each other (shard to leader shard).
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
 # Status details travel in HTTP/2 trailers, whose size is limited: keep them readable and small.
 MAX_DETAILS_CHARS = 1000
 

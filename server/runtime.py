@@ -58,6 +58,15 @@ def init_ray(
     )
 
 
+def connect_ray(address: str) -> None:
+    """Join an existing Ray cluster ("auto", "ray://host:10001", or a GCS "host:6379")."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+
+
 @dataclass
 class Service:
     """A running optserve: the coordinator actor and the address of its gRPC front door."""
@@ -79,6 +88,7 @@ def start_service(
     port: int = 0,
     default_num_shards: int = 1,
     name: str = COORDINATOR_NAME,
+    placement: Any = None,
 ) -> Service:
     """Start the coordinator actor (Ray must be initialised) and wait until it serves."""
     import ray
@@ -88,7 +98,7 @@ def start_service(
     actor = (
         ray.remote(CoordinatorActor)
         .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0)
-        .remote(host, port, default_num_shards)
+        .remote(host, port, default_num_shards, None, placement)
     )
     try:
         address = ray.get(actor.address.remote(), timeout=300)

@@ -8,6 +8,7 @@ before touching anything, so a refused request changes nothing.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +17,15 @@ import torch
 
 from optserve.client.codec import GRADIENT_WIRE_DTYPES, Expected
 from optserve.client.config import RuleConfig, parse_schedule_config, schedule_config_json
-from optserve.client.errors import InvalidArgument
+from optserve.client.errors import Internal, InvalidArgument, Unavailable
 from optserve.server.engine.base import TensorViews
 from optserve.server.engine.group import GroupEngine, Path
 from optserve.server.engine.migration import Policy
 from optserve.server.engine.schedules import Schedule, build_schedule
+from optserve.server.sequencer import Decision
+
+# How long a decided update waits for the updates before it to reach this shard.
+APPLY_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,10 @@ class ShardState:
         self.index = index
         self.device = torch.device(device)
         self.version = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        # Signalled when the version moves; pushes wait on it to apply in version order.
+        self._cv = threading.Condition(self._lock)
+        self._staged: dict[str, dict[str, torch.Tensor]] = {}
         self._groups: dict[str, GroupEngine] = {}
         for name, init in groups.items():
             flat = init.weights.detach().reshape(-1).to(self.device, torch.float32, copy=True)
@@ -66,8 +74,8 @@ class ShardState:
         """The lr the next update of `group` will use."""
         return self._schedule.lr(self._groups[group].config.lr, self.version)
 
-    def apply_push(self, grads: Mapping[str, torch.Tensor], based_on: int) -> tuple[int, int]:
-        """Apply one update from per-group gradients; return (new version, staleness)."""
+    def stage(self, push_id: str, grads: Mapping[str, torch.Tensor]) -> None:
+        """Validate one push's gradient slices and keep them until the push is decided."""
         prepared = {}
         for name, group in self._groups.items():
             grad = grads[name].reshape(-1).to(self.device, torch.float32, copy=True)
@@ -82,17 +90,55 @@ class ShardState:
                     f"gradient for group {name!r} has {bad} NaN/Inf element(s); nothing was applied"
                 )
             prepared[name] = grad
-        with self._lock:
+        with self._cv:
+            if push_id in self._staged:
+                raise InvalidArgument(f"push id {push_id!r} was used twice; use a fresh id")
+            self._staged[push_id] = prepared
+
+    def discard(self, push_id: str) -> None:
+        with self._cv:
+            self._staged.pop(push_id, None)
+
+    def apply(self, decision: Decision, timeout: float = APPLY_TIMEOUT_S) -> int:
+        """Apply a decided update once this shard reaches the version before it; return the
+        shard's version after it. Every member push of a sync round calls this with the same
+        decision: the first applies the combined gradient, the others find it applied."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: self.version >= decision.version - 1, timeout):
+                raise Unavailable(
+                    f"shard {self.index} of model {self.model!r} is at version {self.version} "
+                    f"and never received the update before version {decision.version}"
+                )
+            if self.version >= decision.version:
+                return self.version
+            members = [self._staged.pop(m, None) for m in decision.members]
+            if any(m is None for m in members):
+                raise Internal(f"shard {self.index} lost a push of version {decision.version}")
+            for name, group in self._groups.items():
+                if len(members) == 1 and decision.weights[0] == 1.0:
+                    grad = members[0][name]  # type: ignore[index]
+                else:
+                    grad = torch.zeros_like(group.weights)
+                    for staged, weight in zip(members, decision.weights, strict=True):
+                        grad.add_(staged[name], alpha=weight)  # type: ignore[index]
+                group.step(grad, self.lr(name) * decision.lr_scale)
+            self.version += 1
+            self._cv.notify_all()
+            return self.version
+
+    def apply_push(self, grads: Mapping[str, torch.Tensor], based_on: int) -> tuple[int, int]:
+        """Apply one push at once (a model with one shard, async, no bound); return (new
+        version, staleness)."""
+        push_id = uuid.uuid4().hex
+        with self._cv:
             if based_on > self.version:
                 raise InvalidArgument(
                     f"gradient claims model version {based_on}, "
                     f"but model {self.model!r} is at version {self.version}"
                 )
-            for name, group in self._groups.items():
-                group.step(prepared[name], self.lr(name))
+            self.stage(push_id, grads)
             staleness = self.version - based_on
-            self.version += 1
-            return self.version, staleness
+            return self.apply(Decision(self.version + 1, (push_id,), (1.0,))), staleness
 
     def set_optimizer(self, configs: Mapping[str, RuleConfig], policy: Policy) -> dict[str, Any]:
         """Swap every group's rule (state moved by `policy`); return the per-group reports."""

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from optserve.client.config import parse_optimizer_config
-from optserve.server.grpc_util import advertised_address, create_server, format_address
+import grpc
+
+from optserve.client.config import parse_mode_config, parse_optimizer_config
+from optserve.client.errors import from_rpc_error
+from optserve.server.grpc_util import (
+    CHANNEL_OPTIONS,
+    advertised_address,
+    create_server,
+    format_address,
+)
+from optserve.server.sequencer import Sequencer
 from optserve.server.shard import GroupInit, ShardState
-from optserve.server.shard_service import SERVICE_NAME, ShardService
-from optserve.v1 import shard_pb2_grpc
+from optserve.server.shard_service import SEQUENCE_WAIT_S, SERVICE_NAME, ShardService
+from optserve.v1 import shard_pb2, shard_pb2_grpc
 
 
 class ShardActor:
@@ -28,6 +37,9 @@ class ShardActor:
         groups: dict[str, dict[str, Any]],
         schedule_json: str = "",
         host: str = "127.0.0.1",
+        num_shards: int = 1,
+        mode_json: str = "",
+        device: str = "cpu",
     ) -> None:
         inits = {
             name: GroupInit(
@@ -37,16 +49,45 @@ class ShardActor:
             )
             for name, g in groups.items()
         }
-        self._state = ShardState(model, index, inits, schedule_json or None)
+        self._state = ShardState(model, index, inits, schedule_json or None, device=device)
+        # Shard 0 leads: it orders the model's pushes for every shard (server/sequencer.py).
+        sequencer = (
+            Sequencer(num_shards, parse_mode_config(mode_json or None)) if index == 0 else None
+        )
+        self._service = ShardService(self._state, sequencer)
+        self._leader_channel: grpc.Channel | None = None
         self._server = create_server(
             format_address(host, 0),
-            [(shard_pb2_grpc.add_ShardServicer_to_server, ShardService(self._state), SERVICE_NAME)],
+            [(shard_pb2_grpc.add_ShardServicer_to_server, self._service, SERVICE_NAME)],
+            # Pushes wait in their handler threads for their turn (a sync round, the leader).
+            max_workers=256,
         )
         self._server.start()
         self._address = advertised_address(host, self._server.port)
 
     def address(self) -> str:
         return self._address
+
+    def set_leader(self, address: str) -> None:
+        """Tell a non-leader shard where its model's leader (shard 0) serves."""
+        if self._service.sequencer is not None:
+            return
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        stub = shard_pb2_grpc.ShardStub(channel)
+
+        def ask(request: shard_pb2.SequenceRequest) -> shard_pb2.SequenceDecision:
+            try:
+                return stub.Sequence(request, timeout=SEQUENCE_WAIT_S + 60)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from None
+
+        self._leader_channel = channel
+        self._service.leader = ask
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """The leader's log of decided updates (empty on other shards)."""
+        sequencer = self._service.sequencer
+        return sequencer.log() if sequencer is not None else []
 
     def info(self) -> dict[str, Any]:
         return {**self._state.info(), "address": self._address}
@@ -72,3 +113,5 @@ class ShardActor:
 
     def stop(self, grace_s: float = 5.0) -> None:
         self._server.stop(grace_s)
+        if self._leader_channel is not None:
+            self._leader_channel.close()

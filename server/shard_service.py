@@ -1,24 +1,70 @@
-"""The Shard gRPC service: push and pull of one shard's slice. Decodes and encodes; no math."""
+"""The Shard gRPC service: push and pull of one shard's slice. Decodes and encodes; no math.
+
+A push is staged here, ordered by the model's leader shard (server/sequencer.py) and then
+applied; every shard of the model gets the same decision, so they apply the same updates in the
+same order. The leader serves `Sequence` to the other shards of its model.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 
 import grpc
 import torch
 
 from optserve.client.codec import TensorAssembler, encode_tensor, torch_dtype
-from optserve.client.errors import InvalidArgument, NotFound
+from optserve.client.errors import InvalidArgument, NotFound, OptserveError, error_for_status
 from optserve.server.grpc_util import stream_errors, unary_errors
+from optserve.server.sequencer import Decision, Sequencer
 from optserve.server.shard import ShardState
 from optserve.v1 import shard_pb2, shard_pb2_grpc, tensor_pb2
 
 SERVICE_NAME = "optserve.v1.Shard"
+# The longest a push may wait for its decision: a sync round, or the other shards' slices.
+SEQUENCE_WAIT_S = 24 * 3600.0
+
+
+def decision_to_proto(decision: Decision) -> shard_pb2.SequenceDecision:
+    error = decision.error
+    return shard_pb2.SequenceDecision(
+        error=str(error) if error is not None else "",
+        error_code=error.code.value[0] if error is not None else 0,
+        version=decision.version,
+        members=list(decision.members),
+        weights=list(decision.weights),
+        lr_scale=decision.lr_scale,
+        staleness=decision.staleness,
+    )
+
+
+def decision_from_proto(reply: shard_pb2.SequenceDecision) -> Decision:
+    error = None
+    if reply.error:
+        code = next((c for c in grpc.StatusCode if c.value[0] == reply.error_code), None)
+        error = error_for_status(code or grpc.StatusCode.UNKNOWN, reply.error)
+    return Decision(
+        version=reply.version,
+        members=tuple(reply.members),
+        weights=tuple(reply.weights),
+        lr_scale=reply.lr_scale,
+        staleness=reply.staleness,
+        error=error,
+    )
 
 
 class ShardService(shard_pb2_grpc.ShardServicer):
-    def __init__(self, state: ShardState) -> None:
+    """`sequencer` is set on the leader (shard 0); the others call `leader(request)` instead."""
+
+    def __init__(
+        self,
+        state: ShardState,
+        sequencer: Sequencer | None = None,
+        leader: Callable[[shard_pb2.SequenceRequest], shard_pb2.SequenceDecision] | None = None,
+    ) -> None:
         self._state = state
+        self.sequencer = sequencer
+        self.leader = leader
 
     def _check_model(self, model: str) -> None:
         if model != self._state.model:
@@ -27,10 +73,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 "ask the coordinator for the model's layout"
             )
 
-    @unary_errors
-    def Push(
-        self, request_iterator: Iterator[shard_pb2.PushRequest], context: grpc.ServicerContext
-    ) -> shard_pb2.PushResponse:
+    def _receive(self, request_iterator: Iterator[shard_pb2.PushRequest]):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidArgument("a push stream must start with a PushHeader")
@@ -41,22 +84,79 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             if request.WhichOneof("payload") != "chunk":
                 raise InvalidArgument("a push stream carries one PushHeader, then only chunks")
             assembler.add(request.chunk)
-        grads = assembler.finish()
-        version, staleness = self._state.apply_push(grads, header.version)
-        return shard_pb2.PushResponse(version=version, staleness=staleness)
+        return header, assembler.finish()
+
+    def _push(
+        self, request_iterator: Iterator[shard_pb2.PushRequest]
+    ) -> tuple[Decision, int, shard_pb2.PushHeader]:
+        header, grads = self._receive(request_iterator)
+        push_id = header.push_id
+        if not push_id:
+            if self.sequencer is None or self.sequencer.num_shards != 1:
+                raise InvalidArgument("a push to a model with several shards needs a push_id")
+            push_id = uuid.uuid4().hex
+        self._state.stage(push_id, grads)
+        try:
+            decision = self._sequence(push_id, header)
+            if decision.error is not None:
+                raise decision.error
+            version = self._state.apply(decision)
+        finally:
+            self._state.discard(push_id)
+        return decision, version, header
+
+    def _sequence(self, push_id: str, header: shard_pb2.PushHeader) -> Decision:
+        if self.sequencer is not None:
+            return self.sequencer.submit(
+                push_id, self._state.index, header.version, header.trainer, SEQUENCE_WAIT_S
+            )
+        if self.leader is None:
+            raise OptserveError("this shard does not know its model's leader yet")
+        request = shard_pb2.SequenceRequest(
+            model=header.model, push_id=push_id, shard=self._state.index, header=header
+        )
+        return decision_from_proto(self.leader(request))
+
+    @unary_errors
+    def Push(
+        self, request_iterator: Iterator[shard_pb2.PushRequest], context: grpc.ServicerContext
+    ) -> shard_pb2.PushResponse:
+        decision, version, _ = self._push(request_iterator)
+        return shard_pb2.PushResponse(version=decision.version, staleness=decision.staleness)
+
+    @stream_errors
+    def PushPull(
+        self, request_iterator: Iterator[shard_pb2.PushRequest], context: grpc.ServicerContext
+    ) -> Iterator[shard_pb2.PullResponse]:
+        _, _, header = self._push(request_iterator)
+        yield from self._weights(header.pull_dtype)
 
     @stream_errors
     def Pull(
         self, request: shard_pb2.PullRequest, context: grpc.ServicerContext
     ) -> Iterator[shard_pb2.PullResponse]:
         self._check_model(request.model)
+        yield from self._weights(request.dtype)
+
+    def _weights(self, wire_dtype: int) -> Iterator[shard_pb2.PullResponse]:
         dtype = (
-            torch.float32
-            if request.dtype == tensor_pb2.DTYPE_UNSPECIFIED
-            else torch_dtype(request.dtype)
+            torch.float32 if wire_dtype == tensor_pb2.DTYPE_UNSPECIFIED else torch_dtype(wire_dtype)
         )
         version, weights = self._state.snapshot()
         yield shard_pb2.PullResponse(header=shard_pb2.PullHeader(version=version))
         for name, flat in weights.items():
             for chunk in encode_tensor(name, flat.to(dtype)):
                 yield shard_pb2.PullResponse(chunk=chunk)
+
+    @unary_errors
+    def Sequence(
+        self, request: shard_pb2.SequenceRequest, context: grpc.ServicerContext
+    ) -> shard_pb2.SequenceDecision:
+        self._check_model(request.model)
+        if self.sequencer is None:
+            raise InvalidArgument(f"shard {self._state.index} is not its model's leader")
+        decision = self.sequencer.submit(
+            request.push_id, request.shard, request.header.version, request.header.trainer,
+            SEQUENCE_WAIT_S,
+        )  # fmt: skip
+        return decision_to_proto(decision)

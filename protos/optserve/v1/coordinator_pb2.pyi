@@ -18,20 +18,22 @@ class ParamSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "params", "optimizer_json", "num_shards", "groups", "schedule_json")
+    __slots__ = ("name", "params", "optimizer_json", "num_shards", "groups", "schedule_json", "mode_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODE_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
     optimizer_json: str
     num_shards: int
     groups: _containers.RepeatedCompositeFieldContainer[ParamGroupSpec]
     schedule_json: str
-    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., num_shards: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[ParamGroupSpec, _Mapping]]] = ..., schedule_json: _Optional[str] = ...) -> None: ...
+    mode_json: str
+    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., num_shards: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[ParamGroupSpec, _Mapping]]] = ..., schedule_json: _Optional[str] = ..., mode_json: _Optional[str] = ...) -> None: ...
 
 class ParamGroupSpec(_message.Message):
     __slots__ = ("name", "params", "overrides_json")
@@ -92,7 +94,7 @@ class GroupInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[str]] = ..., overrides_json: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "params", "groups", "shards", "version", "optimizer_json", "schedule_json")
+    __slots__ = ("name", "params", "groups", "shards", "version", "optimizer_json", "schedule_json", "mode_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +102,7 @@ class ModelInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODE_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
     groups: _containers.RepeatedCompositeFieldContainer[GroupInfo]
@@ -107,7 +110,8 @@ class ModelInfo(_message.Message):
     version: int
     optimizer_json: str
     schedule_json: str
-    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., version: _Optional[int] = ..., optimizer_json: _Optional[str] = ..., schedule_json: _Optional[str] = ...) -> None: ...
+    mode_json: str
+    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., version: _Optional[int] = ..., optimizer_json: _Optional[str] = ..., schedule_json: _Optional[str] = ..., mode_json: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

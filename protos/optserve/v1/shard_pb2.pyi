@@ -1,20 +1,25 @@
 from optserve.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PushHeader(_message.Message):
-    __slots__ = ("model", "version", "trainer")
+    __slots__ = ("model", "version", "trainer", "push_id", "pull_dtype")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAINER_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ID_FIELD_NUMBER: _ClassVar[int]
+    PULL_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     trainer: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., trainer: _Optional[str] = ...) -> None: ...
+    push_id: str
+    pull_dtype: _tensor_pb2.DType
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., trainer: _Optional[str] = ..., push_id: _Optional[str] = ..., pull_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -53,3 +58,33 @@ class PullResponse(_message.Message):
     header: PullHeader
     chunk: _tensor_pb2.TensorChunk
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class SequenceRequest(_message.Message):
+    __slots__ = ("model", "push_id", "shard", "header")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    push_id: str
+    shard: int
+    header: PushHeader
+    def __init__(self, model: _Optional[str] = ..., push_id: _Optional[str] = ..., shard: _Optional[int] = ..., header: _Optional[_Union[PushHeader, _Mapping]] = ...) -> None: ...
+
+class SequenceDecision(_message.Message):
+    __slots__ = ("error", "error_code", "version", "members", "weights", "lr_scale", "staleness")
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    LR_SCALE_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    error: str
+    error_code: int
+    version: int
+    members: _containers.RepeatedScalarFieldContainer[str]
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    lr_scale: float
+    staleness: int
+    def __init__(self, error: _Optional[str] = ..., error_code: _Optional[int] = ..., version: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., lr_scale: _Optional[float] = ..., staleness: _Optional[int] = ...) -> None: ...

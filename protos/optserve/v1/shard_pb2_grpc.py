@@ -44,6 +44,16 @@ class ShardStub:
                 request_serializer=optserve_dot_v1_dot_shard__pb2.PullRequest.SerializeToString,
                 response_deserializer=optserve_dot_v1_dot_shard__pb2.PullResponse.FromString,
                 _registered_method=True)
+        self.PushPull = channel.stream_stream(
+                '/optserve.v1.Shard/PushPull',
+                request_serializer=optserve_dot_v1_dot_shard__pb2.PushRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_shard__pb2.PullResponse.FromString,
+                _registered_method=True)
+        self.Sequence = channel.unary_unary(
+                '/optserve.v1.Shard/Sequence',
+                request_serializer=optserve_dot_v1_dot_shard__pb2.SequenceRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_shard__pb2.SequenceDecision.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -65,6 +75,23 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushPull(self, request_iterator, context):
+        """A push (as Push) answered with this shard's weights once it is applied, in one round trip:
+        the header carries the version the weights are at (the push's version or later).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Sequence(self, request, context):
+        """Internal, shard to shard: a shard that holds its slice of a push asks the model's leader
+        shard (index 0) to order it. Answered once the leader has decided: every shard of the model
+        gets the same decision, so all apply the same pushes in the same order, or none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +104,16 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Pull,
                     request_deserializer=optserve_dot_v1_dot_shard__pb2.PullRequest.FromString,
                     response_serializer=optserve_dot_v1_dot_shard__pb2.PullResponse.SerializeToString,
+            ),
+            'PushPull': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushPull,
+                    request_deserializer=optserve_dot_v1_dot_shard__pb2.PushRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_shard__pb2.PullResponse.SerializeToString,
+            ),
+            'Sequence': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sequence,
+                    request_deserializer=optserve_dot_v1_dot_shard__pb2.SequenceRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_shard__pb2.SequenceDecision.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +170,60 @@ class Shard:
             '/optserve.v1.Shard/Pull',
             optserve_dot_v1_dot_shard__pb2.PullRequest.SerializeToString,
             optserve_dot_v1_dot_shard__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushPull(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/optserve.v1.Shard/PushPull',
+            optserve_dot_v1_dot_shard__pb2.PushRequest.SerializeToString,
+            optserve_dot_v1_dot_shard__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Shard/Sequence',
+            optserve_dot_v1_dot_shard__pb2.SequenceRequest.SerializeToString,
+            optserve_dot_v1_dot_shard__pb2.SequenceDecision.FromString,
             options,
             channel_credentials,
             insecure,

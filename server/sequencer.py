@@ -1,0 +1,244 @@
+"""The order of a model's updates, decided in one place so that every shard applies the same ones.
+
+A trainer streams its gradient slices to all of a model's shards in parallel. Each shard validates
+and stages its slice, then asks the model's leader (shard 0, which owns a `Sequencer`) what to do
+with it. The leader decides only once every shard holds its slice of the push, so a push is
+applied by all shards or by none, and it decides once for all of them:
+
+* async: each push becomes the next version on arrival; with `max_staleness`, a push computed on
+  a version more than that many updates old is refused (FAILED_PRECONDITION: pull, then push);
+  with `staleness_lr="inverse"` its lr is scaled by 1 / (1 + staleness);
+* sync: pushes computed on the current version join the open round; the round closes when each
+  of `trainers` trainers has pushed, or `round_timeout_s` after its first push, and becomes one
+  update that combines its pushes (mean or sum). A push for a closed round gets ABORTED.
+
+A push that does not reach every shard within `stage_timeout_s` (its trainer died mid-push) is
+abandoned: the shards that hold a slice of it drop it, and nothing is applied.
+
+Pure logic with threads and a clock: no Ray, no gRPC.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from optserve.client.config import AsyncMode, SyncMode
+from optserve.client.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    OptserveError,
+    Unavailable,
+)
+
+# How long a decision is kept for shards that have not collected it yet.
+RETAIN_DECISIONS_S = 600.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What every shard does with one push: apply `members` combined as `version`, or refuse."""
+
+    version: int = 0
+    members: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    lr_scale: float = 1.0
+    staleness: int = 0
+    error: OptserveError | None = None
+
+
+@dataclass
+class _Pending:
+    based_on: int
+    trainer: str
+    first_seen: float
+    staged: set[int] = field(default_factory=set)
+
+
+class Sequencer:
+    def __init__(
+        self,
+        num_shards: int,
+        mode: AsyncMode | SyncMode,
+        version: int = 0,
+        *,
+        stage_timeout_s: float = 60.0,
+        log_size: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.num_shards = num_shards
+        self.mode = mode
+        self.stage_timeout_s = stage_timeout_s
+        self._clock = clock
+        self._cv = threading.Condition()
+        self._version = version
+        self._pending: dict[str, _Pending] = {}
+        # push id -> (decision, shards that collected it, when decided)
+        self._decided: dict[str, tuple[Decision, set[int], float]] = {}
+        self._round: list[str] = []
+        self._round_pending: dict[str, _Pending] = {}
+        self._round_trainers: set[str] = set()
+        self._round_opened = 0.0
+        self._log: collections.deque[dict[str, Any]] = collections.deque(maxlen=log_size)
+
+    @property
+    def version(self) -> int:
+        """The last version decided (shards may still be applying it)."""
+        with self._cv:
+            return self._version
+
+    def log(self) -> list[dict[str, Any]]:
+        """The decided updates, oldest first: version, pushes, trainers, staleness, lr scale."""
+        with self._cv:
+            return list(self._log)
+
+    def reset(self, version: int) -> None:
+        """Start over at `version` (after a restore); pushes in flight are refused."""
+        with self._cv:
+            for push_id in list(self._pending) + self._round:
+                self._decide(push_id, Decision(error=Aborted("the model was restored; pull")))
+            self._pending.clear()
+            self._round.clear()
+            self._round_pending.clear()
+            self._round_trainers.clear()
+            self._version = version
+            self._cv.notify_all()
+
+    def submit(
+        self, push_id: str, shard: int, based_on: int, trainer: str = "", timeout: float = 300.0
+    ) -> Decision:
+        """Shard `shard` holds its slice of push `push_id`; block until the push is decided."""
+        if not push_id:
+            raise InvalidArgument("a push to a model with several shards needs a push_id")
+        if not 0 <= shard < self.num_shards:
+            raise InvalidArgument(f"shard {shard} is not one of this model's {self.num_shards}")
+        deadline = self._clock() + timeout
+        with self._cv:
+            if push_id in self._decided:  # e.g. abandoned before this slice arrived
+                return self._collect(push_id, shard)
+            pending = self._pending.get(push_id)
+            if pending is None:
+                pending = self._pending[push_id] = _Pending(based_on, trainer, self._clock())
+            elif (pending.based_on, pending.trainer) != (based_on, trainer):
+                raise InvalidArgument(
+                    f"push {push_id!r} reached the shards with different headers "
+                    f"(version {pending.based_on} vs {based_on})"
+                )
+            if shard in pending.staged:
+                raise InvalidArgument(f"push id {push_id!r} was used twice; use a fresh id")
+            pending.staged.add(shard)
+            if len(pending.staged) == self.num_shards:
+                del self._pending[push_id]
+                self._ready(push_id, pending)
+            while push_id not in self._decided:
+                now = self._clock()
+                self._expire(now)
+                if push_id in self._decided:
+                    break
+                if now >= deadline:
+                    raise Unavailable(f"push {push_id!r} was not decided within {timeout} s")
+                self._cv.wait(timeout=min(self._next_deadline(now), deadline) - now)
+            return self._collect(push_id, shard)
+
+    # ---- under the lock ------------------------------------------------------------------
+
+    def _ready(self, push_id: str, pending: _Pending) -> None:
+        """Every shard holds its slice: decide (async) or join the round (sync)."""
+        mode, version = self.mode, self._version
+        if pending.based_on > version:
+            self._decide(push_id, Decision(error=InvalidArgument(
+                f"gradient claims model version {pending.based_on}, but the model is at "
+                f"version {version}")))  # fmt: skip
+            return
+        staleness = version - pending.based_on
+        if isinstance(mode, AsyncMode):
+            if mode.max_staleness is not None and staleness > mode.max_staleness:
+                self._decide(push_id, Decision(staleness=staleness, error=FailedPrecondition(
+                    f"push computed on version {pending.based_on} is {staleness} updates stale "
+                    f"(max_staleness {mode.max_staleness}); pull the current weights (version "
+                    f"{version}) and push again; nothing was applied")))  # fmt: skip
+                return
+            scale = 1.0 / (1 + staleness) if mode.staleness_lr == "inverse" else 1.0
+            self._version += 1
+            self._record([push_id], [pending], scale)
+            self._decide(push_id, Decision(self._version, (push_id,), (1.0,), scale, staleness))
+            return
+        if staleness > 0:
+            self._decide(push_id, Decision(staleness=staleness, error=Aborted(
+                f"the round for version {pending.based_on + 1} closed without this push; "
+                f"pull the current weights (version {version}) and push again")))  # fmt: skip
+            return
+        if pending.trainer and pending.trainer in self._round_trainers:
+            self._decide(push_id, Decision(error=FailedPrecondition(
+                f"trainer {pending.trainer!r} already pushed in the round for version "
+                f"{version + 1}")))  # fmt: skip
+            return
+        if not self._round:
+            self._round_opened = self._clock()
+        self._round.append(push_id)
+        self._round_trainers.add(pending.trainer)
+        self._round_pending[push_id] = pending
+        if len(self._round) >= self.mode.trainers:  # type: ignore[union-attr]
+            self._close_round()
+
+    def _close_round(self) -> None:
+        members = tuple(self._round)
+        pendings = [self._round_pending.pop(m) for m in members]
+        weight = 1.0 / len(members) if self.mode.aggregate == "mean" else 1.0  # type: ignore[union-attr]
+        self._version += 1
+        self._record(list(members), pendings, 1.0)
+        for push_id in members:
+            self._decide(push_id, Decision(self._version, members, (weight,) * len(members)))
+        self._round.clear()
+        self._round_trainers.clear()
+
+    def _record(self, members: list[str], pendings: list[_Pending], scale: float) -> None:
+        self._log.append({
+            "version": self._version,
+            "pushes": members,
+            "trainers": [p.trainer for p in pendings],
+            "based_on": [p.based_on for p in pendings],
+            "lr_scale": scale,
+            "time": time.time(),
+        })  # fmt: skip
+
+    def _decide(self, push_id: str, decision: Decision) -> None:
+        self._decided[push_id] = (decision, set(), self._clock())
+        self._cv.notify_all()
+
+    def _collect(self, push_id: str, shard: int) -> Decision:
+        decision, collected, _ = self._decided[push_id]
+        collected.add(shard)
+        if len(collected) >= self.num_shards:
+            del self._decided[push_id]
+        return decision
+
+    def _expire(self, now: float) -> None:
+        """Abandon pushes that did not reach every shard in time; close an overdue round."""
+        for push_id, pending in list(self._pending.items()):
+            if now - pending.first_seen >= self.stage_timeout_s:
+                del self._pending[push_id]
+                self._decide(push_id, Decision(error=Unavailable(
+                    f"push {push_id!r} reached {len(pending.staged)} of {self.num_shards} "
+                    f"shards within {self.stage_timeout_s} s; nothing was applied; push "
+                    "again")))  # fmt: skip
+        if (
+            self._round
+            and isinstance(self.mode, SyncMode)
+            and now - self._round_opened >= self.mode.round_timeout_s
+        ):
+            self._close_round()
+        for push_id, (_, _, when) in list(self._decided.items()):
+            if now - when >= RETAIN_DECISIONS_S:
+                del self._decided[push_id]
+
+    def _next_deadline(self, now: float) -> float:
+        deadlines = [p.first_seen + self.stage_timeout_s for p in self._pending.values()]
+        if self._round and isinstance(self.mode, SyncMode):
+            deadlines.append(self._round_opened + self.mode.round_timeout_s)
+        return min([now + 1.0, *deadlines])
