@@ -90,7 +90,10 @@ class ShardActor:
         return sequencer.log() if sequencer is not None else []
 
     def info(self) -> dict[str, Any]:
-        return {**self._state.info(), "address": self._address}
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        return {**self._state.info(), "address": self._address, "node_id": node}
 
     def version(self) -> int:
         return self._state.version

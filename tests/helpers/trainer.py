@@ -1,9 +1,11 @@
 """A trainer process for the integration tests: pushes seeded gradients through RemoteOptimizer.
 
-Usage: python tests/helpers/trainer.py --address A --model M --optimizer JSON --steps N --out F
+Usage: python tests/helpers/trainer.py --address A --model M [--optimizer JSON] --steps N --out F
+       [--mode JSON] [--trainer NAME] [--seed S]
 
-Saves the initial weights, every gradient pushed, the weights after the last step and the final
-version to F (torch.save), so the test can replay the same gradients through the oracle.
+Saves the initial weights (as loaded from the server when the model exists), every gradient
+pushed, the weights after the last step and the final version to F (torch.save), so the test
+can replay the same gradients through the oracle.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--address", required=True)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--optimizer", required=True)
+    parser.add_argument("--optimizer", default=None)
+    parser.add_argument("--mode", default=None)
+    parser.add_argument("--trainer", default="test-trainer")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
@@ -33,14 +37,15 @@ def main() -> None:
         name: torch.nn.Parameter(torch.randn(shape, generator=generator))
         for name, shape in SHAPES.items()
     }
-    initial = {name: p.detach().clone() for name, p in params.items()}
     opt = RemoteOptimizer(
         params.items(),
         address=args.address,
         model=args.model,
-        optimizer=json.loads(args.optimizer),
-        trainer="test-trainer",
+        optimizer=json.loads(args.optimizer) if args.optimizer else None,
+        mode=json.loads(args.mode) if args.mode else None,
+        trainer=args.trainer,
     )
+    initial = {name: p.detach().clone() for name, p in params.items()}
     pushed = []
     for _ in range(args.steps):
         grads = {name: torch.randn(p.shape, generator=generator) for name, p in params.items()}

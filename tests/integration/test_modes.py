@@ -1,0 +1,190 @@
+"""Update modes through real shards: async order, bounded staleness, sync rounds, a dead trainer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from optserve.client import ParameterServerClient
+from optserve.client.errors import Aborted, FailedPrecondition, InvalidArgument
+
+TRAINER = Path(__file__).resolve().parents[1] / "helpers" / "trainer.py"
+SHAPES = {"weight": (4, 5), "bias": (7,), "kernel": (2, 3, 2, 2)}
+
+
+def initial_weights(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
+
+
+def gradient(trainer, step):
+    generator = torch.Generator().manual_seed(1000 * trainer + step)
+    return {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
+
+
+def leader_log(service, model):
+    shards = ray.get(service.actor.shard_actors.remote(model))
+    return ray.get(shards[0].decisions.remote())
+
+
+def oracle(initial, fused=True):
+    params = {n: torch.nn.Parameter(t.clone()) for n, t in initial.items()}
+    return params, torch.optim.Adam(params.values(), lr=0.01, fused=fused)
+
+
+def test_async_pushes_from_four_trainers_apply_in_the_logged_order(service, client, model_name):
+    initial = initial_weights()
+    client.create_model(model_name, initial, {"name": "adam", "lr": 0.01}, num_shards=2)
+
+    def train(k):
+        with ParameterServerClient(service.address) as c:
+            version = 0
+            for i in range(50):
+                _, version = c.push_and_pull(
+                    model_name, gradient(k, i), version=version, trainer=f"t{k}-{i}"
+                )
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(train, range(4)))
+    weights, version = client.pull(model_name)
+    assert version == 200
+    log = leader_log(service, model_name)
+    assert [entry["version"] for entry in log] == list(range(1, 201))
+    # Replay the pushes in the order the server logged them, with torch's Adam.
+    params, opt = oracle(initial)
+    for entry in log:
+        (name,) = entry["trainers"]
+        k, i = (int(x) for x in name[1:].split("-"))
+        for pname, g in gradient(k, i).items():
+            params[pname].grad = g
+        opt.step()
+    for name, p in params.items():
+        assert (weights[name] - p.detach()).abs().max() <= 1e-6, name
+
+
+def test_push_beyond_max_staleness_is_refused_and_changes_nothing(client, model_name):
+    mode = {"mode": "async", "max_staleness": 1}
+    info = client.create_model(
+        model_name, initial_weights(), {"name": "sgd", "lr": 0.1}, num_shards=2, mode=mode
+    )
+    assert info.mode.max_staleness == 1
+    for i in range(3):
+        client.push(model_name, gradient(0, i), version=i)
+    before, version = client.pull(model_name)
+    assert version == 3
+    with pytest.raises(FailedPrecondition, match="stale"):
+        client.push(model_name, gradient(0, 9), version=1)
+    after, version = client.pull(model_name)
+    assert version == 3
+    for name in before:
+        assert torch.equal(before[name], after[name])
+    client.push(model_name, gradient(0, 9), version=2)  # 1 update old: within the bound
+    assert client.pull(model_name)[1] == 4
+
+
+def test_a_push_from_the_future_is_refused(client, model_name):
+    client.create_model(model_name, initial_weights(), {"name": "sgd", "lr": 0.1}, num_shards=2)
+    with pytest.raises(InvalidArgument, match="version 5"):
+        client.push(model_name, gradient(0, 0), version=5)
+    assert client.pull(model_name)[1] == 0
+
+
+def test_sync_rounds_average_the_trainers_on_three_shards(service, client, model_name):
+    initial = initial_weights()
+    mode = {"mode": "sync", "trainers": 3, "round_timeout_s": 120}
+    client.create_model(model_name, initial, {"name": "adam", "lr": 0.01}, num_shards=3, mode=mode)
+
+    def train(k):
+        with ParameterServerClient(service.address) as c:
+            versions = []
+            for i in range(10):
+                _, version = c.push_and_pull(
+                    model_name, gradient(k, i), version=i, trainer=f"trainer{k}"
+                )
+                versions.append(version)
+            return versions
+
+    with ThreadPoolExecutor(3) as pool:
+        versions = list(pool.map(train, range(3)))
+    assert versions == [list(range(1, 11))] * 3
+    params, opt = oracle(initial, fused=False)
+    for i in range(10):
+        for name in SHAPES:
+            params[name].grad = sum(gradient(k, i)[name] for k in range(3)) / 3
+        opt.step()
+    weights, version = client.pull(model_name)
+    assert version == 10
+    for name, p in params.items():
+        assert (weights[name] - p.detach()).abs().max() <= 1e-6, name
+    assert all(len(entry["pushes"]) == 3 for entry in leader_log(service, model_name))
+
+
+def test_sync_push_for_a_closed_round_is_aborted(client, model_name):
+    mode = {"mode": "sync", "trainers": 2, "round_timeout_s": 0.5}
+    client.create_model(model_name, initial_weights(), {"name": "sgd", "lr": 0.1}, mode=mode)
+    assert client.push(model_name, gradient(0, 0), version=0, trainer="a") == 1  # alone, late
+    with pytest.raises(Aborted, match="pull"):
+        client.push(model_name, gradient(1, 0), version=0, trainer="b")
+    assert client.pull(model_name)[1] == 1
+
+
+@pytest.mark.slow
+def test_killed_trainer_does_not_hang_a_sync_round(service, client, model_name, tmp_path):
+    timeout_s = 2.0
+    mode = {"mode": "sync", "trainers": 3, "round_timeout_s": timeout_s}
+    client.create_model(
+        model_name, initial_weights(), {"name": "sgd", "lr": 0.01}, num_shards=2, mode=mode
+    )
+    victim = subprocess.Popen(
+        [sys.executable, str(TRAINER), "--address", service.address, "--model", model_name,
+         "--steps", "100000", "--trainer", "victim", "--out", str(tmp_path / "never.pt")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    durations: dict[int, list[float]] = {0: [], 1: []}
+    killed_at = []
+
+    def train(k):
+        with ParameterServerClient(service.address) as c:
+            _, version = c.pull(model_name)
+            for i in range(12):
+                if k == 0 and i == 4:  # a few full rounds, then the third trainer dies
+                    victim.kill()
+                    victim.wait(timeout=30)
+                    killed_at.append(version)
+                started = time.monotonic()
+                try:
+                    _, version = c.push_and_pull(
+                        model_name, gradient(k, i), version=version, trainer=f"t{k}"
+                    )
+                except Aborted:  # our round closed while we were away: catch up
+                    _, version = c.pull(model_name)
+                durations[k].append(time.monotonic() - started)
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(train, range(2)))
+    finally:
+        victim.kill()
+    log = leader_log(service, model_name)
+    assert any(len(e["pushes"]) == 3 for e in log), "the victim never took part"
+    assert len(log[-1]["pushes"]) == 2  # rounds after the kill close without it
+    # Liveness, not speed: every round after the kill ends by its timeout plus a margin.
+    margin_s = 15.0
+    assert max(durations[0][5:] + durations[1][5:]) <= timeout_s + margin_s
+
+
+def test_push_and_pull_returns_the_updated_weights(client, model_name):
+    client.create_model(model_name, {"w": torch.ones(5)}, {"name": "sgd", "lr": 0.5}, num_shards=3)
+    weights, version = client.push_and_pull(
+        model_name, {"w": torch.ones(5)}, pull_dtype=torch.bfloat16, wire_dtype=torch.float16
+    )
+    assert version == 1 and torch.equal(weights["w"], torch.full((5,), 0.5))
+    assert json.loads(client.describe_model(model_name).mode.model_dump_json())["mode"] == "async"

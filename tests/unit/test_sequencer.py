@@ -1,0 +1,136 @@
+"""The leader's ordering of pushes (server/sequencer.py): one decision for every shard."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from optserve.client.config import parse_mode_config
+from optserve.client.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
+from optserve.server.sequencer import Sequencer
+
+
+def submit_all(seq, push_id, based_on, trainer="", shards=None):
+    """Every shard submits its slice of the push concurrently; return their decisions."""
+    shards = range(seq.num_shards) if shards is None else shards
+    with ThreadPoolExecutor(len(shards)) as pool:
+        futures = [pool.submit(seq.submit, push_id, s, based_on, trainer, 30) for s in shards]
+        return [f.result() for f in futures]
+
+
+def test_async_push_is_decided_once_every_shard_holds_it():
+    seq = Sequencer(3, parse_mode_config(None))
+    decisions = submit_all(seq, "a", 0)
+    assert len({d for d in decisions}) == 1
+    (decision,) = set(decisions)
+    assert decision.error is None and decision.version == 1 and decision.members == ("a",)
+    assert seq.version == 1
+    assert [e["pushes"] for e in seq.log()] == [["a"]]
+
+
+def test_async_versions_follow_decision_order():
+    seq = Sequencer(2, parse_mode_config(None))
+    for i in range(5):
+        (d, _) = submit_all(seq, f"p{i}", i)
+        assert d.version == i + 1 and d.staleness == 0
+    d, _ = submit_all(seq, "late", 2)
+    assert d.version == 6 and d.staleness == 3
+    assert [e["version"] for e in seq.log()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_stale_push_beyond_the_bound_is_refused_for_every_shard():
+    seq = Sequencer(2, parse_mode_config({"mode": "async", "max_staleness": 1}))
+    submit_all(seq, "a", 0)
+    submit_all(seq, "b", 1)
+    decisions = submit_all(seq, "stale", 0)  # 2 updates old, bound 1
+    assert all(isinstance(d.error, FailedPrecondition) for d in decisions)
+    assert "pull" in str(decisions[0].error) and seq.version == 2
+    ok, _ = submit_all(seq, "fresh", 1)  # 1 update old: allowed
+    assert ok.error is None and ok.version == 3
+
+
+def test_inverse_staleness_scales_the_lr():
+    seq = Sequencer(1, parse_mode_config({"mode": "async", "staleness_lr": "inverse"}))
+    for i in range(3):
+        submit_all(seq, f"p{i}", i)
+    (d,) = submit_all(seq, "stale", 0)
+    assert d.staleness == 3 and d.lr_scale == pytest.approx(0.25)
+
+
+def test_a_push_from_the_future_is_invalid():
+    seq = Sequencer(1, parse_mode_config(None))
+    (d,) = submit_all(seq, "x", 5)
+    assert isinstance(d.error, InvalidArgument) and seq.version == 0
+
+
+def test_sync_round_combines_one_push_per_trainer():
+    seq = Sequencer(2, parse_mode_config({"mode": "sync", "trainers": 3}))
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(submit_all, seq, f"t{i}", 0, f"trainer{i}") for i in range(3)]
+        results = [d for f in futures for d in f.result()]
+    assert {d.version for d in results} == {1}
+    assert {frozenset(d.members) for d in results} == {frozenset({"t0", "t1", "t2"})}
+    assert results[0].weights == pytest.approx((1 / 3,) * 3)
+    assert seq.version == 1 and len(seq.log()) == 1
+
+
+def test_sync_round_closes_after_its_timeout_with_the_pushes_it_has():
+    seq = Sequencer(1, parse_mode_config({"mode": "sync", "trainers": 3, "round_timeout_s": 0.3}))
+    started = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(submit_all, seq, f"t{i}", 0, f"trainer{i}") for i in range(2)]
+        results = [d for f in futures for d in f.result()]
+    assert time.monotonic() - started >= 0.3
+    assert {d.version for d in results} == {1} and set(results[0].members) == {"t0", "t1"}
+    assert results[0].weights == pytest.approx((0.5, 0.5))
+    # The missing trainer pushes late, on version 0: its round closed without it.
+    (late,) = submit_all(seq, "t2", 0, "trainer2")
+    assert isinstance(late.error, Aborted) and seq.version == 1
+
+
+def test_sync_sum_and_one_push_per_trainer_per_round():
+    mode = {"mode": "sync", "trainers": 2, "aggregate": "sum", "round_timeout_s": 5}
+    seq = Sequencer(1, parse_mode_config(mode))
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(a=submit_all(seq, "a", 0, "t")))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not seq._round and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (dup,) = submit_all(seq, "a2", 0, "t")  # same trainer, same round
+    assert isinstance(dup.error, FailedPrecondition)
+    (other,) = submit_all(seq, "b", 0, "u")
+    thread.join()
+    assert other.version == 1 and other.weights == (1.0, 1.0)
+
+
+def test_a_push_that_misses_a_shard_is_abandoned_everywhere():
+    seq = Sequencer(3, parse_mode_config(None), stage_timeout_s=0.2)
+    decisions = submit_all(seq, "partial", 0, shards=[0, 1])  # shard 2 never gets its slice
+    assert all(isinstance(d.error, Unavailable) for d in decisions)
+    assert "2 of 3" in str(decisions[0].error) and seq.version == 0
+    # The slice that arrives late learns the same at once.
+    (late,) = submit_all(seq, "partial", 0, shards=[2])
+    assert isinstance(late.error, Unavailable)
+    ok = submit_all(seq, "next", 0)
+    assert ok[0].version == 1
+
+
+def test_reused_push_id_and_mismatched_headers_are_refused():
+    seq = Sequencer(2, parse_mode_config(None), stage_timeout_s=5)
+    thread = threading.Thread(target=lambda: seq.submit("x", 0, 0, "", 10))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while "x" not in seq._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(InvalidArgument, match="different headers"):
+        seq.submit("x", 1, 7, "", 10)
+    with pytest.raises(InvalidArgument, match="twice"):
+        seq.submit("x", 0, 0, "", 10)
+    seq.submit("x", 1, 0, "", 10)
+    thread.join()
+    with pytest.raises(InvalidArgument):
+        seq.submit("y", 5, 0, "", 10)
