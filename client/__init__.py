@@ -1,6 +1,7 @@
 """The optserve client: what trainers import. Never imports server code.
 
-* `ParameterServerClient`: create, describe, list and drop models; push gradients; pull weights.
+* `ParameterServerClient`: create, describe, list and drop models; push gradients; pull weights
+  (or both in one round trip); update modes `AsyncMode` and `SyncMode`.
 * `RemoteOptimizer`: a torch.optim.Optimizer whose `step()` runs on the server.
 * `OptserveError` and its subclasses: every failure, each with its gRPC status code.
 """
@@ -13,11 +14,14 @@ from optserve.client.config import (
     AdamConfig,
     AdamWConfig,
     AMSGradConfig,
+    AsyncMode,
     LookaheadConfig,
     RAdamConfig,
     RangerConfig,
     RMSpropConfig,
     SGDConfig,
+    SyncMode,
+    parse_mode_config,
     parse_optimizer_config,
     parse_schedule_config,
 )
@@ -40,6 +44,7 @@ from optserve.client.remote_optimizer import RemoteOptimizer
 __all__ = [
     "AMSGradConfig",
     "Aborted",
+    "AsyncMode",
     "AdaBoundConfig",
     "AdadeltaConfig",
     "AdagradConfig",
@@ -62,8 +67,10 @@ __all__ = [
     "RemoteOptimizer",
     "ResourceExhausted",
     "SGDConfig",
+    "SyncMode",
     "Unauthenticated",
     "Unavailable",
+    "parse_mode_config",
     "parse_optimizer_config",
     "parse_schedule_config",
 ]

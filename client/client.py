@@ -24,6 +24,7 @@ from optserve.client.codec import (
     MAX_CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
     TensorAssembler,
+    count_nonfinite,
     dtype_name,
     encode_tensor,
     expect_all,
@@ -54,7 +55,8 @@ from optserve.client.layout import (
     plan_group,
     unflatten_group,
 )
-from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2, shard_pb2_grpc
+from optserve.client.wire import chunk_frames, header_frame, parse_frame, passthrough
+from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2
 
 T = TypeVar("T")
 _CHANNEL_OPTIONS = [
@@ -123,6 +125,45 @@ def _param_spec(name: str, tensor: torch.Tensor) -> coordinator_pb2.ParamSpec:
     return coordinator_pb2.ParamSpec(name=name, dtype=dtype, shape=list(tensor.shape))
 
 
+def parse_pull_response(data: bytes) -> Any:
+    """A PullResponse as a PullHeader or a RawChunk viewing `data`; a malformed one as its
+    InvalidArgument (raised by the reader, not inside gRPC's deserializer)."""
+    try:
+        return parse_frame(data, shard_pb2.PullHeader)
+    except InvalidArgument as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001
+        return InvalidArgument(f"malformed pull message: {exc}")
+
+
+@dataclass(frozen=True)
+class _DataPlane:
+    push: grpc.StreamUnaryMultiCallable
+    push_pull: grpc.StreamStreamMultiCallable
+    pull: grpc.UnaryStreamMultiCallable
+
+    @classmethod
+    def open(cls, channel: grpc.Channel) -> _DataPlane:
+        method = "/optserve.v1.Shard/"
+        return cls(
+            push=channel.stream_unary(
+                method + "Push",
+                request_serializer=passthrough,
+                response_deserializer=shard_pb2.PushResponse.FromString,
+            ),
+            push_pull=channel.stream_stream(
+                method + "PushPull",
+                request_serializer=passthrough,
+                response_deserializer=parse_pull_response,
+            ),
+            pull=channel.unary_stream(
+                method + "Pull",
+                request_serializer=shard_pb2.PullRequest.SerializeToString,
+                response_deserializer=parse_pull_response,
+            ),
+        )
+
+
 def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     try:
         return fn(*args, **kwargs)
@@ -154,10 +195,12 @@ class ParameterServerClient:
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._coordinator = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         self._lock = threading.Lock()
-        self._shard_channels: dict[str, tuple[grpc.Channel, shard_pb2_grpc.ShardStub]] = {}
+        self._shard_channels: dict[str, tuple[grpc.Channel, _DataPlane]] = {}
         self._layouts: dict[str, ModelInfo] = {}
         self._versions: dict[str, int] = {}
         self._pool: ThreadPoolExecutor | None = None
+        # (model, wire dtype) -> per-group receive buffers, for calls with reuse_buffers=True
+        self._buffers: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
 
     # ---- control plane -------------------------------------------------------------------
 
@@ -240,6 +283,8 @@ class ParameterServerClient:
         with self._lock:
             self._layouts.pop(model, None)
             self._versions.pop(model, None)
+            for key in [k for k in self._buffers if k[0] == model]:
+                del self._buffers[key]
 
     def set_optimizer(
         self,
@@ -305,12 +350,16 @@ class ParameterServerClient:
         wire_dtype: torch.dtype = torch.float32,
         pull_dtype: torch.dtype = torch.float32,
         trainer: str = "",
+        reuse_buffers: bool = False,
     ) -> tuple[dict[str, torch.Tensor], int]:
         """Push, and get the weights after the update back in the same round trip.
 
         Returns (weights, version): the weights' version is the push's or a later one.
+        `reuse_buffers`: as for `pull`.
         """
-        weights, version = self._push(model, grads, version, wire_dtype, trainer, pull_dtype)
+        weights, version = self._push(
+            model, grads, version, wire_dtype, trainer, pull_dtype, reuse_buffers
+        )
         assert weights is not None
         return weights, version
 
@@ -322,6 +371,7 @@ class ParameterServerClient:
         wire_dtype: torch.dtype,
         trainer: str,
         pull_dtype: torch.dtype | None,
+        reuse_buffers: bool = False,
     ) -> tuple[dict[str, torch.Tensor] | None, int]:
         if wire_dtype not in GRADIENT_WIRE_DTYPES:
             raise InvalidArgument(
@@ -340,29 +390,30 @@ class ParameterServerClient:
                 pull_dtype=to_wire_dtype(pull_dtype or torch.float32),
             )
 
-            def requests(shard: ShardSlice) -> Iterator[shard_pb2.PushRequest]:
-                yield shard_pb2.PushRequest(header=header)
+            def requests(shard: ShardSlice) -> Iterator[bytes]:
+                # Ready-made PushRequest frames: the data is copied once (client/wire.py).
+                yield header_frame(header)
                 for group, (start, end) in shard.ranges.items():
-                    flat = flats[group][start:end]
-                    for chunk in encode_tensor(group, flat, self.chunk_bytes):
-                        yield shard_pb2.PushRequest(chunk=chunk)
+                    yield from chunk_frames(group, flats[group][start:end], self.chunk_bytes)
 
             if pull_dtype is None:
 
                 def push_one(shard: ShardSlice) -> int:
-                    stub = self._shard(shard.address)
-                    reply = _call(stub.Push, requests(shard), timeout=self.timeout_s)
+                    push = self._data_plane(shard.address).push
+                    reply = _call(push, requests(shard), timeout=self.timeout_s)
                     return reply.version
 
                 return None, max(self._each_shard(info, push_one))
 
+            flat_out = self._receive_buffers(info, pull_dtype) if reuse_buffers else None
+
             def push_pull_one(shard: ShardSlice) -> tuple[int, dict[str, torch.Tensor]]:
-                stream = self._shard(shard.address).PushPull(
+                stream = self._data_plane(shard.address).push_pull(
                     requests(shard), timeout=self.timeout_s
                 )
-                return self._receive_weights(shard, stream, pull_dtype)
+                return self._receive_weights(shard, stream, pull_dtype, flat_out)
 
-            return self._join_weights(info, self._each_shard(info, push_pull_one))
+            return self._join_weights(info, self._each_shard(info, push_pull_one), flat_out)
 
         weights, new_version = self._with_layout(model, push_all)
         if weights is not None:
@@ -371,38 +422,66 @@ class ParameterServerClient:
         return weights, new_version
 
     def pull(
-        self, model: str, *, wire_dtype: torch.dtype = torch.float32
+        self, model: str, *, wire_dtype: torch.dtype = torch.float32, reuse_buffers: bool = False
     ) -> tuple[dict[str, torch.Tensor], int]:
-        """The model's current weights (each in its parameter's dtype) and their version."""
+        """The model's current weights (each in its parameter's dtype) and their version.
+
+        With `reuse_buffers`, the weights are received into buffers this client keeps per model
+        and reuses on its next call with `reuse_buffers` (no fresh memory per step, which is
+        costly for large models): the returned tensors are then views of those buffers, valid
+        until that next call; copy what you keep (RemoteOptimizer copies into the parameters).
+        """
         request = shard_pb2.PullRequest(model=model, dtype=to_wire_dtype(wire_dtype))
 
-        def pull_one(shard: ShardSlice) -> tuple[int, dict[str, torch.Tensor]]:
-            stream = self._shard(shard.address).Pull(request, timeout=self.timeout_s)
-            return self._receive_weights(shard, stream, wire_dtype)
-
         def pull_all(info: ModelInfo) -> tuple[dict[str, torch.Tensor], int]:
-            return self._join_weights(info, self._each_shard(info, pull_one))
+            flat_out = self._receive_buffers(info, wire_dtype) if reuse_buffers else None
+
+            def pull_one(shard: ShardSlice) -> tuple[int, dict[str, torch.Tensor]]:
+                stream = self._data_plane(shard.address).pull(request, timeout=self.timeout_s)
+                return self._receive_weights(shard, stream, wire_dtype, flat_out)
+
+            return self._join_weights(info, self._each_shard(info, pull_one), flat_out)
 
         weights, version = self._with_layout(model, pull_all)
         with self._lock:
             self._versions[model] = version
         return weights, version
 
+    def _receive_buffers(self, info: ModelInfo, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """One flat receive buffer per group for this model and wire dtype, kept and reused."""
+        key = (info.name, dtype)
+        with self._lock:
+            buffers = self._buffers.get(key)
+            if buffers is None or {g: b.numel() for g, b in buffers.items()} != {
+                g.name: g.numel for g in info.groups
+            }:
+                buffers = {g.name: torch.empty(g.numel, dtype=dtype) for g in info.groups}
+                self._buffers[key] = buffers
+            return buffers
+
     @staticmethod
     def _receive_weights(
-        shard: ShardSlice, stream: Iterable[shard_pb2.PullResponse], wire_dtype: torch.dtype
+        shard: ShardSlice,
+        stream: Iterable[shard_pb2.PullResponse],
+        wire_dtype: torch.dtype,
+        flat_out: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[int, dict[str, torch.Tensor]]:
         expected = expect_all(
             (g, (end - start,), (wire_dtype,)) for g, (start, end) in shard.ranges.items()
         )
-        assembler = TensorAssembler(expected, what="weights")
+        out = None
+        if flat_out is not None:  # each shard's slices land in place in the group buffers
+            out = {g: flat_out[g][start:end] for g, (start, end) in shard.ranges.items()}
+        assembler = TensorAssembler(expected, what="weights", out=out)
         version = None
         try:
-            for reply in stream:
-                if reply.WhichOneof("payload") == "header":
-                    version = reply.header.version
+            for reply in stream:  # read by parse_pull_response
+                if isinstance(reply, OptserveError):
+                    raise reply
+                if isinstance(reply, shard_pb2.PullHeader):
+                    version = reply.version
                 else:
-                    assembler.add(reply.chunk)
+                    assembler.add(reply)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         if version is None:
@@ -411,12 +490,24 @@ class ParameterServerClient:
 
     @staticmethod
     def _join_weights(
-        info: ModelInfo, results: list[tuple[int, dict[str, torch.Tensor]]]
+        info: ModelInfo,
+        results: list[tuple[int, dict[str, torch.Tensor]]],
+        flat_out: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], int]:
         """Per-parameter weights from every shard's slices; the version is the lowest seen."""
         weights: dict[str, torch.Tensor] = {}
         for group in info.groups:
-            flat = torch.cat([parts[group.name] for _, parts in results])
+            pieces = [parts[group.name] for _, parts in results if parts[group.name].numel()]
+            buffer = flat_out[group.name] if flat_out is not None else None
+            if buffer is not None and all(
+                p.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+                for p in pieces
+            ):
+                flat = buffer  # the slices were written in place
+            elif len(pieces) == 1:
+                flat = pieces[0]
+            else:
+                flat = torch.cat(pieces) if pieces else torch.empty(0)
             views = unflatten_group(group, flat)
             for slot in group.params:
                 weights[slot.name] = views[slot.name].to(slot.dtype)
@@ -475,15 +566,16 @@ class ParameterServerClient:
                     f"gradient for {slot.name!r} has dtype {dtype_name(grad.dtype)}; "
                     f"the parameter has dtype {dtype_name(slot.dtype)}"
                 )
-            if not bool(torch.isfinite(grad).all()):
+            if count_nonfinite(grad):
                 raise InvalidArgument(f"gradient for {slot.name!r} contains NaN or Inf")
 
-    def _shard(self, address: str) -> shard_pb2_grpc.ShardStub:
+    def _data_plane(self, address: str) -> _DataPlane:
+        """The shard's Push, PushPull and Pull calls, speaking frames (client/wire.py)."""
         with self._lock:
             entry = self._shard_channels.get(address)
             if entry is None:
                 channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-                entry = (channel, shard_pb2_grpc.ShardStub(channel))
+                entry = (channel, _DataPlane.open(channel))
                 self._shard_channels[address] = entry
             return entry[1]
 

@@ -142,12 +142,16 @@ class TensorAssembler:
     expected: Mapping[str, Expected]
     max_chunk_bytes: int = MAX_CHUNK_BYTES
     what: str = "tensor"
+    # Optional destination per name (contiguous, of the expected size): chunks are written
+    # straight into it instead of a fresh tensor, when the dtype that arrives matches.
+    out: Mapping[str, torch.Tensor] | None = None
     _partials: dict[str, _Partial] = field(default_factory=dict)
 
     def add(self, chunk: tensor_pb2.TensorChunk) -> None:
-        if len(chunk.data) > self.max_chunk_bytes:
+        data = chunk.data  # each read of a bytes field copies it: read it once
+        if len(data) > self.max_chunk_bytes:
             raise ResourceExhausted(
-                f"chunk of {self.what} {chunk.name!r} has {len(chunk.data)} bytes; "
+                f"chunk of {self.what} {chunk.name!r} has {len(data)} bytes; "
                 f"the limit is {self.max_chunk_bytes}"
             )
         partial = self._partials.get(chunk.name)
@@ -156,13 +160,13 @@ class TensorAssembler:
             self._partials[chunk.name] = partial
         else:
             self._check_continuation(chunk, partial)
-        end = partial.received + len(chunk.data)
+        end = partial.received + len(data)
         if end > len(partial.view):
             raise InvalidArgument(
                 f"{self.what} {chunk.name!r} overflows: {end} bytes received, "
                 f"its dtype and shape make {len(partial.view)}"
             )
-        partial.view[partial.received : end] = chunk.data
+        partial.view[partial.received : end] = data
         partial.received = end
 
     def _start(self, chunk: tensor_pb2.TensorChunk) -> _Partial:
@@ -185,7 +189,17 @@ class TensorAssembler:
             raise InvalidArgument(
                 f"{self.what} {chunk.name!r} has shape {list(shape)}; expected {list(spec.shape)}"
             )
-        tensor = torch.empty(spec.numel, dtype=dtype)
+        target = (self.out or {}).get(chunk.name)
+        if (
+            target is not None
+            and target.dtype == dtype
+            and target.numel() == spec.numel
+            and target.is_contiguous()
+            and target.device.type == "cpu"
+        ):
+            tensor = target.reshape(-1)
+        else:
+            tensor = torch.empty(spec.numel, dtype=dtype)
         return _Partial(tensor=tensor, view=_byte_view(tensor))
 
     def _check_continuation(self, chunk: tensor_pb2.TensorChunk, partial: _Partial) -> None:
@@ -216,6 +230,15 @@ class TensorAssembler:
             name: self._partials[name].tensor.reshape(spec.shape)
             for name, spec in self.expected.items()
         }
+
+
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    """How many elements are NaN or Inf. A sum is one cheap pass with no temporary, and it is
+    finite whenever every element is, unless finite values overflow it; only a non-finite sum
+    makes the elements be counted one by one, so an overflow is never mistaken for a NaN."""
+    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
+        return 0
+    return tensor.numel() - int(torch.isfinite(tensor).sum())
 
 
 def expect_all(

@@ -92,7 +92,12 @@ def split_ranges(groups: Sequence[GroupLayout], num_shards: int) -> list[ShardSl
 def flatten_group(
     group: GroupLayout, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """The group's flat vector from per-parameter tensors (one copy, on the CPU)."""
+    """The group's flat vector from per-parameter tensors, on the CPU (a view, with no copy,
+    when the group has one contiguous CPU tensor of the wanted dtype)."""
+    if len(group.params) == 1:
+        t = tensors[group.params[0].name].detach()
+        if t.device.type == "cpu" and t.is_contiguous() and dtype in (None, t.dtype):
+            return t.reshape(-1)
     parts = []
     for slot in group.params:
         t = tensors[slot.name].detach()

@@ -149,7 +149,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _load_from_server(self) -> None:
-        weights, self.version = self.client.pull(self.model)
+        weights, self.version = self.client.pull(self.model, reuse_buffers=True)
         for name, param in self._named:
             param.copy_(weights[name])
 
@@ -170,6 +170,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 version=self.version,
                 wire_dtype=self.wire_dtype,
                 trainer=self.trainer,
+                reuse_buffers=True,  # copied into the parameters below
             )
         except (Aborted, FailedPrecondition) as exc:
             # Too stale (async max_staleness) or too late for its sync round: the server applied

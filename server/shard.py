@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from optserve.client.codec import GRADIENT_WIRE_DTYPES, Expected
+from optserve.client.codec import GRADIENT_WIRE_DTYPES, Expected, count_nonfinite
 from optserve.client.config import RuleConfig, parse_schedule_config, schedule_config_json
 from optserve.client.errors import Internal, InvalidArgument, Unavailable
 from optserve.server.engine.base import TensorViews
@@ -24,6 +24,7 @@ from optserve.server.engine.migration import Policy
 from optserve.server.engine.schedules import Schedule, build_schedule
 from optserve.server.sequencer import Decision
 
+T = TypeVar("T")
 # How long a decided update waits for the updates before it to reach this shard.
 APPLY_TIMEOUT_S = 300.0
 
@@ -75,16 +76,19 @@ class ShardState:
         return self._schedule.lr(self._groups[group].config.lr, self.version)
 
     def stage(self, push_id: str, grads: Mapping[str, torch.Tensor]) -> None:
-        """Validate one push's gradient slices and keep them until the push is decided."""
+        """Validate one push's gradient slices and keep them until the push is decided.
+
+        The shard takes the tensors over (the update may modify them in place)."""
         prepared = {}
         for name, group in self._groups.items():
-            grad = grads[name].reshape(-1).to(self.device, torch.float32, copy=True)
+            # The decoded gradient is ours: kept as it is when it is already fp32 here.
+            grad = grads[name].reshape(-1).to(self.device, torch.float32)
             if grad.numel() != group.weights.numel():
                 raise InvalidArgument(
                     f"gradient for group {name!r} has {grad.numel()} elements; "
                     f"this shard holds {group.weights.numel()}"
                 )
-            bad = grad.numel() - int(torch.isfinite(grad).sum())
+            bad = count_nonfinite(grad)
             if bad:
                 raise InvalidArgument(
                     f"gradient for group {name!r} has {bad} NaN/Inf element(s); nothing was applied"
@@ -136,7 +140,7 @@ class ShardState:
                     f"gradient claims model version {based_on}, "
                     f"but model {self.model!r} is at version {self.version}"
                 )
-            self.stage(push_id, grads)
+            self.stage(push_id, {name: g.clone() for name, g in grads.items()})
             staleness = self.version - based_on
             return self.apply(Decision(self.version + 1, (push_id,), (1.0,))), staleness
 
@@ -160,6 +164,14 @@ class ShardState:
         """Feed a reported metric to the schedule; True if it changed the lr."""
         with self._lock:
             return self._schedule.observe(name, value)
+
+    def read_weights(self, fn: Callable[[int, dict[str, torch.Tensor]], T]) -> T:
+        """Run `fn(version, per-group weights)` while no update can change them.
+
+        `fn` must copy what it keeps (the data plane encodes the bytes straight into its
+        messages, which saves a snapshot copy) and must be quick: pushes wait meanwhile."""
+        with self._lock:
+            return fn(self.version, {name: g.weights for name, g in self._groups.items()})
 
     def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
         """A consistent copy of (version, per-group weights) on the CPU."""

@@ -14,9 +14,15 @@ from optserve.server.grpc_util import (
     create_server,
     format_address,
 )
+from optserve.server.memory import keep_freed_memory
 from optserve.server.sequencer import Sequencer
 from optserve.server.shard import GroupInit, ShardState
-from optserve.server.shard_service import SEQUENCE_WAIT_S, SERVICE_NAME, ShardService
+from optserve.server.shard_service import (
+    SEQUENCE_WAIT_S,
+    SERVICE_NAME,
+    ShardService,
+    add_shard_service,
+)
 from optserve.v1 import shard_pb2, shard_pb2_grpc
 
 
@@ -41,6 +47,7 @@ class ShardActor:
         mode_json: str = "",
         device: str = "cpu",
     ) -> None:
+        keep_freed_memory()  # every step allocates and frees buffers the size of the slice
         inits = {
             name: GroupInit(
                 weights=g["weights"],
@@ -58,7 +65,7 @@ class ShardActor:
         self._leader_channel: grpc.Channel | None = None
         self._server = create_server(
             format_address(host, 0),
-            [(shard_pb2_grpc.add_ShardServicer_to_server, self._service, SERVICE_NAME)],
+            [(add_shard_service, self._service, SERVICE_NAME)],
             # Pushes wait in their handler threads for their turn (a sync round, the leader).
             max_workers=256,
         )

@@ -268,6 +268,27 @@ def test_bad_gradient_is_invalid_argument_and_changes_nothing(
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+@pytest.mark.parametrize("garbage", [b"\x0f", b"\x12\x80", b"\x12\x05ab", b"\x0a\x03abc"])
+def test_malformed_push_bytes_are_invalid_argument_and_change_nothing(client, raw_shard, garbage):
+    model, _, numel = raw_shard
+    info = client.describe_model(model)
+    before, version = client.pull(model)
+    with grpc.insecure_channel(info.shards[0].address) as channel:
+        push = channel.stream_unary(
+            "/optserve.v1.Shard/Push",
+            request_serializer=lambda b: b,
+            response_deserializer=shard_pb2.PushResponse.FromString,
+        )
+        header = shard_pb2.PushRequest(header=shard_pb2.PushHeader(model=model, version=1))
+        for frames in ([garbage], [header.SerializeToString(), garbage]):
+            with pytest.raises(grpc.RpcError) as error:
+                push(iter(frames), timeout=60)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+    after, version_after = client.pull(model)
+    assert version_after == version
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
 def test_raw_push_and_pull_in_half_precision(client, raw_shard):
     model, stub, numel = raw_shard
     reply = push_raw(

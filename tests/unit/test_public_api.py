@@ -14,7 +14,8 @@ def test_exported_members():
         name
         for name in dir(optserve.client)
         if not name.startswith("_")
-        and name not in {"client", "codec", "config", "errors", "layout", "remote_optimizer"}
+        and name
+        not in {"client", "codec", "config", "errors", "layout", "remote_optimizer", "wire"}
     )
     for name in (
         "ParameterServerClient",
@@ -27,11 +28,14 @@ def test_exported_members():
 
 
 def test_client_methods_and_remote_optimizer_signature():
-    for method in ("create_model", "describe_model", "list_models", "drop_model", "push", "pull"):
+    for method in (
+        "create_model", "describe_model", "list_models", "drop_model", "push", "pull",
+        "push_and_pull", "set_optimizer", "set_schedule", "report_metric",
+    ):  # fmt: skip
         assert callable(getattr(optserve.client.ParameterServerClient, method))
     params = inspect.signature(optserve.client.RemoteOptimizer.__init__).parameters
     assert list(params)[:2] == ["self", "named_parameters"]
-    for keyword in ("address", "model", "optimizer"):
+    for keyword in ("address", "model", "optimizer", "schedule", "mode", "trainers"):
         assert params[keyword].kind is inspect.Parameter.KEYWORD_ONLY
 
 
