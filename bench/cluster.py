@@ -187,7 +187,7 @@ def main() -> None:
     service = start_service(default_num_shards=1)
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, ray {ray.__version__}, "
           f"{os.cpu_count()} cores; step = push gradients + apply + pull weights, fp32, "
-          "1 trainer, medians of {args.repeat}")  # fmt: skip
+          f"1 trainer, medians of {args.repeat}")  # fmt: skip
     try:
         for numel in args.sizes:
             nbytes = numel * 4

@@ -120,6 +120,8 @@ class ShardActor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._state.load_state_dict(state)
+        if self._service.sequencer is not None:  # the leader orders from the restored version
+            self._service.sequencer.reset(self._state.version)
 
     def stop(self, grace_s: float = 5.0) -> None:
         self._server.stop(grace_s)
