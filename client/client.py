@@ -7,7 +7,10 @@ It never imports server code.
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -164,6 +167,23 @@ class _DataPlane:
         )
 
 
+def default_caller() -> str:
+    """user@host:pid, how this process signs its control calls in the audit log."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "?"
+    return f"{user}@{socket.gethostname()}:{os.getpid()}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    raise InvalidArgument(f"{type(value).__name__} is not a JSON value")
+
+
 def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     try:
         return fn(*args, **kwargs)
@@ -184,6 +204,7 @@ class ParameterServerClient:
         *,
         timeout_s: float = 120.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        caller: str = "",
     ) -> None:
         if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
             raise InvalidArgument(
@@ -199,6 +220,8 @@ class ParameterServerClient:
         self._layouts: dict[str, ModelInfo] = {}
         self._versions: dict[str, int] = {}
         self._pool: ThreadPoolExecutor | None = None
+        # Who makes control calls, for the server's audit log.
+        self._caller = (("x-optserve-caller", caller or default_caller()),)
         # (model, wire dtype) -> per-group receive buffers, for calls with reuse_buffers=True
         self._buffers: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
 
@@ -300,23 +323,55 @@ class ParameterServerClient:
             optimizer_json=optimizer_config_json(parse_optimizer_config(config)),
             policy=policy,
         )
-        reply = _call(self._coordinator.SetOptimizer, request, timeout=self.timeout_s)
+        reply = _call(
+            self._coordinator.SetOptimizer, request, timeout=self.timeout_s, metadata=self._caller
+        )
         self._forget_layout(model)
         return {**json.loads(reply.report_json), "version": reply.version}
+
+    def set_hyperparameters(self, model: str, **changes: Any) -> dict[str, Any]:
+        """Change some hyperparameters of the model's rule, e.g. ``lr=0.01`` or
+        ``betas=(0.9, 0.99)`` or ``lookahead={"k": 5, "alpha": 0.5}``; the state is kept.
+        Returns the report, as `set_optimizer` does; "version" is where the change took effect
+        (after that update, before the next, on every shard)."""
+        request = coordinator_pb2.SetHyperparametersRequest(
+            model=model, changes_json=json.dumps(changes, default=_jsonable)
+        )
+        reply = _call(
+            self._coordinator.SetHyperparameters,
+            request,
+            timeout=self.timeout_s,
+            metadata=self._caller,
+        )
+        self._forget_layout(model)
+        return {**json.loads(reply.report_json), "version": reply.version}
+
+    def status(self, model: str) -> dict[str, Any]:
+        """The run as the server sees it: version, mode, rule and hyperparameters, each group's
+        lr and state counters (step, Lookahead's counter, ...), schedule state, every shard,
+        recent metrics and the audit log of control changes."""
+        request = coordinator_pb2.StatusRequest(model=model)
+        reply = _call(self._coordinator.Status, request, timeout=self.timeout_s)
+        return json.loads(reply.status_json)
 
     def set_schedule(self, model: str, config: str | Mapping[str, Any] | None) -> int:
         """Replace the model's learning-rate schedule; returns the model version."""
         request = coordinator_pb2.SetScheduleRequest(
             model=model, schedule_json=schedule_config_json(parse_schedule_config(config))
         )
-        return _call(self._coordinator.SetSchedule, request, timeout=self.timeout_s).version
+        return _call(
+            self._coordinator.SetSchedule, request, timeout=self.timeout_s, metadata=self._caller
+        ).version
 
     def report_metric(self, model: str, name: str, value: float, step: int | None = None) -> bool:
         """Report a metric (loss, validation metric); True if it changed the learning rate."""
         request = coordinator_pb2.ReportMetricRequest(
             model=model, name=name, value=float(value), step=step
         )
-        return _call(self._coordinator.ReportMetric, request, timeout=self.timeout_s).lr_changed
+        reply = _call(
+            self._coordinator.ReportMetric, request, timeout=self.timeout_s, metadata=self._caller
+        )
+        return reply.lr_changed
 
     # ---- data plane ----------------------------------------------------------------------
 

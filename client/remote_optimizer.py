@@ -196,9 +196,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def set_hyperparameters(self, **changes: Any) -> dict[str, Any]:
         """Change some hyperparameters of the current rule (its state is kept)."""
-        current = self.client.describe_model(self.model).optimizer
-        merged = {**current.model_dump(mode="json"), **changes}
-        return self.client.set_optimizer(self.model, merged, "migrate")
+        return self.client.set_hyperparameters(self.model, **changes)
+
+    def status(self) -> dict[str, Any]:
+        """The run as the server sees it; see ParameterServerClient.status."""
+        return self.client.status(self.model)
 
     def set_schedule(self, config: str | Mapping[str, Any] | None) -> int:
         return self.client.set_schedule(self.model, config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -57,6 +58,86 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"optserve: stopped in {time.perf_counter() - started:.1f}s", flush=True)
     finally:
         ray.shutdown()
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from optserve.client import ParameterServerClient
+
+    return ParameterServerClient(args.address, timeout_s=args.timeout_s)
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.status(args.model)
+    if args.json:
+        _print_json(status)
+        return 0
+    print(f"model {status['model']}  version {status['version']}  mode {status['mode']['mode']}  "
+          f"device {status['device']}")  # fmt: skip
+    print(f"optimizer {json.dumps(status['optimizer'])}")
+    print(
+        f"schedule  {json.dumps(status['schedule'])}  state {json.dumps(status['schedule_state'])}"
+    )
+    for name, group in status["groups"].items():
+        state, overrides = json.dumps(group["state"]), json.dumps(group["overrides"])
+        print(f"group {name}: {group['numel']:,} params, lr {group['lr']:.6g}, "
+              f"state {state}, overrides {overrides}")  # fmt: skip
+    for shard in status["shards"]:
+        paths = ", ".join(f"{g}: {i['rule']} ({i['path']})" for g, i in shard["groups"].items())
+        print(f"shard {shard['index']} at {shard['address']} on {shard['device']}, "
+              f"version {shard['version']}: {paths}")  # fmt: skip
+    for metric in status["metrics"][-10:]:
+        changed = ", lr changed" if metric["lr_changed"] else ""
+        print(f"metric {metric['name']} = {metric['value']:.6g} (step {metric['step']}, "
+              f"version {metric['version']}{changed})")  # fmt: skip
+    for entry in status["audit"][-10:]:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["time"]))
+        print(f"audit {stamp} version {entry['version']} {entry['action']} by {entry['caller']}: "
+              f"{json.dumps(entry['old'])} -> {json.dumps(entry['new'])}")  # fmt: skip
+    return 0
+
+
+def _set_optimizer(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.config is not None:
+            report = client.set_optimizer(args.model, args.config, args.policy)
+        else:
+            changes = dict(_key_value(item) for item in args.set)
+            if not changes:
+                raise SystemExit("optserve set-optimizer: give a config JSON or --set KEY=VALUE")
+            report = client.set_hyperparameters(args.model, **changes)
+    if args.json:
+        _print_json(report)
+        return 0
+    print(f"optimizer of {args.model} is now {json.dumps(report['optimizer'])}, "
+          f"from version {report['version']} on, on {report['shards']} shard(s)")  # fmt: skip
+    for group, migration in report["groups"].items():
+        print(f"  group {group}: {migration['source']} -> {migration['target']} "
+              f"({migration['policy']})")  # fmt: skip
+        for key, entry in migration["keys"].items():
+            print(f"    {key}: {entry['action']} ({entry['why']})")
+    return 0
+
+
+def _key_value(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"optserve: --set wants KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _set_schedule(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        version = client.set_schedule(args.model, args.config)
+    print(f"schedule of {args.model} is now {args.config}, from version {version} on")
     return 0
 
 
@@ -133,6 +214,57 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--report", default=None, help="write a JSON summary to this file")
     demo.set_defaults(func=_demo)
+
+    def control(name: str, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(
+            name, help=help, description=description, epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        command.add_argument("--address", default="127.0.0.1:50051", help="coordinator host:port")
+        command.add_argument("--model", required=True, help="model name")
+        command.add_argument("--timeout-s", type=float, default=120.0, help="RPC deadline")
+        return command
+
+    status = control(
+        "status",
+        "show a model's version, optimizer, lr, schedule, shards, metrics and audit log",
+        "Show what the server knows about a model's run.",
+        "examples:\n  optserve status --model my-net\n  optserve status --model my-net --json\n",
+    )
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.set_defaults(func=_status)
+
+    set_optimizer = control(
+        "set-optimizer",
+        "swap a model's optimizer, or change some hyperparameters, mid-run",
+        "Swap the optimizer of a running model (state carried over by the optimizer spec's "
+        "migration rules, or reset), or change some hyperparameters with --set; the change "
+        "takes effect at one version on every shard.",
+        "examples:\n"
+        '  optserve set-optimizer --model my-net \'{"name": "sgd", "lr": 0.05, '
+        '"momentum": 0.9}\'\n'
+        '  optserve set-optimizer --model my-net \'{"name": "ranger"}\' --policy reset\n'
+        "  optserve set-optimizer --model my-net --set lr=0.0003 --set betas='[0.9, 0.99]'\n",
+    )
+    set_optimizer.add_argument("config", nargs="?", default=None, help="optimizer config JSON")
+    set_optimizer.add_argument("--policy", default="migrate", choices=["migrate", "reset"])
+    set_optimizer.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="change one hyperparameter of the current rule (VALUE as JSON); repeatable",
+    )  # fmt: skip
+    set_optimizer.add_argument("--json", action="store_true", help="print the raw report")
+    set_optimizer.set_defaults(func=_set_optimizer)
+
+    set_schedule = control(
+        "set-schedule",
+        "replace a model's learning-rate schedule mid-run",
+        "Replace the learning-rate schedule of a running model, at one version on every shard.",
+        "examples:\n"
+        '  optserve set-schedule --model my-net \'{"name": "cosine", "T_max": 1000}\'\n'
+        '  optserve set-schedule --model my-net \'{"name": "plateau"}\'\n',
+    )
+    set_schedule.add_argument("config", help="schedule config JSON")
+    set_schedule.set_defaults(func=_set_schedule)
     return parser
 
 

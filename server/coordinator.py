@@ -6,14 +6,16 @@ owns one and serves it on the gRPC front door (the Coordinator service).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
 import threading
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 import torch
@@ -50,6 +52,7 @@ from optserve.client.layout import (
 from optserve.server.shard_actor import ShardActor
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_PARAM_NAME_CHARS = 512
@@ -70,6 +73,7 @@ class Limits:
     creation_wait_s: float = 30.0
     max_groups: int = 64
     max_metric_history: int = 10_000
+    max_audit_entries: int = 10_000
 
 
 _ShardActor = ray.remote(ShardActor)
@@ -97,6 +101,10 @@ class ModelRecord:
     mode: Any = field(default_factory=AsyncMode)
     placement_group: Any = None
     device: str = "cpu"
+    # Every control change: version, time, caller, action, old and new config.
+    audit: list[dict[str, Any]] = field(default_factory=list)
+    # One control change at a time per model.
+    control_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def optimizer_json(self) -> str:
@@ -362,8 +370,41 @@ class Coordinator:
         log.info("created model %s on %d shard(s): %s", name, num_shards, addresses)
         return record
 
-    def set_optimizer(self, name: str, optimizer: RuleConfig, policy: str) -> dict[str, Any]:
-        """Swap every group's rule on every shard; return the migration report."""
+    def _control(
+        self,
+        record: ModelRecord,
+        action: str,
+        caller: str,
+        old: Any,
+        new: Any,
+        apply: Callable[[int], T],
+    ) -> tuple[int, T]:
+        """Apply a control change on every shard at one version boundary; audit it.
+
+        The leader shard stops deciding updates and names the boundary v (every update
+        decided so far is at or below it); each shard applies the change once it reaches v,
+        before update v + 1; then the leader resumes. Returns (v, what `apply(v)` returned).
+        """
+        op_id = uuid.uuid4().hex
+        leader = record.actors[0]
+        with record.control_lock:
+            version = ray.get(leader.pause_updates.remote(op_id), timeout=180)
+            try:
+                result = apply(version)
+            finally:
+                ray.get(leader.resume_updates.remote(op_id), timeout=60)
+            record.audit.append({
+                "version": version, "time": time.time(), "caller": caller, "action": action,
+                "old": old, "new": new,
+            })  # fmt: skip
+            del record.audit[: -self.limits.max_audit_entries]
+        log.info("%s on model %s at version %d by %s", action, record.name, version, caller)
+        return version, result
+
+    def set_optimizer(
+        self, name: str, optimizer: RuleConfig, policy: str, caller: str = ""
+    ) -> tuple[int, dict[str, Any]]:
+        """Swap every group's rule on every shard at one version; return it and the report."""
         if policy not in ("migrate", "reset"):
             raise InvalidArgument(f"policy must be 'migrate' or 'reset', got {policy!r}")
         record = self.get(name)
@@ -373,35 +414,117 @@ class Coordinator:
             kept = {k: v for k, v in overrides.items() if k in fields}
             ignored[group] = sorted(set(overrides) - set(kept))
             configs[group] = optimizer_config_json(with_overrides(optimizer, kept))
-        reports = ray.get(
-            [a.set_optimizer.remote(configs, policy) for a in record.actors], timeout=120
-        )
+
+        def apply(version: int) -> list[dict[str, Any]]:
+            calls = [a.set_optimizer.remote(configs, policy, version) for a in record.actors]
+            return ray.get(calls, timeout=120)
+
+        old = json.loads(record.optimizer_json)
+        new = {**json.loads(optimizer_config_json(optimizer)), "policy": policy}
+        version, reports = self._control(record, "set_optimizer", caller, old, new, apply)
         record.optimizer = optimizer
-        return {
+        return version, {
             "groups": reports[0],
             "shards": len(reports),
             "overrides_not_applicable": {g: keys for g, keys in ignored.items() if keys},
         }
 
-    def set_schedule(self, name: str, schedule: Any) -> None:
+    def set_hyperparameters(
+        self, name: str, changes: Mapping[str, Any], caller: str = ""
+    ) -> tuple[int, dict[str, Any]]:
+        """Change some hyperparameters of the current rule (state kept: policy migrate)."""
+        if not changes:
+            raise InvalidArgument("no hyperparameters to change")
+        record = self.get(name)
+        return self.set_optimizer(
+            name, with_overrides(record.optimizer, changes), "migrate", caller
+        )
+
+    def set_schedule(self, name: str, schedule: Any, caller: str = "") -> int:
         record = self.get(name)
         config = parse_schedule_config(schedule)
         text = schedule_config_json(config)
-        ray.get([a.set_schedule.remote(text) for a in record.actors], timeout=120)
-        record.schedule = config
 
-    def report_metric(self, name: str, metric: str, value: float, step: int | None) -> bool:
+        def apply(version: int) -> None:
+            ray.get([a.set_schedule.remote(text, version) for a in record.actors], timeout=120)
+
+        old = json.loads(record.schedule_json)
+        version, _ = self._control(record, "set_schedule", caller, old, json.loads(text), apply)
+        record.schedule = config
+        return version
+
+    def report_metric(
+        self, name: str, metric: str, value: float, step: int | None, caller: str = ""
+    ) -> tuple[int, bool]:
+        """Feed a metric to every shard's schedule at one version; True if the lr changed."""
         if not metric or len(metric) > 128:
             raise InvalidArgument(f"metric name must have 1-128 characters, got {metric[:40]!r}")
         if value != value or value in (float("inf"), float("-inf")):
             raise InvalidArgument(f"metric {metric!r} must be finite, got {value}")
         record = self.get(name)
-        changed = ray.get(
-            [a.report_metric.remote(metric, value) for a in record.actors], timeout=120
-        )
-        record.metrics.append({"name": metric, "value": value, "step": step})
+        op_id = uuid.uuid4().hex
+        leader = record.actors[0]
+        with record.control_lock:  # a metric moves the lr: it lands between two versions too
+            version = ray.get(leader.pause_updates.remote(op_id), timeout=180)
+            try:
+                changed = ray.get(
+                    [a.report_metric.remote(metric, value, version) for a in record.actors],
+                    timeout=120,
+                )
+            finally:
+                ray.get(leader.resume_updates.remote(op_id), timeout=60)
+        record.metrics.append({
+            "name": metric, "value": value, "step": step, "version": version,
+            "time": time.time(), "lr_changed": any(changed),
+        })  # fmt: skip
         del record.metrics[: -self.limits.max_metric_history]
-        return any(changed)
+        return version, any(changed)
+
+    def status(self, name: str, recent: int = 50) -> dict[str, Any]:
+        """Everything about a model's run: version, rule, lr, schedule, shards, metrics, audit."""
+        record = self.get(name)
+        shards = self.shard_info(record)
+        first = shards[0]
+        return {
+            "model": record.name,
+            "version": min(s["version"] for s in shards),
+            "mode": json.loads(record.mode_json),
+            "optimizer": json.loads(record.optimizer_json),
+            "schedule": json.loads(record.schedule_json),
+            "schedule_state": first.get("schedule_state", {}),
+            "device": record.device,
+            "groups": {
+                group: {
+                    "overrides": record.overrides.get(group, {}),
+                    "optimizer": info["config"],
+                    "lr": info["lr"],
+                    "numel": sum(s["groups"][group]["numel"] for s in shards),
+                    "state": info["scalars"],
+                }
+                for group, info in first["groups"].items()
+            },
+            "shards": [
+                {
+                    "index": s["index"],
+                    "address": s["address"],
+                    "node_id": s.get("node_id"),
+                    "device": s["device"],
+                    "version": s["version"],
+                    "groups": {
+                        g: {
+                            "rule": i["rule"],
+                            "path": i["path"],
+                            "numel": i["numel"],
+                            "state": i["scalars"],
+                        }
+                        for g, i in s["groups"].items()
+                    },
+                }
+                for s in shards
+            ],  # fmt: skip
+            "metrics": record.metrics[-recent:],
+            "audit": record.audit[-recent:],
+        }
 
     def shard_info(self, record: ModelRecord) -> list[dict[str, Any]]:
         return ray.get([a.info.remote() for a in record.actors], timeout=60)

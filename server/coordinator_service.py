@@ -137,30 +137,52 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.SetOptimizerRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.SetOptimizerResponse:
         optimizer = parse_optimizer_config(request.optimizer_json)
-        report = self._coordinator.set_optimizer(
-            request.model, optimizer, request.policy or "migrate"
+        version, report = self._coordinator.set_optimizer(
+            request.model, optimizer, request.policy or "migrate", caller_of(context)
         )
         report["optimizer"] = json.loads(optimizer_config_json(optimizer))
-        record = self._coordinator.get(request.model)
-        return coordinator_pb2.SetOptimizerResponse(
-            version=self._coordinator.version(record), report_json=json.dumps(report)
+        return coordinator_pb2.SetOptimizerResponse(version=version, report_json=json.dumps(report))
+
+    @unary_errors
+    def SetHyperparameters(
+        self, request: coordinator_pb2.SetHyperparametersRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.SetOptimizerResponse:
+        changes = _json_object(request.changes_json, "hyperparameter changes")
+        version, report = self._coordinator.set_hyperparameters(
+            request.model, changes, caller_of(context)
         )
+        report["optimizer"] = json.loads(self._coordinator.get(request.model).optimizer_json)
+        return coordinator_pb2.SetOptimizerResponse(version=version, report_json=json.dumps(report))
 
     @unary_errors
     def SetSchedule(
         self, request: coordinator_pb2.SetScheduleRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.SetScheduleResponse:
-        self._coordinator.set_schedule(request.model, request.schedule_json or None)
-        record = self._coordinator.get(request.model)
-        return coordinator_pb2.SetScheduleResponse(version=self._coordinator.version(record))
+        version = self._coordinator.set_schedule(
+            request.model, request.schedule_json or None, caller_of(context)
+        )
+        return coordinator_pb2.SetScheduleResponse(version=version)
 
     @unary_errors
     def ReportMetric(
         self, request: coordinator_pb2.ReportMetricRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.ReportMetricResponse:
         step = request.step if request.HasField("step") else None
-        changed = self._coordinator.report_metric(request.model, request.name, request.value, step)
-        record = self._coordinator.get(request.model)
-        return coordinator_pb2.ReportMetricResponse(
-            version=self._coordinator.version(record), lr_changed=changed
+        version, changed = self._coordinator.report_metric(
+            request.model, request.name, request.value, step, caller_of(context)
         )
+        return coordinator_pb2.ReportMetricResponse(version=version, lr_changed=changed)
+
+    @unary_errors
+    def Status(
+        self, request: coordinator_pb2.StatusRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.StatusResponse:
+        status = self._coordinator.status(request.model)
+        return coordinator_pb2.StatusResponse(status_json=json.dumps(status, default=str))
+
+
+def caller_of(context: grpc.ServicerContext) -> str:
+    """Who made a control call, for the audit log: what the client says, and where from."""
+    said = dict(context.invocation_metadata()).get("x-optserve-caller", "")
+    peer = context.peer()
+    return f"{str(said)[:200]} ({peer})" if said else peer

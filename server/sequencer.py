@@ -21,6 +21,7 @@ Pure logic with threads and a clock: no Ray, no gRPC.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,8 @@ from optserve.client.errors import (
     OptserveError,
     Unavailable,
 )
+
+log = logging.getLogger(__name__)
 
 # How long a decision is kept for shards that have not collected it yet.
 RETAIN_DECISIONS_S = 600.0
@@ -85,6 +88,11 @@ class Sequencer:
         self._round_trainers: set[str] = set()
         self._round_opened = 0.0
         self._log: collections.deque[dict[str, Any]] = collections.deque(maxlen=log_size)
+        # A control change (optimizer swap, new hyperparameters, schedule, metric) in progress:
+        # no update is decided while it is, so it lands between two versions on every shard.
+        self._paused_by: str | None = None
+        self._paused_until = 0.0
+        self._deferred: list[tuple[str, _Pending]] = []
 
     @property
     def version(self) -> int:
@@ -97,11 +105,47 @@ class Sequencer:
         with self._cv:
             return list(self._log)
 
+    def pause(self, op_id: str, timeout: float = 120.0, max_hold_s: float = 120.0) -> int:
+        """Stop deciding updates until `resume(op_id)`; return the version boundary: every
+        update decided so far is at or below it, and none above it is decided until resumed.
+
+        Controls take turns (a second pause waits for the first to resume, up to `timeout`).
+        A pause not resumed within `max_hold_s` (its caller died) lifts itself."""
+        deadline = self._clock() + timeout
+        with self._cv:
+            while self._paused_by is not None:
+                now = self._clock()
+                self._expire(now)
+                if self._paused_by is None:
+                    break
+                if now >= deadline:
+                    raise Unavailable("another control change is in progress; try again")
+                self._cv.wait(timeout=min(self._next_deadline(now), deadline) - now)
+            self._paused_by = op_id
+            self._paused_until = self._clock() + max_hold_s
+            return self._version
+
+    def resume(self, op_id: str) -> None:
+        """Let updates be decided again, starting with those that became ready meanwhile."""
+        with self._cv:
+            if self._paused_by != op_id:
+                return
+            self._lift_pause()
+
+    def _lift_pause(self) -> None:
+        self._paused_by = None
+        deferred, self._deferred = self._deferred, []
+        for push_id, pending in deferred:
+            self._ready(push_id, pending)
+        self._cv.notify_all()
+
     def reset(self, version: int) -> None:
         """Start over at `version` (after a restore); pushes in flight are refused."""
         with self._cv:
-            for push_id in list(self._pending) + self._round:
+            in_flight = list(self._pending) + self._round + [p for p, _ in self._deferred]
+            for push_id in in_flight:
                 self._decide(push_id, Decision(error=Aborted("the model was restored; pull")))
+            self._deferred.clear()
             self._pending.clear()
             self._round.clear()
             self._round_pending.clear()
@@ -149,6 +193,9 @@ class Sequencer:
 
     def _ready(self, push_id: str, pending: _Pending) -> None:
         """Every shard holds its slice: decide (async) or join the round (sync)."""
+        if self._paused_by is not None:
+            self._deferred.append((push_id, pending))
+            return
         mode, version = self.mode, self._version
         if pending.based_on > version:
             self._decide(push_id, Decision(error=InvalidArgument(
@@ -227,8 +274,12 @@ class Sequencer:
                     f"push {push_id!r} reached {len(pending.staged)} of {self.num_shards} "
                     f"shards within {self.stage_timeout_s} s; nothing was applied; push "
                     "again")))  # fmt: skip
+        if self._paused_by is not None and now >= self._paused_until:
+            log.warning("control change %s did not finish; updates resume", self._paused_by)
+            self._lift_pause()
         if (
             self._round
+            and self._paused_by is None
             and isinstance(self.mode, SyncMode)
             and now - self._round_opened >= self.mode.round_timeout_s
         ):
@@ -239,6 +290,8 @@ class Sequencer:
 
     def _next_deadline(self, now: float) -> float:
         deadlines = [p.first_seen + self.stage_timeout_s for p in self._pending.values()]
+        if self._paused_by is not None:
+            deadlines.append(self._paused_until)
         if self._round and isinstance(self.mode, SyncMode):
             deadlines.append(self._round_opened + self.mode.round_timeout_s)
         return min([now + 1.0, *deadlines])

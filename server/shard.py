@@ -7,9 +7,10 @@ before touching anything, so a refused request changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -144,25 +145,45 @@ class ShardState:
             staleness = self.version - based_on
             return self.apply(Decision(self.version + 1, (push_id,), (1.0,))), staleness
 
-    def set_optimizer(self, configs: Mapping[str, RuleConfig], policy: Policy) -> dict[str, Any]:
+    @contextlib.contextmanager
+    def _at(self, at_version: int | None) -> Iterator[None]:
+        """Hold the lock at model version `at_version` (a control change's boundary): wait for
+        the updates before it; none after it can be decided until the change is done."""
+        with self._cv:
+            if at_version is not None:
+                if not self._cv.wait_for(lambda: self.version >= at_version, APPLY_TIMEOUT_S):
+                    raise Unavailable(
+                        f"shard {self.index} of model {self.model!r} is at version "
+                        f"{self.version}, short of the change's version {at_version}"
+                    )
+                if self.version != at_version:
+                    raise Internal(
+                        f"shard {self.index} is at version {self.version}, past the change's "
+                        f"version {at_version}"
+                    )
+            yield
+
+    def set_optimizer(
+        self, configs: Mapping[str, RuleConfig], policy: Policy, at_version: int | None = None
+    ) -> dict[str, Any]:
         """Swap every group's rule (state moved by `policy`); return the per-group reports."""
         if set(configs) != set(self._groups):
             raise InvalidArgument(f"need a config for each group {sorted(self._groups)}")
-        with self._lock:
+        with self._at(at_version):
             return {
                 name: self._groups[name].set_optimizer(configs[name], policy).as_dict()
                 for name in self._groups
             }
 
-    def set_schedule(self, schedule: Any) -> None:
+    def set_schedule(self, schedule: Any, at_version: int | None = None) -> None:
         config = parse_schedule_config(schedule)
-        with self._lock:
+        with self._at(at_version):
             self._schedule_config = config
             self._schedule = build_schedule(config)
 
-    def report_metric(self, name: str, value: float) -> bool:
+    def report_metric(self, name: str, value: float, at_version: int | None = None) -> bool:
         """Feed a reported metric to the schedule; True if it changed the lr."""
-        with self._lock:
+        with self._at(at_version):
             return self._schedule.observe(name, value)
 
     def read_weights(self, fn: Callable[[int, dict[str, torch.Tensor]], T]) -> T:
@@ -221,6 +242,7 @@ class ShardState:
                 "version": self.version,
                 "device": str(self.device),
                 "schedule": schedule_config_json(self._schedule_config),
+                "schedule_state": self._schedule.state_dict(),
                 "groups": {
                     name: {**g.describe(), "lr": self.lr(name)} for name, g in self._groups.items()
                 },

@@ -105,15 +105,31 @@ class ShardActor:
     def version(self) -> int:
         return self._state.version
 
-    def set_optimizer(self, configs_json: dict[str, str], policy: str) -> dict[str, Any]:
+    # Control changes. The coordinator pauses the leader's ordering (`pause_updates`, which
+    # returns the version boundary), applies the change on every shard at that version, then
+    # resumes: every shard switches between the same two updates.
+
+    def pause_updates(self, op_id: str) -> int:
+        sequencer = self._service.sequencer
+        if sequencer is None:
+            raise RuntimeError(f"shard {self._state.index} is not its model's leader")
+        return sequencer.pause(op_id)
+
+    def resume_updates(self, op_id: str) -> None:
+        if self._service.sequencer is not None:
+            self._service.sequencer.resume(op_id)
+
+    def set_optimizer(
+        self, configs_json: dict[str, str], policy: str, at_version: int | None = None
+    ) -> dict[str, Any]:
         configs = {name: parse_optimizer_config(c) for name, c in configs_json.items()}
-        return self._state.set_optimizer(configs, policy)  # type: ignore[arg-type]
+        return self._state.set_optimizer(configs, policy, at_version)  # type: ignore[arg-type]
 
-    def set_schedule(self, schedule_json: str) -> None:
-        self._state.set_schedule(schedule_json)
+    def set_schedule(self, schedule_json: str, at_version: int | None = None) -> None:
+        self._state.set_schedule(schedule_json, at_version)
 
-    def report_metric(self, name: str, value: float) -> bool:
-        return self._state.report_metric(name, value)
+    def report_metric(self, name: str, value: float, at_version: int | None = None) -> bool:
+        return self._state.report_metric(name, value, at_version)
 
     def state_dict(self) -> dict[str, Any]:
         return self._state.state_dict()

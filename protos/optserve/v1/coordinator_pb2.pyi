@@ -184,3 +184,23 @@ class ReportMetricResponse(_message.Message):
     version: int
     lr_changed: bool
     def __init__(self, version: _Optional[int] = ..., lr_changed: _Optional[bool] = ...) -> None: ...
+
+class SetHyperparametersRequest(_message.Message):
+    __slots__ = ("model", "changes_json")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_JSON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    changes_json: str
+    def __init__(self, model: _Optional[str] = ..., changes_json: _Optional[str] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("status_json",)
+    STATUS_JSON_FIELD_NUMBER: _ClassVar[int]
+    status_json: str
+    def __init__(self, status_json: _Optional[str] = ...) -> None: ...

@@ -69,6 +69,16 @@ class CoordinatorStub:
                 request_serializer=optserve_dot_v1_dot_coordinator__pb2.ReportMetricRequest.SerializeToString,
                 response_deserializer=optserve_dot_v1_dot_coordinator__pb2.ReportMetricResponse.FromString,
                 _registered_method=True)
+        self.SetHyperparameters = channel.unary_unary(
+                '/optserve.v1.Coordinator/SetHyperparameters',
+                request_serializer=optserve_dot_v1_dot_coordinator__pb2.SetHyperparametersRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_coordinator__pb2.SetOptimizerResponse.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/optserve.v1.Coordinator/Status',
+                request_serializer=optserve_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_coordinator__pb2.StatusResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -120,6 +130,22 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetHyperparameters(self, request, context):
+        """Change some hyperparameters of the current rule (lr, betas, weight_decay, momentum,
+        lookahead, ...); the rule's state is kept. Answered like SetOptimizer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Version, rule and hyperparameters, lr, schedule state, per-shard state, recent metrics and
+        the audit log of control changes, as one JSON object.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +183,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportMetric,
                     request_deserializer=optserve_dot_v1_dot_coordinator__pb2.ReportMetricRequest.FromString,
                     response_serializer=optserve_dot_v1_dot_coordinator__pb2.ReportMetricResponse.SerializeToString,
+            ),
+            'SetHyperparameters': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetHyperparameters,
+                    request_deserializer=optserve_dot_v1_dot_coordinator__pb2.SetHyperparametersRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_coordinator__pb2.SetOptimizerResponse.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=optserve_dot_v1_dot_coordinator__pb2.StatusRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_coordinator__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +384,60 @@ class Coordinator:
             '/optserve.v1.Coordinator/ReportMetric',
             optserve_dot_v1_dot_coordinator__pb2.ReportMetricRequest.SerializeToString,
             optserve_dot_v1_dot_coordinator__pb2.ReportMetricResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetHyperparameters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Coordinator/SetHyperparameters',
+            optserve_dot_v1_dot_coordinator__pb2.SetHyperparametersRequest.SerializeToString,
+            optserve_dot_v1_dot_coordinator__pb2.SetOptimizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Coordinator/Status',
+            optserve_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
+            optserve_dot_v1_dot_coordinator__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
