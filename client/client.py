@@ -44,6 +44,7 @@ from optserve.client.config import (
     schedule_config_json,
 )
 from optserve.client.errors import (
+    DeadlineExceeded,
     InvalidArgument,
     NotFound,
     OptserveError,
@@ -62,6 +63,9 @@ from optserve.client.wire import chunk_frames, header_frame, parse_frame, passth
 from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2
 
 T = TypeVar("T")
+# Threads for calls to shards: every shard of a model is called at once, so this bounds
+# shards x concurrent calls through one client (the coordinator allows up to 256 shards).
+CLIENT_THREADS = 512
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -437,6 +441,8 @@ class ParameterServerClient:
             self._check_gradients(info, grads)
             based_on = self._versions.get(model, info.version) if version is None else version
             flats = {g.name: flatten_group(g, grads, wire_dtype) for g in info.groups}
+            # A sync push waits for its round: give it the round's time on top of ours.
+            deadline = self.timeout_s + float(getattr(info.mode, "round_timeout_s", 0.0))
             header = shard_pb2.PushHeader(
                 model=model,
                 version=based_on,
@@ -455,7 +461,7 @@ class ParameterServerClient:
 
                 def push_one(shard: ShardSlice) -> int:
                     push = self._data_plane(shard.address).push
-                    reply = _call(push, requests(shard), timeout=self.timeout_s)
+                    reply = _call(push, requests(shard), timeout=deadline)
                     return reply.version
 
                 return None, max(self._each_shard(info, push_one))
@@ -464,7 +470,7 @@ class ParameterServerClient:
 
             def push_pull_one(shard: ShardSlice) -> tuple[int, dict[str, torch.Tensor]]:
                 stream = self._data_plane(shard.address).push_pull(
-                    requests(shard), timeout=self.timeout_s
+                    requests(shard), timeout=deadline
                 )
                 return self._receive_weights(shard, stream, pull_dtype, flat_out)
 
@@ -635,16 +641,27 @@ class ParameterServerClient:
             return entry[1]
 
     def _each_shard(self, info: ModelInfo, fn: Callable[[ShardSlice], T]) -> list[T]:
-        """Run `fn` on every shard, in parallel when there are several; results in shard order."""
+        """Run `fn` on every shard at once; results in shard order.
+
+        All shards' calls must be in flight together (a push is decided only once every shard
+        holds its slice), hence a thread per shard call. If calls fail, the error raised is
+        the most telling one: a shard's own refusal rather than the others' timeouts."""
         if len(info.shards) == 1:
             return [fn(info.shards[0])]
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(
-                    max_workers=16, thread_name_prefix="optserve-client"
+                    max_workers=CLIENT_THREADS, thread_name_prefix="optserve-client"
                 )
             pool = self._pool
-        return list(pool.map(fn, info.shards))
+        futures = [pool.submit(fn, shard) for shard in info.shards]
+        errors = [f.exception() for f in futures]
+        failed = [e for e in errors if e is not None]
+        if failed:
+            vague = (Unavailable, DeadlineExceeded)
+            telling = [e for e in failed if not isinstance(e, vague)]
+            raise (telling or failed)[0]
+        return [f.result() for f in futures]
 
     def close(self) -> None:
         with self._lock:

@@ -337,7 +337,7 @@ class SyncMode(_Strict):
     push for a closed round is refused with ABORTED (pull and push again)."""
 
     mode: Literal["sync"] = "sync"
-    trainers: int = Field(..., ge=1, le=4096, description="Pushes that make a full round.")
+    trainers: int = Field(..., ge=1, le=512, description="Pushes that make a full round.")
     round_timeout_s: float = Field(30.0, gt=0.0, le=86_400.0)
     aggregate: Literal["mean", "sum"] = "mean"
 

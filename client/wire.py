@@ -25,11 +25,16 @@ from optserve.client.codec import DEFAULT_CHUNK_BYTES, _byte_view, wire_dtype
 from optserve.client.errors import InvalidArgument
 
 CHUNK_FIELD = 2
+# No tensor here has more dims (the coordinator refuses deeper parameters); a longer shape is
+# refused while it is read, so a hostile chunk cannot make a reader build a huge list.
+MAX_DIMS = 16
 HEADER_FIELD = 1
 _LEN = 2  # wire type of length-delimited fields
 
 
 def _varint(value: int) -> bytes:
+    if value < 0:
+        raise ValueError(f"varints here are unsigned, got {value}")
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -138,12 +143,18 @@ def _parse_chunk(buf: memoryview) -> RawChunk:
         elif field == 3 and wire_type == _LEN:  # packed
             length, pos = _read_varint(buf, pos)
             end = pos + length
+            if end > len(buf):
+                raise InvalidArgument("malformed chunk: shape runs past the message end")
             while pos < end:
-                dim, pos = _read_varint(buf, pos)
+                dim, pos = _read_varint(buf[:end], pos)
                 shape.append(dim)
+                if len(shape) > MAX_DIMS:
+                    raise InvalidArgument(f"a chunk's shape has more than {MAX_DIMS} dims")
         elif field == 3 and wire_type == 0:  # unpacked
             dim, pos = _read_varint(buf, pos)
             shape.append(dim)
+            if len(shape) > MAX_DIMS:
+                raise InvalidArgument(f"a chunk's shape has more than {MAX_DIMS} dims")
         elif field == 4 and wire_type == 0:
             chunk.offset, pos = _read_varint(buf, pos)
         elif field == 5 and wire_type == _LEN:

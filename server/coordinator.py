@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import re
+import secrets
 import threading
 import time
 import uuid
@@ -49,7 +50,7 @@ from optserve.client.layout import (
     plan_group,
     split_ranges,
 )
-from optserve.server.shard_actor import ShardActor
+from optserve.server.shard_actor import SHARD_THREADS, ShardActor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -305,10 +306,18 @@ class Coordinator:
         configs = {g.name: with_overrides(optimizer, overrides[g.name]) for g in layouts}
         schedule_config = parse_schedule_config(schedule)
         mode_config = parse_mode_config(mode)
+        trainers = getattr(mode_config, "trainers", 0)
+        if trainers * num_shards > SHARD_THREADS // 2:
+            raise InvalidArgument(
+                f"a sync round of {trainers} trainers on {num_shards} shards would hold "
+                f"{trainers * num_shards} calls on the leader shard; keep trainers x shards "
+                f"<= {SHARD_THREADS // 2}"
+            )
         slices = split_ranges(layouts, num_shards)
         _check_gradient_centralization(configs, layouts, slices)
         flats = {g.name: flatten_group(g, initial, torch.float32) for g in layouts}
         run_id = uuid.uuid4().hex[:8]
+        secret = secrets.token_hex(16)  # lets the model's shards, and only them, call Sequence
         bundle, device = self.placement.bundle()
         group = placement_group([bundle] * num_shards, strategy=self.placement.strategy)
         actors = []
@@ -348,6 +357,7 @@ class Coordinator:
                         num_shards,
                         mode_config_json(mode_config),
                         device,
+                        secret,
                     )  # fmt: skip
                 )
             addresses = ray.get([a.address.remote() for a in actors], timeout=300)

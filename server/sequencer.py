@@ -39,8 +39,9 @@ from optserve.client.errors import (
 
 log = logging.getLogger(__name__)
 
-# How long a decision is kept for shards that have not collected it yet.
+# How long, and how many, decisions are kept for shards that ask again.
 RETAIN_DECISIONS_S = 600.0
+MAX_DECISIONS = 100_000
 
 
 @dataclass(frozen=True)
@@ -173,10 +174,9 @@ class Sequencer:
                     f"push {push_id!r} reached the shards with different headers "
                     f"(version {pending.based_on} vs {based_on})"
                 )
-            if shard in pending.staged:
-                raise InvalidArgument(f"push id {push_id!r} was used twice; use a fresh id")
+            # A shard asking again (its first call's answer was lost) just waits again.
             pending.staged.add(shard)
-            if len(pending.staged) == self.num_shards:
+            if len(pending.staged) == self.num_shards and push_id in self._pending:
                 del self._pending[push_id]
                 self._ready(push_id, pending)
             while push_id not in self._decided:
@@ -188,6 +188,15 @@ class Sequencer:
                     raise Unavailable(f"push {push_id!r} was not decided within {timeout} s")
                 self._cv.wait(timeout=min(self._next_deadline(now), deadline) - now)
             return self._collect(push_id, shard)
+
+    def refuse(self, push_id: str, shard: int, error: OptserveError) -> None:
+        """Shard `shard` refused its slice of the push (invalid, too large): the push is
+        refused everywhere at once, rather than when its stage times out."""
+        with self._cv:
+            if push_id in self._decided:
+                return
+            self._pending.pop(push_id, None)
+            self._decide(push_id, Decision(error=type(error)(f"shard {shard} refused: {error}")))
 
     # ---- under the lock ------------------------------------------------------------------
 
@@ -256,13 +265,15 @@ class Sequencer:
 
     def _decide(self, push_id: str, decision: Decision) -> None:
         self._decided[push_id] = (decision, set(), self._clock())
+        while len(self._decided) > MAX_DECISIONS:  # oldest first (dicts keep insertion order)
+            del self._decided[next(iter(self._decided))]
         self._cv.notify_all()
 
     def _collect(self, push_id: str, shard: int) -> Decision:
+        """The decision, as often as a shard asks (a retry must get the same answer); kept for
+        RETAIN_DECISIONS_S, and at most MAX_DECISIONS of them."""
         decision, collected, _ = self._decided[push_id]
         collected.add(shard)
-        if len(collected) >= self.num_shards:
-            del self._decided[push_id]
         return decision
 
     def _expire(self, now: float) -> None:
@@ -284,9 +295,11 @@ class Sequencer:
             and now - self._round_opened >= self.mode.round_timeout_s
         ):
             self._close_round()
-        for push_id, (_, _, when) in list(self._decided.items()):
-            if now - when >= RETAIN_DECISIONS_S:
-                del self._decided[push_id]
+        while self._decided:
+            oldest = next(iter(self._decided))
+            if now - self._decided[oldest][2] < RETAIN_DECISIONS_S:
+                break
+            del self._decided[oldest]
 
     def _next_deadline(self, now: float) -> float:
         deadlines = [p.first_seen + self.stage_timeout_s for p in self._pending.values()]

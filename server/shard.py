@@ -8,6 +8,7 @@ before touching anything, so a refused request changes nothing.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -18,13 +19,19 @@ import torch
 
 from optserve.client.codec import GRADIENT_WIRE_DTYPES, Expected, count_nonfinite
 from optserve.client.config import RuleConfig, parse_schedule_config, schedule_config_json
-from optserve.client.errors import Internal, InvalidArgument, Unavailable
+from optserve.client.errors import (
+    Aborted,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from optserve.server.engine.base import TensorViews
 from optserve.server.engine.group import GroupEngine, Path
 from optserve.server.engine.migration import Policy
 from optserve.server.engine.schedules import Schedule, build_schedule
 from optserve.server.sequencer import Decision
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 # How long a decided update waits for the updates before it to reach this shard.
 APPLY_TIMEOUT_S = 300.0
@@ -49,6 +56,7 @@ class ShardState:
         schedule: Any = None,
         device: str | torch.device = "cpu",
         path: Path = "fast",
+        max_staged: int = 64,
     ) -> None:
         self.model = model
         self.index = index
@@ -58,6 +66,12 @@ class ShardState:
         # Signalled when the version moves; pushes wait on it to apply in version order.
         self._cv = threading.Condition(self._lock)
         self._staged: dict[str, dict[str, torch.Tensor]] = {}
+        # Pushes held here at once (each a gradient slice); more are refused, not queued.
+        self.max_staged = max_staged
+        # Bumped by a restore: updates decided before it must not apply after it.
+        self._epoch = 0
+        # Why this shard can no longer be trusted to match the model's other shards, if so.
+        self.broken: str | None = None
         self._groups: dict[str, GroupEngine] = {}
         for name, init in groups.items():
             flat = init.weights.detach().reshape(-1).to(self.device, torch.float32, copy=True)
@@ -76,7 +90,7 @@ class ShardState:
         """The lr the next update of `group` will use."""
         return self._schedule.lr(self._groups[group].config.lr, self.version)
 
-    def stage(self, push_id: str, grads: Mapping[str, torch.Tensor]) -> None:
+    def stage(self, push_id: str, grads: Mapping[str, torch.Tensor]) -> int:
         """Validate one push's gradient slices and keep them until the push is decided.
 
         The shard takes the tensors over (the update may modify them in place)."""
@@ -96,37 +110,73 @@ class ShardState:
                 )
             prepared[name] = grad
         with self._cv:
+            self._check_sound()
             if push_id in self._staged:
                 raise InvalidArgument(f"push id {push_id!r} was used twice; use a fresh id")
+            if len(self._staged) >= self.max_staged:
+                raise ResourceExhausted(
+                    f"shard {self.index} of model {self.model!r} holds {len(self._staged)} "
+                    "pushes waiting for their turn; retry shortly"
+                )
             self._staged[push_id] = prepared
+            return self._epoch
+
+    def _check_sound(self) -> None:
+        if self.broken is not None:
+            raise Internal(
+                f"shard {self.index} of model {self.model!r} no longer matches the model's "
+                f"other shards ({self.broken}); restore the model from a checkpoint or drop it"
+            )
+
+    def mark_broken(self, reason: str) -> None:
+        """This shard missed or half-applied an update its peers applied: refuse everything
+        from now on rather than serve weights that mix two versions."""
+        with self._cv:
+            if self.broken is None:
+                log.error("shard %d of model %s is broken: %s", self.index, self.model, reason)
+                self.broken = reason
+            self._staged.clear()
+            self._cv.notify_all()
 
     def discard(self, push_id: str) -> None:
         with self._cv:
             self._staged.pop(push_id, None)
 
-    def apply(self, decision: Decision, timeout: float = APPLY_TIMEOUT_S) -> int:
+    def apply(
+        self, decision: Decision, timeout: float = APPLY_TIMEOUT_S, epoch: int | None = None
+    ) -> int:
         """Apply a decided update once this shard reaches the version before it; return the
         shard's version after it. Every member push of a sync round calls this with the same
-        decision: the first applies the combined gradient, the others find it applied."""
+        decision: the first applies the combined gradient, the others find it applied.
+        `epoch` is what `stage` returned: a restore since then refuses the update."""
         with self._cv:
-            if not self._cv.wait_for(lambda: self.version >= decision.version - 1, timeout):
-                raise Unavailable(
-                    f"shard {self.index} of model {self.model!r} is at version {self.version} "
-                    f"and never received the update before version {decision.version}"
-                )
+            epoch = self._epoch if epoch is None else epoch  # `stage` said which
+            ready = self._cv.wait_for(
+                lambda: self.version >= decision.version - 1 or self.broken is not None, timeout
+            )
+            self._check_sound()
+            if epoch != self._epoch:
+                raise Aborted(f"model {self.model!r} was restored meanwhile; pull and push again")
+            if not ready:
+                self.mark_broken(f"never received the update before version {decision.version}")
+                self._check_sound()
             if self.version >= decision.version:
                 return self.version
             members = [self._staged.pop(m, None) for m in decision.members]
-            if any(m is None for m in members):
-                raise Internal(f"shard {self.index} lost a push of version {decision.version}")
-            for name, group in self._groups.items():
-                if len(members) == 1 and decision.weights[0] == 1.0:
-                    grad = members[0][name]  # type: ignore[index]
-                else:
-                    grad = torch.zeros_like(group.weights)
-                    for staged, weight in zip(members, decision.weights, strict=True):
-                        grad.add_(staged[name], alpha=weight)  # type: ignore[index]
-                group.step(grad, self.lr(name) * decision.lr_scale)
+            try:
+                if any(m is None for m in members):
+                    raise RuntimeError(f"a push of version {decision.version} is not here")
+                for name, group in self._groups.items():
+                    if len(members) == 1 and decision.weights[0] == 1.0:
+                        grad = members[0][name]  # type: ignore[index]
+                    else:
+                        grad = torch.zeros_like(group.weights)
+                        for staged, weight in zip(members, decision.weights, strict=True):
+                            grad.add_(staged[name], alpha=weight)  # type: ignore[index]
+                    group.step(grad, self.lr(name) * decision.lr_scale)
+            except Exception as exc:  # the peers applied this update: this shard cannot follow
+                self.mark_broken(f"update {decision.version} failed here: {exc!r}")
+                self._check_sound()
             self.version += 1
             self._cv.notify_all()
             return self.version
@@ -150,12 +200,11 @@ class ShardState:
         """Hold the lock at model version `at_version` (a control change's boundary): wait for
         the updates before it; none after it can be decided until the change is done."""
         with self._cv:
+            self._check_sound()
             if at_version is not None:
                 if not self._cv.wait_for(lambda: self.version >= at_version, APPLY_TIMEOUT_S):
-                    raise Unavailable(
-                        f"shard {self.index} of model {self.model!r} is at version "
-                        f"{self.version}, short of the change's version {at_version}"
-                    )
+                    self.mark_broken(f"never reached version {at_version} for a control change")
+                    self._check_sound()
                 if self.version != at_version:
                     raise Internal(
                         f"shard {self.index} is at version {self.version}, past the change's "
@@ -192,6 +241,7 @@ class ShardState:
         `fn` must copy what it keeps (the data plane encodes the bytes straight into its
         messages, which saves a snapshot copy) and must be quick: pushes wait meanwhile."""
         with self._lock:
+            self._check_sound()
             return fn(self.version, {name: g.weights for name, g in self._groups.items()})
 
     def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
@@ -233,6 +283,10 @@ class ShardState:
             self._schedule = build_schedule(schedule_config)
             self._schedule.load_state_dict(state.get("schedule_state", {}))
             self.version = int(state["version"])
+            self._epoch += 1
+            self._staged.clear()
+            self.broken = None  # a restore makes every shard consistent again
+            self._cv.notify_all()
 
     def info(self) -> dict[str, Any]:
         with self._lock:
@@ -241,6 +295,7 @@ class ShardState:
                 "index": self.index,
                 "version": self.version,
                 "device": str(self.device),
+                "broken": self.broken,
                 "schedule": schedule_config_json(self._schedule_config),
                 "schedule_state": self._schedule.state_dict(),
                 "groups": {

@@ -18,12 +18,18 @@ from optserve.server.memory import keep_freed_memory
 from optserve.server.sequencer import Sequencer
 from optserve.server.shard import GroupInit, ShardState
 from optserve.server.shard_service import (
+    SECRET_METADATA,
     SEQUENCE_WAIT_S,
     SERVICE_NAME,
     ShardService,
     add_shard_service,
 )
 from optserve.v1 import shard_pb2, shard_pb2_grpc
+
+# Handler threads of a shard's gRPC server. A push holds one on its shard until it is decided,
+# and one more on the leader per other shard, so a sync round of T trainers on S shards holds
+# about T * S of the leader's; the coordinator refuses modes that could exceed this.
+SHARD_THREADS = 1024
 
 
 class ShardActor:
@@ -46,6 +52,7 @@ class ShardActor:
         num_shards: int = 1,
         mode_json: str = "",
         device: str = "cpu",
+        secret: str = "",
     ) -> None:
         keep_freed_memory()  # every step allocates and frees buffers the size of the slice
         inits = {
@@ -56,18 +63,22 @@ class ShardActor:
             )
             for name, g in groups.items()
         }
-        self._state = ShardState(model, index, inits, schedule_json or None, device=device)
-        # Shard 0 leads: it orders the model's pushes for every shard (server/sequencer.py).
-        sequencer = (
-            Sequencer(num_shards, parse_mode_config(mode_json or None)) if index == 0 else None
+        mode = parse_mode_config(mode_json or None)
+        # Room for every push of a sync round, or a burst of async pushes, waiting their turn.
+        max_staged = max(64, 2 * getattr(mode, "trainers", 0))
+        self._state = ShardState(
+            model, index, inits, schedule_json or None, device=device, max_staged=max_staged
         )
-        self._service = ShardService(self._state, sequencer)
+        # Shard 0 leads: it orders the model's pushes for every shard (server/sequencer.py).
+        sequencer = Sequencer(num_shards, mode) if index == 0 else None
+        self._secret = secret
+        self._service = ShardService(self._state, sequencer, secret=secret)
         self._leader_channel: grpc.Channel | None = None
         self._server = create_server(
             format_address(host, 0),
             [(add_shard_service, self._service, SERVICE_NAME)],
             # Pushes wait in their handler threads for their turn (a sync round, the leader).
-            max_workers=256,
+            max_workers=SHARD_THREADS,
         )
         self._server.start()
         self._address = advertised_address(host, self._server.port)
@@ -84,7 +95,11 @@ class ShardActor:
 
         def ask(request: shard_pb2.SequenceRequest) -> shard_pb2.SequenceDecision:
             try:
-                return stub.Sequence(request, timeout=SEQUENCE_WAIT_S + 60)
+                return stub.Sequence(
+                    request,
+                    timeout=SEQUENCE_WAIT_S + 60,
+                    metadata=((SECRET_METADATA, self._secret),),
+                )
             except grpc.RpcError as exc:
                 raise from_rpc_error(exc) from None
 

@@ -7,6 +7,9 @@ same order. The leader serves `Sequence` to the other shards of its model.
 
 from __future__ import annotations
 
+import hmac
+import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,16 +18,30 @@ import grpc
 import torch
 
 from optserve.client.codec import TensorAssembler, torch_dtype
-from optserve.client.errors import InvalidArgument, NotFound, OptserveError, error_for_status
+from optserve.client.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OptserveError,
+    PermissionDenied,
+    Unavailable,
+    error_for_status,
+)
 from optserve.client.wire import RawChunk, chunk_frames, header_frame, parse_frame, passthrough
 from optserve.server.grpc_util import stream_errors, unary_errors
 from optserve.server.sequencer import Decision, Sequencer
 from optserve.server.shard import ShardState
 from optserve.v1 import shard_pb2, shard_pb2_grpc, tensor_pb2
 
+log = logging.getLogger(__name__)
+
 SERVICE_NAME = "optserve.v1.Shard"
 # The longest a push may wait for its decision: a sync round, or the other shards' slices.
 SEQUENCE_WAIT_S = 24 * 3600.0
+# Tries of a non-leader shard to get its decision when the leader is briefly unreachable.
+SEQUENCE_ATTEMPTS = 6
+SECRET_METADATA = "x-optserve-shard-secret"
 
 
 def decision_to_proto(decision: Decision) -> shard_pb2.SequenceDecision:
@@ -40,11 +57,14 @@ def decision_to_proto(decision: Decision) -> shard_pb2.SequenceDecision:
     )
 
 
+def _status_code(value: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)
+
+
 def decision_from_proto(reply: shard_pb2.SequenceDecision) -> Decision:
     error = None
     if reply.error:
-        code = next((c for c in grpc.StatusCode if c.value[0] == reply.error_code), None)
-        error = error_for_status(code or grpc.StatusCode.UNKNOWN, reply.error)
+        error = error_for_status(_status_code(reply.error_code), reply.error)
     return Decision(
         version=reply.version,
         members=tuple(reply.members),
@@ -63,10 +83,13 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         state: ShardState,
         sequencer: Sequencer | None = None,
         leader: Callable[[shard_pb2.SequenceRequest], shard_pb2.SequenceDecision] | None = None,
+        secret: str = "",
     ) -> None:
         self._state = state
         self.sequencer = sequencer
         self.leader = leader
+        # Shared by a model's shards (from the coordinator): only they may call Sequence.
+        self.secret = secret
 
     def _check_model(self, model: str) -> None:
         if model != self._state.model:
@@ -75,14 +98,18 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 "ask the coordinator for the model's layout"
             )
 
-    def _receive(self, request_iterator: Iterator[Any]):
-        """A push stream, read by `parse_push_request`: a PushHeader, then RawChunks."""
+    def _header(self, request_iterator: Iterator[Any]) -> shard_pb2.PushHeader:
+        """The first message of a push stream (read by `parse_push_request`): its header."""
         header = next(request_iterator, None)
         if isinstance(header, OptserveError):
             raise header
         if not isinstance(header, shard_pb2.PushHeader):
             raise InvalidArgument("a push stream must start with a PushHeader")
         self._check_model(header.model)
+        return header
+
+    def _gradients(self, request_iterator: Iterator[Any]) -> dict[str, torch.Tensor]:
+        """The rest of a push stream: RawChunks, assembled and checked."""
         assembler = TensorAssembler(self._state.expected_gradients(), what="gradient")
         for chunk in request_iterator:
             if isinstance(chunk, OptserveError):
@@ -90,25 +117,33 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             if not isinstance(chunk, RawChunk):
                 raise InvalidArgument("a push stream carries one PushHeader, then only chunks")
             assembler.add(chunk)
-        return header, assembler.finish()
+        return assembler.finish()
 
-    def _push(
-        self, request_iterator: Iterator[shard_pb2.PushRequest]
-    ) -> tuple[Decision, int, shard_pb2.PushHeader]:
-        header, grads = self._receive(request_iterator)
+    def _push(self, request_iterator: Iterator[Any]) -> tuple[Decision, int, shard_pb2.PushHeader]:
+        header = self._header(request_iterator)
         push_id = header.push_id
         if not push_id:
             if self.sequencer is None or self.sequencer.num_shards != 1:
                 raise InvalidArgument("a push to a model with several shards needs a push_id")
             push_id = uuid.uuid4().hex
-        self._state.stage(push_id, grads)
+        try:
+            epoch = self._state.stage(push_id, self._gradients(request_iterator))
+        except OptserveError as exc:  # refuse the push on every shard now, not at a timeout
+            self._refuse(push_id, header, exc)
+            raise
         try:
             decision = self._sequence(push_id, header)
-            if decision.error is not None:
-                raise decision.error
-            version = self._state.apply(decision)
-        finally:
+        except OptserveError as exc:
+            if self.sequencer is not None or not isinstance(exc, Unavailable | DeadlineExceeded):
+                self._state.discard(push_id)  # refused before any decision: nothing applied
+                raise
+            # The leader may have decided this push and the other shards applied it.
+            self._state.mark_broken(f"lost the leader's decision on push {push_id}: {exc}")
+            raise Internal(f"shard {self._state.index} lost its leader: {exc}") from None
+        if decision.error is not None:
             self._state.discard(push_id)
+            raise decision.error
+        version = self._state.apply(decision, epoch=epoch)  # a failure marks the shard broken
         return decision, version, header
 
     def _sequence(self, push_id: str, header: shard_pb2.PushHeader) -> Decision:
@@ -117,11 +152,32 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 push_id, self._state.index, header.version, header.trainer, SEQUENCE_WAIT_S
             )
         if self.leader is None:
-            raise OptserveError("this shard does not know its model's leader yet")
+            raise Unavailable("this shard does not know its model's leader yet")
         request = shard_pb2.SequenceRequest(
             model=header.model, push_id=push_id, shard=self._state.index, header=header
         )
-        return decision_from_proto(self.leader(request))
+        # Asking again is safe: the leader answers a repeated question with the same decision.
+        for attempt in range(SEQUENCE_ATTEMPTS):
+            try:
+                return decision_from_proto(self.leader(request))
+            except (Unavailable, DeadlineExceeded):
+                if attempt == SEQUENCE_ATTEMPTS - 1:
+                    raise
+                time.sleep(min(0.2 * 2**attempt, 5.0))
+        raise AssertionError("unreachable")
+
+    def _refuse(self, push_id: str, header: shard_pb2.PushHeader, error: OptserveError) -> None:
+        """Best effort: tell the leader this shard refused its slice of the push."""
+        try:
+            if self.sequencer is not None:
+                self.sequencer.refuse(push_id, self._state.index, error)
+            elif self.leader is not None:
+                self.leader(shard_pb2.SequenceRequest(
+                    model=header.model, push_id=push_id, shard=self._state.index, header=header,
+                    refuse=str(error)[:1000], refuse_code=error.code.value[0],
+                ))  # fmt: skip
+        except Exception:  # noqa: BLE001 - the push then times out on the other shards
+            log.warning("could not tell the leader that push %s was refused", push_id)
 
     @unary_errors
     def Push(
@@ -167,8 +223,16 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self, request: shard_pb2.SequenceRequest, context: grpc.ServicerContext
     ) -> shard_pb2.SequenceDecision:
         self._check_model(request.model)
+        said = dict(context.invocation_metadata()).get(SECRET_METADATA, "")
+        if not self.secret or not hmac.compare_digest(str(said), self.secret):
+            raise PermissionDenied("Sequence is for the model's own shards")
         if self.sequencer is None:
             raise InvalidArgument(f"shard {self._state.index} is not its model's leader")
+        if request.refuse:
+            code = _status_code(request.refuse_code)
+            self.sequencer.refuse(
+                request.push_id, request.shard, error_for_status(code, request.refuse)
+            )
         decision = self.sequencer.submit(
             request.push_id, request.shard, request.header.version, request.header.trainer,
             SEQUENCE_WAIT_S,

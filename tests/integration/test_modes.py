@@ -188,3 +188,56 @@ def test_push_and_pull_returns_the_updated_weights(client, model_name):
     )
     assert version == 1 and torch.equal(weights["w"], torch.full((5,), 0.5))
     assert json.loads(client.describe_model(model_name).mode.model_dump_json())["mode"] == "async"
+
+
+def test_sequence_is_only_for_the_models_own_shards(client, model_name):
+    import grpc
+
+    from optserve.v1 import shard_pb2, shard_pb2_grpc
+
+    info = client.create_model(
+        model_name, initial_weights(), {"name": "sgd", "lr": 0.1}, num_shards=2
+    )
+    forged = shard_pb2.SequenceRequest(
+        model=model_name, push_id="x", shard=1,
+        header=shard_pb2.PushHeader(model=model_name, version=0, push_id="x"),
+    )  # fmt: skip
+    with grpc.insecure_channel(info.shards[0].address) as channel:
+        stub = shard_pb2_grpc.ShardStub(channel)
+        for metadata in ((), (("x-optserve-shard-secret", "guess"),)):
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Sequence(forged, timeout=30, metadata=metadata)
+            assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    client.push(model_name, gradient(0, 0))  # the model still works, at version 1
+    assert client.pull(model_name)[1] == 1
+
+
+def test_a_slice_refused_by_one_shard_refuses_the_push_on_all_at_once(client, model_name):
+    import grpc
+
+    from optserve.client.wire import chunk_frames, header_frame
+    from optserve.v1 import shard_pb2
+
+    info = client.create_model(model_name, {"w": torch.zeros(10)}, {"name": "sgd", "lr": 0.1},
+                               num_shards=2)  # fmt: skip
+    header = header_frame(shard_pb2.PushHeader(model=model_name, version=0, push_id="p1"))
+    slices = [torch.ones(5), torch.full((5,), float("nan"))]  # shard 1's slice is bad
+
+    def push(k):
+        with grpc.insecure_channel(info.shards[k].address) as channel:
+            call = channel.stream_unary(
+                "/optserve.v1.Shard/Push", request_serializer=lambda b: b,
+                response_deserializer=shard_pb2.PushResponse.FromString,
+            )  # fmt: skip
+            frames = [header, *chunk_frames("default", slices[k])]
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as error:
+                call(iter(frames), timeout=120)
+            return error.value.code(), time.monotonic() - started
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(push, range(2)))
+    assert [code for code, _ in results] == [grpc.StatusCode.INVALID_ARGUMENT] * 2
+    assert max(seconds for _, seconds in results) < 30  # not the 60 s stage timeout
+    weights, version = client.pull(model_name)
+    assert version == 0 and torch.equal(weights["w"], torch.zeros(10))

@@ -119,7 +119,7 @@ def test_a_push_that_misses_a_shard_is_abandoned_everywhere():
     assert ok[0].version == 1
 
 
-def test_reused_push_id_and_mismatched_headers_are_refused():
+def test_retries_get_the_same_answer_and_mismatched_headers_are_refused():
     seq = Sequencer(2, parse_mode_config(None), stage_timeout_s=5)
     thread = threading.Thread(target=lambda: seq.submit("x", 0, 0, "", 10))
     thread.start()
@@ -128,9 +128,27 @@ def test_reused_push_id_and_mismatched_headers_are_refused():
         time.sleep(0.01)
     with pytest.raises(InvalidArgument, match="different headers"):
         seq.submit("x", 1, 7, "", 10)
-    with pytest.raises(InvalidArgument, match="twice"):
-        seq.submit("x", 0, 0, "", 10)
+    box = {}
+    retry = threading.Thread(target=lambda: box.update(d=seq.submit("x", 0, 0, "", 10)))
+    retry.start()  # shard 0 asks again (its first answer was lost): it waits again
     seq.submit("x", 1, 0, "", 10)
     thread.join()
+    retry.join()
+    assert box["d"].version == 1
+    assert seq.submit("x", 1, 0, "", 10).version == 1  # a late retry gets the same answer
     with pytest.raises(InvalidArgument):
         seq.submit("y", 5, 0, "", 10)
+
+
+def test_a_refused_slice_refuses_the_push_everywhere_at_once():
+    seq = Sequencer(3, parse_mode_config(None), stage_timeout_s=30)
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(d=seq.submit("x", 0, 0, "", 30)))
+    thread.start()
+    started = time.monotonic()
+    seq.refuse("x", 2, InvalidArgument("gradient has 3 NaN"))
+    thread.join()
+    assert time.monotonic() - started < 10
+    assert isinstance(box["d"].error, InvalidArgument) and "shard 2" in str(box["d"].error)
+    assert isinstance(seq.submit("x", 1, 0, "", 1).error, InvalidArgument)
+    assert seq.version == 0

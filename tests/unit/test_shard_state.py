@@ -74,3 +74,69 @@ def test_state_dict_round_trips_into_a_fresh_shard():
         a.apply_push({"default": torch.ones(6)}, 1)
         b.apply_push({"default": torch.ones(6)}, 1)
     assert torch.equal(a.snapshot()[1]["default"], b.snapshot()[1]["default"])
+
+
+def test_a_failed_update_marks_the_shard_broken_until_a_restore():
+    from optserve.client.errors import Internal
+    from optserve.server.sequencer import Decision
+
+    state = make_state()
+    state.apply_push({"default": torch.ones(6)}, 0)
+    saved = state.state_dict()
+    state.stage("a", {"default": torch.ones(6)})
+    # The leader decided a round of two pushes, but "b" never reached this shard.
+    with pytest.raises(Internal, match="no longer matches"):
+        state.apply(Decision(2, ("a", "b"), (0.5, 0.5)))
+    assert state.broken and state.info()["broken"]
+    for call in (
+        lambda: state.stage("c", {"default": torch.ones(6)}),
+        lambda: state.read_weights(lambda v, w: v),
+        lambda: state.set_schedule(None, at_version=1),
+    ):
+        with pytest.raises(Internal):
+            call()
+    state.load_state_dict(saved)
+    assert state.broken is None and state.version == 1
+    assert state.apply_push({"default": torch.ones(6)}, 1) == (2, 0)
+
+
+def test_staged_pushes_are_bounded():
+    from optserve.client.errors import ResourceExhausted
+
+    state = ShardState("m", 0, {"default": GroupInit(torch.zeros(6), AdamConfig())}, max_staged=2)
+    state.stage("a", {"default": torch.ones(6)})
+    state.stage("b", {"default": torch.ones(6)})
+    with pytest.raises(ResourceExhausted):
+        state.stage("c", {"default": torch.ones(6)})
+    state.discard("a")
+    state.stage("c", {"default": torch.ones(6)})
+
+
+def test_an_update_decided_before_a_restore_does_not_apply_after_it():
+    import threading
+
+    from optserve.client.errors import Aborted
+    from optserve.server.sequencer import Decision
+
+    state = make_state()
+    saved = state.state_dict()  # version 0
+    state.stage("late", {"default": torch.ones(6)})
+    box = {}
+
+    def waiter():
+        try:
+            box["v"] = state.apply(Decision(2, ("late",), (1.0,)), timeout=30)
+        except Exception as exc:  # noqa: BLE001
+            box["error"] = exc
+
+    thread = threading.Thread(target=waiter)
+    thread.start()  # waits for version 1
+    state.apply_push({"default": torch.ones(6)}, 0)  # version 1: the waiter goes next
+    thread.join()
+    assert box.get("v") == 2  # without a restore, it applies in order
+    state.load_state_dict(saved)
+    epoch = state.stage("stale", {"default": torch.ones(6)})
+    state.load_state_dict({**saved, "version": 1})  # a restore after it was staged
+    with pytest.raises(Aborted, match="restored"):
+        state.apply(Decision(2, ("stale",), (1.0,)), timeout=30, epoch=epoch)
+    assert state.broken is None

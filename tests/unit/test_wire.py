@@ -68,8 +68,26 @@ def test_unknown_fields_and_unpacked_shape_are_read():
 
 @pytest.mark.parametrize(
     "frame",
-    [b"", b"\x12\x05ab", b"\x12\x80", b"\x0f", b"\x12\x03\x2a\x10a", b"\x12\x02\x0a\xff"],
-    ids=["empty", "short", "bad-varint", "bad-wire-type", "data-overflow", "name-overflow"],
+    [
+        b"",
+        b"\x12\x05ab",
+        b"\x12\x80",
+        b"\x0f",
+        b"\x12\x03\x2a\x10a",
+        b"\x12\x02\x0a\xff",
+        b"\x12\x14\x1a\x12" + b"\x01" * 18,  # 18 packed dims
+        b"\x12\x04\x1a\x01\x81\x01",  # a dim's varint runs past the packed field
+    ],
+    ids=[
+        "empty",
+        "short",
+        "bad-varint",
+        "bad-wire-type",
+        "data-overflow",
+        "name-overflow",
+        "too-many-dims",
+        "dim-past-field",
+    ],  # fmt: skip
 )
 def test_malformed_frames_are_refused(frame):
     with pytest.raises(InvalidArgument):
