@@ -211,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--optimizer", default='{"name": "adam", "lr": 0.005}', help="optimizer config as JSON"
     )
+    demo.add_argument(
+        "--swap-to",
+        default='{"name": "sgd", "lr": 0.05, "momentum": 0.9}',
+        help="optimizer config JSON to swap to mid-run (migrating the state); '' to not swap",
+    )
+    demo.add_argument(
+        "--swap-at", type=float, default=0.5, help="fraction of the run at which to swap"
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--report", default=None, help="write a JSON summary to this file")
     demo.set_defaults(func=_demo)

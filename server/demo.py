@@ -3,23 +3,26 @@
 Starts an embedded Ray and the optserve server, runs trainer processes (separate OS processes
 that talk gRPC, not Ray tasks) that train an MLP on scikit-learn's digits through one shared
 model on the server, relays their progress, then pulls the final weights and reports the
-accuracy on the held-out test split.
+accuracy on the held-out test split. Halfway through it swaps the optimizer (Adam to SGD with
+momentum = beta1, whose state continues Adam's first moment: spec C1) and shows the migration.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from optserve.client.client import ParameterServerClient
 from optserve.client.config import parse_optimizer_config
 from optserve.client.demo_trainer import accuracy, build_model, load_digits_split
+from optserve.client.errors import NotFound
 
 MODEL = "digits-mlp"
 
@@ -84,6 +87,46 @@ def _run_trainers(commands: list[list[str]]) -> list[int]:
     return failed
 
 
+def _updates_expected(args: argparse.Namespace, epochs: int, batch_size: int = 32) -> int:
+    x_train, _, _, _ = load_digits_split(args.seed)
+    per_rank = [len(x_train[rank :: args.trainers]) for rank in range(args.trainers)]
+    return epochs * sum(math.ceil(n / batch_size) for n in per_rank)
+
+
+class _Swapper(threading.Thread):
+    """Swaps the model's optimizer once the run is `at` of the way through (DESIGN section 8:
+    the demo swaps the optimizer mid-run), and says what happened to each state key."""
+
+    def __init__(self, address: str, target: str, at_version: int, label: str) -> None:
+        super().__init__(name="optserve-demo-swap", daemon=True)
+        self.address, self.target, self.at_version = address, target, at_version
+        self.label = label
+        self.stop = threading.Event()
+        self.report: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with ParameterServerClient(self.address) as client:
+                while not self.stop.wait(0.1):
+                    try:
+                        version = client.describe_model(MODEL).version
+                    except NotFound:  # the first trainer has not created it yet
+                        continue
+                    if version >= self.at_version:
+                        self.report = client.set_optimizer(MODEL, self.target, "migrate")
+                        break
+        except BaseException as exc:  # noqa: BLE001 - reported by the demo
+            self.error = exc
+            return
+        if self.report is not None:
+            keys = self.report["groups"]["default"]["keys"]
+            said = "; ".join(f"{k} {v['action']}" for k, v in keys.items())
+            source = self.report["groups"]["default"]["source"]
+            print(f"[demo] at model version {self.report['version']}: optimizer swapped "
+                  f"{source} -> {self.label} (migrate: {said})", flush=True)  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     from optserve.server.runtime import init_ray, start_service
 
@@ -110,7 +153,23 @@ def run(args: argparse.Namespace) -> int:
             _trainer_command(service.address, rank, args, epochs, optimizer.model_dump_json())
             for rank in range(args.trainers)
         ]
-        failed = _run_trainers(commands)
+        swapper = None
+        if args.swap_to:
+            target = parse_optimizer_config(args.swap_to).model_dump_json()
+            at = max(1, int(args.swap_at * _updates_expected(args, epochs)))
+            print(f"the optimizer will be swapped to {args.swap_to} at model version {at}",
+                  flush=True)  # fmt: skip
+            swapper = _Swapper(service.address, target, at, args.swap_to)
+            swapper.start()
+        try:
+            failed = _run_trainers(commands)
+        finally:
+            if swapper is not None:
+                swapper.stop.set()
+                swapper.join(timeout=60)
+        if swapper is not None and swapper.error is not None:
+            print(f"optserve demo: the optimizer swap failed: {swapper.error}", file=sys.stderr)
+            return 1
         if failed:
             print(f"optserve demo: trainer(s) {failed} failed", file=sys.stderr)
             return 1
@@ -135,6 +194,13 @@ def run(args: argparse.Namespace) -> int:
                 "trainers": args.trainers,
                 "seconds": elapsed,
                 "optimizer": json.loads(optimizer.model_dump_json()),
+                "swap": None
+                if swapper is None or swapper.report is None
+                else {
+                    "version": swapper.report["version"],
+                    "to": swapper.report["optimizer"],
+                    "keys": swapper.report["groups"]["default"]["keys"],
+                },
             }
             Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
         return 0

@@ -104,3 +104,8 @@ def test_demo_short_reaches_the_accuracy_bar(tmp_path):
     assert summary["trainers"] == 2
     # Every push of both trainers was applied: 1437 training digits, batches of 32 per trainer.
     assert summary["version"] == summary["epochs"] * (23 + 23)
+    # Halfway, the optimizer was swapped (Adam -> SGD, momentum converted from Adam's moment).
+    swap = summary["swap"]
+    assert swap["to"]["name"] == "sgd" and swap["keys"]["momentum_buffer"]["action"] == "converted"
+    assert summary["version"] // 2 <= swap["version"] < summary["version"]
+    assert "optimizer swapped adam -> " in result.stdout
