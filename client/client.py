@@ -241,6 +241,7 @@ class ParameterServerClient:
         groups: Mapping[str, Mapping[str, Any]] | None = None,
         schedule: str | Mapping[str, Any] | None = None,
         mode: str | Mapping[str, Any] | None = None,
+        checkpoint: Mapping[str, Any] | None = None,
     ) -> ModelInfo:
         """Register a model with its initial parameter values and optimizer config.
 
@@ -250,6 +251,7 @@ class ParameterServerClient:
         `mode` says how pushes become updates (default ``{"mode": "async"}``):
         ``{"mode": "sync", "trainers": 3, "round_timeout_s": 30}`` averages one push from each
         trainer per update; ``{"mode": "async", "max_staleness": 4}`` refuses stale pushes.
+        `checkpoint` asks for periodic checkpoints: ``{"every_versions": 1000, "every_s": 600}``.
         """
         named = list(params.items() if isinstance(params, Mapping) else params)
         config = parse_optimizer_config(optimizer)
@@ -274,6 +276,7 @@ class ParameterServerClient:
             groups=group_specs,
             schedule_json=schedule_config_json(schedule_config),
             mode_json=mode_config_json(mode_config),
+            checkpoint_json=json.dumps(dict(checkpoint)) if checkpoint else "",
         )
 
         def requests() -> Iterator[coordinator_pb2.CreateModelRequest]:
@@ -349,6 +352,43 @@ class ParameterServerClient:
         )
         self._forget_layout(model)
         return {**json.loads(reply.report_json), "version": reply.version}
+
+    def checkpoint(self, model: str) -> dict[str, Any]:
+        """Write a consistent checkpoint of the model now (the server needs a checkpoint
+        directory); returns its name, version and where it is."""
+        reply = _call(
+            self._coordinator.Checkpoint,
+            coordinator_pb2.CheckpointRequest(model=model),
+            timeout=self.timeout_s,
+            metadata=self._caller,
+        )
+        return {"name": reply.name, "version": reply.version, "uri": reply.uri}
+
+    def list_checkpoints(self, model: str) -> list[dict[str, Any]]:
+        """The model's complete checkpoints, oldest first: name, version, time."""
+        reply = _call(
+            self._coordinator.ListCheckpoints,
+            coordinator_pb2.ListCheckpointsRequest(model=model),
+            timeout=self.timeout_s,
+        )
+        return json.loads(reply.checkpoints_json)
+
+    def restore(
+        self, model: str, checkpoint: str | None = None, *, num_shards: int = 0
+    ) -> ModelInfo:
+        """Bring the model back from a checkpoint (the newest unless named) onto `num_shards`
+        shards (default: as now). Trainers then get Aborted on their next push: pull, go on."""
+        reply = _call(
+            self._coordinator.Restore,
+            coordinator_pb2.RestoreRequest(
+                model=model, checkpoint=checkpoint or "", num_shards=num_shards
+            ),
+            timeout=self.timeout_s,
+            metadata=self._caller,
+        )
+        with self._lock:
+            self._versions.pop(model, None)
+        return self._remember(reply)
 
     def status(self, model: str) -> dict[str, Any]:
         """The run as the server sees it: version, mode, rule and hyperparameters, each group's

@@ -35,8 +35,18 @@ def _serve(args: argparse.Namespace) -> int:
     placement = Placement(cpus=args.shard_cpus, gpus=args.shard_gpus, strategy=args.placement)
     try:
         service = start_service(
-            host=args.host, port=args.port, default_num_shards=args.shards, placement=placement
+            host=args.host,
+            port=args.port,
+            default_num_shards=args.shards,
+            placement=placement,
+            checkpoint_dir=args.checkpoint_dir,
+            keep_checkpoints=args.keep_checkpoints,
         )
+        if args.restore:
+            if not args.checkpoint_dir:
+                raise SystemExit("optserve serve: --restore needs --checkpoint-dir")
+            restored = ray.get(service.actor.restore_all.remote(), timeout=3600)
+            print(f"optserve: restored {len(restored)} model(s): {', '.join(restored)}")
     except RuntimeError as exc:
         print(f"optserve: {exc}", file=sys.stderr)
         ray.shutdown()
@@ -134,6 +144,26 @@ def _key_value(item: str) -> tuple[str, object]:
         return key, value
 
 
+def _checkpoint(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.list:
+            for entry in client.list_checkpoints(args.model):
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["time"]))
+                print(f"{entry['name']}  version {entry['version']}  {stamp}")
+            return 0
+        done = client.checkpoint(args.model)
+    print(f"checkpoint {done['name']} of {args.model} at version {done['version']} "
+          f"in {done['uri']}")  # fmt: skip
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.restore(args.model, args.checkpoint, num_shards=args.shards)
+    print(f"restored {args.model} at version {info.version} on {len(info.shards)} shard(s)")
+    return 0
+
+
 def _set_schedule(args: argparse.Namespace) -> int:
     with _client(args) as client:
         version = client.set_schedule(args.model, args.config)
@@ -186,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="SPREAD",
         choices=["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"],
         help="placement-group strategy for a model's shards (default SPREAD: across nodes)",
+    )
+    serve.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="where checkpoints go: a directory, or any fsspec URI (s3://bucket/path, ...)",
+    )
+    serve.add_argument(
+        "--keep-checkpoints", type=int, default=3, help="checkpoints kept per model (default 3)"
+    )
+    serve.add_argument(
+        "--restore",
+        action="store_true",
+        help="at start, restore every model from its newest checkpoint in --checkpoint-dir",
     )
     serve.add_argument(
         "--grace-s",
@@ -273,6 +316,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     set_schedule.add_argument("config", help="schedule config JSON")
     set_schedule.set_defaults(func=_set_schedule)
+
+    checkpoint = control(
+        "checkpoint",
+        "write a consistent checkpoint of a model now, or list its checkpoints",
+        "Snapshot every shard of a model at one version (weights, all optimizer state, "
+        "configs, schedule state, audit log) under the server's --checkpoint-dir.",
+        "examples:\n  optserve checkpoint --model my-net\n"
+        "  optserve checkpoint --model my-net --list\n",
+    )
+    checkpoint.add_argument("--list", action="store_true", help="list the model's checkpoints")
+    checkpoint.set_defaults(func=_checkpoint)
+
+    restore = control(
+        "restore",
+        "bring a model back from a checkpoint, on any number of shards",
+        "Restore a model from its newest checkpoint (or --checkpoint NAME), replacing the "
+        "running model of that name once the checkpoint is verified and loaded.",
+        "examples:\n  optserve restore --model my-net\n"
+        "  optserve restore --model my-net --checkpoint 000000001200-1764000000000 --shards 4\n",
+    )
+    restore.add_argument("--checkpoint", default=None, help="checkpoint name (default: newest)")
+    restore.add_argument("--shards", type=int, default=0, help="shards (default: as now)")
+    restore.set_defaults(func=_restore)
     return parser
 
 

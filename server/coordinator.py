@@ -31,12 +31,14 @@ from optserve.client.config import (
     mode_config_json,
     optimizer_config_json,
     parse_mode_config,
+    parse_optimizer_config,
     parse_schedule_config,
     schedule_config_json,
     with_overrides,
 )
 from optserve.client.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -50,6 +52,7 @@ from optserve.client.layout import (
     plan_group,
     split_ranges,
 )
+from optserve.server.checkpoint import Store, gather, split
 from optserve.server.shard_actor import SHARD_THREADS, ShardActor
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,9 @@ class ModelRecord:
     audit: list[dict[str, Any]] = field(default_factory=list)
     # One control change at a time per model.
     control_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Periodic checkpoints: {"every_versions": N, "every_s": T} (either may be absent).
+    checkpoint_policy: dict[str, Any] = field(default_factory=dict)
+    last_checkpoint: tuple[int, float] = (0, 0.0)  # (version, monotonic time)
 
     @property
     def optimizer_json(self) -> str:
@@ -258,11 +264,20 @@ class Coordinator:
         default_num_shards: int = 1,
         limits: Limits | None = None,
         placement: Placement | None = None,
+        checkpoint_dir: str | None = None,
+        keep_checkpoints: int = 3,
     ) -> None:
         self.host = host
         self.default_num_shards = default_num_shards
         self.limits = limits or Limits()
         self.placement = placement or Placement()
+        self.store = Store(checkpoint_dir) if checkpoint_dir else None
+        self.keep_checkpoints = keep_checkpoints
+        self._stopping = threading.Event()
+        if self.store is not None:
+            threading.Thread(
+                target=self._periodic, name="optserve-checkpoints", daemon=True
+            ).start()
         self._lock = threading.Lock()
         # Signalled when a creation in progress ends, so lookups of that name can wait for it.
         self._created = threading.Condition(self._lock)
@@ -295,15 +310,18 @@ class Coordinator:
         groups: Sequence[GroupSpec] = (),
         schedule: Any = None,
         mode: Any = None,
+        checkpoint_policy: Mapping[str, Any] | None = None,
     ) -> ModelRecord:
         """Start the shard actors of a new model (its name must be reserved) and register it."""
+        policy = self.checkpoint_policy(checkpoint_policy)
         num_shards = num_shards or self.default_num_shards
         if not 1 <= num_shards <= self.limits.max_shards:
             raise InvalidArgument(
                 f"num_shards must be between 1 and {self.limits.max_shards}, got {num_shards}"
             )
         layouts, overrides = plan_groups(params, groups, self.limits)
-        configs = {g.name: with_overrides(optimizer, overrides[g.name]) for g in layouts}
+        for g in layouts:  # every group's config is valid before anything starts
+            with_overrides(optimizer, overrides[g.name])
         schedule_config = parse_schedule_config(schedule)
         mode_config = parse_mode_config(mode)
         trainers = getattr(mode_config, "trainers", 0)
@@ -313,9 +331,30 @@ class Coordinator:
                 f"{trainers * num_shards} calls on the leader shard; keep trainers x shards "
                 f"<= {SHARD_THREADS // 2}"
             )
+        flats = {g.name: flatten_group(g, initial, torch.float32) for g in layouts}
+        record = self._launch(
+            name, layouts, overrides, optimizer, schedule_config, mode_config, flats, num_shards
+        )
+        record.checkpoint_policy = policy
+        with self._lock:
+            self._models[name] = record
+        return record
+
+    def _launch(
+        self,
+        name: str,
+        layouts: list[GroupLayout],
+        overrides: dict[str, dict[str, Any]],
+        optimizer: RuleConfig,
+        schedule_config: Any,
+        mode_config: Any,
+        flats: Mapping[str, torch.Tensor],
+        num_shards: int,
+    ) -> ModelRecord:
+        """Start a model's shard actors on `flats` (per-group flat fp32 weights); unregistered."""
+        configs = {g.name: with_overrides(optimizer, overrides[g.name]) for g in layouts}
         slices = split_ranges(layouts, num_shards)
         _check_gradient_centralization(configs, layouts, slices)
-        flats = {g.name: flatten_group(g, initial, torch.float32) for g in layouts}
         run_id = uuid.uuid4().hex[:8]
         secret = secrets.token_hex(16)  # lets the model's shards, and only them, call Sequence
         bundle, device = self.placement.bundle()
@@ -375,8 +414,6 @@ class Coordinator:
             name, layouts, shards, optimizer, overrides, schedule_config, actors,
             mode=mode_config, placement_group=group, device=device,
         )  # fmt: skip
-        with self._lock:
-            self._models[name] = record
         log.info("created model %s on %d shard(s): %s", name, num_shards, addresses)
         return record
 
@@ -536,6 +573,150 @@ class Coordinator:
             "audit": record.audit[-recent:],
         }
 
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def _store(self) -> Store:
+        if self.store is None:
+            raise FailedPrecondition(
+                "this server has no checkpoint directory; start it with --checkpoint-dir"
+            )
+        return self.store
+
+    def checkpoint(self, name: str, caller: str = "") -> dict[str, Any]:
+        """Snapshot every shard at one version, write it, keep the newest `keep_checkpoints`.
+
+        Training pauses only while the shards copy their state out; writing happens after."""
+        store = self._store()
+        record = self.get(name)
+        op_id = uuid.uuid4().hex
+        leader = record.actors[0]
+        with record.control_lock:
+            version = ray.get(leader.pause_updates.remote(op_id), timeout=180)
+            try:
+                states = ray.get([a.state_dict.remote(version) for a in record.actors], timeout=600)
+            finally:
+                ray.get(leader.resume_updates.remote(op_id), timeout=60)
+            entry = {"version": version, "time": time.time(), "caller": caller,
+                     "action": "checkpoint", "old": None, "new": None}  # fmt: skip
+            ckpt = gather(self._meta(record, [*record.audit, entry]), states)
+        checkpoint_name = store.write(ckpt)
+        entry["new"] = {"checkpoint": checkpoint_name}
+        with record.control_lock:
+            record.audit.append(entry)
+            record.last_checkpoint = (version, time.monotonic())
+        store.prune(name, self.keep_checkpoints)
+        log.info("checkpoint %s/%s at version %d", name, checkpoint_name, version)
+        return {"name": checkpoint_name, "version": version, "uri": f"{store.root}/{name}"}
+
+    @staticmethod
+    def _meta(record: ModelRecord, audit: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "model": record.name,
+            "params": [
+                {"name": p.name, "shape": list(p.shape), "dtype": str(p.dtype).split(".")[-1]}
+                for g in record.groups for p in g.params
+            ],
+            "groups": [
+                {"name": g.name, "params": [p.name for p in g.params]} for g in record.groups
+            ],
+            "overrides": record.overrides,
+            "optimizer": json.loads(record.optimizer_json),
+            "group_configs": {
+                g: json.loads(optimizer_config_json(with_overrides(record.optimizer, o)))
+                for g, o in record.overrides.items()
+            },
+            "schedule": json.loads(record.schedule_json),
+            "mode": json.loads(record.mode_json),
+            "audit": audit[-1000:],
+            "metrics": record.metrics[-1000:],
+        }  # fmt: skip
+
+    def list_checkpoints(self, name: str) -> list[dict[str, Any]]:
+        return self._store().list(name)
+
+    def restore(
+        self, name: str, checkpoint: str | None = None, num_shards: int = 0, caller: str = ""
+    ) -> ModelRecord:
+        """Bring a model back from a checkpoint, onto `num_shards` shards (default: as many as
+        it runs on now, or the server's default). A running model is replaced only once the
+        checkpoint has been read, verified and loaded into new shards."""
+        ckpt = self._store().read(name, checkpoint)
+        with self._lock:
+            old = self._models.get(name)
+        num_shards = num_shards or (len(old.actors) if old else self.default_num_shards)
+        if not 1 <= num_shards <= self.limits.max_shards:
+            raise InvalidArgument(
+                f"num_shards must be between 1 and {self.limits.max_shards}, got {num_shards}"
+            )
+        dtypes = {"float32": torch.float32, "float16": torch.float16,
+                  "bfloat16": torch.bfloat16, "float64": torch.float64}  # fmt: skip
+        specs = {p["name"]: (p["name"], tuple(p["shape"]), dtypes[p["dtype"]]) for p in ckpt.params}
+        layouts = [plan_group(g["name"], [specs[n] for n in g["params"]]) for g in ckpt.groups]
+        optimizer = parse_optimizer_config(ckpt.optimizer)
+        flats = {g.name: ckpt.tensors[f"{g.name}/weights"] for g in layouts}
+        record = self._launch(
+            name, layouts, dict(ckpt.overrides), optimizer,
+            parse_schedule_config(ckpt.schedule), parse_mode_config(ckpt.mode), flats, num_shards,
+        )  # fmt: skip
+        try:
+            states = split(ckpt, [s.ranges for s in record.shards])
+            ray.get(
+                [a.load_state_dict.remote(st) for a, st in zip(record.actors, states, strict=True)],
+                timeout=600,
+            )
+        except Exception:
+            self._stop_actors(record.actors, 1.0)
+            self._remove_group(record)
+            raise
+        record.metrics = list(ckpt.metrics)
+        record.audit = [*ckpt.audit, {
+            "version": ckpt.version, "time": time.time(), "caller": caller, "action": "restore",
+            "old": None, "new": {"checkpoint": checkpoint or "latest", "shards": num_shards},
+        }]  # fmt: skip
+        record.checkpoint_policy = dict(old.checkpoint_policy) if old else {}
+        record.last_checkpoint = (ckpt.version, time.monotonic())
+        with self._lock:
+            replaced = self._models.get(name)
+            self._models[name] = record
+        if replaced is not None:
+            self._stop_actors(replaced.actors, 1.0)
+            self._remove_group(replaced)
+        log.info("restored %s at version %d on %d shard(s)", name, ckpt.version, num_shards)
+        return record
+
+    def checkpoint_policy(self, policy: Mapping[str, Any] | None) -> dict[str, Any]:
+        """A validated periodic-checkpoint policy: {"every_versions": N, "every_s": T}."""
+        policy = dict(policy or {})
+        unknown = set(policy) - {"every_versions", "every_s"}
+        if unknown:
+            raise InvalidArgument(f"unknown checkpoint policy keys {sorted(unknown)}")
+        for key, value in policy.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or value <= 0):  # fmt: skip
+                raise InvalidArgument(f"checkpoint {key} must be a positive number, got {value!r}")
+        if policy:
+            self._store()
+        return {k: v for k, v in policy.items() if v is not None}
+
+    def _periodic(self) -> None:
+        """Background: checkpoint each model whose policy says it is due."""
+        while not self._stopping.wait(0.5):
+            with self._lock:
+                records = [r for r in self._models.values() if r.checkpoint_policy]
+            for record in records:
+                try:
+                    policy = record.checkpoint_policy
+                    last_version, last_time = record.last_checkpoint
+                    version = self.version(record)
+                    due = version > last_version and (
+                        version - last_version >= policy.get("every_versions", float("inf"))
+                        or time.monotonic() - last_time >= policy.get("every_s", float("inf"))
+                    )
+                    if due:
+                        self.checkpoint(record.name, caller="periodic")
+                except Exception:  # noqa: BLE001 - a failed checkpoint is retried next time
+                    log.warning("periodic checkpoint of %s failed", record.name, exc_info=True)
+
     def shard_info(self, record: ModelRecord) -> list[dict[str, Any]]:
         return ray.get([a.info.remote() for a in record.actors], timeout=60)
 
@@ -567,6 +748,7 @@ class Coordinator:
         self._remove_group(record)
 
     def shutdown(self, grace_s: float = 5.0) -> None:
+        self._stopping.set()
         with self._lock:
             records = list(self._models.values())
             self._models.clear()

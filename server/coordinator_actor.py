@@ -20,9 +20,13 @@ class CoordinatorActor:
         default_num_shards: int = 1,
         limits: Limits | None = None,
         placement: Placement | None = None,
+        checkpoint_dir: str | None = None,
+        keep_checkpoints: int = 3,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
-        self._coordinator = Coordinator(host, default_num_shards, limits, placement)
+        self._coordinator = Coordinator(
+            host, default_num_shards, limits, placement, checkpoint_dir, keep_checkpoints
+        )
         self._server = create_server(
             format_address(host, port),
             [
@@ -42,6 +46,17 @@ class CoordinatorActor:
     def shard_actors(self, model: str) -> list:
         """Handles of a model's shard actors (for tests and operations tooling)."""
         return list(self._coordinator.get(model).actors)
+
+    def restore_all(self) -> list[str]:
+        """Restore every model that has a checkpoint under the checkpoint directory."""
+        store = self._coordinator.store
+        if store is None:
+            return []
+        restored = []
+        for model in store.models():
+            self._coordinator.restore(model, caller="startup")
+            restored.append(model)
+        return restored
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting calls, let in-flight ones finish, then stop every shard."""

@@ -90,6 +90,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         validate_params(spec.name, params, self._coordinator.limits)
         optimizer = parse_optimizer_config(spec.optimizer_json)
         mode = parse_mode_config(spec.mode_json or None)
+        policy = self._coordinator.checkpoint_policy(
+            _json_object(spec.checkpoint_json, "checkpoint policy") if spec.checkpoint_json else {}
+        )
         groups = [
             GroupSpec(g.name, tuple(g.params), _json_object(g.overrides_json, "group overrides"))
             for g in spec.groups
@@ -106,7 +109,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             initial = assembler.finish()
             record = self._coordinator.create_model(
                 spec.name, params, initial, optimizer, spec.num_shards, groups,
-                spec.schedule_json or None, mode,
+                spec.schedule_json or None, mode, policy,
             )  # fmt: skip
         finally:
             self._coordinator.release(spec.name)
@@ -179,6 +182,31 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.StatusResponse:
         status = self._coordinator.status(request.model)
         return coordinator_pb2.StatusResponse(status_json=json.dumps(status, default=str))
+
+    @unary_errors
+    def Checkpoint(
+        self, request: coordinator_pb2.CheckpointRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.CheckpointResponse:
+        done = self._coordinator.checkpoint(request.model, caller_of(context))
+        return coordinator_pb2.CheckpointResponse(
+            name=done["name"], version=done["version"], uri=done["uri"]
+        )
+
+    @unary_errors
+    def ListCheckpoints(
+        self, request: coordinator_pb2.ListCheckpointsRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ListCheckpointsResponse:
+        found = self._coordinator.list_checkpoints(request.model)
+        return coordinator_pb2.ListCheckpointsResponse(checkpoints_json=json.dumps(found))
+
+    @unary_errors
+    def Restore(
+        self, request: coordinator_pb2.RestoreRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ModelInfo:
+        record = self._coordinator.restore(
+            request.model, request.checkpoint or None, request.num_shards, caller_of(context)
+        )
+        return model_info(record, self._coordinator.shard_info(record))
 
 
 def caller_of(context: grpc.ServicerContext) -> str:

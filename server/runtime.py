@@ -89,6 +89,8 @@ def start_service(
     default_num_shards: int = 1,
     name: str = COORDINATOR_NAME,
     placement: Any = None,
+    checkpoint_dir: str | None = None,
+    keep_checkpoints: int = 3,
 ) -> Service:
     """Start the coordinator actor (Ray must be initialised) and wait until it serves."""
     import ray
@@ -98,7 +100,7 @@ def start_service(
     actor = (
         ray.remote(CoordinatorActor)
         .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0)
-        .remote(host, port, default_num_shards, None, placement)
+        .remote(host, port, default_num_shards, None, placement, checkpoint_dir, keep_checkpoints)
     )
     try:
         address = ray.get(actor.address.remote(), timeout=300)

@@ -206,10 +206,10 @@ class Sequencer:
             self._deferred.append((push_id, pending))
             return
         mode, version = self.mode, self._version
-        if pending.based_on > version:
-            self._decide(push_id, Decision(error=InvalidArgument(
+        if pending.based_on > version:  # e.g. the model was restored from a checkpoint
+            self._decide(push_id, Decision(error=Aborted(
                 f"gradient claims model version {pending.based_on}, but the model is at "
-                f"version {version}")))  # fmt: skip
+                f"version {version}; pull the current weights and push again")))  # fmt: skip
             return
         staleness = version - pending.based_on
         if isinstance(mode, AsyncMode):

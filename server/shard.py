@@ -251,9 +251,10 @@ class ShardState:
                 name: g.weights.detach().to("cpu", copy=True) for name, g in self._groups.items()
             }
 
-    def state_dict(self) -> dict[str, Any]:
-        """A consistent copy of everything: version, weights, rule state, schedule state."""
-        with self._lock:
+    def state_dict(self, at_version: int | None = None) -> dict[str, Any]:
+        """A consistent copy of everything: version, weights, rule state, schedule state
+        (at version `at_version`, a checkpoint's boundary, when given)."""
+        with self._at(at_version):
             return {
                 "version": self.version,
                 "schedule": schedule_config_json(self._schedule_config),

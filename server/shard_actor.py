@@ -146,8 +146,8 @@ class ShardActor:
     def report_metric(self, name: str, value: float, at_version: int | None = None) -> bool:
         return self._state.report_metric(name, value, at_version)
 
-    def state_dict(self) -> dict[str, Any]:
-        return self._state.state_dict()
+    def state_dict(self, at_version: int | None = None) -> dict[str, Any]:
+        return self._state.state_dict(at_version)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._state.load_state_dict(state)

@@ -27,11 +27,28 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def service(ray_session):
+def checkpoint_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def service(ray_session, checkpoint_dir):
     """One optserve server (coordinator actor + gRPC on 127.0.0.1) for the whole session."""
     from optserve.server.runtime import start_service
 
-    svc = start_service(host="127.0.0.1", port=0)
+    svc = start_service(host="127.0.0.1", port=0, checkpoint_dir=checkpoint_dir)
+    yield svc
+    svc.stop(grace_s=1.0)
+
+
+@pytest.fixture(scope="session")
+def second_service(ray_session, checkpoint_dir):
+    """Another server on the same Ray and checkpoint directory: a fresh server to restore into."""
+    from optserve.server.runtime import start_service
+
+    svc = start_service(
+        host="127.0.0.1", port=0, checkpoint_dir=checkpoint_dir, name="optserve-coordinator-2"
+    )
     yield svc
     svc.stop(grace_s=1.0)
 

@@ -18,7 +18,7 @@ class ParamSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "params", "optimizer_json", "num_shards", "groups", "schedule_json", "mode_json")
+    __slots__ = ("name", "params", "optimizer_json", "num_shards", "groups", "schedule_json", "mode_json", "checkpoint_json")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class ModelSpec(_message.Message):
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_JSON_FIELD_NUMBER: _ClassVar[int]
     MODE_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_JSON_FIELD_NUMBER: _ClassVar[int]
     name: str
     params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
     optimizer_json: str
@@ -33,7 +34,8 @@ class ModelSpec(_message.Message):
     groups: _containers.RepeatedCompositeFieldContainer[ParamGroupSpec]
     schedule_json: str
     mode_json: str
-    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., num_shards: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[ParamGroupSpec, _Mapping]]] = ..., schedule_json: _Optional[str] = ..., mode_json: _Optional[str] = ...) -> None: ...
+    checkpoint_json: str
+    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., optimizer_json: _Optional[str] = ..., num_shards: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[ParamGroupSpec, _Mapping]]] = ..., schedule_json: _Optional[str] = ..., mode_json: _Optional[str] = ..., checkpoint_json: _Optional[str] = ...) -> None: ...
 
 class ParamGroupSpec(_message.Message):
     __slots__ = ("name", "params", "overrides_json")
@@ -204,3 +206,41 @@ class StatusResponse(_message.Message):
     STATUS_JSON_FIELD_NUMBER: _ClassVar[int]
     status_json: str
     def __init__(self, status_json: _Optional[str] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("name", "version", "uri")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    uri: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., uri: _Optional[str] = ...) -> None: ...
+
+class ListCheckpointsRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListCheckpointsResponse(_message.Message):
+    __slots__ = ("checkpoints_json",)
+    CHECKPOINTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    checkpoints_json: str
+    def __init__(self, checkpoints_json: _Optional[str] = ...) -> None: ...
+
+class RestoreRequest(_message.Message):
+    __slots__ = ("model", "checkpoint", "num_shards")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    checkpoint: str
+    num_shards: int
+    def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ..., num_shards: _Optional[int] = ...) -> None: ...

@@ -79,6 +79,21 @@ class CoordinatorStub:
                 request_serializer=optserve_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=optserve_dot_v1_dot_coordinator__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/optserve.v1.Coordinator/Checkpoint',
+                request_serializer=optserve_dot_v1_dot_coordinator__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_coordinator__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/optserve.v1.Coordinator/ListCheckpoints',
+                request_serializer=optserve_dot_v1_dot_coordinator__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_coordinator__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.Restore = channel.unary_unary(
+                '/optserve.v1.Coordinator/Restore',
+                request_serializer=optserve_dot_v1_dot_coordinator__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_coordinator__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -146,6 +161,29 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """A consistent checkpoint of every shard at one version (weights, all optimizer state and
+        scalars, configs, schedule state, audit log, metrics), written under the server's
+        checkpoint directory; answered once it is written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restore(self, request, context):
+        """Bring a model back from a checkpoint (the newest unless named), onto any number of shards;
+        a running model of that name is replaced once the checkpoint is verified and loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -193,6 +231,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=optserve_dot_v1_dot_coordinator__pb2.StatusRequest.FromString,
                     response_serializer=optserve_dot_v1_dot_coordinator__pb2.StatusResponse.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=optserve_dot_v1_dot_coordinator__pb2.CheckpointRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_coordinator__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=optserve_dot_v1_dot_coordinator__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_coordinator__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'Restore': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=optserve_dot_v1_dot_coordinator__pb2.RestoreRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_coordinator__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -438,6 +491,87 @@ class Coordinator:
             '/optserve.v1.Coordinator/Status',
             optserve_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
             optserve_dot_v1_dot_coordinator__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Coordinator/Checkpoint',
+            optserve_dot_v1_dot_coordinator__pb2.CheckpointRequest.SerializeToString,
+            optserve_dot_v1_dot_coordinator__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Coordinator/ListCheckpoints',
+            optserve_dot_v1_dot_coordinator__pb2.ListCheckpointsRequest.SerializeToString,
+            optserve_dot_v1_dot_coordinator__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Coordinator/Restore',
+            optserve_dot_v1_dot_coordinator__pb2.RestoreRequest.SerializeToString,
+            optserve_dot_v1_dot_coordinator__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

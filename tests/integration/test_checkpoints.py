@@ -1,0 +1,205 @@
+"""Checkpoints: consistent snapshots, restore into a fresh server, resharding, bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from optserve.client import ParameterServerClient
+from optserve.client.errors import Aborted, FailedPrecondition, NotFound
+
+SHAPES = {"weight": (4, 5), "bias": (7,), "kernel": (2, 3, 2, 2)}
+RULES = {
+    "sgd": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01},
+    "adagrad": {"name": "adagrad", "lr": 0.05, "lr_decay": 0.01},
+    "rmsprop": {"name": "rmsprop", "lr": 0.01, "centered": True, "momentum": 0.5},
+    "adadelta": {"name": "adadelta"},
+    "adam": {"name": "adam", "lr": 0.01},
+    "adamw": {"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
+    "amsgrad": {"name": "amsgrad", "lr": 0.01},
+    "adabound": {"name": "adabound", "lr": 0.01, "amsbound": True},
+    "radam": {"name": "radam", "lr": 0.01},
+    "ranger": {"name": "ranger", "lr": 0.01, "k": 4},
+}
+
+
+def cases():
+    for name, config in RULES.items():
+        yield name, config
+        if name != "ranger":
+            yield f"{name}+lookahead", {**config, "lookahead": {"k": 3, "alpha": 0.5}}
+
+
+def initial_weights(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
+
+
+def gradient(step):
+    generator = torch.Generator().manual_seed(500 + step)
+    return {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
+
+
+def full_state(service, model):
+    """Every shard's state dict, joined per group: tensors concatenated, scalars per shard."""
+    shards = ray.get(service.actor.shard_actors.remote(model))
+    states = ray.get([s.state_dict.remote() for s in shards])
+    joined = {}
+    for group in states[0]["groups"]:
+        parts = [s["groups"][group] for s in states]
+        joined[f"{group}/weights"] = torch.cat([p["weights"] for p in parts])
+        for key in parts[0]["state"]:
+            values = [p["state"][key] for p in parts]
+            if isinstance(values[0], torch.Tensor):
+                joined[f"{group}/{key}"] = torch.cat(values)
+            else:
+                joined[f"{group}/{key}"] = values
+    return {s["version"] for s in states}, joined, states[0]["schedule_state"]
+
+
+@pytest.mark.slow  # 19 rule cases, two shard actors each: about 3 minutes here
+@pytest.mark.parametrize("case, config", list(cases()), ids=[c for c, _ in cases()])
+def test_checkpoint_restores_bit_identically_into_a_fresh_server(
+    service, second_service, client, model_name, case, config
+):
+    client.create_model(model_name, initial_weights(), config,
+                        schedule={"name": "exponential", "gamma": 0.97})  # fmt: skip
+    for i in range(5):
+        client.push(model_name, gradient(i), version=i)
+    done = client.checkpoint(model_name)
+    assert done["version"] == 5
+    with ParameterServerClient(second_service.address) as fresh:
+        try:
+            info = fresh.restore(model_name, num_shards=1)
+            assert info.version == 5
+            assert full_state(second_service, model_name)[0] == {5}
+            versions, before, schedule = full_state(service, model_name)
+            _, after, schedule_after = full_state(second_service, model_name)
+            assert before.keys() == after.keys() and schedule == schedule_after
+            for key, value in before.items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(value, after[key]), key
+                else:
+                    assert value == after[key], key
+            for i in range(5, 15):  # the next 10 updates equal the uninterrupted run's
+                client.push(model_name, gradient(i), version=i)
+                fresh.push(model_name, gradient(i), version=i)
+            ours, version = client.pull(model_name)
+            theirs, version_fresh = fresh.pull(model_name)
+            assert version == version_fresh == 15
+            for name in SHAPES:
+                assert torch.equal(ours[name], theirs[name]), name
+        finally:
+            fresh.drop_model(model_name)
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_a_four_shard_checkpoint_restores_onto_fewer_shards(
+    service, second_service, client, model_name, shards
+):
+    config = {"name": "adam", "lr": 0.01, "lookahead": {"k": 2, "alpha": 0.5}}
+    client.create_model(model_name, initial_weights(1), config, num_shards=4)
+    for i in range(4):
+        client.push(model_name, gradient(i), version=i)
+    client.checkpoint(model_name)
+    with ParameterServerClient(second_service.address) as fresh:
+        try:
+            info = fresh.restore(model_name, num_shards=shards)
+            assert len(info.shards) == shards
+            ours, _ = client.pull(model_name)
+            theirs, version = fresh.pull(model_name)
+            assert version == 4
+            assert all(torch.equal(ours[n], theirs[n]) for n in SHAPES)
+            for i in range(4, 9):
+                client.push(model_name, gradient(i), version=i)
+                fresh.push(model_name, gradient(i), version=i)
+            ours, _ = client.pull(model_name)
+            theirs, _ = fresh.pull(model_name)
+            for name in SHAPES:  # fused kernels are element-wise: the cut does not matter
+                torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=1e-7)
+        finally:
+            fresh.drop_model(model_name)
+
+
+def test_restore_in_place_rolls_back_and_tells_trainers_to_pull(client, model_name):
+    client.create_model(model_name, initial_weights(), {"name": "sgd", "lr": 0.1}, num_shards=2)
+    client.push(model_name, gradient(0), version=0)
+    saved, _ = client.pull(model_name)
+    client.checkpoint(model_name)
+    for i in range(1, 4):
+        client.push(model_name, gradient(i), version=i)
+    info = client.restore(model_name)
+    assert info.version == 1 and len(info.shards) == 2
+    with ParameterServerClient(client.address) as trainer, pytest.raises(Aborted, match="pull"):
+        trainer.push(model_name, gradient(9), version=3)  # its gradient is from version 3
+    weights, version = client.pull(model_name)
+    assert version == 1 and all(torch.equal(weights[n], saved[n]) for n in SHAPES)
+    audit = client.status(model_name)["audit"]
+    assert [e["action"] for e in audit][-2:] == ["checkpoint", "restore"]
+
+
+def test_checkpoints_are_listed_and_pruned(client, model_name):
+    client.create_model(model_name, initial_weights(), {"name": "sgd", "lr": 0.1})
+    names = []
+    for i in range(5):
+        client.push(model_name, gradient(i), version=i)
+        names.append(client.checkpoint(model_name)["name"])
+    listed = client.list_checkpoints(model_name)
+    assert [c["name"] for c in listed] == names[-3:]  # the server keeps the newest 3
+    assert [c["version"] for c in listed] == [3, 4, 5]
+
+
+def test_interrupted_and_corrupt_checkpoints(service, client, model_name, checkpoint_dir):
+    client.create_model(model_name, initial_weights(), {"name": "adam", "lr": 0.01})
+    client.push(model_name, gradient(0), version=0)
+    good = client.checkpoint(model_name)
+    client.push(model_name, gradient(1), version=1)
+    # A write that died before its manifest: not listed, never loaded.
+    partial = Path(checkpoint_dir) / model_name / "000000000002-9999999999999"
+    partial.mkdir()
+    (partial / "tensors.safetensors").write_bytes(b"half a file")
+    (partial / "manifest.json.tmp").write_text("{")
+    assert [c["name"] for c in client.list_checkpoints(model_name)] == [good["name"]]
+    running, version = client.pull(model_name)
+    # A corrupt newest checkpoint is refused and the running model is untouched.
+    newest = client.checkpoint(model_name)
+    tensors = Path(checkpoint_dir) / model_name / newest["name"] / "tensors.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(FailedPrecondition, match="checksum"):
+        client.restore(model_name)
+    # A checkpoint of another model put in its place is refused too.
+    manifest = Path(checkpoint_dir) / model_name / newest["name"] / "manifest.json"
+    body = json.loads(manifest.read_text())
+    body["model"] = "someone-else"
+    manifest.write_text(json.dumps(body))
+    with pytest.raises(FailedPrecondition):
+        client.restore(model_name, newest["name"])
+    after, version_after = client.pull(model_name)
+    assert version_after == version == 2
+    assert all(torch.equal(running[n], after[n]) for n in SHAPES)
+    # The good one still restores.
+    assert client.restore(model_name, good["name"]).version == 1
+    with pytest.raises(NotFound):
+        client.restore(model_name, "000000000000-0000000000000")
+
+
+def test_periodic_checkpoints(client, model_name):
+    client.create_model(model_name, initial_weights(), {"name": "sgd", "lr": 0.1},
+                        checkpoint={"every_versions": 3})  # fmt: skip
+    for i in range(7):
+        client.push(model_name, gradient(i), version=i)
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        versions = [c["version"] for c in client.list_checkpoints(model_name)]
+        if versions and versions[-1] >= 6:
+            break
+        time.sleep(0.2)
+    assert versions and versions[-1] >= 6 and all(v >= 3 for v in versions)
