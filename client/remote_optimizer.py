@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -20,6 +21,7 @@ from optserve.client.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         trainer: str = "",
         mode: str | Mapping[str, Any] | None = None,
         trainers: int | None = None,
+        recover_timeout_s: float = 300.0,
     ) -> None:
         # Frozen parameters are left out, as torch leaves them alone: the server never moves them.
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
@@ -93,8 +96,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.wire_dtype = wire_dtype
         # A sync round takes one push per trainer, so every trainer needs its own name.
         self.trainer = trainer or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        # Pushes the server refused as stale (async max_staleness) or too late (sync round).
+        # Pushes the server refused (stale, too late for a sync round, the model restored or
+        # briefly down): their gradients were dropped and the current weights loaded instead.
         self.dropped_pushes = 0
+        # How long `step()` waits for a model that lost a shard to come back.
+        self.recover_timeout_s = recover_timeout_s
         try:
             config = parse_optimizer_config(optimizer) if optimizer is not None else None
             mode_config = _mode(mode, trainers)
@@ -173,15 +179,39 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 reuse_buffers=True,  # copied into the parameters below
             )
         except (Aborted, FailedPrecondition) as exc:
-            # Too stale (async max_staleness) or too late for its sync round: the server applied
-            # nothing. Catch up with the current weights; this gradient is dropped.
+            # Too stale (async max_staleness), too late for its sync round, or computed on a
+            # version the model has left (it was restored): the server applied nothing.
+            # Catch up with the current weights; this gradient is dropped.
             self.dropped_pushes += 1
             log.warning("push dropped, loading the current weights: %s", exc)
             self._load_from_server()
             return loss
+        except Unavailable as exc:
+            # A shard is down: the server brings the model back from its newest checkpoint.
+            # Wait for it, then go on from the weights it comes back with.
+            self.dropped_pushes += 1
+            log.warning("the model is unavailable (%s); waiting for it to come back", exc)
+            self._wait_for_server()
+            return loss
         for name, param in self._named:
             param.copy_(weights[name])
         return loss
+
+    def _wait_for_server(self) -> None:
+        deadline = time.monotonic() + self.recover_timeout_s
+        delay = 0.2
+        while True:
+            try:
+                self._load_from_server()
+                return
+            except (Unavailable, NotFound) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise Unavailable(
+                        f"model {self.model!r} did not come back within "
+                        f"{self.recover_timeout_s:.0f} s: {exc}"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def pull(self) -> int:
         """Load the server's current weights into the parameters; return their version."""

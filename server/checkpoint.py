@@ -10,7 +10,8 @@ Layout of one checkpoint (format "optserve-checkpoint/1")::
                               format, model, version, time, parameters and groups (the layout),
                               every config, schedule state, update mode, per-group scalars
                               (step counters, AdaBound's base_lr, Lookahead's counter), the
-                              audit log and metrics, and the tensors file's size and SHA-256
+                              audit log and metrics, the shard count, and the tensors file's
+                              size and SHA-256
 
 A directory without a manifest is an interrupted write: it is not listed and never loaded.
 Tensors are stored for the whole model, not per shard, so a checkpoint restores onto any
@@ -60,6 +61,7 @@ class Checkpoint:
     audit: list[dict[str, Any]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     created: float = field(default_factory=time.time)
+    num_shards: int = 1  # how many shards it ran on (what a restart restores it onto)
 
     def manifest(self) -> dict[str, Any]:
         body = {k: v for k, v in self.__dict__.items() if k != "tensors"}

@@ -37,6 +37,7 @@ from optserve.client.config import (
     with_overrides,
 )
 from optserve.client.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -112,6 +113,8 @@ class ModelRecord:
     # Periodic checkpoints: {"every_versions": N, "every_s": T} (either may be absent).
     checkpoint_policy: dict[str, Any] = field(default_factory=dict)
     last_checkpoint: tuple[int, float] = (0, 0.0)  # (version, monotonic time)
+    # Set when a shard died and no checkpoint could bring the model back.
+    lost: str | None = None
 
     @property
     def optimizer_json(self) -> str:
@@ -266,6 +269,7 @@ class Coordinator:
         placement: Placement | None = None,
         checkpoint_dir: str | None = None,
         keep_checkpoints: int = 3,
+        watch: bool = True,
     ) -> None:
         self.host = host
         self.default_num_shards = default_num_shards
@@ -274,15 +278,17 @@ class Coordinator:
         self.store = Store(checkpoint_dir) if checkpoint_dir else None
         self.keep_checkpoints = keep_checkpoints
         self._stopping = threading.Event()
-        if self.store is not None:
-            threading.Thread(
-                target=self._periodic, name="optserve-checkpoints", daemon=True
-            ).start()
         self._lock = threading.Lock()
         # Signalled when a creation in progress ends, so lookups of that name can wait for it.
         self._created = threading.Condition(self._lock)
         self._models: dict[str, ModelRecord] = {}
         self._reserved: set[str] = set()
+        if self.store is not None:
+            threading.Thread(
+                target=self._periodic, name="optserve-checkpoints", daemon=True
+            ).start()
+        if watch:
+            threading.Thread(target=self._watch, name="optserve-watch", daemon=True).start()
 
     def reserve(self, name: str) -> None:
         """Claim a model name for a creation in progress (ALREADY_EXISTS if taken)."""
@@ -629,21 +635,27 @@ class Coordinator:
             "mode": json.loads(record.mode_json),
             "audit": audit[-1000:],
             "metrics": record.metrics[-1000:],
+            "num_shards": len(record.actors),
         }  # fmt: skip
 
     def list_checkpoints(self, name: str) -> list[dict[str, Any]]:
         return self._store().list(name)
 
     def restore(
-        self, name: str, checkpoint: str | None = None, num_shards: int = 0, caller: str = ""
+        self,
+        name: str,
+        checkpoint: str | None = None,
+        num_shards: int = 0,
+        caller: str = "",
+        replace: ModelRecord | None = None,
     ) -> ModelRecord:
         """Bring a model back from a checkpoint, onto `num_shards` shards (default: as many as
-        it runs on now, or the server's default). A running model is replaced only once the
-        checkpoint has been read, verified and loaded into new shards."""
+        it runs on now, or as it ran on when checkpointed). A running model is replaced only
+        once the checkpoint has been read, verified and loaded into new shards."""
         ckpt = self._store().read(name, checkpoint)
         with self._lock:
             old = self._models.get(name)
-        num_shards = num_shards or (len(old.actors) if old else self.default_num_shards)
+        num_shards = num_shards or (len(old.actors) if old else ckpt.num_shards)
         if not 1 <= num_shards <= self.limits.max_shards:
             raise InvalidArgument(
                 f"num_shards must be between 1 and {self.limits.max_shards}, got {num_shards}"
@@ -673,11 +685,20 @@ class Coordinator:
             "version": ckpt.version, "time": time.time(), "caller": caller, "action": "restore",
             "old": None, "new": {"checkpoint": checkpoint or "latest", "shards": num_shards},
         }]  # fmt: skip
+        if replace is not None:  # a recovery keeps the history of the run it replaces
+            record.audit = [*replace.audit[-1000:], record.audit[-1]]
+            record.metrics = list(replace.metrics)
         record.checkpoint_policy = dict(old.checkpoint_policy) if old else {}
         record.last_checkpoint = (ckpt.version, time.monotonic())
         with self._lock:
             replaced = self._models.get(name)
-            self._models[name] = record
+            stale = replace is not None and replaced is not replace  # restored/dropped meanwhile
+            if not stale:
+                self._models[name] = record
+        if stale:
+            self._stop_actors(record.actors, 1.0)
+            self._remove_group(record)
+            raise Aborted(f"model {name!r} changed while it was being recovered")
         if replaced is not None:
             self._stop_actors(replaced.actors, 1.0)
             self._remove_group(replaced)
@@ -717,6 +738,55 @@ class Coordinator:
                 except Exception:  # noqa: BLE001 - a failed checkpoint is retried next time
                     log.warning("periodic checkpoint of %s failed", record.name, exc_info=True)
 
+    # ---- shard failures ----------------------------------------------------------------
+
+    def _watch(self, every_s: float = 1.0) -> None:
+        """Background: find models with a dead shard and bring them back from a checkpoint."""
+        while not self._stopping.wait(every_s):
+            with self._lock:
+                records = [r for r in self._models.values() if r.lost is None]
+            for record in records:
+                if self._stopping.is_set():
+                    return
+                try:
+                    dead = self._dead_shards(record)
+                except Exception:  # noqa: BLE001 - e.g. Ray shutting down
+                    log.warning("could not check the shards of %s", record.name, exc_info=True)
+                    continue
+                if dead:
+                    self._recover(record, dead)
+
+    @staticmethod
+    def _dead_shards(record: ModelRecord) -> list[int]:
+        refs = [a.version.remote() for a in record.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=30)
+        dead = []
+        for index, ref in enumerate(refs):
+            if ref not in ready:
+                continue  # busy, not known dead
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                dead.append(index)
+        return dead
+
+    def _recover(self, record: ModelRecord, dead: list[int]) -> None:
+        """A shard died: its slice of the weights and optimizer state is gone, so the whole
+        model goes back to its newest checkpoint, on fresh shards (trainers are told to pull).
+        Without a checkpoint the model is lost: it answers every call with that."""
+        name = record.name
+        with self._lock:
+            if self._models.get(name) is not record:
+                return  # replaced meanwhile (restored or dropped)
+        log.error("model %s lost shard(s) %s; restoring its newest checkpoint", name, dead)
+        try:
+            if self.store is None or not self.store.list(name):
+                raise FailedPrecondition("no checkpoint to restore from")
+            self.restore(name, num_shards=len(record.actors), caller="recovery", replace=record)
+        except Exception as exc:  # noqa: BLE001 - the model stays down, and says why
+            record.lost = f"shard(s) {dead} died and the model could not be restored: {exc}"
+            log.error("model %s: %s", name, record.lost)
+
     def shard_info(self, record: ModelRecord) -> list[dict[str, Any]]:
         return ray.get([a.info.remote() for a in record.actors], timeout=60)
 
@@ -730,6 +800,8 @@ class Coordinator:
             record = self._models.get(name)
         if record is None:
             raise NotFound(f"unknown model {name!r}")
+        if record.lost is not None:
+            raise Unavailable(f"model {name!r} is down: {record.lost}")
         return record
 
     def version(self, record: ModelRecord) -> int:

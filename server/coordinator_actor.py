@@ -27,6 +27,14 @@ class CoordinatorActor:
         self._coordinator = Coordinator(
             host, default_num_shards, limits, placement, checkpoint_dir, keep_checkpoints
         )
+        import ray
+
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # Ray restarted this coordinator: its shards died with it. Every model that has a
+            # checkpoint comes back from its newest one.
+            logging.getLogger(__name__).warning(
+                "coordinator restarted; restored %s", self.restore_all()
+            )
         self._server = create_server(
             format_address(host, port),
             [

@@ -99,7 +99,8 @@ def start_service(
 
     actor = (
         ray.remote(CoordinatorActor)
-        .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0)
+        # Restarted by Ray if its process dies; it then restores its models' checkpoints.
+        .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=3)
         .remote(host, port, default_num_shards, None, placement, checkpoint_dir, keep_checkpoints)
     )
     try:

@@ -203,3 +203,120 @@ def test_periodic_checkpoints(client, model_name):
             break
         time.sleep(0.2)
     assert versions and versions[-1] >= 6 and all(v >= 3 for v in versions)
+
+
+@pytest.mark.slow
+def test_a_killed_shard_comes_back_from_the_checkpoint_and_training_goes_on(
+    service, client, model_name, checkpoint_dir
+):
+    import os
+    import signal
+    import threading
+    import time
+
+    from optserve.client import RemoteOptimizer
+    from optserve.client.config import parse_optimizer_config
+    from optserve.server.checkpoint import Store
+    from optserve.server.engine.group import GroupEngine
+
+    config = {"name": "adam", "lr": 0.01}
+    initial = initial_weights(2)
+    client.create_model(model_name, initial, config, num_shards=2)
+    pushed: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    killed = threading.Event()
+    after_kill = {}
+
+    def train(k):
+        params = {n: torch.nn.Parameter(t.clone()) for n, t in initial.items()}
+        opt = RemoteOptimizer(params.items(), address=service.address, model=model_name,
+                              trainer=f"t{k}", recover_timeout_s=240)  # fmt: skip
+        try:
+            i = 0
+            while after_kill.get(k, 0) < 15:
+                grads = gradient(100 * k + i)
+                for name, p in params.items():
+                    p.grad = grads[name].clone()
+                pushed[(opt.trainer, opt.version)] = grads  # keyed as the leader logs it
+                opt.step()
+                i += 1
+                if killed.is_set():
+                    after_kill[k] = after_kill.get(k, 0) + 1
+                time.sleep(0.005)
+        finally:
+            opt.close()
+
+    threads = [threading.Thread(target=train, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 120
+    while client.describe_model(model_name).version < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    saved = client.checkpoint(model_name)
+    while client.describe_model(model_name).version < saved["version"] + 5:
+        time.sleep(0.05)
+    victim = ray.get(service.actor.shard_actors.remote(model_name))[1]
+    os.kill(ray.get(victim.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
+    killed.set()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+    status = client.status(model_name)
+    assert [e["action"] for e in status["audit"]][-1] == "restore"
+    assert {s["version"] for s in status["shards"]} == {status["version"]}
+    assert status["version"] >= saved["version"] + 20  # both trainers went on after it
+    # Replay from the checkpoint, in the order the new leader logged the pushes since.
+    ckpt = Store(checkpoint_dir).read(model_name, saved["name"])
+    assert ckpt.version == saved["version"]
+    engine = GroupEngine("default", ckpt.tensors["default/weights"].clone(),
+                         parse_optimizer_config(config))  # fmt: skip
+    state = {k.split("/")[-1]: v.clone() for k, v in ckpt.tensors.items() if "/state/" in k}
+    engine.load_state_dict({"config": json.dumps(ckpt.group_configs["default"]),
+                            "state": {**state, **ckpt.scalars["default"]}})  # fmt: skip
+    leader = ray.get(service.actor.shard_actors.remote(model_name))[0]
+    for entry in ray.get(leader.decisions.remote()):
+        ((trainer, based_on),) = zip(entry["trainers"], entry["based_on"], strict=True)
+        grads = pushed[(trainer, based_on)]
+        engine.step(torch.cat([grads[n].reshape(-1) for n in SHAPES]), 0.01)
+    weights, version = client.pull(model_name)
+    assert version == status["version"]
+    flat = torch.cat([weights[n].reshape(-1) for n in SHAPES])
+    torch.testing.assert_close(flat, engine.weights, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_restarted_coordinator_brings_its_models_back(ray_session, tmp_path):
+    import os
+    import signal
+    import socket
+    import time
+
+    from optserve.server.runtime import start_service
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    svc = start_service(port=port, checkpoint_dir=str(tmp_path), name="optserve-restart-test")
+    try:
+        with ParameterServerClient(svc.address) as c:
+            c.create_model("kept", initial_weights(), {"name": "adam", "lr": 0.01}, num_shards=2)
+            for i in range(3):
+                c.push("kept", gradient(i), version=i)
+            c.checkpoint("kept")
+            before, _ = c.pull("kept")
+        pid = ray.get(svc.actor.__ray_call__.remote(lambda self: os.getpid()))
+        os.kill(pid, signal.SIGKILL)  # Ray restarts it; its shards died with it
+        deadline = time.monotonic() + 180
+        with ParameterServerClient(svc.address, timeout_s=10) as c:
+            while True:
+                try:
+                    info = c.describe_model("kept")
+                    break
+                except Exception:  # noqa: BLE001 - still restarting
+                    assert time.monotonic() < deadline, "the coordinator did not come back"
+                    time.sleep(0.5)
+            assert info.version == 3 and len(info.shards) == 2
+            after, _ = c.pull("kept")
+            assert all(torch.equal(before[n], after[n]) for n in SHAPES)
+            assert c.push("kept", gradient(3), version=3) == 4
+    finally:
+        svc.stop(grace_s=1.0)
