@@ -22,6 +22,10 @@ EXAMPLES_DEMO = """examples:
 """
 
 
+# How long `serve` waits for Ray to restart a dead coordinator before giving up.
+COORDINATOR_RESTART_S = 120.0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from optserve.server.coordinator import Placement
     from optserve.server.runtime import LOOPBACK_HOSTS, connect_ray, init_ray, start_service
@@ -56,12 +60,18 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     print(f"optserve: serving on {service.address} (Ctrl-C or SIGTERM to stop)", flush=True)
     try:
+        failing_since = None
         while not stop.wait(timeout=5.0):
-            try:  # the coordinator must stay alive; exit loudly if it is gone
+            try:  # the coordinator must stay alive (Ray restarts it if its process dies)
                 ray.get(service.actor.address.remote(), timeout=30)
+                failing_since = None
             except Exception as exc:  # noqa: BLE001
-                print(f"optserve: the coordinator died: {exc}", file=sys.stderr, flush=True)
-                return 1
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > COORDINATOR_RESTART_S:
+                    print(f"optserve: the coordinator died: {exc}", file=sys.stderr, flush=True)
+                    return 1
+                print(f"optserve: the coordinator is not answering ({type(exc).__name__}); "
+                      "waiting for Ray to restart it", file=sys.stderr, flush=True)  # fmt: skip
         print("optserve: shutting down ...", flush=True)
         started = time.perf_counter()
         service.stop(grace_s=args.grace_s)
