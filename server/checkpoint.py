@@ -3,7 +3,7 @@ fsspec URI. No Ray, no gRPC: the coordinator gathers shard state and calls this.
 
 Layout of one checkpoint (format "optserve-checkpoint/1")::
 
-    <root>/<model>/<version, 12 digits>-<unix ms>/
+    <root>/<model>/<unix ms, 13 digits>-<version, 12 digits>-<run id>/
         tensors.safetensors   every group's flat weights and state buffers, whole-model length:
                               "<group>/weights", "<group>/state/<key>" (fp32)
         manifest.json         written last, atomically (a temporary name, then a rename):
@@ -15,7 +15,10 @@ Layout of one checkpoint (format "optserve-checkpoint/1")::
 
 A directory without a manifest is an interrupted write: it is not listed and never loaded.
 Tensors are stored for the whole model, not per shard, so a checkpoint restores onto any
-number of shards.
+number of shards. Checkpoints are ordered by the time they were taken, not by version: after a
+restore to an older version, the new run's checkpoints are the newest. The run id names one
+life of a model (from its creation, kept through restores), so crash recovery only ever uses
+the run's own checkpoints. `<root>/<model>/dropped.json` marks a model dropped at that time.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from optserve.client.errors import FailedPrecondition, InvalidArgument, NotFound
 FORMAT = "optserve-checkpoint/1"
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
-_NAME = re.compile(r"\d{12}-\d{13}")
+# <unix ms, 13 digits>-<version, 12 digits>-<run id>: names sort by the time they were taken.
+_NAME = re.compile(r"(\d{13})-(\d{12})-([0-9a-f]{1,32})")
+DROPPED = "dropped.json"
 
 
 @dataclass
@@ -62,6 +67,12 @@ class Checkpoint:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     num_shards: int = 1  # how many shards it ran on (what a restart restores it onto)
+    run_id: str = "0"
+    checkpoint_policy: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{int(self.created * 1000):013d}-{self.version:012d}-{self.run_id}"
 
     def manifest(self) -> dict[str, Any]:
         body = {k: v for k, v in self.__dict__.items() if k != "tensors"}
@@ -71,16 +82,18 @@ class Checkpoint:
 def gather(meta: Mapping[str, Any], shard_states: Sequence[Mapping[str, Any]]) -> Checkpoint:
     """Join the shards' state dicts (in shard order, all at one version) into one checkpoint.
 
-    `meta` holds the model-level fields of Checkpoint (everything but version, scalars,
-    schedule state and tensors)."""
+    `meta` holds the model-level fields of Checkpoint; version, scalars, schedule, group
+    configs and tensors come from the shards."""
     versions = {int(s["version"]) for s in shard_states}
     if len(versions) != 1:
         raise FailedPrecondition(f"shards are at different versions {sorted(versions)}")
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
+    configs: dict[str, dict[str, Any]] = {}
     for group in meta["groups"]:
         name = group["name"]
         parts = [s["groups"][name] for s in shard_states]
+        configs[name] = json.loads(parts[0]["config"])  # what the shards actually run
         tensors[f"{name}/weights"] = torch.cat([p["weights"].reshape(-1) for p in parts])
         keys = set().union(*(p["state"] for p in parts))
         values: dict[str, Any] = {}
@@ -100,6 +113,8 @@ def gather(meta: Mapping[str, Any], shard_states: Sequence[Mapping[str, Any]]) -
         version=versions.pop(),
         scalars=scalars,
         schedule_state=dict(shard_states[0].get("schedule_state", {})),
+        schedule=json.loads(shard_states[0]["schedule"]),
+        group_configs=configs,
         tensors=tensors,
         **meta,
     )
@@ -114,11 +129,11 @@ def split(ckpt: Checkpoint, ranges: Sequence[Mapping[str, tuple[int, int]]]) -> 
         for group in ckpt.groups:
             name = group["name"]
             start, end = shard_ranges[name]
-            prefix = f"{name}/state/"
             state: dict[str, Any] = dict(ckpt.scalars.get(name, {}))
             for key, tensor in ckpt.tensors.items():
-                if key.startswith(prefix):
-                    state[key[len(prefix) :]] = tensor[start:end].clone()
+                group_name, sep, state_key = key.rpartition("/state/")
+                if sep and group_name == name:
+                    state[state_key] = tensor[start:end].clone()
             groups[name] = {
                 "weights": ckpt.tensors[f"{name}/weights"][start:end].clone(),
                 "config": json.dumps(ckpt.group_configs[name]),
@@ -147,7 +162,7 @@ class Store:
 
     def write(self, ckpt: Checkpoint) -> str:
         """Write one checkpoint; return its name. The manifest goes last, atomically."""
-        name = f"{ckpt.version:012d}-{int(ckpt.created * 1000):013d}"
+        name = ckpt.name
         directory = self._dir(ckpt.model, name)
         self.fs.makedirs(directory, exist_ok=True)
         data = save_tensors({k: v.contiguous() for k, v in ckpt.tensors.items()})
@@ -172,10 +187,27 @@ class Store:
         found = []
         for entry in entries:
             name = posixpath.basename(entry.rstrip("/"))
-            if _NAME.fullmatch(name) and self.fs.exists(posixpath.join(entry, MANIFEST)):
-                version, millis = name.split("-")
-                found.append({"name": name, "version": int(version), "time": int(millis) / 1e3})
+            match = _NAME.fullmatch(name)
+            if match and self.fs.exists(posixpath.join(entry, MANIFEST)):
+                millis, version, run = match.groups()
+                found.append({"name": name, "version": int(version), "time": int(millis) / 1e3,
+                              "run": run})  # fmt: skip
         return sorted(found, key=lambda c: c["name"])
+
+    def mark_dropped(self, model: str) -> None:
+        """Note that the model was dropped now: a restart does not bring it back."""
+        self.fs.makedirs(self._dir(model), exist_ok=True)
+        with self.fs.open(posixpath.join(self._dir(model), DROPPED), "w") as f:
+            f.write(json.dumps({"time": time.time()}))
+
+    def dropped_after_last_checkpoint(self, model: str) -> bool:
+        path = posixpath.join(self._dir(model), DROPPED)
+        if not self.fs.exists(path):
+            return False
+        with self.fs.open(path, "r") as f:
+            dropped = json.loads(f.read()).get("time", 0)
+        found = self.list(model)
+        return not found or dropped >= found[-1]["time"]
 
     def models(self) -> list[str]:
         """Models with at least one complete checkpoint."""
@@ -186,15 +218,26 @@ class Store:
         names = [posixpath.basename(e.rstrip("/")) for e in entries]
         return sorted(n for n in names if self.list(n))
 
-    def read(self, model: str, name: str | None = None) -> Checkpoint:
-        """A checkpoint (the newest if `name` is None), verified: format, checksum, tensors."""
-        available = self.list(model)
+    def read(self, model: str, name: str | None = None, run: str | None = None) -> Checkpoint:
+        """A checkpoint, verified: format, checksum, tensors. Without `name`, the newest one
+        that reads back sound (of run `run` if given): a damaged newest one falls back."""
+        available = [c for c in self.list(model) if run is None or c["run"] == run]
         if not available:
             raise NotFound(f"no checkpoint of model {model!r} under {self.root}")
-        if name is None:
-            name = available[-1]["name"]
-        elif name not in {c["name"] for c in available}:
-            raise NotFound(f"model {model!r} has no checkpoint {name!r} under {self.root}")
+        if name is not None:
+            if name not in {c["name"] for c in available}:
+                raise NotFound(f"model {model!r} has no checkpoint {name!r} under {self.root}")
+            return self._read_one(model, name)
+        failure: FailedPrecondition | None = None
+        for entry in reversed(available):
+            try:
+                return self._read_one(model, entry["name"])
+            except FailedPrecondition as exc:
+                failure = failure or exc
+        assert failure is not None
+        raise failure
+
+    def _read_one(self, model: str, name: str) -> Checkpoint:
         directory = self._dir(model, name)
         try:
             with self.fs.open(posixpath.join(directory, MANIFEST), "r") as f:
@@ -228,8 +271,11 @@ class Store:
         doomed = [c["name"] for c in self.list(model)[:-keep]]
         for name in doomed:
             directory = self._dir(model, name)
-            self.fs.rm(posixpath.join(directory, MANIFEST))  # unlisted first, then the rest
-            self.fs.rm(directory, recursive=True)
+            try:  # unlisted first (no manifest), then the rest; another pruner may be here too
+                self.fs.rm(posixpath.join(directory, MANIFEST))
+                self.fs.rm(directory, recursive=True)
+            except FileNotFoundError:
+                pass
         return doomed
 
 
@@ -238,7 +284,8 @@ def _check_tensors(ckpt: Checkpoint, what: str) -> None:
     for group in ckpt.groups:
         numel = sum(sizes[p] for p in group["params"])
         for key, tensor in ckpt.tensors.items():
-            if key.startswith(group["name"] + "/") and tensor.numel() != numel:
+            owner = key.rpartition("/state/")[0] if "/state/" in key else key.rpartition("/")[0]
+            if owner == group["name"] and tensor.numel() != numel:
                 raise FailedPrecondition(
                     f"checkpoint {what}: {key} has {tensor.numel()} elements, the group has {numel}"
                 )

@@ -53,7 +53,7 @@ from optserve.client.layout import (
     plan_group,
     split_ranges,
 )
-from optserve.server.checkpoint import Store, gather, split
+from optserve.server.checkpoint import Checkpoint, Store, gather, split
 from optserve.server.shard_actor import SHARD_THREADS, ShardActor
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,10 @@ class ModelRecord:
     device: str = "cpu"
     # Every control change: version, time, caller, action, old and new config.
     audit: list[dict[str, Any]] = field(default_factory=list)
-    # One control change at a time per model.
-    control_lock: threading.Lock = field(default_factory=threading.Lock)
+    # One control change at a time per model (re-entrant: set_hyperparameters -> set_optimizer).
+    control_lock: threading.RLock = field(default_factory=threading.RLock)
+    # One life of the model, from its creation, kept through restores (checkpoint names carry it).
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     # Periodic checkpoints: {"every_versions": N, "every_s": T} (either may be absent).
     checkpoint_policy: dict[str, Any] = field(default_factory=dict)
     last_checkpoint: tuple[int, float] = (0, 0.0)  # (version, monotonic time)
@@ -141,6 +143,8 @@ def plan_groups(
     owner: dict[str, str] = {}
     layouts, overrides = [], {}
     for group in groups:
+        if "/" in group.name:
+            raise InvalidArgument(f"parameter group names cannot contain '/': {group.name!r}")
         if not group.name or group.name in overrides:
             raise InvalidArgument(
                 f"parameter group names must be unique and non-empty: {group.name!r}"
@@ -167,6 +171,18 @@ def plan_groups(
         layouts.append(plan_group(DEFAULT_GROUP, rest))
         overrides[DEFAULT_GROUP] = {}
     return layouts, overrides
+
+
+def _check_model_name(name: str) -> None:
+    if not MODEL_NAME.fullmatch(name):
+        raise InvalidArgument(f"invalid model name {name!r}")
+
+
+def _group_config(optimizer: RuleConfig, overrides: Mapping[str, Any]) -> tuple[RuleConfig, list]:
+    """A group's config under `optimizer`: its overrides that the rule has, and the others."""
+    fields = RULE_CONFIGS[optimizer.name].model_fields
+    kept = {k: v for k, v in overrides.items() if k in fields}
+    return with_overrides(optimizer, kept), sorted(set(overrides) - set(kept))
 
 
 def tensor_views(group: GroupLayout, start: int, end: int) -> list[tuple[int, tuple[int, ...]]]:
@@ -276,6 +292,8 @@ class Coordinator:
         self.limits = limits or Limits()
         self.placement = placement or Placement()
         self.store = Store(checkpoint_dir) if checkpoint_dir else None
+        if keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be at least 1, got {keep_checkpoints}")
         self.keep_checkpoints = keep_checkpoints
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -358,7 +376,7 @@ class Coordinator:
         num_shards: int,
     ) -> ModelRecord:
         """Start a model's shard actors on `flats` (per-group flat fp32 weights); unregistered."""
-        configs = {g.name: with_overrides(optimizer, overrides[g.name]) for g in layouts}
+        configs = {g.name: _group_config(optimizer, overrides[g.name])[0] for g in layouts}
         slices = split_ranges(layouts, num_shards)
         _check_gradient_centralization(configs, layouts, slices)
         run_id = uuid.uuid4().hex[:8]
@@ -461,21 +479,20 @@ class Coordinator:
         if policy not in ("migrate", "reset"):
             raise InvalidArgument(f"policy must be 'migrate' or 'reset', got {policy!r}")
         record = self.get(name)
-        fields = RULE_CONFIGS[optimizer.name].model_fields
-        configs, ignored = {}, {}
-        for group, overrides in record.overrides.items():
-            kept = {k: v for k, v in overrides.items() if k in fields}
-            ignored[group] = sorted(set(overrides) - set(kept))
-            configs[group] = optimizer_config_json(with_overrides(optimizer, kept))
+        with record.control_lock:  # read, apply and record the config as one step
+            configs, ignored = {}, {}
+            for group, overrides in record.overrides.items():
+                config, ignored[group] = _group_config(optimizer, overrides)
+                configs[group] = optimizer_config_json(config)
 
-        def apply(version: int) -> list[dict[str, Any]]:
-            calls = [a.set_optimizer.remote(configs, policy, version) for a in record.actors]
-            return ray.get(calls, timeout=120)
+            def apply(version: int) -> list[dict[str, Any]]:
+                calls = [a.set_optimizer.remote(configs, policy, version) for a in record.actors]
+                return ray.get(calls, timeout=120)
 
-        old = json.loads(record.optimizer_json)
-        new = {**json.loads(optimizer_config_json(optimizer)), "policy": policy}
-        version, reports = self._control(record, "set_optimizer", caller, old, new, apply)
-        record.optimizer = optimizer
+            old = json.loads(record.optimizer_json)
+            new = {**json.loads(optimizer_config_json(optimizer)), "policy": policy}
+            version, reports = self._control(record, "set_optimizer", caller, old, new, apply)
+            record.optimizer = optimizer
         return version, {
             "groups": reports[0],
             "shards": len(reports),
@@ -489,9 +506,9 @@ class Coordinator:
         if not changes:
             raise InvalidArgument("no hyperparameters to change")
         record = self.get(name)
-        return self.set_optimizer(
-            name, with_overrides(record.optimizer, changes), "migrate", caller
-        )
+        with record.control_lock:  # no other change between reading the config and applying
+            merged = with_overrides(record.optimizer, changes)
+            return self.set_optimizer(name, merged, "migrate", caller)
 
     def set_schedule(self, name: str, schedule: Any, caller: str = "") -> int:
         record = self.get(name)
@@ -501,9 +518,10 @@ class Coordinator:
         def apply(version: int) -> None:
             ray.get([a.set_schedule.remote(text, version) for a in record.actors], timeout=120)
 
-        old = json.loads(record.schedule_json)
-        version, _ = self._control(record, "set_schedule", caller, old, json.loads(text), apply)
-        record.schedule = config
+        with record.control_lock:
+            old = json.loads(record.schedule_json)
+            version, _ = self._control(record, "set_schedule", caller, old, json.loads(text), apply)
+            record.schedule = config
         return version
 
     def report_metric(
@@ -605,8 +623,8 @@ class Coordinator:
             entry = {"version": version, "time": time.time(), "caller": caller,
                      "action": "checkpoint", "old": None, "new": None}  # fmt: skip
             ckpt = gather(self._meta(record, [*record.audit, entry]), states)
+            entry["new"] = {"checkpoint": ckpt.name}
         checkpoint_name = store.write(ckpt)
-        entry["new"] = {"checkpoint": checkpoint_name}
         with record.control_lock:
             record.audit.append(entry)
             record.last_checkpoint = (version, time.monotonic())
@@ -627,18 +645,16 @@ class Coordinator:
             ],
             "overrides": record.overrides,
             "optimizer": json.loads(record.optimizer_json),
-            "group_configs": {
-                g: json.loads(optimizer_config_json(with_overrides(record.optimizer, o)))
-                for g, o in record.overrides.items()
-            },
-            "schedule": json.loads(record.schedule_json),
             "mode": json.loads(record.mode_json),
+            "run_id": record.run_id,
+            "checkpoint_policy": dict(record.checkpoint_policy),
             "audit": audit[-1000:],
             "metrics": record.metrics[-1000:],
             "num_shards": len(record.actors),
         }  # fmt: skip
 
     def list_checkpoints(self, name: str) -> list[dict[str, Any]]:
+        _check_model_name(name)
         return self._store().list(name)
 
     def restore(
@@ -652,9 +668,29 @@ class Coordinator:
         """Bring a model back from a checkpoint, onto `num_shards` shards (default: as many as
         it runs on now, or as it ran on when checkpointed). A running model is replaced only
         once the checkpoint has been read, verified and loaded into new shards."""
-        ckpt = self._store().read(name, checkpoint)
+        _check_model_name(name)
+        ckpt = self._store().read(name, checkpoint, run=replace.run_id if replace else None)
         with self._lock:
             old = self._models.get(name)
+        reserved = False
+        if old is None and replace is None:
+            self.reserve(name)  # a CreateModel of the same name must not race this restore
+            reserved = True
+        try:
+            return self._restore(name, ckpt, old, num_shards, caller, replace)
+        finally:
+            if reserved:
+                self.release(name)
+
+    def _restore(
+        self,
+        name: str,
+        ckpt: Checkpoint,
+        old: ModelRecord | None,
+        num_shards: int,
+        caller: str,
+        replace: ModelRecord | None,
+    ) -> ModelRecord:
         num_shards = num_shards or (len(old.actors) if old else ckpt.num_shards)
         if not 1 <= num_shards <= self.limits.max_shards:
             raise InvalidArgument(
@@ -666,6 +702,10 @@ class Coordinator:
         layouts = [plan_group(g["name"], [specs[n] for n in g["params"]]) for g in ckpt.groups]
         optimizer = parse_optimizer_config(ckpt.optimizer)
         flats = {g.name: ckpt.tensors[f"{g.name}/weights"] for g in layouts}
+        if replace is not None:
+            # The dead run's shards hold resources (a GPU each, maybe) the new ones need.
+            self._stop_actors(replace.actors, 1.0)
+            self._remove_group(replace)
         record = self._launch(
             name, layouts, dict(ckpt.overrides), optimizer,
             parse_schedule_config(ckpt.schedule), parse_mode_config(ckpt.mode), flats, num_shards,
@@ -683,13 +723,14 @@ class Coordinator:
         record.metrics = list(ckpt.metrics)
         record.audit = [*ckpt.audit, {
             "version": ckpt.version, "time": time.time(), "caller": caller, "action": "restore",
-            "old": None, "new": {"checkpoint": checkpoint or "latest", "shards": num_shards},
+            "old": None, "new": {"checkpoint": ckpt.name, "shards": num_shards},
         }]  # fmt: skip
         if replace is not None:  # a recovery keeps the history of the run it replaces
             record.audit = [*replace.audit[-1000:], record.audit[-1]]
             record.metrics = list(replace.metrics)
-        record.checkpoint_policy = dict(old.checkpoint_policy) if old else {}
+        record.checkpoint_policy = dict(old.checkpoint_policy if old else ckpt.checkpoint_policy)
         record.last_checkpoint = (ckpt.version, time.monotonic())
+        record.run_id = ckpt.run_id
         with self._lock:
             replaced = self._models.get(name)
             stale = replace is not None and replaced is not replace  # restored/dropped meanwhile
@@ -699,7 +740,7 @@ class Coordinator:
             self._stop_actors(record.actors, 1.0)
             self._remove_group(record)
             raise Aborted(f"model {name!r} changed while it was being recovered")
-        if replaced is not None:
+        if replaced is not None and replaced is not replace:
             self._stop_actors(replaced.actors, 1.0)
             self._remove_group(replaced)
         log.info("restored %s at version %d on %d shard(s)", name, ckpt.version, num_shards)
@@ -766,7 +807,7 @@ class Coordinator:
                 continue  # busy, not known dead
             try:
                 ray.get(ref)
-            except ray.exceptions.RayActorError:
+            except ray.exceptions.ActorDiedError:  # not ActorUnavailableError: a blip
                 dead.append(index)
         return dead
 
@@ -818,6 +859,11 @@ class Coordinator:
             raise NotFound(f"unknown model {name!r}")
         self._stop_actors(record.actors, grace_s)
         self._remove_group(record)
+        if self.store is not None:  # a restart must not bring it back
+            try:
+                self.store.mark_dropped(name)
+            except Exception:  # noqa: BLE001
+                log.warning("could not mark %s dropped in the checkpoint store", name)
 
     def shutdown(self, grace_s: float = 5.0) -> None:
         self._stopping.set()

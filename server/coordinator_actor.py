@@ -62,8 +62,13 @@ class CoordinatorActor:
             return []
         restored = []
         for model in store.models():
-            self._coordinator.restore(model, caller="startup")
-            restored.append(model)
+            if store.dropped_after_last_checkpoint(model):
+                continue
+            try:
+                self._coordinator.restore(model, caller="startup")
+                restored.append(model)
+            except Exception:  # noqa: BLE001 - one bad model must not keep the others down
+                logging.getLogger(__name__).exception("could not restore model %s", model)
         return restored
 
     def stop(self, grace_s: float = 5.0) -> None:

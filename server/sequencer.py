@@ -106,12 +106,13 @@ class Sequencer:
         with self._cv:
             return list(self._log)
 
-    def pause(self, op_id: str, timeout: float = 120.0, max_hold_s: float = 120.0) -> int:
+    def pause(self, op_id: str, timeout: float = 120.0, max_hold_s: float = 900.0) -> int:
         """Stop deciding updates until `resume(op_id)`; return the version boundary: every
         update decided so far is at or below it, and none above it is decided until resumed.
 
         Controls take turns (a second pause waits for the first to resume, up to `timeout`).
-        A pause not resumed within `max_hold_s` (its caller died) lifts itself."""
+        A pause not resumed within `max_hold_s` (its caller died) lifts itself; that is longer
+        than any shard waits to reach a change's boundary (APPLY_TIMEOUT_S)."""
         deadline = self._clock() + timeout
         with self._cv:
             while self._paused_by is not None:

@@ -159,7 +159,7 @@ def test_interrupted_and_corrupt_checkpoints(service, client, model_name, checkp
     good = client.checkpoint(model_name)
     client.push(model_name, gradient(1), version=1)
     # A write that died before its manifest: not listed, never loaded.
-    partial = Path(checkpoint_dir) / model_name / "000000000002-9999999999999"
+    partial = Path(checkpoint_dir) / model_name / "9999999999999-000000000002-abc"
     partial.mkdir()
     (partial / "tensors.safetensors").write_bytes(b"half a file")
     (partial / "manifest.json.tmp").write_text("{")
@@ -172,7 +172,7 @@ def test_interrupted_and_corrupt_checkpoints(service, client, model_name, checkp
     data[-1] ^= 0xFF
     tensors.write_bytes(bytes(data))
     with pytest.raises(FailedPrecondition, match="checksum"):
-        client.restore(model_name)
+        client.restore(model_name, newest["name"])
     # A checkpoint of another model put in its place is refused too.
     manifest = Path(checkpoint_dir) / model_name / newest["name"] / "manifest.json"
     body = json.loads(manifest.read_text())
@@ -183,10 +183,11 @@ def test_interrupted_and_corrupt_checkpoints(service, client, model_name, checkp
     after, version_after = client.pull(model_name)
     assert version_after == version == 2
     assert all(torch.equal(running[n], after[n]) for n in SHAPES)
-    # The good one still restores.
-    assert client.restore(model_name, good["name"]).version == 1
+    # Asked for the newest, the server falls back to the newest sound one.
+    assert client.restore(model_name).version == 1
+    assert client.status(model_name)["audit"][-1]["new"]["checkpoint"] == good["name"]
     with pytest.raises(NotFound):
-        client.restore(model_name, "000000000000-0000000000000")
+        client.restore(model_name, "0000000000000-000000000000-abc")
 
 
 def test_periodic_checkpoints(client, model_name):

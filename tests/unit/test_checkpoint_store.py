@@ -12,7 +12,7 @@ from optserve.client.errors import FailedPrecondition, NotFound
 from optserve.server.checkpoint import Checkpoint, Store, gather, split
 
 
-def make_checkpoint(version=7, model="m"):
+def make_checkpoint(version=7, model="m", created=None):
     tensors = {
         "default/weights": torch.arange(10.0),
         "default/state/exp_avg": torch.full((10,), 0.5),
@@ -25,6 +25,7 @@ def make_checkpoint(version=7, model="m"):
         schedule={"name": "constant"}, schedule_state={}, mode={"mode": "async"},
         scalars={"default": {"step": version}}, tensors=tensors,
         audit=[{"version": 1, "action": "set_optimizer"}], metrics=[], num_shards=2,
+        created=1_700_000_000.0 + version if created is None else created, run_id="abc",
     )  # fmt: skip
 
 
@@ -67,7 +68,8 @@ def test_unfinished_and_corrupt_checkpoints(store):
     data[-1] ^= 1
     store.fs.pipe_file(path, bytes(data))
     with pytest.raises(FailedPrecondition, match="checksum"):
-        store.read("m")
+        store.read("m", bad)
+    assert store.read("m").version == 1  # the newest sound one
     manifest_path = f"{store._base}/m/{bad}/manifest.json"
     manifest = json.loads(store.fs.cat_file(manifest_path))
     manifest["format"] = "someone-else/9"
@@ -81,11 +83,13 @@ def test_unfinished_and_corrupt_checkpoints(store):
 
 def test_gather_and_split_reshard():
     meta = {k: v for k, v in make_checkpoint().__dict__.items()
-            if k not in ("version", "scalars", "schedule_state", "tensors")}  # fmt: skip
+            if k not in ("version", "scalars", "schedule_state", "tensors", "schedule",
+                         "group_configs")}  # fmt: skip
 
     def shard(a, b):
-        return {"version": 7, "schedule_state": {}, "groups": {"default": {
-            "weights": torch.arange(10.0)[a:b],
+        return {"version": 7, "schedule_state": {}, "schedule": '{"name": "constant"}',
+                "groups": {"default": {
+            "weights": torch.arange(10.0)[a:b], "config": '{"name": "adam"}',
             "state": {"exp_avg": torch.arange(10.0)[a:b] * 2, "step": 7},
         }}}  # fmt: skip
 
@@ -98,3 +102,17 @@ def test_gather_and_split_reshard():
     assert parts[1]["groups"]["default"]["state"]["step"] == 7
     with pytest.raises(FailedPrecondition, match="different versions"):
         gather(meta, [shard(0, 4), {**shard(4, 10), "version": 8}])
+
+
+def test_order_is_by_time_and_runs_and_drops_are_told_apart(store):
+    store.write(make_checkpoint(300, created=1_700_000_001.0))
+    store.write(make_checkpoint(100, created=1_700_000_002.0))  # restored to 100, went on
+    assert [c["version"] for c in store.list("m")] == [300, 100]
+    assert store.read("m").version == 100  # the newest is the new timeline's
+    other = make_checkpoint(5, created=1_700_000_003.0)
+    other.run_id = "def"
+    store.write(other)
+    assert store.read("m", run="abc").version == 100 and store.read("m").version == 5
+    assert not store.dropped_after_last_checkpoint("m")
+    store.mark_dropped("m")
+    assert store.dropped_after_last_checkpoint("m")
