@@ -80,18 +80,23 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-def encode_tensor(
-    name: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[tensor_pb2.TensorChunk]:
-    """Yield the chunks of one tensor. The first carries dtype and shape."""
+def wire_view(tensor: torch.Tensor, chunk_bytes: int) -> tuple[torch.Tensor, memoryview]:
+    """A tensor as it travels (detached, on the CPU, contiguous) and a view of its bytes."""
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
+    return t, _byte_view(t)
+
+
+def encode_tensor(
+    name: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[tensor_pb2.TensorChunk]:
+    """Yield the chunks of one tensor. The first carries dtype and shape."""
+    t, raw = wire_view(tensor, chunk_bytes)
     dtype = wire_dtype(t.dtype)
-    raw = _byte_view(t)
     total = len(raw)
     yield tensor_pb2.TensorChunk(
         name=name, dtype=dtype, shape=list(t.shape), offset=0, data=bytes(raw[:chunk_bytes])

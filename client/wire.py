@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from optserve.client.codec import DEFAULT_CHUNK_BYTES, _byte_view, wire_dtype
+from optserve.client.codec import DEFAULT_CHUNK_BYTES, wire_dtype, wire_view
 from optserve.client.errors import InvalidArgument
 
 CHUNK_FIELD = 2
@@ -80,13 +80,7 @@ def chunk_frames(
     name: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> Iterator[bytes]:
     """The serialized messages {2: TensorChunk} carrying one tensor (as `encode_tensor`)."""
-    if chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    raw = _byte_view(t)
+    t, raw = wire_view(tensor, chunk_bytes)
     name_bytes = name.encode()
     name_field = _key(1, _LEN) + _varint(len(name_bytes)) + name_bytes
     shape = b"".join(_varint(int(d)) for d in t.shape)
