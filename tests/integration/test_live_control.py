@@ -18,27 +18,11 @@ from optserve.client.errors import InvalidArgument
 from optserve.server import cli
 from optserve.server.engine.group import GroupEngine
 from optserve.server.engine.schedules import build_schedule
-
-SHAPES = {"weight": (4, 5), "bias": (7,), "kernel": (2, 3, 2, 2)}
-
-
-def initial_weights(seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
-
-
-def gradient(trainer, step):
-    generator = torch.Generator().manual_seed(1000 * trainer + step)
-    return {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
+from tests.helpers.models import SHAPES, gradient, initial_weights, leader_log
 
 
 def flat(tensors):
     return torch.cat([tensors[name].reshape(-1) for name in SHAPES])
-
-
-def leader_log(service, model):
-    shards = ray.get(service.actor.shard_actors.remote(model))
-    return ray.get(shards[0].decisions.remote())
 
 
 def replay(initial, optimizer, log, audit, grads_by_trainer, schedule=None):

@@ -10,29 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from optserve.client import ParameterServerClient
 from optserve.client.errors import Aborted, FailedPrecondition
+from tests.helpers.models import SHAPES, gradient, initial_weights, leader_log
 
 TRAINER = Path(__file__).resolve().parents[1] / "helpers" / "trainer.py"
-SHAPES = {"weight": (4, 5), "bias": (7,), "kernel": (2, 3, 2, 2)}
-
-
-def initial_weights(seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
-
-
-def gradient(trainer, step):
-    generator = torch.Generator().manual_seed(1000 * trainer + step)
-    return {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
-
-
-def leader_log(service, model):
-    shards = ray.get(service.actor.shard_actors.remote(model))
-    return ray.get(shards[0].decisions.remote())
 
 
 def oracle(initial, fused=True):
