@@ -456,14 +456,8 @@ class Coordinator:
         decided so far is at or below it); each shard applies the change once it reaches v,
         before update v + 1; then the leader resumes. Returns (v, what `apply(v)` returned).
         """
-        op_id = uuid.uuid4().hex
-        leader = record.actors[0]
         with record.control_lock:
-            version = ray.get(leader.pause_updates.remote(op_id), timeout=180)
-            try:
-                result = apply(version)
-            finally:
-                ray.get(leader.resume_updates.remote(op_id), timeout=60)
+            version, result = self._at_boundary(record, apply)
             record.audit.append({
                 "version": version, "time": time.time(), "caller": caller, "action": action,
                 "old": old, "new": new,
@@ -471,6 +465,21 @@ class Coordinator:
             del record.audit[: -self.limits.max_audit_entries]
         log.info("%s on model %s at version %d by %s", action, record.name, version, caller)
         return version, result
+
+    @staticmethod
+    def _at_boundary(record: ModelRecord, apply: Callable[[int], T]) -> tuple[int, T]:
+        """Pause the leader's ordering, run `apply(v)` at the boundary version v, resume.
+
+        Every update decided before the pause is at or below v, and none above it is decided
+        until `apply` returns, so what `apply` does on the shards lands between v and v + 1.
+        The caller holds `record.control_lock`."""
+        op_id = uuid.uuid4().hex
+        leader = record.actors[0]
+        version = ray.get(leader.pause_updates.remote(op_id), timeout=180)
+        try:
+            return version, apply(version)
+        finally:
+            ray.get(leader.resume_updates.remote(op_id), timeout=60)
 
     def set_optimizer(
         self, name: str, optimizer: RuleConfig, policy: str, caller: str = ""
@@ -533,17 +542,13 @@ class Coordinator:
         if value != value or value in (float("inf"), float("-inf")):
             raise InvalidArgument(f"metric {metric!r} must be finite, got {value}")
         record = self.get(name)
-        op_id = uuid.uuid4().hex
-        leader = record.actors[0]
+
+        def apply(version: int) -> list[bool]:
+            calls = [a.report_metric.remote(metric, value, version) for a in record.actors]
+            return ray.get(calls, timeout=120)
+
         with record.control_lock:  # a metric moves the lr: it lands between two versions too
-            version = ray.get(leader.pause_updates.remote(op_id), timeout=180)
-            try:
-                changed = ray.get(
-                    [a.report_metric.remote(metric, value, version) for a in record.actors],
-                    timeout=120,
-                )
-            finally:
-                ray.get(leader.resume_updates.remote(op_id), timeout=60)
+            version, changed = self._at_boundary(record, apply)
         record.metrics.append({
             "name": metric, "value": value, "step": step, "version": version,
             "time": time.time(), "lr_changed": any(changed),
@@ -612,14 +617,12 @@ class Coordinator:
         Training pauses only while the shards copy their state out; writing happens after."""
         store = self._store()
         record = self.get(name)
-        op_id = uuid.uuid4().hex
-        leader = record.actors[0]
+
+        def copy_out(version: int) -> list[dict[str, Any]]:
+            return ray.get([a.state_dict.remote(version) for a in record.actors], timeout=600)
+
         with record.control_lock:
-            version = ray.get(leader.pause_updates.remote(op_id), timeout=180)
-            try:
-                states = ray.get([a.state_dict.remote(version) for a in record.actors], timeout=600)
-            finally:
-                ray.get(leader.resume_updates.remote(op_id), timeout=60)
+            version, states = self._at_boundary(record, copy_out)
             entry = {"version": version, "time": time.time(), "caller": caller,
                      "action": "checkpoint", "old": None, "new": None}  # fmt: skip
             ckpt = gather(self._meta(record, [*record.audit, entry]), states)
