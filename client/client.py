@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
+from optserve.client.auth import ChannelSecurity
 from optserve.client.codec import (
     DEFAULT_CHUNK_BYTES,
     GRADIENT_WIRE_DTYPES,
@@ -209,6 +210,10 @@ class ParameterServerClient:
         timeout_s: float = 120.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         caller: str = "",
+        token: str | None = None,
+        tls: bool | None = None,
+        tls_ca: str | bytes | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
             raise InvalidArgument(
@@ -217,15 +222,21 @@ class ParameterServerClient:
         self.address = address
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        # The token (else $OPTSERVE_TOKEN or $OPTSERVE_TOKEN_FILE) and TLS (a CA file, else
+        # $OPTSERVE_TLS_CA) are used for the coordinator and for every shard.
+        self._security = ChannelSecurity.resolve(token, tls, tls_ca, tls_server_name)
+        self._channel = self._security.channel(address, _CHANNEL_OPTIONS)
         self._coordinator = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         self._lock = threading.Lock()
         self._shard_channels: dict[str, tuple[grpc.Channel, _DataPlane]] = {}
         self._layouts: dict[str, ModelInfo] = {}
         self._versions: dict[str, int] = {}
         self._pool: ThreadPoolExecutor | None = None
-        # Who makes control calls, for the server's audit log.
-        self._caller = (("x-optserve-caller", caller or default_caller()),)
+        # Sent on every call: the token, and who this is for the server's audit log.
+        self._metadata = (
+            *self._security.metadata,
+            ("x-optserve-caller", caller or default_caller()),
+        )
         # (model, wire dtype) -> per-group receive buffers, for calls with reuse_buffers=True
         self._buffers: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
 
@@ -285,7 +296,12 @@ class ParameterServerClient:
                 for chunk in encode_tensor(name, tensor, self.chunk_bytes):
                     yield coordinator_pb2.CreateModelRequest(chunk=chunk)
 
-        reply = _call(self._coordinator.CreateModel, requests(), timeout=self.timeout_s)
+        reply = _call(
+            self._coordinator.CreateModel,
+            requests(),
+            timeout=self.timeout_s,
+            metadata=self._metadata,
+        )
         return self._remember(reply)
 
     def describe_model(self, model: str) -> ModelInfo:
@@ -293,6 +309,7 @@ class ParameterServerClient:
             self._coordinator.DescribeModel,
             coordinator_pb2.DescribeModelRequest(model=model),
             timeout=self.timeout_s,
+            metadata=self._metadata,
         )
         return self._remember(reply)
 
@@ -301,6 +318,7 @@ class ParameterServerClient:
             self._coordinator.ListModels,
             coordinator_pb2.ListModelsRequest(),
             timeout=self.timeout_s,
+            metadata=self._metadata,
         )
         return list(reply.models)
 
@@ -309,6 +327,7 @@ class ParameterServerClient:
             self._coordinator.DropModel,
             coordinator_pb2.DropModelRequest(model=model),
             timeout=self.timeout_s,
+            metadata=self._metadata,
         )
         with self._lock:
             self._layouts.pop(model, None)
@@ -331,7 +350,7 @@ class ParameterServerClient:
             policy=policy,
         )
         reply = _call(
-            self._coordinator.SetOptimizer, request, timeout=self.timeout_s, metadata=self._caller
+            self._coordinator.SetOptimizer, request, timeout=self.timeout_s, metadata=self._metadata
         )
         self._forget_layout(model)
         return {**json.loads(reply.report_json), "version": reply.version}
@@ -348,7 +367,7 @@ class ParameterServerClient:
             self._coordinator.SetHyperparameters,
             request,
             timeout=self.timeout_s,
-            metadata=self._caller,
+            metadata=self._metadata,
         )
         self._forget_layout(model)
         return {**json.loads(reply.report_json), "version": reply.version}
@@ -360,7 +379,7 @@ class ParameterServerClient:
             self._coordinator.Checkpoint,
             coordinator_pb2.CheckpointRequest(model=model),
             timeout=self.timeout_s,
-            metadata=self._caller,
+            metadata=self._metadata,
         )
         return {"name": reply.name, "version": reply.version, "uri": reply.uri}
 
@@ -370,6 +389,7 @@ class ParameterServerClient:
             self._coordinator.ListCheckpoints,
             coordinator_pb2.ListCheckpointsRequest(model=model),
             timeout=self.timeout_s,
+            metadata=self._metadata,
         )
         return json.loads(reply.checkpoints_json)
 
@@ -384,7 +404,7 @@ class ParameterServerClient:
                 model=model, checkpoint=checkpoint or "", num_shards=num_shards
             ),
             timeout=self.timeout_s,
-            metadata=self._caller,
+            metadata=self._metadata,
         )
         with self._lock:
             self._versions.pop(model, None)
@@ -395,7 +415,9 @@ class ParameterServerClient:
         lr and state counters (step, Lookahead's counter, ...), schedule state, every shard,
         recent metrics and the audit log of control changes."""
         request = coordinator_pb2.StatusRequest(model=model)
-        reply = _call(self._coordinator.Status, request, timeout=self.timeout_s)
+        reply = _call(
+            self._coordinator.Status, request, timeout=self.timeout_s, metadata=self._metadata
+        )
         return json.loads(reply.status_json)
 
     def set_schedule(self, model: str, config: str | Mapping[str, Any] | None) -> int:
@@ -404,7 +426,7 @@ class ParameterServerClient:
             model=model, schedule_json=schedule_config_json(parse_schedule_config(config))
         )
         return _call(
-            self._coordinator.SetSchedule, request, timeout=self.timeout_s, metadata=self._caller
+            self._coordinator.SetSchedule, request, timeout=self.timeout_s, metadata=self._metadata
         ).version
 
     def report_metric(self, model: str, name: str, value: float, step: int | None = None) -> bool:
@@ -413,7 +435,7 @@ class ParameterServerClient:
             model=model, name=name, value=float(value), step=step
         )
         reply = _call(
-            self._coordinator.ReportMetric, request, timeout=self.timeout_s, metadata=self._caller
+            self._coordinator.ReportMetric, request, timeout=self.timeout_s, metadata=self._metadata
         )
         return reply.lr_changed
 
@@ -501,7 +523,7 @@ class ParameterServerClient:
 
                 def push_one(shard: ShardSlice) -> int:
                     push = self._data_plane(shard.address).push
-                    reply = _call(push, requests(shard), timeout=deadline)
+                    reply = _call(push, requests(shard), timeout=deadline, metadata=self._metadata)
                     return reply.version
 
                 return None, max(self._each_shard(info, push_one))
@@ -510,7 +532,7 @@ class ParameterServerClient:
 
             def push_pull_one(shard: ShardSlice) -> tuple[int, dict[str, torch.Tensor]]:
                 stream = self._data_plane(shard.address).push_pull(
-                    requests(shard), timeout=deadline
+                    requests(shard), timeout=deadline, metadata=self._metadata
                 )
                 return self._receive_weights(shard, stream, pull_dtype, flat_out)
 
@@ -538,7 +560,9 @@ class ParameterServerClient:
             flat_out = self._receive_buffers(info, wire_dtype) if reuse_buffers else None
 
             def pull_one(shard: ShardSlice) -> tuple[int, dict[str, torch.Tensor]]:
-                stream = self._data_plane(shard.address).pull(request, timeout=self.timeout_s)
+                stream = self._data_plane(shard.address).pull(
+                    request, timeout=self.timeout_s, metadata=self._metadata
+                )
                 return self._receive_weights(shard, stream, wire_dtype, flat_out)
 
             return self._join_weights(info, self._each_shard(info, pull_one), flat_out)
@@ -675,7 +699,7 @@ class ParameterServerClient:
         with self._lock:
             entry = self._shard_channels.get(address)
             if entry is None:
-                channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+                channel = self._security.channel(address, _CHANNEL_OPTIONS)
                 entry = (channel, _DataPlane.open(channel))
                 self._shard_channels[address] = entry
             return entry[1]

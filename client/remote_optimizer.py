@@ -54,6 +54,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
     refuses as stale or too late is dropped: `step()` loads the current weights instead and
     counts it in `dropped_pushes`.
 
+    `token` is the bearer token for a server with authentication (default $OPTSERVE_TOKEN or
+    the file named by $OPTSERVE_TOKEN_FILE); `tls_ca` a CA file (or PEM bytes) for a TLS server.
+
     Example::
 
         opt = RemoteOptimizer(net.named_parameters(), address="127.0.0.1:50051",
@@ -76,6 +79,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         mode: str | Mapping[str, Any] | None = None,
         trainers: int | None = None,
         recover_timeout_s: float = 300.0,
+        token: str | None = None,
+        tls_ca: str | bytes | None = None,
     ) -> None:
         # Frozen parameters are left out, as torch leaves them alone: the server never moves them.
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
@@ -91,7 +96,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._constructing = False
         self._named = named
         self._owns_client = client is None
-        self.client = client if client is not None else ParameterServerClient(address or "")
+        self.client = (
+            client
+            if client is not None
+            else ParameterServerClient(address or "", token=token, tls_ca=tls_ca)
+        )
         self.model = model
         self.wire_dtype = wire_dtype
         # A sync round takes one push per trainer, so every trainer needs its own name.

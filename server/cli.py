@@ -11,9 +11,17 @@ import threading
 import time
 
 EXAMPLES_SERVE = """examples:
-  optserve serve                      # embedded local Ray, gRPC on 127.0.0.1:50051
-  optserve serve --port 6000 --shards 2
-  optserve serve --ray-address auto --host 0.0.0.0 --shards 4   # on a Ray cluster's head node
+  optserve serve --tokens-file tokens.json    # embedded local Ray, gRPC on 127.0.0.1:50051
+  optserve serve --no-auth --port 6000 --shards 2          # no tokens: loopback experiments
+  optserve serve --ray-address auto --host 0.0.0.0 --shards 4 \\
+      --tokens-file /etc/optserve/tokens.json \\
+      --tls-cert server.pem --tls-key server-key.pem           # on a Ray cluster's head node
+
+tokens.json:
+  {"tokens": [{"name": "ops", "role": "admin", "token": "<32+ random characters>"},
+              {"name": "trainers", "role": "trainer", "sha256": "<hex digest of a token>",
+               "models": ["resnet-*"]}]}
+The table may also come from $OPTSERVE_TOKENS_FILE or $OPTSERVE_TOKENS (never the command line).
 """
 EXAMPLES_DEMO = """examples:
   optserve demo                       # two trainers on digits, about 20 seconds
@@ -26,9 +34,42 @@ EXAMPLES_DEMO = """examples:
 COORDINATOR_RESTART_S = 120.0
 
 
+def _edge_config(args: argparse.Namespace):
+    """Tokens, TLS and limits from `serve`'s options and environment."""
+    from optserve.server.auth import EdgeConfig, TokenTable
+
+    tokens = TokenTable.from_environment(args.tokens_file)
+    if tokens is None and not args.no_auth:
+        raise SystemExit(
+            "optserve serve: give a token table (--tokens-file FILE, $OPTSERVE_TOKENS_FILE or "
+            "$OPTSERVE_TOKENS), or turn authentication off with --no-auth"
+        )
+    if tokens is not None and args.no_auth:
+        raise SystemExit("optserve serve: --no-auth, but a token table was given")
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    if args.no_auth and args.host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+        print(f"optserve: WARNING: serving on {args.host} without authentication: anyone who "
+              "can reach the port can change or drop models", file=sys.stderr)  # fmt: skip
+    return EdgeConfig(
+        tokens=tokens,
+        tls_cert=read(args.tls_cert),
+        tls_key=read(args.tls_key),
+        tls_ca=read(args.tls_ca),
+        max_streams_per_client=args.max_streams_per_client,
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     from optserve.server.coordinator import Placement
     from optserve.server.runtime import LOOPBACK_HOSTS, connect_ray, init_ray, start_service
+
+    edge = _edge_config(args)
 
     if args.ray_address:
         connect_ray(args.ray_address)
@@ -45,6 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
             placement=placement,
             checkpoint_dir=args.checkpoint_dir,
             keep_checkpoints=args.keep_checkpoints,
+            edge=edge,
         )
         if args.restore:
             if not args.checkpoint_dir:
@@ -84,7 +126,17 @@ def _serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):
     from optserve.client import ParameterServerClient
 
-    return ParameterServerClient(args.address, timeout_s=args.timeout_s)
+    token = None
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            token = f.read()
+    return ParameterServerClient(
+        args.address,
+        timeout_s=args.timeout_s,
+        token=token,
+        tls_ca=args.tls_ca,
+        tls_server_name=args.tls_server_name,
+    )
 
 
 def _print_json(value: object) -> None:
@@ -240,6 +292,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="at start, restore every model from its newest checkpoint in --checkpoint-dir",
     )
+    auth = serve.add_argument_group("authentication, TLS and limits")
+    auth.add_argument(
+        "--tokens-file",
+        default=None,
+        help="JSON token table (default $OPTSERVE_TOKENS_FILE, or the JSON in $OPTSERVE_TOKENS)",
+    )
+    auth.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve without authentication (anyone who reaches the port may do anything)",
+    )
+    auth.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS only")
+    auth.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    auth.add_argument(
+        "--tls-ca",
+        default=None,
+        help="PEM CA the shards trust when they call each other (default: --tls-cert itself)",
+    )
+    auth.add_argument(
+        "--max-streams-per-client",
+        type=int,
+        default=64,
+        help="calls one client connection may have in flight per endpoint (default 64)",
+    )
     serve.add_argument(
         "--grace-s",
         type=float,
@@ -284,6 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--address", default="127.0.0.1:50051", help="coordinator host:port")
         command.add_argument("--model", required=True, help="model name")
         command.add_argument("--timeout-s", type=float, default=120.0, help="RPC deadline")
+        command.add_argument(
+            "--token-file",
+            default=None,
+            help="file holding the token (default $OPTSERVE_TOKEN or $OPTSERVE_TOKEN_FILE)",
+        )
+        command.add_argument(
+            "--tls-ca", default=None, help="PEM CA file: use TLS (default $OPTSERVE_TLS_CA)"
+        )
+        command.add_argument(
+            "--tls-server-name",
+            default=None,
+            help="name the server certificate must carry, if not the address's host",
+        )
         return command
 
     status = control(

@@ -53,6 +53,7 @@ from optserve.client.layout import (
     plan_group,
     split_ranges,
 )
+from optserve.server.auth import EdgeConfig
 from optserve.server.checkpoint import Checkpoint, Store, gather, split
 from optserve.server.shard_actor import SHARD_THREADS, ShardActor
 
@@ -286,8 +287,11 @@ class Coordinator:
         checkpoint_dir: str | None = None,
         keep_checkpoints: int = 3,
         watch: bool = True,
+        edge: EdgeConfig | None = None,
     ) -> None:
         self.host = host
+        # Tokens, TLS and stream limits, enforced by every shard's endpoint too.
+        self.edge = edge or EdgeConfig()
         self.default_num_shards = default_num_shards
         self.limits = limits or Limits()
         self.placement = placement or Placement()
@@ -421,6 +425,7 @@ class Coordinator:
                         mode_config_json(mode_config),
                         device,
                         secret,
+                        self.edge,
                     )  # fmt: skip
                 )
             addresses = ray.get([a.address.remote() for a in actors], timeout=300)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import logging
 
+from optserve.server.auth import EdgeConfig, EdgeGuard
 from optserve.server.coordinator import Coordinator, Limits, Placement
-from optserve.server.coordinator_service import SERVICE_NAME, CoordinatorService
+from optserve.server.coordinator_service import (
+    SERVICE_NAME,
+    CoordinatorService,
+    model_of_request,
+)
 from optserve.server.grpc_util import advertised_address, create_server, format_address
 from optserve.v1 import coordinator_pb2_grpc
 
@@ -22,11 +27,14 @@ class CoordinatorActor:
         placement: Placement | None = None,
         checkpoint_dir: str | None = None,
         keep_checkpoints: int = 3,
+        edge: EdgeConfig | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
+        edge = edge or EdgeConfig()
         self._coordinator = Coordinator(
-            host, default_num_shards, limits, placement, checkpoint_dir, keep_checkpoints
-        )
+            host, default_num_shards, limits, placement, checkpoint_dir, keep_checkpoints,
+            edge=edge,
+        )  # fmt: skip
         import ray
 
         if ray.get_runtime_context().was_current_actor_reconstructed:
@@ -44,6 +52,7 @@ class CoordinatorActor:
                     SERVICE_NAME,
                 )
             ],
+            guard=EdgeGuard(edge, model_of=model_of_request),
         )
         self._server.start()
         self._address = advertised_address(host, self._server.port)

@@ -11,6 +11,7 @@ import grpc
 from optserve.client.codec import TensorAssembler, expect_all, torch_dtype, wire_dtype
 from optserve.client.config import optimizer_config_json, parse_mode_config, parse_optimizer_config
 from optserve.client.errors import InvalidArgument
+from optserve.server.auth import current_principal
 from optserve.server.coordinator import Coordinator, GroupSpec, ModelRecord, validate_params
 from optserve.server.grpc_util import unary_errors
 from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -126,7 +127,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def ListModels(
         self, request: coordinator_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.ListModelsResponse:
-        return coordinator_pb2.ListModelsResponse(models=self._coordinator.list_models())
+        principal = current_principal()  # a token limited to some models sees only those
+        models = [
+            m for m in self._coordinator.list_models() if principal is None or principal.covers(m)
+        ]
+        return coordinator_pb2.ListModelsResponse(models=models)
 
     @unary_errors
     def DropModel(
@@ -210,7 +215,17 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
 
 def caller_of(context: grpc.ServicerContext) -> str:
-    """Who made a control call, for the audit log: what the client says, and where from."""
-    said = dict(context.invocation_metadata()).get("x-optserve-caller", "")
-    peer = context.peer()
-    return f"{str(said)[:200]} ({peer})" if said else peer
+    """Who made a control call, for the audit log: the token's name when auth is on, what the
+    client says of itself, and where from."""
+    said = str(dict(context.invocation_metadata()).get("x-optserve-caller", ""))[:200]
+    principal = current_principal()
+    where = f"{said} ({context.peer()})" if said else context.peer()
+    return f"token {principal.name!r}: {where}" if principal is not None else where
+
+
+def model_of_request(method: str, request: Any) -> str | None:
+    """The model a Coordinator request is about, for model-scoped tokens (EdgeGuard)."""
+    if isinstance(request, coordinator_pb2.CreateModelRequest):
+        return request.spec.name if request.WhichOneof("payload") == "spec" else None
+    model = getattr(request, "model", None)
+    return model if isinstance(model, str) else None

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from optserve.client.auth import TOKEN_ENV
 from optserve.client.client import ParameterServerClient
 from optserve.client.config import parse_optimizer_config
 from optserve.client.demo_trainer import accuracy, build_model, load_digits_split
@@ -128,6 +131,7 @@ class _Swapper(threading.Thread):
 
 
 def run(args: argparse.Namespace) -> int:
+    from optserve.server.auth import EdgeConfig, TokenTable
     from optserve.server.runtime import init_ray, start_service
 
     try:
@@ -145,7 +149,14 @@ def run(args: argparse.Namespace) -> int:
 
     service = None
     try:
-        service = start_service(port=args.port, default_num_shards=args.shards)
+        # A token made up for this run: the trainer processes and this process send it.
+        token = secrets.token_urlsafe(32)
+        os.environ[TOKEN_ENV] = token
+        service = start_service(
+            port=args.port,
+            default_num_shards=args.shards,
+            edge=EdgeConfig(tokens=TokenTable.single(token, name="demo")),
+        )
         print(
             f"server ready at {service.address} ({time.perf_counter() - started:.1f}s)", flush=True
         )

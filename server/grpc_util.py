@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from optserve.client.codec import MAX_MESSAGE_BYTES
 from optserve.client.errors import OptserveError, Unavailable
+from optserve.server.auth import EdgeGuard
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,18 @@ def create_server(
     services: Sequence[tuple[Callable[[Any, grpc.Server], None], Any, str]],
     max_workers: int = 16,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    guard: EdgeGuard | None = None,
 ) -> GrpcServer:
     """Build (not start) a server on `address` ("host:port"; port 0 picks one).
 
     `services` holds (add_XServicer_to_server, servicer, full service name) triples. Health
-    checking (grpc.health.v1) and server reflection are added for all of them.
+    checking (grpc.health.v1) and server reflection are added for all of them. `guard` checks
+    every call (tokens, roles, model scopes, streams per client) and, when its config has a
+    certificate, the port serves TLS only.
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="optserve-grpc"),
+        interceptors=[guard] if guard is not None else None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -81,7 +86,10 @@ def create_server(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     try:
-        port = server.add_insecure_port(address)
+        if guard is not None and guard.config.tls:
+            port = server.add_secure_port(address, guard.config.server_credentials())
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc raises RuntimeError when the bind fails
         raise OSError(f"cannot bind a gRPC server to {address} (is the port in use?)") from exc
     if port == 0:

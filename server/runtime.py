@@ -91,8 +91,12 @@ def start_service(
     placement: Any = None,
     checkpoint_dir: str | None = None,
     keep_checkpoints: int = 3,
+    edge: Any = None,
 ) -> Service:
-    """Start the coordinator actor (Ray must be initialised) and wait until it serves."""
+    """Start the coordinator actor (Ray must be initialised) and wait until it serves.
+
+    `edge` (an `optserve.server.auth.EdgeConfig`) holds the token table, TLS certificate and
+    stream limit of every endpoint; None serves without authentication or TLS."""
     import ray
 
     from optserve.server.coordinator_actor import CoordinatorActor
@@ -101,7 +105,16 @@ def start_service(
         ray.remote(CoordinatorActor)
         # Restarted by Ray if its process dies; it then restores its models' checkpoints.
         .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=3)
-        .remote(host, port, default_num_shards, None, placement, checkpoint_dir, keep_checkpoints)
+        .remote(
+            host,
+            port,
+            default_num_shards,
+            None,
+            placement,
+            checkpoint_dir,
+            keep_checkpoints,
+            edge,
+        )  # fmt: skip
     )
     try:
         address = ray.get(actor.address.remote(), timeout=300)

@@ -8,6 +8,7 @@ import grpc
 
 from optserve.client.config import parse_mode_config, parse_optimizer_config
 from optserve.client.errors import from_rpc_error
+from optserve.server.auth import EdgeConfig, EdgeGuard
 from optserve.server.grpc_util import (
     CHANNEL_OPTIONS,
     advertised_address,
@@ -53,6 +54,7 @@ class ShardActor:
         mode_json: str = "",
         device: str = "cpu",
         secret: str = "",
+        edge: EdgeConfig | None = None,
     ) -> None:
         keep_freed_memory()  # every step allocates and frees buffers the size of the slice
         inits = {
@@ -72,6 +74,7 @@ class ShardActor:
         # Shard 0 leads: it orders the model's pushes for every shard (server/sequencer.py).
         sequencer = Sequencer(num_shards, mode) if index == 0 else None
         self._secret = secret
+        self._edge = edge or EdgeConfig()
         self._service = ShardService(self._state, sequencer, secret=secret)
         self._leader_channel: grpc.Channel | None = None
         self._server = create_server(
@@ -79,6 +82,7 @@ class ShardActor:
             [(add_shard_service, self._service, SERVICE_NAME)],
             # Pushes wait in their handler threads for their turn (a sync round, the leader).
             max_workers=SHARD_THREADS,
+            guard=EdgeGuard(self._edge, model=model),
         )
         self._server.start()
         self._address = advertised_address(host, self._server.port)
@@ -90,7 +94,7 @@ class ShardActor:
         """Tell a non-leader shard where its model's leader (shard 0) serves."""
         if self._service.sequencer is not None:
             return
-        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = self._edge.peer_channel(address, CHANNEL_OPTIONS)
         stub = shard_pb2_grpc.ShardStub(channel)
 
         def ask(request: shard_pb2.SequenceRequest) -> shard_pb2.SequenceDecision:

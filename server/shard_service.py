@@ -25,6 +25,7 @@ from optserve.client.errors import (
     NotFound,
     OptserveError,
     PermissionDenied,
+    Unauthenticated,
     Unavailable,
     error_for_status,
 )
@@ -224,6 +225,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     ) -> shard_pb2.SequenceDecision:
         self._check_model(request.model)
         said = dict(context.invocation_metadata()).get(SECRET_METADATA, "")
+        if not said:
+            raise Unauthenticated("Sequence is for the model's own shards: no shard secret sent")
         if not self.secret or not hmac.compare_digest(str(said), self.secret):
             raise PermissionDenied("Sequence is for the model's own shards")
         if self.sequencer is None:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 
 import pytest
 
+from optserve.client.auth import TOKEN_ENV
 from optserve.server.runtime import keep_ray_on_loopback
+from tests.helpers import auth
 
 # Before any `import ray`: this process's Ray, and those of the processes tests spawn.
 keep_ray_on_loopback()
+# The session's servers check tokens (tests/helpers/auth.py); every client made without an
+# explicit token, here and in the processes tests start, sends the admin token.
+os.environ[TOKEN_ENV] = auth.ADMIN
 
 _model_ids = itertools.count()
 
@@ -36,7 +42,9 @@ def service(ray_session, checkpoint_dir):
     """One optserve server (coordinator actor + gRPC on 127.0.0.1) for the whole session."""
     from optserve.server.runtime import start_service
 
-    svc = start_service(host="127.0.0.1", port=0, checkpoint_dir=checkpoint_dir)
+    svc = start_service(
+        host="127.0.0.1", port=0, checkpoint_dir=checkpoint_dir, edge=auth.edge_config()
+    )
     yield svc
     svc.stop(grace_s=1.0)
 
@@ -47,7 +55,11 @@ def second_service(ray_session, checkpoint_dir):
     from optserve.server.runtime import start_service
 
     svc = start_service(
-        host="127.0.0.1", port=0, checkpoint_dir=checkpoint_dir, name="optserve-coordinator-2"
+        host="127.0.0.1",
+        port=0,
+        checkpoint_dir=checkpoint_dir,
+        name="optserve-coordinator-2",
+        edge=auth.edge_config(),
     )
     yield svc
     svc.stop(grace_s=1.0)

@@ -14,6 +14,8 @@ import time
 import grpc
 import pytest
 
+from tests.helpers import auth
+
 OPTSERVE = [sys.executable, "-m", "optserve.server.cli"]
 
 
@@ -26,6 +28,22 @@ def test_every_command_has_help(command):
     assert "usage: optserve" in result.stdout
     if command:
         assert "examples:" in result.stdout
+
+
+def test_serve_refuses_to_start_without_tokens_unless_told(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPTSERVE_TOKENS")}
+    result = subprocess.run(
+        [*OPTSERVE, "serve", "--port", "0"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode != 0
+    assert "--no-auth" in result.stderr and "--tokens-file" in result.stderr
+    bad = tmp_path / "tokens.json"
+    bad.write_text('{"tokens": [{"name": "x", "role": "admin", "token": "short"}]}')
+    result = subprocess.run(
+        [*OPTSERVE, "serve", "--port", "0", "--tokens-file", str(bad)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0 and "at least 16 characters" in result.stderr
 
 
 def read_until(proc, pattern, timeout_s):
@@ -56,7 +74,8 @@ def test_serve_answers_health_checks_and_stops_cleanly(sig):
 
     from optserve.client import ParameterServerClient
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The token table comes from the environment; the client sends the session's admin token.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OPTSERVE_TOKENS": auth.TOKENS_JSON}
     proc = subprocess.Popen(
         [*OPTSERVE, "serve", "--port", "0"],
         stdout=subprocess.PIPE,

@@ -17,6 +17,7 @@ from optserve.client import ParameterServerClient, RemoteOptimizer
 from optserve.client.codec import encode_tensor
 from optserve.client.errors import AlreadyExists, InvalidArgument, NotFound
 from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2, shard_pb2_grpc
+from tests.helpers import auth
 
 TRAINER = Path(__file__).resolve().parents[1] / "helpers" / "trainer.py"
 
@@ -195,7 +196,7 @@ def test_create_with_bad_spec_is_invalid_argument(service, model_name, spec, mes
         params=[coordinator_pb2.ParamSpec(name=n, dtype=1, shape=s) for n, s in spec["params"]],
         optimizer_json=json.dumps(spec["optimizer"]),
     )
-    with grpc.insecure_channel(service.address) as channel:
+    with auth.channel(service.address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             stub.CreateModel(iter([coordinator_pb2.CreateModelRequest(spec=request)]), timeout=60)
@@ -212,7 +213,7 @@ def test_create_with_missing_initial_values_creates_nothing(service, model_name)
         params=[coordinator_pb2.ParamSpec(name="w", dtype=1, shape=[4])],
         optimizer_json='{"name": "sgd"}',
     )
-    with grpc.insecure_channel(service.address) as channel:
+    with auth.channel(service.address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             stub.CreateModel(iter([coordinator_pb2.CreateModelRequest(spec=spec)]), timeout=60)
@@ -231,7 +232,7 @@ def raw_shard(client, model_name):
     }
     info = client.create_model(model_name, initial, {"name": "adam", "lr": 0.01})
     client.push(model_name, {n: torch.ones_like(t) for n, t in initial.items()})
-    channel = grpc.insecure_channel(info.shards[0].address)
+    channel = auth.channel(info.shards[0].address)
     yield model_name, shard_pb2_grpc.ShardStub(channel), info.numel
     channel.close()
 
@@ -273,7 +274,7 @@ def test_malformed_push_bytes_are_invalid_argument_and_change_nothing(client, ra
     model, _, numel = raw_shard
     info = client.describe_model(model)
     before, version = client.pull(model)
-    with grpc.insecure_channel(info.shards[0].address) as channel:
+    with auth.channel(info.shards[0].address) as channel:
         push = channel.stream_unary(
             "/optserve.v1.Shard/Push",
             request_serializer=lambda b: b,
@@ -334,7 +335,7 @@ def test_health_and_reflection(service, client, model_name):
         (service.address, "optserve.v1.Coordinator"),
         (info.shards[0].address, "optserve.v1.Shard"),
     ):
-        with grpc.insecure_channel(address) as channel:
+        with auth.channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for name in ("", service_name):
                 reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=30)
@@ -407,7 +408,7 @@ def test_size_limits_and_long_configs_give_clear_statuses(service, model_name):
         params=[coordinator_pb2.ParamSpec(name="w", dtype=1, shape=[1])],
         optimizer_json=json.dumps({"name": "sgd", **{f"k{i}": "x" * 100 for i in range(200)}}),
     )
-    with grpc.insecure_channel(service.address) as channel:
+    with auth.channel(service.address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         for spec, code in (
             (huge, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -14,6 +14,7 @@ import torch
 
 from optserve.client import ParameterServerClient
 from optserve.client.errors import Aborted, FailedPrecondition
+from tests.helpers import auth
 from tests.helpers.models import SHAPES, gradient, initial_weights, leader_log
 
 TRAINER = Path(__file__).resolve().parents[1] / "helpers" / "trainer.py"
@@ -186,12 +187,16 @@ def test_sequence_is_only_for_the_models_own_shards(client, model_name):
         model=model_name, push_id="x", shard=1,
         header=shard_pb2.PushHeader(model=model_name, version=0, push_id="x"),
     )  # fmt: skip
-    with grpc.insecure_channel(info.shards[0].address) as channel:
+    with auth.channel(info.shards[0].address) as channel:
         stub = shard_pb2_grpc.ShardStub(channel)
-        for metadata in ((), (("x-optserve-shard-secret", "guess"),)):
+        # Even an admin token does not make a caller one of the model's shards.
+        for metadata, code in (
+            ((), grpc.StatusCode.UNAUTHENTICATED),
+            ((("x-optserve-shard-secret", "guess"),), grpc.StatusCode.PERMISSION_DENIED),
+        ):
             with pytest.raises(grpc.RpcError) as error:
                 stub.Sequence(forged, timeout=30, metadata=metadata)
-            assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert error.value.code() == code
     client.push(model_name, gradient(0, 0))  # the model still works, at version 1
     assert client.pull(model_name)[1] == 1
 
@@ -208,7 +213,7 @@ def test_a_slice_refused_by_one_shard_refuses_the_push_on_all_at_once(client, mo
     slices = [torch.ones(5), torch.full((5,), float("nan"))]  # shard 1's slice is bad
 
     def push(k):
-        with grpc.insecure_channel(info.shards[k].address) as channel:
+        with auth.channel(info.shards[k].address) as channel:
             call = channel.stream_unary(
                 "/optserve.v1.Shard/Push", request_serializer=lambda b: b,
                 response_deserializer=shard_pb2.PushResponse.FromString,
