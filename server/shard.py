@@ -8,6 +8,7 @@ before touching anything, so a refused request changes nothing.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 import uuid
@@ -287,6 +288,26 @@ class ShardState:
             self.broken = None  # a restore makes every shard consistent again
             self._cv.notify_all()
 
+    def digest(self) -> str:
+        """SHA-256 of the version, weights, every state buffer and scalar, configs and schedule
+        state: equal digests mean nothing changed (what a refused request must leave)."""
+        digest = hashlib.sha256()
+
+        def feed(key: str, value: Any) -> None:
+            if isinstance(value, torch.Tensor):
+                flat = value.detach().to("cpu").contiguous().reshape(-1)
+                digest.update(f"{key}:{flat.dtype}:".encode())
+                digest.update(flat.view(torch.uint8).numpy().tobytes())
+            elif isinstance(value, Mapping):
+                for k in sorted(value, key=str):
+                    feed(f"{key}/{k}", value[k])
+            else:
+                digest.update(f"{key}={value!r};".encode())
+
+        with self._lock:
+            feed("", self.state_dict())  # configs included
+        return digest.hexdigest()
+
     def info(self) -> dict[str, Any]:
         with self._lock:
             return {
@@ -295,6 +316,7 @@ class ShardState:
                 "version": self.version,
                 "device": str(self.device),
                 "broken": self.broken,
+                "staged": len(self._staged),
                 "schedule": schedule_config_json(self._schedule_config),
                 "schedule_state": self._schedule.state_dict(),
                 "groups": {

@@ -124,6 +124,10 @@ class ShardActor:
     def version(self) -> int:
         return self._state.version
 
+    def digest(self) -> str:
+        """A hash of all this shard's state (ShardState.digest): equal means unchanged."""
+        return self._state.digest()
+
     # Control changes. The coordinator pauses the leader's ordering (`pause_updates`, which
     # returns the version boundary), applies the change on every shard at that version, then
     # resumes: every shard switches between the same two updates.
