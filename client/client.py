@@ -674,6 +674,8 @@ class ParameterServerClient:
     @staticmethod
     def _check_gradients(info: ModelInfo, grads: Mapping[str, torch.Tensor]) -> None:
         names = {p.name for p in info.params}
+        policy = getattr(info.mode, "gradients", None)
+        rejects_nonfinite = policy is None or policy.nonfinite == "reject"
         unknown = sorted(set(grads) - names)
         if unknown:
             raise InvalidArgument(f"model {info.name!r} has no parameter(s) {unknown}")
@@ -691,7 +693,8 @@ class ParameterServerClient:
                     f"gradient for {slot.name!r} has dtype {dtype_name(grad.dtype)}; "
                     f"the parameter has dtype {dtype_name(slot.dtype)}"
                 )
-            if count_nonfinite(grad):
+            # Refused here, before any bytes move, when the server would refuse it anyway.
+            if rejects_nonfinite and count_nonfinite(grad):
                 raise InvalidArgument(f"gradient for {slot.name!r} contains NaN or Inf")
 
     def _data_plane(self, address: str) -> _DataPlane:

@@ -320,15 +320,42 @@ _SCHEDULE: TypeAdapter[Any] = TypeAdapter(ScheduleConfig)
 # ---- update modes (DESIGN section 4) --------------------------------------------------------
 
 
+class GradientPolicy(_Strict):
+    """What the server does with each push's gradient before it becomes an update.
+
+    * `nonfinite`: a gradient with NaN or Inf elements is refused (``"reject"``, the default:
+      INVALID_ARGUMENT, nothing changes); or ``"skip"``: the push is accepted and takes its
+      version (the version advances by one, every shard stays in step) but the weights and all
+      optimizer state, step counters included, are left as they were; or ``"zero"``: the
+      non-finite elements are replaced by 0 and the rest is applied.
+    * `clip_norm`: each push's gradient is scaled so that its L2 norm over the whole model (all
+      groups, all shards) is at most this, exactly as ``torch.nn.utils.clip_grad_norm_`` would
+      on the trainer's full gradient. In sync mode each push is clipped before the round
+      combines them.
+    * `max_push_norm`: a push whose gradient norm (over the whole model, before clipping)
+      exceeds this is refused with INVALID_ARGUMENT and changes nothing.
+    """
+
+    nonfinite: Literal["reject", "skip", "zero"] = "reject"
+    clip_norm: float | None = Field(None, gt=0.0)
+    max_push_norm: float | None = Field(None, gt=0.0)
+
+    @property
+    def needs_norm(self) -> bool:
+        return self.clip_norm is not None or self.max_push_norm is not None
+
+
 class AsyncMode(_Strict):
     """Each push is applied on arrival. With `max_staleness`, a push computed on a version more
-    than that many updates old is refused (the trainer should pull) and changes nothing."""
+    than that many updates old is refused (the trainer should pull) and changes nothing.
+    `gradients` is the gradient policy (NaN/Inf handling, clipping, a norm limit)."""
 
     mode: Literal["async"] = "async"
     max_staleness: int | None = Field(None, ge=0, description="Refuse pushes staler than this.")
     staleness_lr: Literal["none", "inverse"] = Field(
         "none", description="'inverse': a push s updates stale uses lr / (1 + s)."
     )
+    gradients: GradientPolicy = Field(default_factory=GradientPolicy)
 
 
 class SyncMode(_Strict):
@@ -340,6 +367,7 @@ class SyncMode(_Strict):
     trainers: int = Field(..., ge=1, le=512, description="Pushes that make a full round.")
     round_timeout_s: float = Field(30.0, gt=0.0, le=86_400.0)
     aggregate: Literal["mean", "sum"] = "mean"
+    gradients: GradientPolicy = Field(default_factory=GradientPolicy)
 
 
 ModeConfig: TypeAlias = Annotated[AsyncMode | SyncMode, Field(discriminator="mode")]

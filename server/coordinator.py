@@ -573,6 +573,9 @@ class Coordinator:
             "optimizer": json.loads(record.optimizer_json),
             "schedule": json.loads(record.schedule_json),
             "schedule_state": first.get("schedule_state", {}),
+            # Pushes the gradient policy skipped, zeroed, clipped or refused (since the shards
+            # started: a restore starts them again).
+            "gradient_counters": first.get("gradient_counters", {}),
             "device": record.device,
             "groups": {
                 group: {

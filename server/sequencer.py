@@ -15,6 +15,11 @@ applied by all shards or by none, and it decides once for all of them:
 A push that does not reach every shard within `stage_timeout_s` (its trainer died mid-push) is
 abandoned: the shards that hold a slice of it drop it, and nothing is applied.
 
+The mode's gradient policy is applied here too, because it needs the whole push: each shard
+reports its slice's sum of squares and NaN/Inf count, and the leader decides once for all of
+them: skip a non-finite push (its update changes nothing), refuse one above `max_push_norm`, or
+scale it by `clip_norm / norm` (clip_grad_norm_'s coefficient) through the decision's weights.
+
 Pure logic with threads and a clock: no Ray, no gRPC.
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -45,8 +51,20 @@ MAX_DECISIONS = 100_000
 
 
 @dataclass(frozen=True)
+class GradStats:
+    """One shard's slice of one push: sum of squares of its finite elements, NaN/Inf count."""
+
+    sumsq: float = 0.0
+    nonfinite: int = 0
+
+
+@dataclass(frozen=True)
 class Decision:
-    """What every shard does with one push: apply `members` combined as `version`, or refuse."""
+    """What every shard does with one push: apply `members` combined as `version`, or refuse.
+
+    The update is the sum of each member's gradient times its weight; a member of weight 0 was
+    skipped (gradient policy "skip"), and an update whose weights are all 0 changes nothing but
+    the version."""
 
     version: int = 0
     members: tuple[str, ...] = ()
@@ -62,6 +80,9 @@ class _Pending:
     trainer: str
     first_seen: float
     staged: set[int] = field(default_factory=set)
+    stats: dict[int, GradStats] = field(default_factory=dict)
+    # The push's factor in its update once its gradient is judged: 0 skips it.
+    factor: float = 1.0
 
 
 class Sequencer:
@@ -94,12 +115,20 @@ class Sequencer:
         self._paused_by: str | None = None
         self._paused_until = 0.0
         self._deferred: list[tuple[str, _Pending]] = []
+        # What the gradient policy did, for status.
+        self._counters = {"skipped_nonfinite": 0, "zeroed_nonfinite": 0, "clipped": 0,
+                          "refused_norm": 0}  # fmt: skip
 
     @property
     def version(self) -> int:
         """The last version decided (shards may still be applying it)."""
         with self._cv:
             return self._version
+
+    def counters(self) -> dict[str, int]:
+        """Pushes the gradient policy skipped, zeroed, clipped or refused (by norm)."""
+        with self._cv:
+            return dict(self._counters)
 
     def log(self) -> list[dict[str, Any]]:
         """The decided updates, oldest first: version, pushes, trainers, staleness, lr scale."""
@@ -156,9 +185,16 @@ class Sequencer:
             self._cv.notify_all()
 
     def submit(
-        self, push_id: str, shard: int, based_on: int, trainer: str = "", timeout: float = 300.0
+        self,
+        push_id: str,
+        shard: int,
+        based_on: int,
+        trainer: str = "",
+        timeout: float = 300.0,
+        stats: GradStats | None = None,
     ) -> Decision:
-        """Shard `shard` holds its slice of push `push_id`; block until the push is decided."""
+        """Shard `shard` holds its slice of push `push_id` (whose gradient it found to be
+        `stats`); block until the push is decided."""
         if not push_id:
             raise InvalidArgument("a push to a model with several shards needs a push_id")
         if not 0 <= shard < self.num_shards:
@@ -177,6 +213,7 @@ class Sequencer:
                 )
             # A shard asking again (its first call's answer was lost) just waits again.
             pending.staged.add(shard)
+            pending.stats.setdefault(shard, stats or GradStats())
             if len(pending.staged) == self.num_shards and push_id in self._pending:
                 del self._pending[push_id]
                 self._ready(push_id, pending)
@@ -220,10 +257,15 @@ class Sequencer:
                     f"(max_staleness {mode.max_staleness}); pull the current weights (version "
                     f"{version}) and push again; nothing was applied")))  # fmt: skip
                 return
+            refusal = self._judge_gradient(pending)
+            if refusal is not None:
+                self._decide(push_id, Decision(staleness=staleness, error=refusal))
+                return
             scale = 1.0 / (1 + staleness) if mode.staleness_lr == "inverse" else 1.0
             self._version += 1
             self._record([push_id], [pending], scale)
-            self._decide(push_id, Decision(self._version, (push_id,), (1.0,), scale, staleness))
+            decision = Decision(self._version, (push_id,), (pending.factor,), scale, staleness)
+            self._decide(push_id, decision)
             return
         if staleness > 0:
             self._decide(push_id, Decision(staleness=staleness, error=Aborted(
@@ -234,6 +276,10 @@ class Sequencer:
             self._decide(push_id, Decision(error=FailedPrecondition(
                 f"trainer {pending.trainer!r} already pushed in the round for version "
                 f"{version + 1}")))  # fmt: skip
+            return
+        refusal = self._judge_gradient(pending)
+        if refusal is not None:
+            self._decide(push_id, Decision(error=refusal))
             return
         if not self._round:
             self._round_opened = self._clock()
@@ -246,13 +292,42 @@ class Sequencer:
     def _close_round(self) -> None:
         members = tuple(self._round)
         pendings = [self._round_pending.pop(m) for m in members]
-        weight = 1.0 / len(members) if self.mode.aggregate == "mean" else 1.0  # type: ignore[union-attr]
+        counted = sum(1 for p in pendings if p.factor > 0) or 1  # skipped pushes do not count
+        weight = 1.0 / counted if self.mode.aggregate == "mean" else 1.0  # type: ignore[union-attr]
+        weights = tuple(weight * p.factor for p in pendings)
         self._version += 1
         self._record(list(members), pendings, 1.0)
         for push_id in members:
-            self._decide(push_id, Decision(self._version, members, (weight,) * len(members)))
+            self._decide(push_id, Decision(self._version, members, weights))
         self._round.clear()
         self._round_trainers.clear()
+
+    def _judge_gradient(self, pending: _Pending) -> OptserveError | None:
+        """Apply the gradient policy to a push every shard holds: set its factor (0: skip it;
+        below 1: clipped), or return why it is refused."""
+        policy = self.mode.gradients
+        nonfinite = sum(s.nonfinite for s in pending.stats.values())
+        if nonfinite and policy.nonfinite == "skip":
+            pending.factor = 0.0
+            self._counters["skipped_nonfinite"] += 1
+            return None
+        if nonfinite:
+            self._counters["zeroed_nonfinite"] += 1
+        if not policy.needs_norm:
+            return None
+        norm = math.sqrt(sum(s.sumsq for s in pending.stats.values()))
+        if policy.max_push_norm is not None and not norm <= policy.max_push_norm:
+            self._counters["refused_norm"] += 1
+            return InvalidArgument(
+                f"the push's gradient norm {norm:.6g} exceeds max_push_norm "
+                f"{policy.max_push_norm:g}; nothing was applied"
+            )
+        if policy.clip_norm is not None:
+            # torch.nn.utils.clip_grad_norm_'s coefficient, clamped at 1 as it does.
+            pending.factor = min(1.0, policy.clip_norm / (norm + 1e-6))
+            if pending.factor < 1.0:
+                self._counters["clipped"] += 1
+        return None
 
     def _record(self, members: list[str], pendings: list[_Pending], scale: float) -> None:
         self._log.append({
@@ -260,6 +335,7 @@ class Sequencer:
             "pushes": members,
             "trainers": [p.trainer for p in pendings],
             "based_on": [p.based_on for p in pendings],
+            "factors": [p.factor for p in pendings],
             "lr_scale": scale,
             "time": time.time(),
         })  # fmt: skip

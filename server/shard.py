@@ -19,7 +19,12 @@ from typing import Any, TypeVar
 import torch
 
 from optserve.client.codec import GRADIENT_WIRE_DTYPES, Expected, count_nonfinite
-from optserve.client.config import RuleConfig, parse_schedule_config, schedule_config_json
+from optserve.client.config import (
+    GradientPolicy,
+    RuleConfig,
+    parse_schedule_config,
+    schedule_config_json,
+)
 from optserve.client.errors import (
     Aborted,
     Internal,
@@ -30,7 +35,7 @@ from optserve.server.engine.base import TensorViews
 from optserve.server.engine.group import GroupEngine, Path
 from optserve.server.engine.migration import Policy
 from optserve.server.engine.schedules import Schedule, build_schedule
-from optserve.server.sequencer import Decision
+from optserve.server.sequencer import Decision, GradStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,8 +63,11 @@ class ShardState:
         device: str | torch.device = "cpu",
         path: Path = "fast",
         max_staged: int = 64,
+        gradients: GradientPolicy | None = None,
     ) -> None:
         self.model = model
+        # NaN/Inf handling and whether pushes need their norm (the leader decides on it).
+        self.gradients = gradients or GradientPolicy()
         self.index = index
         self.device = torch.device(device)
         self.version = 0
@@ -91,11 +99,14 @@ class ShardState:
         """The lr the next update of `group` will use."""
         return self._schedule.lr(self._groups[group].config.lr, self.version)
 
-    def stage(self, push_id: str, grads: Mapping[str, torch.Tensor]) -> int:
-        """Validate one push's gradient slices and keep them until the push is decided.
+    def stage(self, push_id: str, grads: Mapping[str, torch.Tensor]) -> tuple[int, GradStats]:
+        """Validate one push's gradient slices and keep them until the push is decided; return
+        the epoch and what the gradient policy needs to know about the slices.
 
         The shard takes the tensors over (the update may modify them in place)."""
+        policy = self.gradients
         prepared = {}
+        sumsq, nonfinite = 0.0, 0
         for name, group in self._groups.items():
             # The decoded gradient is ours: kept as it is when it is already fp32 here.
             grad = grads[name].reshape(-1).to(self.device, torch.float32)
@@ -105,10 +116,16 @@ class ShardState:
                     f"this shard holds {group.weights.numel()}"
                 )
             bad = count_nonfinite(grad)
-            if bad:
+            if bad and policy.nonfinite == "reject":
                 raise InvalidArgument(
-                    f"gradient for group {name!r} has {bad} NaN/Inf element(s); nothing was applied"
+                    f"gradient for group {name!r} has {bad} NaN/Inf element(s); nothing was "
+                    "applied (the model's gradient policy rejects them)"
                 )
+            if bad and policy.nonfinite == "zero":
+                torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            nonfinite += bad
+            if policy.needs_norm and not (bad and policy.nonfinite == "skip"):
+                sumsq += float(torch.linalg.vector_norm(grad)) ** 2
             prepared[name] = grad
         with self._cv:
             self._check_sound()
@@ -120,7 +137,7 @@ class ShardState:
                     "pushes waiting for their turn; retry shortly"
                 )
             self._staged[push_id] = prepared
-            return self._epoch
+            return self._epoch, GradStats(sumsq, nonfinite)
 
     def _check_sound(self) -> None:
         if self.broken is not None:
@@ -162,17 +179,27 @@ class ShardState:
                 self.mark_broken(f"never received the update before version {decision.version}")
                 self._check_sound()
             if self.version >= decision.version:
+                # Applied already (another member of its round, or a replayed push id): what
+                # is still staged under its ids is not needed any more.
+                for member in decision.members:
+                    self._staged.pop(member, None)
                 return self.version
             members = [self._staged.pop(m, None) for m in decision.members]
             try:
                 if any(m is None for m in members):
                     raise RuntimeError(f"a push of version {decision.version} is not here")
+                # Weight 0: skipped by the gradient policy; none left: only the version moves.
+                used = [(m, w) for m, w in zip(members, decision.weights, strict=True) if w != 0]
                 for name, group in self._groups.items():
-                    if len(members) == 1 and decision.weights[0] == 1.0:
-                        grad = members[0][name]  # type: ignore[index]
+                    if not used:
+                        break
+                    if len(used) == 1:
+                        grad = used[0][0][name]  # type: ignore[index]
+                        if used[0][1] != 1.0:
+                            grad.mul_(used[0][1])  # clipped (the staged tensor is ours)
                     else:
                         grad = torch.zeros_like(group.weights)
-                        for staged, weight in zip(members, decision.weights, strict=True):
+                        for staged, weight in used:
                             grad.add_(staged[name], alpha=weight)  # type: ignore[index]
                     group.step(grad, self.lr(name) * decision.lr_scale)
             except Exception as exc:  # the peers applied this update: this shard cannot follow

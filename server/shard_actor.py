@@ -69,8 +69,9 @@ class ShardActor:
         # Room for every push of a sync round, or a burst of async pushes, waiting their turn.
         max_staged = max(64, 2 * getattr(mode, "trainers", 0))
         self._state = ShardState(
-            model, index, inits, schedule_json or None, device=device, max_staged=max_staged
-        )
+            model, index, inits, schedule_json or None, device=device, max_staged=max_staged,
+            gradients=mode.gradients,
+        )  # fmt: skip
         # Shard 0 leads: it orders the model's pushes for every shard (server/sequencer.py).
         sequencer = Sequencer(num_shards, mode) if index == 0 else None
         self._secret = secret
@@ -119,7 +120,10 @@ class ShardActor:
         import ray
 
         node = ray.get_runtime_context().get_node_id()
-        return {**self._state.info(), "address": self._address, "node_id": node}
+        info = {**self._state.info(), "address": self._address, "node_id": node}
+        if self._service.sequencer is not None:  # what the gradient policy did, model-wide
+            info["gradient_counters"] = self._service.sequencer.counters()
+        return info
 
     def version(self) -> int:
         return self._state.version

@@ -19,6 +19,7 @@ import torch
 
 from optserve.client.codec import TensorAssembler, torch_dtype
 from optserve.client.errors import (
+    Aborted,
     DeadlineExceeded,
     Internal,
     InvalidArgument,
@@ -31,7 +32,7 @@ from optserve.client.errors import (
 )
 from optserve.client.wire import RawChunk, chunk_frames, header_frame, parse_frame, passthrough
 from optserve.server.grpc_util import stream_errors, unary_errors
-from optserve.server.sequencer import Decision, Sequencer
+from optserve.server.sequencer import Decision, GradStats, Sequencer
 from optserve.server.shard import ShardState
 from optserve.v1 import shard_pb2, shard_pb2_grpc, tensor_pb2
 
@@ -128,12 +129,15 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 raise InvalidArgument("a push to a model with several shards needs a push_id")
             push_id = uuid.uuid4().hex
         try:
-            epoch = self._state.stage(push_id, self._gradients(request_iterator))
+            epoch, stats = self._state.stage(push_id, self._gradients(request_iterator))
         except OptserveError as exc:  # refuse the push on every shard now, not at a timeout
             self._refuse(push_id, header, exc)
             raise
+        except Exception:  # the stream broke off (the trainer went away): the same, at once
+            self._refuse(push_id, header, Aborted("the push stream broke off before its end"))
+            raise
         try:
-            decision = self._sequence(push_id, header)
+            decision = self._sequence(push_id, header, stats)
         except OptserveError as exc:
             if self.sequencer is not None or not isinstance(exc, Unavailable | DeadlineExceeded):
                 self._state.discard(push_id)  # refused before any decision: nothing applied
@@ -147,16 +151,17 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         version = self._state.apply(decision, epoch=epoch)  # a failure marks the shard broken
         return decision, version, header
 
-    def _sequence(self, push_id: str, header: shard_pb2.PushHeader) -> Decision:
+    def _sequence(self, push_id: str, header: shard_pb2.PushHeader, stats: GradStats) -> Decision:
         if self.sequencer is not None:
             return self.sequencer.submit(
-                push_id, self._state.index, header.version, header.trainer, SEQUENCE_WAIT_S
+                push_id, self._state.index, header.version, header.trainer, SEQUENCE_WAIT_S, stats
             )
         if self.leader is None:
             raise Unavailable("this shard does not know its model's leader yet")
         request = shard_pb2.SequenceRequest(
-            model=header.model, push_id=push_id, shard=self._state.index, header=header
-        )
+            model=header.model, push_id=push_id, shard=self._state.index, header=header,
+            grad_sumsq=stats.sumsq, grad_nonfinite=stats.nonfinite,
+        )  # fmt: skip
         # Asking again is safe: the leader answers a repeated question with the same decision.
         for attempt in range(SEQUENCE_ATTEMPTS):
             try:
@@ -238,7 +243,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             )
         decision = self.sequencer.submit(
             request.push_id, request.shard, request.header.version, request.header.trainer,
-            SEQUENCE_WAIT_S,
+            SEQUENCE_WAIT_S, GradStats(request.grad_sumsq, request.grad_nonfinite),
         )  # fmt: skip
         return decision_to_proto(decision)
 

@@ -15,7 +15,7 @@ def test_exported_members():
         for name in dir(optserve.client)
         if not name.startswith("_")
         and name
-        not in {"client", "codec", "config", "errors", "layout", "remote_optimizer", "wire"}
+        not in {"auth", "client", "codec", "config", "errors", "layout", "remote_optimizer", "wire"}
     )
     for name in (
         "ParameterServerClient",
@@ -35,7 +35,7 @@ def test_client_methods_and_remote_optimizer_signature():
         assert callable(getattr(optserve.client.ParameterServerClient, method))
     params = inspect.signature(optserve.client.RemoteOptimizer.__init__).parameters
     assert list(params)[:2] == ["self", "named_parameters"]
-    for keyword in ("address", "model", "optimizer", "schedule", "mode", "trainers"):
+    for keyword in ("address", "model", "optimizer", "schedule", "mode", "trainers", "token"):
         assert params[keyword].kind is inspect.Parameter.KEYWORD_ONLY
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from optserve.client.config import parse_mode_config
 from optserve.client.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
-from optserve.server.sequencer import Sequencer
+from optserve.server.sequencer import GradStats, Sequencer
 
 
 def submit_all(seq, push_id, based_on, trainer="", shards=None):
@@ -152,3 +152,57 @@ def test_a_refused_slice_refuses_the_push_everywhere_at_once():
     assert isinstance(box["d"].error, InvalidArgument) and "shard 2" in str(box["d"].error)
     assert isinstance(seq.submit("x", 1, 0, "", 1).error, InvalidArgument)
     assert seq.version == 0
+
+
+def submit_stats(seq, push_id, stats, based_on=0, trainer=""):
+    """Every shard submits its slice with its GradStats; return the (shared) decision."""
+    with ThreadPoolExecutor(len(stats)) as pool:
+        futures = [
+            pool.submit(seq.submit, push_id, s, based_on, trainer, 30, st)
+            for s, st in enumerate(stats)
+        ]
+        decisions = {f.result() for f in futures}
+    assert len(decisions) == 1
+    return decisions.pop()
+
+
+def test_clip_norm_scales_by_the_global_norm_over_all_shards():
+    seq = Sequencer(2, parse_mode_config({"mode": "async", "gradients": {"clip_norm": 1.0}}))
+    # Slices of norm 3 and 4: the push's norm is 5, not either shard's own.
+    d = submit_stats(seq, "a", [GradStats(9.0), GradStats(16.0)])
+    assert d.error is None and d.version == 1
+    assert d.weights == pytest.approx((1.0 / (5.0 + 1e-6),))
+    small = submit_stats(seq, "b", [GradStats(0.09), GradStats(0.16)], based_on=1)
+    assert small.weights == (1.0,)  # clamped at 1, as clip_grad_norm_ does
+    assert seq.counters()["clipped"] == 1
+
+
+def test_max_push_norm_refuses_on_every_shard_and_spends_no_version():
+    seq = Sequencer(2, parse_mode_config({"mode": "async", "gradients": {"max_push_norm": 4.0}}))
+    d = submit_stats(seq, "a", [GradStats(9.0), GradStats(16.0)])
+    assert isinstance(d.error, InvalidArgument) and "max_push_norm" in str(d.error)
+    assert seq.version == 0 and seq.counters()["refused_norm"] == 1
+    assert submit_stats(seq, "b", [GradStats(4.0), GradStats(4.0)]).version == 1
+
+
+def test_skip_takes_a_version_with_weight_zero():
+    seq = Sequencer(2, parse_mode_config({"mode": "async", "gradients": {"nonfinite": "skip"}}))
+    d = submit_stats(seq, "a", [GradStats(1.0), GradStats(0.0, nonfinite=3)])
+    assert d.error is None and d.version == 1 and d.weights == (0.0,)
+    assert seq.counters()["skipped_nonfinite"] == 1
+
+
+def test_sync_round_averages_over_the_pushes_not_skipped():
+    mode = {"mode": "sync", "trainers": 3, "gradients": {"nonfinite": "skip", "clip_norm": 2.0}}
+    seq = Sequencer(1, parse_mode_config(mode))
+    stats = {"t0": GradStats(1.0), "t1": GradStats(0.0, nonfinite=1), "t2": GradStats(16.0)}
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(seq.submit, f"p{t}", 0, 0, t, 30, st) for t, st in stats.items()]
+        decisions = {f.result() for f in futures}
+    (d,) = decisions
+    # Two pushes count for the mean; the third (norm 4) is clipped to norm 2.
+    assert d.members == ("pt0", "pt1", "pt2") or sorted(d.members) == ["pt0", "pt1", "pt2"]
+    by_member = dict(zip(d.members, d.weights, strict=True))
+    assert by_member["pt1"] == 0.0
+    assert by_member["pt0"] == pytest.approx(0.5)
+    assert by_member["pt2"] == pytest.approx(0.5 * 2.0 / (4.0 + 1e-6))

@@ -135,7 +135,7 @@ def test_an_update_decided_before_a_restore_does_not_apply_after_it():
     thread.join()
     assert box.get("v") == 2  # without a restore, it applies in order
     state.load_state_dict(saved)
-    epoch = state.stage("stale", {"default": torch.ones(6)})
+    epoch, _ = state.stage("stale", {"default": torch.ones(6)})
     state.load_state_dict({**saved, "version": 1})  # a restore after it was staged
     with pytest.raises(Aborted, match="restored"):
         state.apply(Decision(2, ("stale",), (1.0,)), timeout=30, epoch=epoch)

@@ -60,20 +60,24 @@ class PullResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class SequenceRequest(_message.Message):
-    __slots__ = ("model", "push_id", "shard", "header", "refuse", "refuse_code")
+    __slots__ = ("model", "push_id", "shard", "header", "refuse", "refuse_code", "grad_sumsq", "grad_nonfinite")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PUSH_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
     REFUSE_FIELD_NUMBER: _ClassVar[int]
     REFUSE_CODE_FIELD_NUMBER: _ClassVar[int]
+    GRAD_SUMSQ_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NONFINITE_FIELD_NUMBER: _ClassVar[int]
     model: str
     push_id: str
     shard: int
     header: PushHeader
     refuse: str
     refuse_code: int
-    def __init__(self, model: _Optional[str] = ..., push_id: _Optional[str] = ..., shard: _Optional[int] = ..., header: _Optional[_Union[PushHeader, _Mapping]] = ..., refuse: _Optional[str] = ..., refuse_code: _Optional[int] = ...) -> None: ...
+    grad_sumsq: float
+    grad_nonfinite: int
+    def __init__(self, model: _Optional[str] = ..., push_id: _Optional[str] = ..., shard: _Optional[int] = ..., header: _Optional[_Union[PushHeader, _Mapping]] = ..., refuse: _Optional[str] = ..., refuse_code: _Optional[int] = ..., grad_sumsq: _Optional[float] = ..., grad_nonfinite: _Optional[int] = ...) -> None: ...
 
 class SequenceDecision(_message.Message):
     __slots__ = ("error", "error_code", "version", "members", "weights", "lr_scale", "staleness")
