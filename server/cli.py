@@ -66,10 +66,11 @@ def _edge_config(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from optserve.server.coordinator import Placement
+    from optserve.server.coordinator import Limits, Placement
     from optserve.server.runtime import LOOPBACK_HOSTS, connect_ray, init_ray, start_service
 
     edge = _edge_config(args)
+    limits = Limits(max_models=args.max_models, max_model_bytes=args.max_model_bytes)
 
     if args.ray_address:
         connect_ray(args.ray_address)
@@ -87,6 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
             checkpoint_dir=args.checkpoint_dir,
             keep_checkpoints=args.keep_checkpoints,
             edge=edge,
+            limits=limits,
         )
         if args.restore:
             if not args.checkpoint_dir:
@@ -152,6 +154,8 @@ def _status(args: argparse.Namespace) -> int:
     print(f"model {status['model']}  version {status['version']}  mode {status['mode']['mode']}  "
           f"device {status['device']}")  # fmt: skip
     print(f"optimizer {json.dumps(status['optimizer'])}")
+    print(f"gradients {json.dumps(status['mode'].get('gradients', {}))}  "
+          f"counters {json.dumps(status.get('gradient_counters', {}))}")  # fmt: skip
     print(
         f"schedule  {json.dumps(status['schedule'])}  state {json.dumps(status['schedule_state'])}"
     )
@@ -315,6 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=64,
         help="calls one client connection may have in flight per endpoint (default 64)",
+    )
+    auth.add_argument(
+        "--max-models", type=int, default=64, help="models the server holds at most (default 64)"
+    )
+    auth.add_argument(
+        "--max-model-bytes",
+        type=int,
+        default=1 << 30,
+        help="largest model, as fp32 masters, in bytes (default 1 GiB)",
     )
     serve.add_argument(
         "--grace-s",

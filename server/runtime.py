@@ -92,11 +92,13 @@ def start_service(
     checkpoint_dir: str | None = None,
     keep_checkpoints: int = 3,
     edge: Any = None,
+    limits: Any = None,
 ) -> Service:
     """Start the coordinator actor (Ray must be initialised) and wait until it serves.
 
     `edge` (an `optserve.server.auth.EdgeConfig`) holds the token table, TLS certificate and
-    stream limit of every endpoint; None serves without authentication or TLS."""
+    stream limit of every endpoint; None serves without authentication or TLS. `limits` (an
+    `optserve.server.coordinator.Limits`) bounds model size and count."""
     import ray
 
     from optserve.server.coordinator_actor import CoordinatorActor
@@ -109,7 +111,7 @@ def start_service(
             host,
             port,
             default_num_shards,
-            None,
+            limits,
             placement,
             checkpoint_dir,
             keep_checkpoints,
