@@ -318,6 +318,34 @@ class EdgeGuard(grpc.ServerInterceptor):
         return _guarded(handler, method, principal, denial, self._streams, self.model_of, self.peek)
 
 
+class _Undecodable:
+    """A request message that did not parse; the handler answers INVALID_ARGUMENT for it (an
+    exception in gRPC's deserializer would reach the client as INTERNAL)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.message = f"malformed request message: {type(error).__name__}: {error}"[:500]
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the client's
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _decoded(requests: Iterator[Any]) -> Iterator[Any]:
+    for request in requests:
+        if isinstance(request, _Undecodable):
+            raise InvalidArgument(request.message)
+        yield request
+
+
 def _guarded(
     handler: grpc.RpcMethodHandler,
     method: str,
@@ -349,6 +377,9 @@ def _guarded(
 
         if not context.add_callback(release):
             release()
+        if isinstance(first, _Undecodable):
+            release()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, first.message)
         if principal is not None and model_of is not None:
             model = model_of(method, first)
             if model is not None and not principal.covers(model):
@@ -392,7 +423,7 @@ def _guarded(
             if denial is None and principal is not None and model_of is not None and peek:
                 first = next(requests, None)  # the header names the model
             release = admit(context, first)
-            replay = _prepend(first, requests) if first is not None else requests
+            replay = _decoded(_prepend(first, requests) if first is not None else requests)
             if not streaming_out:
                 try:
                     return run(behavior, replay, context)
@@ -402,6 +433,7 @@ def _guarded(
 
         return wrapped
 
+    handler = handler._replace(request_deserializer=_safe(handler.request_deserializer))
     if handler.unary_unary is not None:
         return handler._replace(unary_unary=unary_in(handler.unary_unary))
     if handler.unary_stream is not None:

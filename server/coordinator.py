@@ -240,7 +240,12 @@ def validate_params(
         if pname in seen:
             raise InvalidArgument(f"parameter {pname!r} is declared twice")
         seen.add(pname)
-        if len(shape) > MAX_PARAM_DIMS or any(d < 0 for d in shape):
+        # Strides are products of the dims (zeros count as 1): keep them within int64.
+        if (
+            len(shape) > MAX_PARAM_DIMS
+            or any(d < 0 for d in shape)
+            or math.prod(max(d, 1) for d in shape) >= 1 << 62
+        ):
             raise InvalidArgument(f"parameter {pname!r} has invalid shape {list(shape)}")
         numel = math.prod(shape)
         master_bytes += numel * 4

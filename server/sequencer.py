@@ -207,10 +207,12 @@ class Sequencer:
             if pending is None:
                 pending = self._pending[push_id] = _Pending(based_on, trainer, self._clock())
             elif (pending.based_on, pending.trainer) != (based_on, trainer):
-                raise InvalidArgument(
-                    f"push {push_id!r} reached the shards with different headers "
-                    f"(version {pending.based_on} vs {based_on})"
-                )
+                del self._pending[push_id]  # refused on every shard, not left to time out
+                self._decide(push_id, Decision(error=InvalidArgument(
+                    f"push {push_id!r} reached the shards with different headers (version "
+                    f"{pending.based_on} vs {based_on}, trainer {pending.trainer!r} vs "
+                    f"{trainer!r}); nothing was applied")))  # fmt: skip
+                return self._collect(push_id, shard)
             # A shard asking again (its first call's answer was lost) just waits again.
             pending.staged.add(shard)
             pending.stats.setdefault(shard, stats or GradStats())

@@ -129,6 +129,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 raise InvalidArgument("a push to a model with several shards needs a push_id")
             push_id = uuid.uuid4().hex
         try:
+            if header.pull_dtype != tensor_pb2.DTYPE_UNSPECIFIED:
+                torch_dtype(header.pull_dtype)  # refused now, not after the update
             epoch, stats = self._state.stage(push_id, self._gradients(request_iterator))
         except OptserveError as exc:  # refuse the push on every shard now, not at a timeout
             self._refuse(push_id, header, exc)

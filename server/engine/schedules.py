@@ -61,12 +61,21 @@ class Constant(Schedule):
         return base_lr
 
 
+def _power(base: float, exponent: float) -> float:
+    """base ** exponent, saturating at inf instead of raising OverflowError (a growing schedule,
+    gamma > 1, overflows a float after enough steps; that must not fail an update)."""
+    try:
+        return float(base**exponent)
+    except OverflowError:
+        return math.inf
+
+
 class Step(Schedule):
     def __init__(self, config: StepSchedule) -> None:
         self.config = config
 
     def lr(self, base_lr: float, step: int) -> float:
-        return base_lr * self.config.gamma ** (step // self.config.step_size)
+        return base_lr * _power(self.config.gamma, step // self.config.step_size)
 
 
 class MultiStep(Schedule):
@@ -74,7 +83,7 @@ class MultiStep(Schedule):
         self.config = config
 
     def lr(self, base_lr: float, step: int) -> float:
-        return base_lr * self.config.gamma ** bisect_right(self.config.milestones, step)
+        return base_lr * _power(self.config.gamma, bisect_right(self.config.milestones, step))
 
 
 class Exponential(Schedule):
@@ -83,9 +92,9 @@ class Exponential(Schedule):
 
     def lr(self, base_lr: float, step: int) -> float:
         if self.config.gamma is not None:
-            return base_lr * self.config.gamma**step
+            return base_lr * _power(self.config.gamma, step)
         assert self.config.r is not None  # the config validator guarantees one of them
-        return base_lr * 10 ** (-step / self.config.r)
+        return base_lr * _power(10.0, -step / self.config.r)
 
 
 class Reciprocal(Schedule):
@@ -93,7 +102,7 @@ class Reciprocal(Schedule):
         self.config = config
 
     def lr(self, base_lr: float, step: int) -> float:
-        return base_lr * (1 + step / self.config.r) ** (-self.config.c)
+        return base_lr * _power(1 + step / self.config.r, -self.config.c)
 
 
 class Cosine(Schedule):

@@ -121,23 +121,26 @@ def test_a_push_that_misses_a_shard_is_abandoned_everywhere():
 
 def test_retries_get_the_same_answer_and_mismatched_headers_are_refused():
     seq = Sequencer(2, parse_mode_config(None), stage_timeout_s=5)
-    thread = threading.Thread(target=lambda: seq.submit("x", 0, 0, "", 10))
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(first=seq.submit("x", 0, 0, "", 10)))
     thread.start()
     deadline = time.monotonic() + 5
     while "x" not in seq._pending and time.monotonic() < deadline:
         time.sleep(0.01)
-    with pytest.raises(InvalidArgument, match="different headers"):
-        seq.submit("x", 1, 7, "", 10)
-    box = {}
-    retry = threading.Thread(target=lambda: box.update(d=seq.submit("x", 0, 0, "", 10)))
-    retry.start()  # shard 0 asks again (its first answer was lost): it waits again
-    seq.submit("x", 1, 0, "", 10)
-    thread.join()
+    # One push id under two headers: refused on every shard at once, not at the stage timeout.
+    mismatched = seq.submit("x", 1, 7, "", 10)
+    assert isinstance(mismatched.error, InvalidArgument)
+    assert "different headers" in str(mismatched.error)
+    thread.join(timeout=2)
+    assert box["first"] == mismatched
+    retry = threading.Thread(target=lambda: box.update(d=seq.submit("y", 0, 0, "", 10)))
+    retry.start()
+    seq.submit("y", 1, 0, "", 10)
     retry.join()
     assert box["d"].version == 1
-    assert seq.submit("x", 1, 0, "", 10).version == 1  # a late retry gets the same answer
+    assert seq.submit("y", 1, 0, "", 10).version == 1  # a late retry gets the same answer
     with pytest.raises(InvalidArgument):
-        seq.submit("y", 5, 0, "", 10)
+        seq.submit("z", 5, 0, "", 10)
 
 
 def test_a_refused_slice_refuses_the_push_everywhere_at_once():
