@@ -315,7 +315,10 @@ class EdgeGuard(grpc.ServerInterceptor):
                         f"{method.rsplit('/', 1)[-1]} needs an admin token; token "
                         f"{principal.name!r} has the role {principal.role!r}",
                     )
-        return _guarded(handler, method, principal, denial, self._streams, self.model_of, self.peek)
+        # A model's shards call their leader once per push in flight over one connection:
+        # bounded by the shards' handler threads, not by a per-client allowance.
+        streams = None if method in INTERNAL_METHODS else self._streams
+        return _guarded(handler, method, principal, denial, streams, self.model_of, self.peek)
 
 
 class _Undecodable:
@@ -351,7 +354,7 @@ def _guarded(
     method: str,
     principal: Principal | None,
     denial: _Denied | None,
-    streams: _StreamCounter,
+    streams: _StreamCounter | None,
     model_of: ModelOf | None,
     peek: bool,
 ) -> grpc.RpcMethodHandler:
@@ -362,17 +365,16 @@ def _guarded(
         if denial is not None:
             context.abort(denial.code, denial.message)
         client = context.peer()
-        if not streams.acquire(client):
+        if streams is not None and not streams.acquire(client):
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"this client already has {streams.limit} calls in flight here "
                 "(max_streams_per_client); wait for some to finish",
             )
-        released = threading.Event()
+        once = threading.Lock()  # released by the handler or by the end-of-call callback
 
         def release() -> None:
-            if not released.is_set():
-                released.set()
+            if streams is not None and once.acquire(blocking=False):
                 streams.release(client)
 
         if not context.add_callback(release):

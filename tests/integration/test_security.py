@@ -367,6 +367,28 @@ def test_a_client_holding_too_many_streams_gets_resource_exhausted(tls_service, 
         client.drop_model(model_name)
 
 
+def test_the_stream_limit_is_per_client_not_on_the_shards_own_calls(tls_service, model_name):
+    """Six trainers in one sync round on two shards: the second shard asks the leader about all
+    six pushes at once over its one connection, more than a client's allowance of 4."""
+    service, ca = tls_service
+    clients = [ParameterServerClient(service.address, tls_ca=ca) for _ in range(6)]
+    try:
+        mode = {"mode": "sync", "trainers": 6, "round_timeout_s": 60.0}
+        clients[0].create_model(model_name, {"w": torch.zeros(8)}, SGD, num_shards=2, mode=mode)
+        for c in clients:
+            c.pull(model_name)
+        with ThreadPoolExecutor(6) as pool:
+            pushes = [
+                pool.submit(c.push, model_name, {"w": torch.ones(8)}, trainer=f"t{i}")
+                for i, c in enumerate(clients)
+            ]
+            assert [f.result(timeout=120) for f in pushes] == [1] * 6
+        clients[0].drop_model(model_name)
+    finally:
+        for c in clients:
+            c.close()
+
+
 def test_model_count_limit(ray_session):
     from optserve.server.coordinator import Coordinator, Limits
 
