@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import grpc
 
-from optserve.client.errors import InvalidArgument, PermissionDenied
+from optserve.client.errors import InvalidArgument
 
 Role = Literal["trainer", "admin"]
 ROLES: tuple[Role, ...] = ("trainer", "admin")
@@ -218,13 +218,6 @@ _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
 
 def current_principal() -> Principal | None:
     return _current.get()
-
-
-def check_model_access(model: str) -> None:
-    """Refuse the current call if its token is limited to other models."""
-    principal = _current.get()
-    if principal is not None and not principal.covers(model):
-        raise PermissionDenied(f"token {principal.name!r} is not allowed to use model {model!r}")
 
 
 class _Denied(Exception):
