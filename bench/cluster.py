@@ -15,6 +15,9 @@ For each size (fp32 parameters) it prints, measured in the same run:
   data-parallel step without a parameter server moves).
 
 Targets (issue 4), at 16M parameters: optserve <= 3x the floor, and <= 1.5x the ray-docs step.
+
+`--auth` also times each optserve step against a second server that checks a token on every
+call (issue 7), and prints the ratio: what authentication costs on the data plane.
 """
 
 from __future__ import annotations
@@ -177,6 +180,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--skip-gloo", action="store_true")
+    parser.add_argument("--auth", action="store_true", help="also time a server with tokens")
     args = parser.parse_args()
 
     import ray
@@ -185,6 +189,16 @@ def main() -> None:
 
     init_ray(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=False)
     service = start_service(default_num_shards=1)
+    guarded = None
+    if args.auth:
+        import secrets
+
+        from optserve.server.auth import EdgeConfig, TokenTable
+
+        token = secrets.token_urlsafe(32)
+        os.environ["OPTSERVE_TOKEN"] = token  # every client sends it (the open server ignores it)
+        edge = EdgeConfig(tokens=TokenTable.single(token))
+        guarded = start_service(name="optserve-bench-auth", edge=edge)
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, ray {ray.__version__}, "
           f"{os.cpu_count()} cores; step = push gradients + apply + pull weights, fp32, "
           f"1 trainer, medians of {args.repeat}")  # fmt: skip
@@ -210,7 +224,13 @@ def main() -> None:
                 print(f"  optserve, {shards} shard(s)                {ours * 1e3:8.1f} ms   "
                       f"{ours / floor:5.2f}x floor  {ours / docs:5.2f}x ray-docs"
                       f"{verdict}")  # fmt: skip
+                if guarded is not None:
+                    checked = optserve_step(guarded.address, numel, shards, args.repeat)
+                    label = f"optserve, {shards} shard(s), tokens"
+                    print(f"  {label:38} {checked * 1e3:8.1f} ms   {checked / ours:5.2f}x without")
     finally:
+        if guarded is not None:
+            guarded.stop(grace_s=1.0)
         service.stop(grace_s=1.0)
         ray.shutdown()
 
