@@ -100,13 +100,19 @@ def start_service(
     stream limit of every endpoint; None serves without authentication or TLS. `limits` (an
     `optserve.server.coordinator.Limits`) bounds model size and count."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from optserve.server.coordinator_actor import CoordinatorActor
 
+    # On this process's node (a cluster's head node, where `optserve serve` runs): the node a
+    # load balancer or Kubernetes Service sends the coordinator's port to.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     actor = (
         ray.remote(CoordinatorActor)
         # Restarted by Ray if its process dies; it then restores its models' checkpoints.
-        .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=3)
+        .options(
+            name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=3, scheduling_strategy=here
+        )
         .remote(
             host,
             port,
