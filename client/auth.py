@@ -20,7 +20,7 @@ from optserve.client.errors import InvalidArgument
 TOKEN_ENV = "OPTSERVE_TOKEN"
 TOKEN_FILE_ENV = "OPTSERVE_TOKEN_FILE"
 TLS_CA_ENV = "OPTSERVE_TLS_CA"
-_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
+TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces: a metadata value
 
 
 def _read(path: str, what: str) -> bytes:
@@ -40,7 +40,7 @@ def resolve_token(token: str | None = None) -> str | None:
     if token is None:
         return None
     token = token.strip()
-    if not _TOKEN_CHARS.fullmatch(token):
+    if not TOKEN_CHARS.fullmatch(token):
         raise InvalidArgument("a token is printable ASCII without spaces")
     return token
 

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import grpc
 
+from optserve.client.auth import TOKEN_CHARS
 from optserve.client.errors import InvalidArgument
 
 Role = Literal["trainer", "admin"]
@@ -41,7 +42,6 @@ ROLES: tuple[Role, ...] = ("trainer", "admin")
 TOKENS_ENV = "OPTSERVE_TOKENS"
 TOKENS_FILE_ENV = "OPTSERVE_TOKENS_FILE"
 MIN_TOKEN_CHARS = 16
-TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces: a metadata value
 DIGEST = re.compile(r"[0-9a-f]{64}")
 DEFAULT_MAX_STREAMS_PER_CLIENT = 64
 

@@ -37,6 +37,7 @@ COORDINATOR_RESTART_S = 120.0
 def _edge_config(args: argparse.Namespace):
     """Tokens, TLS and limits from `serve`'s options and environment."""
     from optserve.server.auth import EdgeConfig, TokenTable
+    from optserve.server.runtime import LOOPBACK_HOSTS
 
     tokens = TokenTable.from_environment(args.tokens_file)
     if tokens is None and not args.no_auth:
@@ -53,7 +54,7 @@ def _edge_config(args: argparse.Namespace):
         with open(path, "rb") as f:
             return f.read()
 
-    if args.no_auth and args.host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+    if args.no_auth and args.host not in LOOPBACK_HOSTS:
         print(f"optserve: WARNING: serving on {args.host} without authentication: anyone who "
               "can reach the port can change or drop models", file=sys.stderr)  # fmt: skip
     return EdgeConfig(
