@@ -22,6 +22,7 @@ import fnmatch
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import threading
@@ -267,9 +268,15 @@ class EdgeGuard(grpc.ServerInterceptor):
     (None: not about one model); a shard passes one that always names its own model."""
 
     def __init__(
-        self, config: EdgeConfig, model_of: ModelOf | None = None, model: str | None = None
+        self,
+        config: EdgeConfig,
+        model_of: ModelOf | None = None,
+        model: str | None = None,
+        on_error: Callable[[str, grpc.StatusCode], None] | None = None,
     ) -> None:
+        """`on_error(method, code)` hears of every call that ends with an error status."""
         self.config = config
+        self.on_error = on_error
         if model is not None:  # a shard: every call is about its one model
 
             def model_of(method: str, request: Any) -> str | None:
@@ -311,7 +318,9 @@ class EdgeGuard(grpc.ServerInterceptor):
         # A model's shards call their leader once per push in flight over one connection:
         # bounded by the shards' handler threads, not by a per-client allowance.
         streams = None if method in INTERNAL_METHODS else self._streams
-        return _guarded(handler, method, principal, denial, streams, self.model_of, self.peek)
+        return _guarded(
+            handler, method, principal, denial, streams, self.model_of, self.peek, self.on_error
+        )
 
 
 class _Undecodable:
@@ -350,11 +359,14 @@ def _guarded(
     streams: _StreamCounter | None,
     model_of: ModelOf | None,
     peek: bool,
+    on_error: Callable[[str, grpc.StatusCode], None] | None = None,
 ) -> grpc.RpcMethodHandler:
     """`handler` with its behavior run only if the call is allowed, with the principal set."""
 
     def admit(context: grpc.ServicerContext, first: Any) -> Callable[[], None]:
         """Check the call; return its release (the stream slot it holds)."""
+        if on_error is not None:
+            context.add_callback(lambda: _report_error(context, method, on_error))
         if denial is not None:
             context.abort(denial.code, denial.message)
         client = context.peer()
@@ -436,6 +448,18 @@ def _guarded(
     if handler.stream_unary is not None:
         return handler._replace(stream_unary=stream_in(handler.stream_unary, False))
     return handler._replace(stream_stream=stream_in(handler.stream_stream, True))
+
+
+def _report_error(
+    context: grpc.ServicerContext, method: str, on_error: Callable[[str, grpc.StatusCode], None]
+) -> None:
+    """At the end of a call: report its status if it is an error."""
+    code = context.code()
+    if code is not None and code != grpc.StatusCode.OK:
+        try:
+            on_error(method, code)
+        except Exception:  # noqa: BLE001 - metrics must never break a call
+            logging.getLogger(__name__).exception("error metrics hook failed")
 
 
 def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:

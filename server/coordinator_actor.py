@@ -28,7 +28,11 @@ class CoordinatorActor:
         checkpoint_dir: str | None = None,
         keep_checkpoints: int = 3,
         edge: EdgeConfig | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str | None = None,
     ) -> None:
+        """`metrics_port` serves Prometheus metrics over HTTP (0: any free port; None: off)
+        on `metrics_host` (default: `host`)."""
         logging.basicConfig(level=logging.INFO)
         edge = edge or EdgeConfig()
         self._coordinator = Coordinator(
@@ -52,13 +56,24 @@ class CoordinatorActor:
                     SERVICE_NAME,
                 )
             ],
-            guard=EdgeGuard(edge, model_of=model_of_request),
+            guard=EdgeGuard(
+                edge, model_of=model_of_request, on_error=self._coordinator.metrics.errors
+            ),
         )
         self._server.start()
         self._address = advertised_address(host, self._server.port)
+        self._metrics_address: str | None = None
+        if metrics_port is not None:
+            bind = metrics_host or host
+            bound = self._coordinator.metrics.serve(bind, metrics_port)
+            self._metrics_address = advertised_address(bind, bound)
 
     def address(self) -> str:
         return self._address
+
+    def metrics_address(self) -> str | None:
+        """host:port of the Prometheus endpoint (http://<it>/metrics), or None if off."""
+        return self._metrics_address
 
     def shard_actors(self, model: str) -> list:
         """Handles of a model's shard actors (for tests and operations tooling)."""
@@ -84,3 +99,4 @@ class CoordinatorActor:
         """Stop accepting calls, let in-flight ones finish, then stop every shard."""
         self._server.stop(grace_s)
         self._coordinator.shutdown(grace_s)
+        self._coordinator.metrics.stop()

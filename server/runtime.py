@@ -73,6 +73,8 @@ class Service:
 
     actor: Any
     address: str
+    # host:port of the Prometheus endpoint (http://<it>/metrics), None when off.
+    metrics_address: str | None = None
 
     def stop(self, grace_s: float = 5.0) -> None:
         import ray
@@ -93,12 +95,15 @@ def start_service(
     keep_checkpoints: int = 3,
     edge: Any = None,
     limits: Any = None,
+    metrics_port: int | None = None,
+    metrics_host: str | None = None,
 ) -> Service:
     """Start the coordinator actor (Ray must be initialised) and wait until it serves.
 
     `edge` (an `optserve.server.auth.EdgeConfig`) holds the token table, TLS certificate and
     stream limit of every endpoint; None serves without authentication or TLS. `limits` (an
-    `optserve.server.coordinator.Limits`) bounds model size and count."""
+    `optserve.server.coordinator.Limits`) bounds model size and count. `metrics_port` serves
+    Prometheus metrics on `metrics_host` (default `host`; port 0: any free one; None: off)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -122,14 +127,17 @@ def start_service(
             checkpoint_dir,
             keep_checkpoints,
             edge,
+            metrics_port,
+            metrics_host,
         )  # fmt: skip
     )
     try:
         address = ray.get(actor.address.remote(), timeout=300)
+        metrics_address = ray.get(actor.metrics_address.remote(), timeout=60)
     except ray.exceptions.RayActorError as exc:
         ray.kill(actor)
         # The message carries the actor's traceback; its last line names the error.
         lines = [line for line in str(getattr(exc, "error_msg", exc)).splitlines() if line.strip()]
         reason = lines[-1].strip() if lines else repr(exc)
         raise RuntimeError(f"the optserve coordinator failed to start: {reason}") from exc
-    return Service(actor, address)
+    return Service(actor, address, metrics_address)

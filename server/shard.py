@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -87,6 +88,13 @@ class ShardState:
             self._groups[name] = GroupEngine(name, flat, init.config, init.views, path)
         self._schedule_config = parse_schedule_config(schedule)
         self._schedule: Schedule = build_schedule(self._schedule_config)
+        # Told the seconds each applied update took (the shard's metrics).
+        self.on_update: Callable[[float], None] | None = None
+
+    @property
+    def numel(self) -> int:
+        """Elements of this shard's slice, all groups together."""
+        return sum(g.weights.numel() for g in self._groups.values())
 
     def expected_gradients(self) -> dict[str, Expected]:
         """What a push must carry: one flat tensor per group, of this shard's length."""
@@ -94,6 +102,11 @@ class ShardState:
             name: Expected((g.weights.numel(),), GRADIENT_WIRE_DTYPES)
             for name, g in self._groups.items()
         }
+
+    def lrs(self) -> dict[str, float]:
+        """The lr each group's next update will use."""
+        with self._lock:
+            return {name: self.lr(name) for name in self._groups}
 
     def lr(self, group: str) -> float:
         """The lr the next update of `group` will use."""
@@ -190,6 +203,7 @@ class ShardState:
                     raise RuntimeError(f"a push of version {decision.version} is not here")
                 # Weight 0: skipped by the gradient policy; none left: only the version moves.
                 used = [(m, w) for m, w in zip(members, decision.weights, strict=True) if w != 0]
+                started = time.perf_counter()
                 for name, group in self._groups.items():
                     if not used:
                         break
@@ -202,6 +216,10 @@ class ShardState:
                         for staged, weight in used:
                             grad.add_(staged[name], alpha=weight)  # type: ignore[index]
                     group.step(grad, self.lr(name) * decision.lr_scale)
+                if used and self.on_update is not None:
+                    if self.device.type == "cuda":  # the kernels' time, not their launch
+                        torch.cuda.synchronize(self.device)
+                    self.on_update(time.perf_counter() - started)
             except Exception as exc:  # the peers applied this update: this shard cannot follow
                 self.mark_broken(f"update {decision.version} failed here: {exc!r}")
                 self._check_sound()

@@ -16,6 +16,7 @@ from optserve.server.grpc_util import (
     format_address,
 )
 from optserve.server.memory import keep_freed_memory
+from optserve.server.metrics import ShardMetrics
 from optserve.server.sequencer import Sequencer
 from optserve.server.shard import GroupInit, ShardState
 from optserve.server.shard_service import (
@@ -76,14 +77,18 @@ class ShardActor:
         sequencer = Sequencer(num_shards, mode) if index == 0 else None
         self._secret = secret
         self._edge = edge or EdgeConfig()
-        self._service = ShardService(self._state, sequencer, secret=secret)
+        self._metrics = ShardMetrics(model, index)
+        self._state.on_update = self._metrics.update_seconds.observe
+        if sequencer is not None:
+            self._metrics.lead(self._leader_view)
+        self._service = ShardService(self._state, sequencer, secret=secret, metrics=self._metrics)
         self._leader_channel: grpc.Channel | None = None
         self._server = create_server(
             format_address(host, 0),
             [(add_shard_service, self._service, SERVICE_NAME)],
             # Pushes wait in their handler threads for their turn (a sync round, the leader).
             max_workers=SHARD_THREADS,
-            guard=EdgeGuard(self._edge, model=model),
+            guard=EdgeGuard(self._edge, model=model, on_error=self._metrics.errors),
         )
         self._server.start()
         self._address = advertised_address(host, self._server.port)
@@ -111,6 +116,19 @@ class ShardActor:
         self._leader_channel = channel
         self._service.leader = ask
 
+    def _leader_view(self) -> dict[str, Any]:
+        """The model-wide gauges the leader's metrics read at scrape time."""
+        sequencer = self._service.sequencer
+        return {
+            "version": self._state.version,
+            "lr": self._state.lrs(),
+            "gradient_counters": sequencer.counters() if sequencer is not None else {},
+        }
+
+    def metrics(self) -> list[Any]:
+        """This shard's Prometheus metric families (the coordinator's endpoint merges them)."""
+        return self._metrics.families()
+
     def decisions(self) -> list[dict[str, Any]]:
         """The leader's log of decided updates (empty on other shards)."""
         sequencer = self._service.sequencer
@@ -123,6 +141,7 @@ class ShardActor:
         info = {**self._state.info(), "address": self._address, "node_id": node}
         if self._service.sequencer is not None:  # what the gradient policy did, model-wide
             info["gradient_counters"] = self._service.sequencer.counters()
+            info["trainers"] = self._metrics.trainers.snapshot()
         return info
 
     def version(self) -> int:
@@ -157,6 +176,10 @@ class ShardActor:
 
     def report_metric(self, name: str, value: float, at_version: int | None = None) -> bool:
         return self._state.report_metric(name, value, at_version)
+
+    def lrs(self) -> dict[str, float]:
+        """The lr each group's next update will use."""
+        return self._state.lrs()
 
     def state_dict(self, at_version: int | None = None) -> dict[str, Any]:
         return self._state.state_dict(at_version)

@@ -32,6 +32,7 @@ from optserve.client.errors import (
 )
 from optserve.client.wire import RawChunk, chunk_frames, header_frame, parse_frame, passthrough
 from optserve.server.grpc_util import stream_errors, unary_errors
+from optserve.server.metrics import ShardMetrics
 from optserve.server.sequencer import Decision, GradStats, Sequencer
 from optserve.server.shard import ShardState
 from optserve.v1 import shard_pb2, shard_pb2_grpc, tensor_pb2
@@ -86,8 +87,10 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         sequencer: Sequencer | None = None,
         leader: Callable[[shard_pb2.SequenceRequest], shard_pb2.SequenceDecision] | None = None,
         secret: str = "",
+        metrics: ShardMetrics | None = None,
     ) -> None:
         self._state = state
+        self.metrics = metrics or ShardMetrics(state.model, state.index)
         self.sequencer = sequencer
         self.leader = leader
         # Shared by a model's shards (from the coordinator): only they may call Sequence.
@@ -113,15 +116,19 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     def _gradients(self, request_iterator: Iterator[Any]) -> dict[str, torch.Tensor]:
         """The rest of a push stream: RawChunks, assembled and checked."""
         assembler = TensorAssembler(self._state.expected_gradients(), what="gradient")
+        received = self.metrics.received_bytes
         for chunk in request_iterator:
             if isinstance(chunk, OptserveError):
                 raise chunk
             if not isinstance(chunk, RawChunk):
                 raise InvalidArgument("a push stream carries one PushHeader, then only chunks")
+            received.inc(len(chunk.data))
             assembler.add(chunk)
         return assembler.finish()
 
-    def _push(self, request_iterator: Iterator[Any]) -> tuple[Decision, int, shard_pb2.PushHeader]:
+    def _push(
+        self, request_iterator: Iterator[Any], peer: str = ""
+    ) -> tuple[Decision, int, shard_pb2.PushHeader]:
         header = self._header(request_iterator)
         push_id = header.push_id
         if not push_id:
@@ -138,6 +145,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         except Exception:  # the stream broke off (the trainer went away): the same, at once
             self._refuse(push_id, header, Aborted("the push stream broke off before its end"))
             raise
+        staged_at = time.perf_counter()
         try:
             decision = self._sequence(push_id, header, stats)
         except OptserveError as exc:
@@ -147,10 +155,12 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             # The leader may have decided this push and the other shards applied it.
             self._state.mark_broken(f"lost the leader's decision on push {push_id}: {exc}")
             raise Internal(f"shard {self._state.index} lost its leader: {exc}") from None
+        self.metrics.round_wait_seconds.observe(time.perf_counter() - staged_at)
         if decision.error is not None:
             self._state.discard(push_id)
             raise decision.error
         version = self._state.apply(decision, epoch=epoch)  # a failure marks the shard broken
+        self.metrics.applied(header.trainer, peer, decision.version, decision.staleness)
         return decision, version, header
 
     def _sequence(self, push_id: str, header: shard_pb2.PushHeader, stats: GradStats) -> Decision:
@@ -191,14 +201,14 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     def Push(
         self, request_iterator: Iterator[shard_pb2.PushRequest], context: grpc.ServicerContext
     ) -> shard_pb2.PushResponse:
-        decision, version, _ = self._push(request_iterator)
+        decision, version, _ = self._push(request_iterator, context.peer())
         return shard_pb2.PushResponse(version=decision.version, staleness=decision.staleness)
 
     @stream_errors
     def PushPull(
         self, request_iterator: Iterator[shard_pb2.PushRequest], context: grpc.ServicerContext
     ) -> Iterator[shard_pb2.PullResponse]:
-        _, _, header = self._push(request_iterator)
+        _, _, header = self._push(request_iterator, context.peer())
         yield from self._weights(header.pull_dtype)
 
     @stream_errors
@@ -221,6 +231,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             return version, {name: w.to("cpu", dtype, copy=True) for name, w in weights.items()}
 
         version, body = self._state.read_weights(read)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.metrics.sent_bytes.inc(itemsize * self._state.numel)
         yield header_frame(shard_pb2.PullHeader(version=version))
         if isinstance(body, dict):
             body = (f for name, w in body.items() for f in chunk_frames(name, w))

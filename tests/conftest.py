@@ -43,7 +43,11 @@ def service(ray_session, checkpoint_dir):
     from optserve.server.runtime import start_service
 
     svc = start_service(
-        host="127.0.0.1", port=0, checkpoint_dir=checkpoint_dir, edge=auth.edge_config()
+        host="127.0.0.1",
+        port=0,
+        checkpoint_dir=checkpoint_dir,
+        edge=auth.edge_config(),
+        metrics_port=0,  # Prometheus on any free port (tests/integration/test_metrics.py)
     )
     yield svc
     svc.stop(grace_s=1.0)

@@ -83,9 +83,16 @@ def test_the_kuberay_manifest_is_well_formed_kubernetes_objects():
     assert service["spec"]["selector"] == {
         "ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head",
     }  # fmt: skip
-    (port,) = service["spec"]["ports"]
-    assert port["targetPort"] in {p["containerPort"] for p in head_container["ports"]}
-    assert port["targetPort"] == args.port
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert set(ports) == {"grpc", "metrics"}
+    exposed = {p["containerPort"] for p in head_container["ports"]}
+    assert ports["grpc"]["targetPort"] == args.port
+    # The metrics endpoint: on by default, on the serve command's --metrics-port.
+    assert not args.no_metrics and args.metrics_host is None
+    assert ports["metrics"]["targetPort"] == args.metrics_port
+    assert {ports["grpc"]["targetPort"], ports["metrics"]["targetPort"]} <= exposed
+    annotations = service["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(args.metrics_port)
 
 
 def test_the_image_recipe_installs_optserve_and_exposes_its_port():
@@ -96,6 +103,6 @@ def test_the_image_recipe_installs_optserve_and_exposes_its_port():
     ]
     assert lines[0].startswith("FROM python:3.11")
     assert any(line.startswith("RUN pip install") and " . " in f"{line} " for line in lines)
-    assert "EXPOSE 50051" in lines
+    assert "EXPOSE 50051 9464" in lines
     for folder in ("protos", "client", "server"):
         assert f"COPY {folder} {folder}" in lines

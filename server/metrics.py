@@ -1,0 +1,301 @@
+"""Prometheus metrics of the coordinator and the shards, served on a port of their own.
+
+Every process keeps its own `prometheus_client` registry: each shard counts what its data plane
+does (bytes, update and wait times; the model's leader also counts pushes, staleness, trainers and
+the gradient policy's actions), the coordinator counts checkpoints and its own errors. The
+coordinator's HTTP endpoint (`optserve serve --metrics-port`) gathers every shard's families over
+Ray when scraped and merges them, so one scrape target covers the whole service.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# `*_created` series double every counter and histogram for a timestamp nobody graphs.
+disable_created_metrics()
+
+# Every series the endpoint serves (the names as scraped; histograms add _bucket/_sum/_count).
+SERIES = (
+    "optserve_models",
+    "optserve_model_version",
+    "optserve_model_lr",
+    "optserve_trainers",
+    "optserve_pushes_total",
+    "optserve_gradient_events_total",
+    "optserve_received_bytes_total",
+    "optserve_sent_bytes_total",
+    "optserve_update_seconds",
+    "optserve_round_wait_seconds",
+    "optserve_staleness",
+    "optserve_errors_total",
+    "optserve_checkpoint_seconds",
+)
+# A trainer counts in `optserve_trainers` for this long after its last push.
+TRAINER_WINDOW_S = 300.0
+MAX_TRAINERS = 10_000
+# How long a scrape waits for a shard's families; a shard that does not answer is left out.
+SHARD_SCRAPE_TIMEOUT_S = 10.0
+
+UPDATE_BUCKETS = (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+WAIT_BUCKETS = (1e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+CHECKPOINT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+
+
+class Trainers:
+    """The trainers that push to a model (its leader shard sees every push): for status and
+    `optserve_trainers`. Keeps the most recent MAX_TRAINERS."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[str, dict[str, Any]] = {}
+
+    def saw(self, trainer: str, peer: str, version: int, staleness: int) -> None:
+        with self._lock:
+            entry = self._seen.pop(trainer, None) or {"pushes": 0, "first_seen": self._clock()}
+            entry.update(
+                pushes=entry["pushes"] + 1, last_seen=self._clock(), peer=peer,
+                version=version, staleness=staleness,
+            )  # fmt: skip
+            self._seen[trainer] = entry  # most recent last
+            while len(self._seen) > MAX_TRAINERS:
+                del self._seen[next(iter(self._seen))]
+
+    def active(self, window_s: float = TRAINER_WINDOW_S) -> int:
+        cutoff = self._clock() - window_s
+        with self._lock:
+            return sum(1 for e in self._seen.values() if e["last_seen"] >= cutoff)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {name: dict(entry) for name, entry in self._seen.items()}
+
+
+class ErrorCounter:
+    """`optserve_errors_total{component,method,code}` of one process (EdgeGuard's `on_error`)."""
+
+    def __init__(self, registry: CollectorRegistry, component: str) -> None:
+        self._component = component
+        self._counter = Counter(
+            "optserve_errors",
+            "RPCs answered with an error, by gRPC status code",
+            ["component", "method", "code"],
+            registry=registry,
+        )
+
+    def __call__(self, method: str, code: grpc.StatusCode) -> None:
+        self._counter.labels(self._component, method.rsplit("/", 1)[-1], code.name).inc()
+
+
+class ShardMetrics:
+    """What one shard measures. `leader_view()` (set on the model's leader) supplies the
+    model-wide gauges and the gradient policy's counters at scrape time."""
+
+    def __init__(self, model: str, shard: int) -> None:
+        self.model = model
+        self.registry = CollectorRegistry(auto_describe=False)
+        at = {"model": model, "shard": str(shard)}
+        both = ["model", "shard"]
+        r = self.registry
+        self.received_bytes = Counter(
+            "optserve_received_bytes", "Gradient bytes pushed to a shard", both, registry=r
+        ).labels(**at)
+        self.sent_bytes = Counter(
+            "optserve_sent_bytes", "Weight bytes pulled from a shard", both, registry=r
+        ).labels(**at)
+        self.update_seconds = Histogram(
+            "optserve_update_seconds", "Time to apply one update on a shard", both,
+            buckets=UPDATE_BUCKETS, registry=r,
+        ).labels(**at)  # fmt: skip
+        self.round_wait_seconds = Histogram(
+            "optserve_round_wait_seconds",
+            "Time from a push's arrival on a shard until its update is decided "
+            "(in sync mode, the wait for the round to fill)",
+            both, buckets=WAIT_BUCKETS, registry=r,
+        ).labels(**at)  # fmt: skip
+        self.errors = ErrorCounter(r, "shard")
+        self.trainers = Trainers()
+        self.leader_view: Callable[[], dict[str, Any]] | None = None
+        self._pushes: Any = None
+        self._staleness: Any = None
+        self.registry.register(_LeaderCollector(self))
+
+    def lead(self, view: Callable[[], dict[str, Any]]) -> None:
+        """Make this shard its model's leader: it counts pushes and staleness model-wide."""
+        self.leader_view = view
+        self._pushes = Counter(
+            "optserve_pushes", "Pushes applied (each push of a sync round counts)", ["model"],
+            registry=self.registry,
+        ).labels(self.model)  # fmt: skip
+        self._staleness = Histogram(
+            "optserve_staleness",
+            "Versions between the one a push was computed on and the one it was applied to",
+            ["model"], buckets=STALENESS_BUCKETS, registry=self.registry,
+        ).labels(self.model)  # fmt: skip
+
+    def applied(self, trainer: str, peer: str, version: int, staleness: int) -> None:
+        """The leader saw push of `trainer` become (part of) update `version`."""
+        if self._pushes is None:
+            return
+        self._pushes.inc()
+        self._staleness.observe(staleness)
+        self.trainers.saw(trainer or peer, peer, version, staleness)
+
+    def families(self) -> list[Metric]:
+        return list(self.registry.collect())
+
+
+class _LeaderCollector(Collector):
+    """Gauges read at scrape time from the leader's state: version, lr, trainers, and the
+    gradient policy's counters."""
+
+    def __init__(self, metrics: ShardMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        view = self._metrics.leader_view
+        if view is None:
+            return
+        model = self._metrics.model
+        state = view()
+        version = GaugeMetricFamily(
+            "optserve_model_version", "Updates applied to the model", labels=["model"]
+        )
+        version.add_metric([model], state["version"])
+        yield version
+        lr = GaugeMetricFamily(
+            "optserve_model_lr", "Current learning rate of each parameter group",
+            labels=["model", "group"],
+        )  # fmt: skip
+        for group, value in sorted(state["lr"].items()):
+            lr.add_metric([model, group], value)
+        yield lr
+        trainers = GaugeMetricFamily(
+            "optserve_trainers",
+            f"Distinct trainers that pushed in the last {TRAINER_WINDOW_S:.0f} seconds",
+            labels=["model"],
+        )
+        trainers.add_metric([model], self._metrics.trainers.active())
+        yield trainers
+        events = CounterMetricFamily(
+            "optserve_gradient_events",
+            "What the gradient policy did: skipped, zeroed, clipped or refused pushes",
+            labels=["model", "event"],
+        )
+        for event, count in sorted(state["gradient_counters"].items()):
+            events.add_metric([model, GRADIENT_EVENTS.get(event, event)], count)
+        yield events
+
+
+# The sequencer's counter names -> the `event` label.
+GRADIENT_EVENTS = {
+    "skipped_nonfinite": "skipped",
+    "zeroed_nonfinite": "zeroed",
+    "clipped": "clipped",
+    "refused_norm": "refused_norm",
+}
+
+
+def merge(families: Iterable[Metric]) -> list[Metric]:
+    """One family per name; samples with the same name and labels (the errors counters of
+    several shard processes) are added up."""
+    merged: dict[str, Metric] = {}
+    values: dict[str, dict[tuple, float]] = {}
+    for family in families:
+        target = merged.get(family.name)
+        if target is None:
+            target = merged[family.name] = Metric(family.name, family.documentation, family.type)
+            values[family.name] = {}
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            values[family.name][key] = values[family.name].get(key, 0.0) + sample.value
+    for name, family in merged.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return list(merged.values())
+
+
+class CoordinatorMetrics:
+    """The coordinator's registry, and the collector that gathers every shard's at scrape time.
+
+    `shards()` returns the Ray handles of every model's shards."""
+
+    def __init__(self, shards: Callable[[], list[Any]] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.errors = ErrorCounter(self.registry, "coordinator")
+        self.checkpoint_seconds = Histogram(
+            "optserve_checkpoint_seconds",
+            "Time to take and write a checkpoint of a model",
+            ["model"],
+            buckets=CHECKPOINT_BUCKETS,
+            registry=self.registry,
+        )
+        self._shards = shards or list
+        self._models: Callable[[], int] = lambda: 0
+        self._server: Any = None
+
+    def count_models(self, models: Callable[[], int]) -> None:
+        self._models = models
+
+    def collect(self) -> list[Metric]:
+        """Every family of the service, merged."""
+        import ray
+
+        models = GaugeMetricFamily("optserve_models", "Models the server holds")
+        models.add_metric([], self._models())
+        families: list[Metric] = [models, *self.registry.collect()]
+        handles = self._shards()
+        refs = [actor.metrics.remote() for actor in handles]
+        if refs:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=SHARD_SCRAPE_TIMEOUT_S)
+            for ref in ready:
+                try:
+                    families.extend(ray.get(ref))
+                except Exception as exc:  # noqa: BLE001 - a dead shard must not stop a scrape
+                    log.warning("a shard's metrics are missing from this scrape: %r", exc)
+            if len(ready) < len(refs):
+                log.warning("%d shard(s) did not answer the metrics scrape in time",
+                            len(refs) - len(ready))  # fmt: skip
+        return merge(families)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve the metrics at http://host:port/metrics (port 0: any free one); return the
+        port."""
+        outer = self
+
+        class _Everything(Collector):
+            def collect(self) -> Iterator[Metric]:
+                yield from outer.collect()
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Everything())
+        self._server, _ = start_http_server(port, addr=host.strip("[]"), registry=registry)
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

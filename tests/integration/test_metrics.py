@@ -1,0 +1,107 @@
+"""The Prometheus endpoint: scraped over real HTTP, parsed with Prometheus's text-format parser."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from optserve.client import Aborted, ParameterServerClient, Unauthenticated
+from optserve.server.metrics import SERIES
+
+
+def scrape(service) -> dict[str, list]:
+    """{sample name: [(labels, value), ...]} from one GET of /metrics."""
+    assert service.metrics_address is not None, "the session service serves metrics"
+    url = f"http://{service.metrics_address}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        assert reply.status == 200
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        text = reply.read().decode()
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def value(samples, name, **labels) -> float:
+    """The one sample of `name` whose labels include `labels`."""
+    found = [v for ls, v in samples.get(name, []) if all(ls.get(k) == x for k, x in labels.items())]
+    assert len(found) == 1, f"{name}{labels}: {found} in {samples.get(name)}"
+    return found[0]
+
+
+def total(samples, name, **labels) -> float:
+    return sum(
+        v for ls, v in samples.get(name, []) if all(ls.get(k) == x for k, x in labels.items())
+    )
+
+
+def test_metrics_count_pushes_bytes_times_staleness_errors_and_checkpoints(
+    service, client, model_name
+):
+    params = {"w": torch.zeros(300), "b": torch.zeros(20)}
+    numel = 320
+    client.create_model(model_name, params, {"name": "sgd", "lr": 0.1}, num_shards=2)
+    grads = {"w": torch.ones(300), "b": torch.ones(20)}
+    for step in range(4):
+        client.push(model_name, grads, version=step, trainer=f"t{step % 2}")
+    client.push(model_name, grads, version=2, trainer="t0")  # two updates stale
+    weights, _ = client.push_and_pull(model_name, grads, version=5, trainer="t1")
+    assert weights["w"].shape == (300,)
+    client.pull(model_name)
+    with pytest.raises(Aborted):  # a version from the future: refused by the shards
+        client.push(model_name, grads, version=999)
+    bad = ParameterServerClient(service.address, token="not-a-valid-token-0123456789")
+    with bad, pytest.raises(Unauthenticated):
+        bad.list_models()
+    client.checkpoint(model_name)
+
+    samples = scrape(service)
+    for name in SERIES:  # every documented series is served
+        assert any(s == name or s.startswith(f"{name}_") for s in samples), name
+    pushes = 6
+    assert value(samples, "optserve_pushes_total", model=model_name) == pushes
+    assert value(samples, "optserve_model_version", model=model_name) == pushes
+    assert value(samples, "optserve_model_lr", model=model_name, group="default") == 0.1
+    assert value(samples, "optserve_trainers", model=model_name) == 2
+    assert value(samples, "optserve_models") >= 1
+    # Every push carries the whole gradient once, split over the shards (fp32).
+    received = total(samples, "optserve_received_bytes_total", model=model_name)
+    assert received == (pushes + 1) * numel * 4  # the refused push's bytes arrived too
+    assert total(samples, "optserve_sent_bytes_total", model=model_name) == 2 * numel * 4
+    for shard in ("0", "1"):
+        count = value(samples, "optserve_update_seconds_count", model=model_name, shard=shard)
+        assert count == pushes
+        assert value(samples, "optserve_update_seconds_sum", model=model_name, shard=shard) > 0
+        waited = value(samples, "optserve_round_wait_seconds_count", model=model_name, shard=shard)
+        assert waited >= pushes
+    assert value(samples, "optserve_staleness_count", model=model_name) == pushes
+    assert value(samples, "optserve_staleness_bucket", model=model_name, le="0.0") == pushes - 1
+    assert value(samples, "optserve_staleness_bucket", model=model_name, le="2.0") == pushes
+    errors = dict(
+        ((ls["component"], ls["method"], ls["code"]), v)
+        for ls, v in samples["optserve_errors_total"]
+    )
+    assert errors.get(("shard", "Push", "ABORTED"), 0) >= 1
+    assert errors.get(("coordinator", "ListModels", "UNAUTHENTICATED"), 0) >= 1
+    assert value(samples, "optserve_checkpoint_seconds_count", model=model_name) == 1
+    assert value(samples, "optserve_checkpoint_seconds_sum", model=model_name) > 0
+
+    # Status shows the trainers the leader saw.
+    trainers = client.status(model_name)["trainers"]
+    assert sorted(trainers) == ["t0", "t1"]
+    assert trainers["t0"]["pushes"] == 3 and trainers["t1"]["pushes"] == 3
+    assert trainers["t0"]["staleness"] == 2
+
+
+def test_a_dropped_model_leaves_the_scrape(service, client, model_name):
+    client.create_model(model_name, {"w": torch.zeros(4)}, {"name": "adam"})
+    client.push(model_name, {"w": torch.ones(4)})
+    assert value(scrape(service), "optserve_pushes_total", model=model_name) == 1
+    client.drop_model(model_name)
+    assert not [ls for ls, _ in scrape(service).get("optserve_pushes_total", [])
+                if ls.get("model") == model_name]  # fmt: skip
