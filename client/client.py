@@ -410,11 +410,12 @@ class ParameterServerClient:
             self._versions.pop(model, None)
         return self._remember(reply)
 
-    def status(self, model: str) -> dict[str, Any]:
+    def status(self, model: str, history: int = 50) -> dict[str, Any]:
         """The run as the server sees it: version, mode, rule and hyperparameters, each group's
         lr and state counters (step, Lookahead's counter, ...), schedule state, every shard,
-        recent metrics and the audit log of control changes."""
-        request = coordinator_pb2.StatusRequest(model=model)
+        the trainers that pushed, and the `history` most recent metrics and audit entries
+        (control changes)."""
+        request = coordinator_pb2.StatusRequest(model=model, history=history)
         reply = _call(
             self._coordinator.Status, request, timeout=self.timeout_s, metadata=self._metadata
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -30,6 +31,11 @@ EXAMPLES_DEMO = """examples:
 """
 
 
+# The Prometheus endpoint's default port (the one OpenTelemetry's Prometheus exporter uses).
+DEFAULT_METRICS_PORT = 9464
+# Where the client commands find the coordinator.
+ADDRESS_ENV = "OPTSERVE_ADDRESS"
+DEFAULT_ADDRESS = "127.0.0.1:50051"
 # How long `serve` waits for Ray to restart a dead coordinator before giving up.
 COORDINATOR_RESTART_S = 120.0
 
@@ -90,6 +96,8 @@ def _serve(args: argparse.Namespace) -> int:
             keep_checkpoints=args.keep_checkpoints,
             edge=edge,
             limits=limits,
+            metrics_port=None if args.no_metrics else args.metrics_port,
+            metrics_host=args.metrics_host,
         )
         if args.restore:
             if not args.checkpoint_dir:
@@ -103,6 +111,8 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if service.metrics_address is not None:
+        print(f"optserve: Prometheus metrics on http://{service.metrics_address}/metrics")
     print(f"optserve: serving on {service.address} (Ctrl-C or SIGTERM to stop)", flush=True)
     try:
         failing_since = None
@@ -146,36 +156,139 @@ def _print_json(value: object) -> None:
     print(json.dumps(value, indent=2, default=str))
 
 
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    """Rows as aligned columns under a header line."""
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
+    lines = [headers, ["-" * w for w in widths], *rows]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def _rule(optimizer: dict) -> str:
+    extra = " + lookahead" if optimizer.get("lookahead") else ""
+    return f"{optimizer.get('name', '?')}{extra}"
+
+
+def _ago(stamp: float) -> str:
+    seconds = max(0.0, time.time() - stamp)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def _active_trainers(status: dict) -> int:
+    from optserve.server.metrics import TRAINER_WINDOW_S
+
+    cutoff = time.time() - TRAINER_WINDOW_S
+    return sum(1 for t in status.get("trainers", {}).values() if t["last_seen"] >= cutoff)
+
+
 def _status(args: argparse.Namespace) -> int:
+    from optserve.client.errors import OptserveError
+
     with _client(args) as client:
-        status = client.status(args.model)
+        if args.model is None:
+            statuses, errors = [], {}
+            for model in client.list_models():
+                try:
+                    statuses.append(client.status(model))
+                except OptserveError as exc:  # one model down must not hide the others
+                    errors[model] = f"{exc.code.name}: {exc}"
+        else:
+            statuses, errors = [client.status(args.model)], {}
     if args.json:
-        _print_json(status)
+        _print_json(statuses[0] if args.model else {"models": statuses, "errors": errors})
         return 0
-    print(f"model {status['model']}  version {status['version']}  mode {status['mode']['mode']}  "
-          f"device {status['device']}")  # fmt: skip
+    if args.model is None:
+        if not statuses and not errors:
+            print("no models (create one with ParameterServerClient.create_model or by "
+                  "starting a RemoteOptimizer)")  # fmt: skip
+            return 0
+        rows = [
+            [
+                s["model"], f"{s['version']:,}", _rule(s["optimizer"]),
+                ", ".join(f"{g['lr']:.4g}" for g in s["groups"].values()),
+                s["schedule"].get("name", "constant"), s["mode"]["mode"],
+                f"{len(s['shards'])} on {s['device']}",
+                f"{_active_trainers(s)}/{len(s.get('trainers', {}))}",
+            ]
+            for s in statuses
+        ]  # fmt: skip
+        rows += [[name, "-", "-", "-", "-", "-", "-", "-"] for name in errors]
+        headers = ["MODEL", "VERSION", "RULE", "LR", "SCHEDULE", "MODE", "SHARDS", "TRAINERS"]
+        print(_table(headers, rows))
+        for name, error in errors.items():
+            print(f"{name}: {error}", file=sys.stderr)
+        return 1 if errors else 0
+    _print_model(statuses[0])
+    return 0
+
+
+def _print_model(status: dict) -> None:
+    gradients = status["mode"].get("gradients", {})
+    print(f"model     {status['model']}")
+    print(f"version   {status['version']:,}")
     print(f"optimizer {json.dumps(status['optimizer'])}")
-    print(f"gradients {json.dumps(status['mode'].get('gradients', {}))}  "
-          f"counters {json.dumps(status.get('gradient_counters', {}))}")  # fmt: skip
     print(
         f"schedule  {json.dumps(status['schedule'])}  state {json.dumps(status['schedule_state'])}"
     )
-    for name, group in status["groups"].items():
-        state, overrides = json.dumps(group["state"]), json.dumps(group["overrides"])
-        print(f"group {name}: {group['numel']:,} params, lr {group['lr']:.6g}, "
-              f"state {state}, overrides {overrides}")  # fmt: skip
-    for shard in status["shards"]:
-        paths = ", ".join(f"{g}: {i['rule']} ({i['path']})" for g, i in shard["groups"].items())
-        print(f"shard {shard['index']} at {shard['address']} on {shard['device']}, "
-              f"version {shard['version']}: {paths}")  # fmt: skip
-    for metric in status["metrics"][-10:]:
-        changed = ", lr changed" if metric["lr_changed"] else ""
-        print(f"metric {metric['name']} = {metric['value']:.6g} (step {metric['step']}, "
-              f"version {metric['version']}{changed})")  # fmt: skip
-    for entry in status["audit"][-10:]:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["time"]))
-        print(f"audit {stamp} version {entry['version']} {entry['action']} by {entry['caller']}: "
-              f"{json.dumps(entry['old'])} -> {json.dumps(entry['new'])}")  # fmt: skip
+    print(f"mode      {json.dumps({k: v for k, v in status['mode'].items() if k != 'gradients'})}")
+    print(f"gradients {json.dumps(gradients)}  counters "
+          f"{json.dumps(status.get('gradient_counters', {}))}")  # fmt: skip
+    print()
+    print(_table(
+        ["GROUP", "PARAMS", "LR", "STATE", "OVERRIDES"],
+        [[name, f"{g['numel']:,}", f"{g['lr']:.6g}", json.dumps(g["state"]),
+          json.dumps(g["overrides"])] for name, g in status["groups"].items()],
+    ))  # fmt: skip
+    print()
+    print(_table(
+        ["SHARD", "ADDRESS", "DEVICE", "VERSION", "RULES"],
+        [[str(s["index"]), s["address"], s["device"], f"{s['version']:,}",
+          ", ".join(f"{g}: {i['rule']} ({i['path']})" for g, i in s["groups"].items())]
+         for s in status["shards"]],
+    ))  # fmt: skip
+    trainers = status.get("trainers", {})
+    if trainers:
+        print()
+        print(_table(
+            ["TRAINER", "PUSHES", "LAST VERSION", "STALENESS", "LAST PUSH", "PEER"],
+            [[name, f"{t['pushes']:,}", f"{t['version']:,}", str(t["staleness"]),
+              _ago(t["last_seen"]), t["peer"]] for name, t in trainers.items()],
+        ))  # fmt: skip
+    if status["metrics"]:
+        print()
+        print(_table(
+            ["METRIC", "VALUE", "STEP", "VERSION", "LR CHANGED"],
+            [[m["name"], f"{m['value']:.6g}", "-" if m["step"] is None else str(m["step"]),
+              f"{m['version']:,}", "yes" if m["lr_changed"] else ""]
+             for m in status["metrics"][-10:]],
+        ))  # fmt: skip
+    if status["audit"]:
+        print()
+        print(_table(
+            ["WHEN", "VERSION", "ACTION", "BY", "CHANGE"],
+            [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"])),
+              f"{e['version']:,}", e["action"], e["caller"] or "-",
+              f"{json.dumps(e['old'])} -> {json.dumps(e['new'])}"] for e in status["audit"][-10:]],
+        ))  # fmt: skip
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from optserve.client.plot import plot_run
+
+    with _client(args) as client:
+        status = client.status(args.model, history=args.history)
+    out = args.out or f"{args.model}.png"
+    summary = plot_run(status, out)
+    drawn = [*summary["training"], *summary["validation"]]
+    marked = len(summary["markers"])
+    print(f"wrote {out}: {', '.join(drawn) or 'no metrics yet'}, lr and version over "
+          f"{summary['x']}s; {marked} optimizer/schedule change(s) marked")  # fmt: skip
     return 0
 
 
@@ -330,6 +443,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=1 << 30,
         help="largest model, as fp32 masters, in bytes (default 1 GiB)",
     )
+    metrics = serve.add_argument_group("metrics")
+    metrics.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"Prometheus metrics at http://HOST:PORT/metrics (default {DEFAULT_METRICS_PORT}; "
+        "0 = any free port, printed at start)",
+    )
+    metrics.add_argument(
+        "--metrics-host", default=None, help="interface the metrics bind (default: --host)"
+    )
+    metrics.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
     serve.add_argument(
         "--grace-s",
         type=float,
@@ -363,16 +488,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--swap-at", type=float, default=0.5, help="fraction of the run at which to swap"
     )
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--out-dir",
+        default="optserve-demo",
+        help="where the checkpoint and the plot go (default ./optserve-demo)",
+    )
     demo.add_argument("--report", default=None, help="write a JSON summary to this file")
     demo.set_defaults(func=_demo)
 
-    def control(name: str, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    def control(
+        name: str, help: str, description: str, epilog: str, model_required: bool = True
+    ) -> argparse.ArgumentParser:
         command = sub.add_parser(
             name, help=help, description=description, epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )  # fmt: skip
-        command.add_argument("--address", default="127.0.0.1:50051", help="coordinator host:port")
-        command.add_argument("--model", required=True, help="model name")
+        command.add_argument(
+            "--address",
+            default=os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS),
+            help=f"coordinator host:port (default ${ADDRESS_ENV}, else {DEFAULT_ADDRESS})",
+        )
+        command.add_argument(
+            "--model",
+            required=model_required,
+            help="model name" if model_required else "model name (default: every model)",
+        )
         command.add_argument("--timeout-s", type=float, default=120.0, help="RPC deadline")
         command.add_argument(
             "--token-file",
@@ -391,12 +531,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = control(
         "status",
-        "show a model's version, optimizer, lr, schedule, shards, metrics and audit log",
-        "Show what the server knows about a model's run.",
-        "examples:\n  optserve status --model my-net\n  optserve status --model my-net --json\n",
+        "show every model as a table, or one model's run in detail",
+        "Without --model: one line per model (version, rule, lr, schedule, mode, shards, "
+        "trainers active in the last 5 minutes / seen). With --model: that model's optimizer, "
+        "schedule, gradient policy, groups, shards, trainers, recent metrics and audit log.",
+        "examples:\n  optserve status\n  optserve status --model my-net\n"
+        "  optserve status --model my-net --json | jq .trainers\n"
+        "  OPTSERVE_ADDRESS=head:50051 optserve status --token-file ~/.optserve-token\n",
+        model_required=False,
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     status.set_defaults(func=_status)
+
+    plot = control(
+        "plot",
+        "write a PNG of a model's loss, validation metric, lr and version over steps",
+        "Draw the metrics trainers reported (report_metric), the learning rate of each group "
+        "and the model version over the trainers' steps, with a dashed red line where the "
+        "optimizer or the schedule changed or the model was restored. Needs matplotlib "
+        "(pip install 'optserve[plot]').",
+        "examples:\n  optserve plot --model my-net                  # writes my-net.png\n"
+        "  optserve plot --model my-net --out run.png --history 1000\n",
+    )
+    plot.add_argument("--out", default=None, help="PNG file to write (default MODEL.png)")
+    plot.add_argument(
+        "--history", type=int, default=10_000,
+        help="newest metrics and audit entries to draw (default 10000: all the server keeps)",
+    )  # fmt: skip
+    plot.set_defaults(func=_plot)
 
     set_optimizer = control(
         "set-optimizer",

@@ -55,6 +55,7 @@ from optserve.client.layout import (
 )
 from optserve.server.auth import EdgeConfig
 from optserve.server.checkpoint import Checkpoint, Store, gather, split
+from optserve.server.metrics import CoordinatorMetrics
 from optserve.server.shard_actor import SHARD_THREADS, ShardActor
 
 log = logging.getLogger(__name__)
@@ -310,12 +311,20 @@ class Coordinator:
         self._created = threading.Condition(self._lock)
         self._models: dict[str, ModelRecord] = {}
         self._reserved: set[str] = set()
+        # Prometheus: the coordinator's own series; a scrape gathers every shard's too.
+        self.metrics = CoordinatorMetrics(self._all_shards)
+        self.metrics.count_models(lambda: len(self._models))
         if self.store is not None:
             threading.Thread(
                 target=self._periodic, name="optserve-checkpoints", daemon=True
             ).start()
         if watch:
             threading.Thread(target=self._watch, name="optserve-watch", daemon=True).start()
+
+    def _all_shards(self) -> list[Any]:
+        with self._lock:
+            records = list(self._models.values())
+        return [actor for record in records if record.lost is None for actor in record.actors]
 
     def reserve(self, name: str) -> None:
         """Claim a model name for a creation in progress (ALREADY_EXISTS if taken)."""
@@ -553,21 +562,26 @@ class Coordinator:
             raise InvalidArgument(f"metric {metric!r} must be finite, got {value}")
         record = self.get(name)
 
-        def apply(version: int) -> list[bool]:
+        def apply(version: int) -> tuple[list[bool], dict[str, float]]:
             calls = [a.report_metric.remote(metric, value, version) for a in record.actors]
-            return ray.get(calls, timeout=120)
+            changed = ray.get(calls, timeout=120)
+            return changed, ray.get(record.actors[0].lrs.remote(), timeout=60)
 
         with record.control_lock:  # a metric moves the lr: it lands between two versions too
-            version, changed = self._at_boundary(record, apply)
+            version, (changed, lrs) = self._at_boundary(record, apply)
+        # The lr of each group from this version on (what `optserve plot` draws).
         record.metrics.append({
             "name": metric, "value": value, "step": step, "version": version,
-            "time": time.time(), "lr_changed": any(changed),
+            "time": time.time(), "lr_changed": any(changed), "lr": lrs,
         })  # fmt: skip
         del record.metrics[: -self.limits.max_metric_history]
         return version, any(changed)
 
     def status(self, name: str, recent: int = 50) -> dict[str, Any]:
-        """Everything about a model's run: version, rule, lr, schedule, shards, metrics, audit."""
+        """Everything about a model's run: version, rule, lr, schedule, shards, trainers, and
+        the `recent` newest metrics and audit entries."""
+        recent = max(1, min(recent, max(self.limits.max_metric_history,
+                                        self.limits.max_audit_entries)))  # fmt: skip
         record = self.get(name)
         shards = self.shard_info(record)
         first = shards[0]
@@ -581,6 +595,8 @@ class Coordinator:
             # Pushes the gradient policy skipped, zeroed, clipped or refused (since the shards
             # started: a restore starts them again).
             "gradient_counters": first.get("gradient_counters", {}),
+            # Who pushed, as the model's leader saw it: pushes, last version, staleness, peer.
+            "trainers": first.get("trainers", {}),
             "device": record.device,
             "groups": {
                 group: {
@@ -630,6 +646,7 @@ class Coordinator:
         Training pauses only while the shards copy their state out; writing happens after."""
         store = self._store()
         record = self.get(name)
+        started = time.perf_counter()
 
         def copy_out(version: int) -> list[dict[str, Any]]:
             return ray.get([a.state_dict.remote(version) for a in record.actors], timeout=600)
@@ -645,6 +662,7 @@ class Coordinator:
             record.audit.append(entry)
             record.last_checkpoint = (version, time.monotonic())
         store.prune(name, self.keep_checkpoints)
+        self.metrics.checkpoint_seconds.labels(name).observe(time.perf_counter() - started)
         log.info("checkpoint %s/%s at version %d", name, checkpoint_name, version)
         return {"name": checkpoint_name, "version": version, "uri": f"{store.root}/{name}"}
 

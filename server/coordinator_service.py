@@ -73,6 +73,10 @@ def model_info(
     )
 
 
+# A status reply stays well under gRPC's 4 MiB message limit.
+MAX_STATUS_CHARS = 3 << 20
+
+
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self._coordinator = coordinator
@@ -185,8 +189,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def Status(
         self, request: coordinator_pb2.StatusRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.StatusResponse:
-        status = self._coordinator.status(request.model)
-        return coordinator_pb2.StatusResponse(status_json=json.dumps(status, default=str))
+        history = request.history or 50
+        while True:  # the most history that fits in one message
+            status = self._coordinator.status(request.model, recent=history)
+            text = json.dumps(status, default=str)
+            if len(text) <= MAX_STATUS_CHARS or history <= 50:
+                return coordinator_pb2.StatusResponse(status_json=text)
+            history //= 2
 
     @unary_errors
     def Checkpoint(

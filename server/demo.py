@@ -21,11 +21,13 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from tqdm import tqdm
+
 from optserve.client.auth import TOKEN_ENV
 from optserve.client.client import ParameterServerClient
 from optserve.client.config import parse_optimizer_config
 from optserve.client.demo_trainer import accuracy, build_model, load_digits_split
-from optserve.client.errors import NotFound
+from optserve.client.errors import NotFound, OptserveError
 
 MODEL = "digits-mlp"
 
@@ -35,8 +37,35 @@ TRAINER_TIMEOUT_S = 900
 
 
 def _relay(prefix: str, stream: IO[str]) -> None:
-    for line in stream:
-        print(f"{prefix} {line}", end="", flush=True)
+    for line in stream:  # above the progress bar, when there is one
+        tqdm.write(f"{prefix} {line.rstrip()}")
+        sys.stdout.flush()
+
+
+class _Progress(threading.Thread):
+    """A progress bar of the model's version against the updates the run will make (shown on
+    a terminal only)."""
+
+    def __init__(self, address: str, total: int) -> None:
+        super().__init__(name="optserve-demo-progress", daemon=True)
+        self.address, self.total = address, total
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        bar = tqdm(total=self.total, desc="training", unit="update", disable=None,
+                   dynamic_ncols=True, leave=False)  # fmt: skip
+        try:
+            with ParameterServerClient(self.address) as client:
+                while not self.stop.wait(0.25):
+                    try:
+                        version = client.describe_model(MODEL).version
+                    except OptserveError:  # not created yet, or going away
+                        continue
+                    bar.update(max(0, min(version, self.total) - bar.n))
+        except Exception:  # noqa: BLE001 - a progress bar must never fail the demo
+            pass
+        finally:
+            bar.close()
 
 
 def _trainer_command(
@@ -130,6 +159,40 @@ class _Swapper(threading.Thread):
                   f"{source} -> {self.label} (migrate: {said})", flush=True)  # fmt: skip
 
 
+def _plot(client: ParameterServerClient, path: Path) -> str:
+    """Write the run's plot; say what it shows (or why there is none)."""
+    try:
+        from optserve.client.plot import plot_run
+    except ImportError as exc:  # pragma: no cover - matplotlib comes with the demo extra
+        return f"not written: {exc}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    summary = plot_run(client.status(MODEL, history=10_000), str(path))
+    series = ", ".join([*summary["training"], *summary["validation"], "lr", "version"])
+    return f"{series} over {summary['x']}s, {len(summary['markers'])} optimizer change(s) marked"
+
+
+def _next_steps(checkpoints: Path) -> None:
+    """What to try next: bring the model back on a server of your own and drive it."""
+    here = Path.cwd()
+    where = checkpoints.relative_to(here) if checkpoints.is_relative_to(here) else checkpoints
+    print(
+        f"""
+what next: serve the model again from its checkpoint, then look at it and steer it
+(with the virtualenv's bin on your PATH: source .venv/bin/activate)
+  export OPTSERVE_TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')
+  printf '{{"tokens": [{{"name": "me", "role": "admin", "token": "%s"}}]}}' \\
+      "$OPTSERVE_TOKEN" > tokens.json
+  optserve serve --tokens-file tokens.json --checkpoint-dir {where} --restore &
+  optserve status                                  # every model, as a table
+  optserve status --model {MODEL}              # optimizer, shards, trainers, metrics, audit
+  optserve set-optimizer --model {MODEL} '{{"name": "ranger", "lr": 0.001}}'
+  optserve plot --model {MODEL} --out run.png
+  optserve checkpoint --model {MODEL} && optserve restore --model {MODEL} --shards 2
+(optserve <command> --help shows each command's options and examples)""",
+        flush=True,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from optserve.server.auth import EdgeConfig, TokenTable
     from optserve.server.runtime import init_ray, start_service
@@ -152,10 +215,14 @@ def run(args: argparse.Namespace) -> int:
         # A token made up for this run: the trainer processes and this process send it.
         token = secrets.token_urlsafe(32)
         os.environ[TOKEN_ENV] = token
+        out_dir = Path(args.out_dir).resolve()
+        checkpoints = out_dir / "checkpoints"
         service = start_service(
             port=args.port,
             default_num_shards=args.shards,
             edge=EdgeConfig(tokens=TokenTable.single(token, name="demo")),
+            checkpoint_dir=str(checkpoints),
+            metrics_port=0,
         )
         print(
             f"server ready at {service.address} ({time.perf_counter() - started:.1f}s)", flush=True
@@ -172,9 +239,13 @@ def run(args: argparse.Namespace) -> int:
                   flush=True)  # fmt: skip
             swapper = _Swapper(service.address, target, at, args.swap_to)
             swapper.start()
+        progress = _Progress(service.address, _updates_expected(args, epochs))
+        progress.start()
         try:
             failed = _run_trainers(commands)
         finally:
+            progress.stop.set()
+            progress.join(timeout=10)
             if swapper is not None:
                 swapper.stop.set()
                 swapper.join(timeout=60)
@@ -187,6 +258,9 @@ def run(args: argparse.Namespace) -> int:
 
         with ParameterServerClient(service.address) as client:
             weights, version = client.pull(MODEL)
+            saved = client.checkpoint(MODEL)
+            plot_path = out_dir / f"{MODEL}.png"
+            drawn = _plot(client, plot_path)
         net = build_model(args.seed)
         net.load_state_dict(weights)
         _, _, x_test, y_test = load_digits_split(args.seed)
@@ -197,6 +271,10 @@ def run(args: argparse.Namespace) -> int:
             f"(model version {version}, {elapsed:.1f}s in all)",
             flush=True,
         )
+        print(f"checkpoint: {checkpoints / MODEL / saved['name']} (version {saved['version']}: "
+              "weights, optimizer state, schedule, metrics)")  # fmt: skip
+        print(f"plot:       {plot_path} ({drawn})")
+        _next_steps(checkpoints)
         if args.report:
             report = {
                 "test_accuracy": test_accuracy,
@@ -205,6 +283,8 @@ def run(args: argparse.Namespace) -> int:
                 "trainers": args.trainers,
                 "seconds": elapsed,
                 "optimizer": json.loads(optimizer.model_dump_json()),
+                "checkpoint": {"dir": str(checkpoints), **saved},
+                "plot": str(plot_path),
                 "swap": None
                 if swapper is None or swapper.report is None
                 else {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -13,13 +14,22 @@ import time
 
 import grpc
 import pytest
+from PIL import Image
 
 from tests.helpers import auth
 
 OPTSERVE = [sys.executable, "-m", "optserve.server.cli"]
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["demo"]])
+def _commands() -> list[list[str]]:
+    from optserve.server.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [[], *([name] for name in sub.choices)]
+
+
+@pytest.mark.parametrize("command", _commands(), ids=lambda c: " ".join(c) or "optserve")
 def test_every_command_has_help(command):
     result = subprocess.run(
         [*OPTSERVE, *command, "--help"], capture_output=True, text=True, timeout=120
@@ -110,7 +120,7 @@ def test_serve_answers_health_checks_and_stops_cleanly(sig):
 def test_demo_short_reaches_the_accuracy_bar(tmp_path):
     report = tmp_path / "report.json"
     result = subprocess.run(
-        [*OPTSERVE, "demo", "--short", "--report", str(report)],
+        [*OPTSERVE, "demo", "--short", "--report", str(report), "--out-dir", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         timeout=600,
@@ -128,3 +138,21 @@ def test_demo_short_reaches_the_accuracy_bar(tmp_path):
     assert swap["to"]["name"] == "sgd" and swap["keys"]["momentum_buffer"]["action"] == "converted"
     assert summary["version"] // 2 <= swap["version"] < summary["version"]
     assert "optimizer swapped adam -> " in result.stdout
+    # It leaves a checkpoint and a plot behind, and says where and what to do next.
+    checkpoint = tmp_path / "o" / "checkpoints" / "digits-mlp" / summary["checkpoint"]["name"]
+    assert (checkpoint / "manifest.json").is_file()
+    assert summary["checkpoint"]["version"] == summary["version"]
+    plot = tmp_path / "o" / "digits-mlp.png"
+    assert summary["plot"] == str(plot)
+    drawn = json.loads(Image.open(plot).text["optserve"])
+    assert set(drawn["training"]) == {"loss"}
+    assert set(drawn["validation"]) == {"val_loss", "val_accuracy"}
+    assert [m["label"] for m in drawn["markers"]] == ["adam -> sgd"]
+    for shown in (
+        str(checkpoint),
+        str(plot),
+        "optserve status",
+        "optserve set-optimizer",
+        "--restore",
+    ):
+        assert shown in result.stdout, shown

@@ -196,10 +196,12 @@ class SetHyperparametersRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., changes_json: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "history")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    history: int
+    def __init__(self, model: _Optional[str] = ..., history: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("status_json",)
