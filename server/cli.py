@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 EXAMPLES_SERVE = """examples:
   optserve serve --tokens-file tokens.json    # embedded local Ray, gRPC on 127.0.0.1:50051
@@ -102,7 +104,8 @@ def _serve(args: argparse.Namespace) -> int:
         if args.restore:
             if not args.checkpoint_dir:
                 raise SystemExit("optserve serve: --restore needs --checkpoint-dir")
-            restored = ray.get(service.actor.restore_all.remote(), timeout=3600)
+            with _progress("restoring every model from its newest checkpoint"):
+                restored = ray.get(service.actor.restore_all.remote(), timeout=3600)
             print(f"optserve: restored {len(restored)} model(s): {', '.join(restored)}")
     except RuntimeError as exc:
         print(f"optserve: {exc}", file=sys.stderr)
@@ -150,6 +153,30 @@ def _client(args: argparse.Namespace):
         tls_ca=args.tls_ca,
         tls_server_name=args.tls_server_name,
     )
+
+
+@contextlib.contextmanager
+def _progress(description: str) -> Iterator[None]:
+    """A progress line with the elapsed time while a long call runs (on a terminal only: tqdm
+    turns itself off when stderr is not one)."""
+    from tqdm import tqdm
+
+    done = threading.Event()
+    bar = tqdm(desc=description, total=None, bar_format="{desc}: {elapsed}", disable=None,
+               leave=False)  # fmt: skip
+
+    def tick() -> None:
+        while not done.wait(0.5):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+        bar.close()
 
 
 def _print_json(value: object) -> None:
@@ -331,14 +358,15 @@ def _checkpoint(args: argparse.Namespace) -> int:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["time"]))
                 print(f"{entry['name']}  version {entry['version']}  {stamp}")
             return 0
-        done = client.checkpoint(args.model)
+        with _progress(f"checkpointing {args.model}"):
+            done = client.checkpoint(args.model)
     print(f"checkpoint {done['name']} of {args.model} at version {done['version']} "
           f"in {done['uri']}")  # fmt: skip
     return 0
 
 
 def _restore(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _client(args) as client, _progress(f"restoring {args.model}"):
         info = client.restore(args.model, args.checkpoint, num_shards=args.shards)
     print(f"restored {args.model} at version {info.version} on {len(info.shards)} shard(s)")
     return 0
