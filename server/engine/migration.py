@@ -78,7 +78,10 @@ def _estimates(config: Any, state: State) -> _Estimates:
         beta1, beta2 = config.betas
         est.g_hat = state["exp_avg"] / (1 - beta1**t)
         est.s_hat = state["exp_avg_sq"] / (1 - beta2**t)
-    elif name == "sgd" and "momentum_buffer" in state and config.momentum > 0:
+    elif (
+        name == "sgd" and "momentum_buffer" in state and 0 < config.momentum < 1 > config.dampening
+    ):
+        # (mu >= 1 or tau >= 1 accumulate without a stationary point: no estimate)
         est.g_hat = (1 - config.momentum) * state["momentum_buffer"] / (1 - config.dampening)
     elif name in ("rmsprop", "adadelta") and t > 0:
         beta = config.alpha if name == "rmsprop" else config.rho
@@ -144,7 +147,12 @@ def _carry_same_rule(src: Any, old: State, dst: Any, new: State, report: Migrati
             report.set(key, "kept", "same rule")
     if dst.name == "sgd" and "momentum_buffer" in old and dst.momentum > 0:
         buf = old["momentum_buffer"].clone()
-        if src.momentum != dst.momentum:
+        if src.momentum >= 1 or dst.momentum >= 1:  # no (1 - mu) scale to convert between
+            if src.momentum != dst.momentum:
+                report.set(
+                    "momentum_buffer", "kept", "momentum >= 1 has no stationary scale: B as is"
+                )
+        elif src.momentum != dst.momentum:
             buf.mul_((1 - dst.momentum) / (1 - src.momentum))
             report.set("momentum_buffer", "converted", "B (1 - mu_new) / (1 - mu_old)")
         else:
@@ -207,6 +215,11 @@ def _into_sgd(
     if dst.momentum == 0:
         return
     mu, tau = dst.momentum, dst.dampening
+    if mu >= 1:
+        report.set(
+            "momentum_buffer", "fresh", "momentum >= 1 has no stationary buffer to convert to"
+        )
+        return
     if src.name in ADAM_FAMILY and est.g_hat is not None:
         beta1 = src.betas[0]
         if mu == beta1 and tau == 0:

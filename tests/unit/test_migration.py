@@ -207,3 +207,27 @@ def test_no_migration_in_the_matrix_overshoots_c9(source, target, warm_sources, 
     assert {a for a, _ in report.entries.values()} <= {"kept", "converted", "fresh", "dropped"}
     first = step_size(eng, FIRST_GRAD)
     assert first <= 2 * reference_steps[target], (first, reference_steps[target], report.as_dict())
+
+
+@pytest.mark.parametrize(
+    "source, target",
+    [
+        ({"name": "sgd", "momentum": 1.0}, {"name": "sgd", "momentum": 0.9}),
+        ({"name": "sgd", "momentum": 0.9}, {"name": "sgd", "momentum": 1.0}),
+        ({"name": "sgd", "momentum": 0.5, "dampening": 1.0}, {"name": "adam"}),
+        ({"name": "adam"}, {"name": "sgd", "momentum": 1.5}),
+        ({"name": "rmsprop", "centered": True}, {"name": "sgd", "momentum": 1.0}),
+    ],
+)
+def test_momentum_or_dampening_of_one_or_more_migrates_without_dividing_by_zero(source, target):
+    """torch accepts momentum >= 1 and dampening >= 1 (no stationary point): the conversions
+    that scale by 1 / (1 - mu) or 1 / (1 - tau) must not run, and what is left stays finite."""
+    eng = engine({**source, "lr": 1e-3})
+    run(eng, grads(5))
+    report = eng.set_optimizer(parse_optimizer_config({**target, "lr": 1e-3}), "migrate")
+    assert "momentum_buffer" in report.entries or target["name"] == "adam"
+    for key, value in eng.state.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.isfinite(value).all(), key
+    eng.step(grads(1, seed=1)[0], 1e-3)
+    assert torch.isfinite(eng.weights).all()
