@@ -90,6 +90,12 @@ def run_series(status: Mapping[str, Any]) -> RunSeries:
             series.lr.setdefault(group, []).append((x, float(lr)))
         series.version.append((x, float(entry["version"])))
         anchors[float(entry["version"])] = x
+    # Trainers report on their own schedules (and a restore moves the version back): each line
+    # is drawn in x order.
+    for panel in (series.training, series.validation, series.lr):
+        for name in panel:
+            panel[name].sort(key=lambda p: p[0])
+    series.version.sort(key=lambda p: p[0])
     points = sorted(anchors.items())
     for entry in status.get("audit", []):
         if entry.get("action") in MARKED_ACTIONS:

@@ -198,8 +198,8 @@ def _rule(optimizer: dict) -> str:
     return f"{optimizer.get('name', '?')}{extra}"
 
 
-def _ago(stamp: float) -> str:
-    seconds = max(0.0, time.time() - stamp)
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
     if seconds < 120:
         return f"{seconds:.0f}s ago"
     if seconds < 7200:
@@ -210,8 +210,7 @@ def _ago(stamp: float) -> str:
 def _active_trainers(status: dict) -> int:
     from optserve.server.metrics import TRAINER_WINDOW_S
 
-    cutoff = time.time() - TRAINER_WINDOW_S
-    return sum(1 for t in status.get("trainers", {}).values() if t["last_seen"] >= cutoff)
+    return sum(1 for t in status.get("trainers", {}).values() if t["idle_s"] <= TRAINER_WINDOW_S)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -229,7 +228,7 @@ def _status(args: argparse.Namespace) -> int:
             statuses, errors = [client.status(args.model)], {}
     if args.json:
         _print_json(statuses[0] if args.model else {"models": statuses, "errors": errors})
-        return 0
+        return 2 if errors else 0
     if args.model is None:
         if not statuses and not errors:
             print("no models (create one with ParameterServerClient.create_model or by "
@@ -249,8 +248,8 @@ def _status(args: argparse.Namespace) -> int:
         headers = ["MODEL", "VERSION", "RULE", "LR", "SCHEDULE", "MODE", "SHARDS", "TRAINERS"]
         print(_table(headers, rows))
         for name, error in errors.items():
-            print(f"{name}: {error}", file=sys.stderr)
-        return 1 if errors else 0
+            print(f"optserve: {name}: {error}", file=sys.stderr)
+        return 2 if errors else 0
     _print_model(statuses[0])
     return 0
 
@@ -283,9 +282,11 @@ def _print_model(status: dict) -> None:
     if trainers:
         print()
         print(_table(
-            ["TRAINER", "PUSHES", "LAST VERSION", "STALENESS", "LAST PUSH", "PEER"],
-            [[name, f"{t['pushes']:,}", f"{t['version']:,}", str(t["staleness"]),
-              _ago(t["last_seen"]), t["peer"]] for name, t in trainers.items()],
+            ["TRAINER", "PUSHES", "APPLIED", "REFUSED", "ON VERSION", "STALENESS", "LAST PUSH",
+             "PEER"],
+            [[name, f"{t['pushes']:,}", f"{t['applied']:,}", f"{t['refused']:,}",
+              f"{t['version']:,}", str(t["staleness"]), _ago(t["idle_s"]), t["peer"]]
+             for name, t in trainers.items()],
         ))  # fmt: skip
     if status["metrics"]:
         print()
@@ -316,6 +317,10 @@ def _plot(args: argparse.Namespace) -> int:
     marked = len(summary["markers"])
     print(f"wrote {out}: {', '.join(drawn) or 'no metrics yet'}, lr and version over "
           f"{summary['x']}s; {marked} optimizer/schedule change(s) marked")  # fmt: skip
+    history = status.get("history", {})
+    if history.get("metrics_shown", 0) < history.get("metrics_kept", 0):
+        print(f"(the newest {history['metrics_shown']:,} of {history['metrics_kept']:,} "
+              "metrics the server keeps)")  # fmt: skip
     return 0
 
 
@@ -383,6 +388,13 @@ def _demo(args: argparse.Namespace) -> int:
     from optserve.server.demo import run
 
     return run(args)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 1000000, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -583,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("--out", default=None, help="PNG file to write (default MODEL.png)")
     plot.add_argument(
-        "--history", type=int, default=10_000,
+        "--history", type=_positive, default=10_000,
         help="newest metrics and audit entries to draw (default 10000: all the server keeps)",
     )  # fmt: skip
     plot.set_defaults(func=_plot)
@@ -658,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, OptserveError):
             print(f"optserve: {exc.code.name}: {exc}", file=sys.stderr)
             return 2
+        if isinstance(exc, OSError | RuntimeError):  # a file, a missing extra, ...
+            print(f"optserve: {exc}", file=sys.stderr)
+            return 1
         raise
 
 

@@ -83,7 +83,8 @@ class Limits:
     max_audit_entries: int = 10_000
 
 
-_ShardActor = ray.remote(ShardActor)
+# Status and metrics scrapes ("observe") answer while a control call holds the shard's thread.
+_ShardActor = ray.remote(concurrency_groups={"observe": 2})(ShardActor)
 
 
 @dataclass(frozen=True)
@@ -562,13 +563,13 @@ class Coordinator:
             raise InvalidArgument(f"metric {metric!r} must be finite, got {value}")
         record = self.get(name)
 
-        def apply(version: int) -> tuple[list[bool], dict[str, float]]:
+        def apply(version: int) -> list[dict[str, Any]]:
             calls = [a.report_metric.remote(metric, value, version) for a in record.actors]
-            changed = ray.get(calls, timeout=120)
-            return changed, ray.get(record.actors[0].lrs.remote(), timeout=60)
+            return ray.get(calls, timeout=120)
 
         with record.control_lock:  # a metric moves the lr: it lands between two versions too
-            version, (changed, lrs) = self._at_boundary(record, apply)
+            version, answers = self._at_boundary(record, apply)
+        changed, lrs = [a["changed"] for a in answers], answers[0]["lr"]
         # The lr of each group from this version on (what `optserve plot` draws).
         record.metrics.append({
             "name": metric, "value": value, "step": step, "version": version,
@@ -629,6 +630,13 @@ class Coordinator:
             ],  # fmt: skip
             "metrics": record.metrics[-recent:],
             "audit": record.audit[-recent:],
+            # How much history the server keeps, and how much of it this answer shows.
+            "history": {
+                "metrics_kept": len(record.metrics),
+                "metrics_shown": min(recent, len(record.metrics)),
+                "audit_kept": len(record.audit),
+                "audit_shown": min(recent, len(record.audit)),
+            },
         }
 
     # ---- checkpoints ---------------------------------------------------------------------

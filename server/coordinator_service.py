@@ -10,7 +10,7 @@ import grpc
 
 from optserve.client.codec import TensorAssembler, expect_all, torch_dtype, wire_dtype
 from optserve.client.config import optimizer_config_json, parse_mode_config, parse_optimizer_config
-from optserve.client.errors import InvalidArgument
+from optserve.client.errors import InvalidArgument, ResourceExhausted
 from optserve.server.auth import current_principal
 from optserve.server.coordinator import Coordinator, GroupSpec, ModelRecord, validate_params
 from optserve.server.grpc_util import unary_errors
@@ -189,13 +189,19 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def Status(
         self, request: coordinator_pb2.StatusRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.StatusResponse:
-        history = request.history or 50
-        while True:  # the most history that fits in one message
-            status = self._coordinator.status(request.model, recent=history)
+        status = self._coordinator.status(request.model, recent=request.history or 50)
+        text = json.dumps(status, default=str)
+        while len(text) > MAX_STATUS_CHARS and (status["metrics"] or status["audit"]):
+            # The most recent history that fits in one message (status["history"] says).
+            for key in ("metrics", "audit"):
+                status[key] = status[key][len(status[key]) // 2 :]
+                status["history"][f"{key}_shown"] = len(status[key])
             text = json.dumps(status, default=str)
-            if len(text) <= MAX_STATUS_CHARS or history <= 50:
-                return coordinator_pb2.StatusResponse(status_json=text)
-            history //= 2
+        if len(text) > MAX_STATUS_CHARS:
+            raise ResourceExhausted(
+                f"the status of model {request.model!r} does not fit in one message"
+            )
+        return coordinator_pb2.StatusResponse(status_json=text)
 
     @unary_errors
     def Checkpoint(

@@ -161,12 +161,13 @@ class _Swapper(threading.Thread):
 
 def _plot(client: ParameterServerClient, path: Path) -> str:
     """Write the run's plot; say what it shows (or why there is none)."""
-    try:
-        from optserve.client.plot import plot_run
-    except ImportError as exc:  # pragma: no cover - matplotlib comes with the demo extra
-        return f"not written: {exc}"
+    from optserve.client.plot import plot_run
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    summary = plot_run(client.status(MODEL, history=10_000), str(path))
+    try:
+        summary = plot_run(client.status(MODEL, history=10_000), str(path))
+    except Exception as exc:  # noqa: BLE001 - e.g. no matplotlib: the run itself succeeded
+        return f"not written: {exc}"
     series = ", ".join([*summary["training"], *summary["validation"], "lr", "version"])
     return f"{series} over {summary['x']}s, {len(summary['markers'])} optimizer change(s) marked"
 
@@ -182,7 +183,8 @@ what next: serve the model again from its checkpoint, then look at it and steer 
   export OPTSERVE_TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')
   printf '{{"tokens": [{{"name": "me", "role": "admin", "token": "%s"}}]}}' \\
       "$OPTSERVE_TOKEN" > tokens.json
-  optserve serve --tokens-file tokens.json --checkpoint-dir {where} --restore &
+  optserve serve --tokens-file tokens.json --checkpoint-dir {where} --restore
+then, in another terminal (export the same OPTSERVE_TOKEN there), once it says "serving on":
   optserve status                                  # every model, as a table
   optserve status --model {MODEL}              # optimizer, shards, trainers, metrics, audit
   optserve set-optimizer --model {MODEL} '{{"name": "ranger", "lr": 0.001}}'

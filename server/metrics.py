@@ -9,6 +9,8 @@ Ray when scraped and merges them, so one scrape target covers the whole service.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import threading
 import time
@@ -55,7 +57,7 @@ SERIES = (
 TRAINER_WINDOW_S = 300.0
 MAX_TRAINERS = 10_000
 # How long a scrape waits for a shard's families; a shard that does not answer is left out.
-SHARD_SCRAPE_TIMEOUT_S = 10.0
+SHARD_SCRAPE_TIMEOUT_S = 5.0
 
 UPDATE_BUCKETS = (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 WAIT_BUCKETS = (1e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -72,41 +74,60 @@ class Trainers:
         self._lock = threading.Lock()
         self._seen: dict[str, dict[str, Any]] = {}
 
-    def saw(self, trainer: str, peer: str, version: int, staleness: int) -> None:
+    def saw(self, trainer: str, peer: str, based_on: int) -> None:
+        """A push of `trainer`, computed on version `based_on`, arrived."""
         with self._lock:
-            entry = self._seen.pop(trainer, None) or {"pushes": 0, "first_seen": self._clock()}
+            entry = self._seen.pop(trainer, None) or {
+                "pushes": 0, "applied": 0, "refused": 0, "staleness": 0,
+                "first_seen": self._clock(),
+            }  # fmt: skip
             entry.update(
-                pushes=entry["pushes"] + 1, last_seen=self._clock(), peer=peer,
-                version=version, staleness=staleness,
-            )  # fmt: skip
+                pushes=entry["pushes"] + 1, last_seen=self._clock(), peer=peer, version=based_on
+            )
             self._seen[trainer] = entry  # most recent last
             while len(self._seen) > MAX_TRAINERS:
                 del self._seen[next(iter(self._seen))]
+
+    def decided(self, trainer: str, staleness: int, applied: bool) -> None:
+        with self._lock:
+            entry = self._seen.get(trainer)
+            if entry is not None:
+                entry["applied" if applied else "refused"] += 1
+                entry["staleness"] = staleness
 
     def active(self, window_s: float = TRAINER_WINDOW_S) -> int:
         cutoff = self._clock() - window_s
         with self._lock:
             return sum(1 for e in self._seen.values() if e["last_seen"] >= cutoff)
 
-    def snapshot(self) -> dict[str, dict[str, Any]]:
+    def snapshot(self, newest: int = MAX_TRAINERS) -> dict[str, dict[str, Any]]:
+        """The `newest` most recently seen trainers, each with `idle_s` (seconds since its
+        last push, by this process's clock)."""
+        now = self._clock()
         with self._lock:
-            return {name: dict(entry) for name, entry in self._seen.items()}
+            recent = list(self._seen.items())[-newest:] if newest > 0 else []
+            return {name: {**e, "idle_s": now - e["last_seen"]} for name, e in recent}
 
 
 class ErrorCounter:
-    """`optserve_errors_total{component,method,code}` of one process (EdgeGuard's `on_error`)."""
+    """`optserve_errors_total{component,model,shard,method,code}` of one endpoint (EdgeGuard's
+    `on_error`). A shard's carry its model and index; the coordinator's leave them empty. Every
+    series lives in one process, so a scrape never adds up counters of processes that come and
+    go (which would look like counter resets)."""
 
-    def __init__(self, registry: CollectorRegistry, component: str) -> None:
-        self._component = component
+    def __init__(
+        self, registry: CollectorRegistry, component: str, model: str = "", shard: str = ""
+    ) -> None:
+        self._where = (component, model, shard)
         self._counter = Counter(
             "optserve_errors",
             "RPCs answered with an error, by gRPC status code",
-            ["component", "method", "code"],
+            ["component", "model", "shard", "method", "code"],
             registry=registry,
         )
 
     def __call__(self, method: str, code: grpc.StatusCode) -> None:
-        self._counter.labels(self._component, method.rsplit("/", 1)[-1], code.name).inc()
+        self._counter.labels(*self._where, method.rsplit("/", 1)[-1], code.name).inc()
 
 
 class ShardMetrics:
@@ -135,7 +156,8 @@ class ShardMetrics:
             "(in sync mode, the wait for the round to fill)",
             both, buckets=WAIT_BUCKETS, registry=r,
         ).labels(**at)  # fmt: skip
-        self.errors = ErrorCounter(r, "shard")
+        self.errors = ErrorCounter(r, "shard", model, str(shard))
+        self.update_timer = UpdateTimer(self.update_seconds)
         self.trainers = Trainers()
         self.leader_view: Callable[[], dict[str, Any]] | None = None
         self._pushes: Any = None
@@ -155,16 +177,75 @@ class ShardMetrics:
             ["model"], buckets=STALENESS_BUCKETS, registry=self.registry,
         ).labels(self.model)  # fmt: skip
 
-    def applied(self, trainer: str, peer: str, version: int, staleness: int) -> None:
-        """The leader saw push of `trainer` become (part of) update `version`."""
+    def decided(self, trainer: str, peer: str, staleness: int, applied: bool) -> None:
+        """The leader's decision on a push of `trainer`: applied (as part of an update) or
+        refused."""
         if self._pushes is None:
             return
-        self._pushes.inc()
-        self._staleness.observe(staleness)
-        self.trainers.saw(trainer or peer, peer, version, staleness)
+        if applied:
+            self._pushes.inc()
+            self._staleness.observe(staleness)
+        self.trainers.decided(trainer or peer, staleness, applied)
+
+    def arrived(self, trainer: str, peer: str, based_on: int) -> None:
+        """The leader received a push (applied or not): the trainer is alive."""
+        if self._pushes is not None:
+            self.trainers.saw(trainer or peer, peer, based_on)
 
     def families(self) -> list[Metric]:
+        self.update_timer.drain()
         return list(self.registry.collect())
+
+
+class UpdateTimer:
+    """Times updates without stalling them: on the CPU with the clock, on CUDA with events
+    that are read once the GPU has passed them (at the next update or scrape), so the update
+    path never waits for the device."""
+
+    MAX_PENDING = 1024
+
+    def __init__(self, histogram: Any) -> None:
+        self._histogram = histogram
+        self._pending: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+
+    def begin(self, device: Any) -> Any:
+        try:
+            if getattr(device, "type", "cpu") == "cuda":
+                import torch
+
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                return event
+            return time.perf_counter()
+        except Exception:  # noqa: BLE001 - timing must never fail an update
+            return None
+
+    def end(self, started: Any) -> None:
+        try:
+            if started is None:
+                return
+            if isinstance(started, float):
+                self._histogram.observe(time.perf_counter() - started)
+                return
+            import torch
+
+            finished = torch.cuda.Event(enable_timing=True)
+            finished.record()
+            with self._lock:
+                self._pending.append((started, finished))
+                while len(self._pending) > self.MAX_PENDING:
+                    self._pending.popleft()
+            self.drain()
+        except Exception:  # noqa: BLE001
+            log.debug("update timing failed", exc_info=True)
+
+    def drain(self) -> None:
+        """Observe the CUDA updates the device has finished."""
+        with self._lock:
+            while self._pending and self._pending[0][1].query():
+                started, finished = self._pending.popleft()
+                self._histogram.observe(started.elapsed_time(finished) / 1000.0)
 
 
 class _LeaderCollector(Collector):
@@ -275,9 +356,12 @@ class CoordinatorMetrics:
                     families.extend(ray.get(ref))
                 except Exception as exc:  # noqa: BLE001 - a dead shard must not stop a scrape
                     log.warning("a shard's metrics are missing from this scrape: %r", exc)
-            if len(ready) < len(refs):
-                log.warning("%d shard(s) did not answer the metrics scrape in time",
-                            len(refs) - len(ready))  # fmt: skip
+            late = [ref for ref in refs if ref not in set(ready)]
+            if late:
+                log.warning("%d shard(s) did not answer the metrics scrape in time", len(late))
+                for ref in late:  # not left queued behind whatever holds the shard
+                    with contextlib.suppress(Exception):
+                        ray.cancel(ref)
         return merge(families)
 
     def serve(self, host: str, port: int) -> int:
@@ -291,7 +375,13 @@ class CoordinatorMetrics:
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Everything())
-        self._server, _ = start_http_server(port, addr=host.strip("[]"), registry=registry)
+        try:
+            self._server, _ = start_http_server(port, addr=host.strip("[]"), registry=registry)
+        except OSError as exc:
+            raise RuntimeError(
+                f"cannot serve metrics on {host}:{port} ({exc}); pick another --metrics-port, "
+                "0 for any free one, or --no-metrics"
+            ) from exc
         return int(self._server.server_address[1])
 
     def stop(self) -> None:

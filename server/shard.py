@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -88,8 +87,8 @@ class ShardState:
             self._groups[name] = GroupEngine(name, flat, init.config, init.views, path)
         self._schedule_config = parse_schedule_config(schedule)
         self._schedule: Schedule = build_schedule(self._schedule_config)
-        # Told the seconds each applied update took (the shard's metrics).
-        self.on_update: Callable[[float], None] | None = None
+        # Times each applied update (the shard's metrics; server/metrics.py UpdateTimer).
+        self.update_timer: Any = None
 
     @property
     def numel(self) -> int:
@@ -203,7 +202,8 @@ class ShardState:
                     raise RuntimeError(f"a push of version {decision.version} is not here")
                 # Weight 0: skipped by the gradient policy; none left: only the version moves.
                 used = [(m, w) for m, w in zip(members, decision.weights, strict=True) if w != 0]
-                started = time.perf_counter()
+                timer = self.update_timer if used else None
+                started = timer.begin(self.device) if timer is not None else None
                 for name, group in self._groups.items():
                     if not used:
                         break
@@ -216,10 +216,8 @@ class ShardState:
                         for staged, weight in used:
                             grad.add_(staged[name], alpha=weight)  # type: ignore[index]
                     group.step(grad, self.lr(name) * decision.lr_scale)
-                if used and self.on_update is not None:
-                    if self.device.type == "cuda":  # the kernels' time, not their launch
-                        torch.cuda.synchronize(self.device)
-                    self.on_update(time.perf_counter() - started)
+                if timer is not None:
+                    timer.end(started)  # never raises
             except Exception as exc:  # the peers applied this update: this shard cannot follow
                 self.mark_broken(f"update {decision.version} failed here: {exc!r}")
                 self._check_sound()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+import ray
 
 from optserve.client.config import parse_mode_config, parse_optimizer_config
 from optserve.client.errors import from_rpc_error
@@ -32,6 +33,8 @@ from optserve.v1 import shard_pb2, shard_pb2_grpc
 # and one more on the leader per other shard, so a sync round of T trainers on S shards holds
 # about T * S of the leader's; the coordinator refuses modes that could exceed this.
 SHARD_THREADS = 1024
+# The most recently seen trainers a status shows.
+STATUS_TRAINERS = 1000
 
 
 class ShardActor:
@@ -78,7 +81,7 @@ class ShardActor:
         self._secret = secret
         self._edge = edge or EdgeConfig()
         self._metrics = ShardMetrics(model, index)
-        self._state.on_update = self._metrics.update_seconds.observe
+        self._state.update_timer = self._metrics.update_timer
         if sequencer is not None:
             self._metrics.lead(self._leader_view)
         self._service = ShardService(self._state, sequencer, secret=secret, metrics=self._metrics)
@@ -125,6 +128,7 @@ class ShardActor:
             "gradient_counters": sequencer.counters() if sequencer is not None else {},
         }
 
+    @ray.method(concurrency_group="observe")
     def metrics(self) -> list[Any]:
         """This shard's Prometheus metric families (the coordinator's endpoint merges them)."""
         return self._metrics.families()
@@ -134,14 +138,13 @@ class ShardActor:
         sequencer = self._service.sequencer
         return sequencer.log() if sequencer is not None else []
 
+    @ray.method(concurrency_group="observe")
     def info(self) -> dict[str, Any]:
-        import ray
-
         node = ray.get_runtime_context().get_node_id()
         info = {**self._state.info(), "address": self._address, "node_id": node}
         if self._service.sequencer is not None:  # what the gradient policy did, model-wide
             info["gradient_counters"] = self._service.sequencer.counters()
-            info["trainers"] = self._metrics.trainers.snapshot()
+            info["trainers"] = self._metrics.trainers.snapshot(newest=STATUS_TRAINERS)
         return info
 
     def version(self) -> int:
@@ -174,12 +177,12 @@ class ShardActor:
     def set_schedule(self, schedule_json: str, at_version: int | None = None) -> None:
         self._state.set_schedule(schedule_json, at_version)
 
-    def report_metric(self, name: str, value: float, at_version: int | None = None) -> bool:
-        return self._state.report_metric(name, value, at_version)
-
-    def lrs(self) -> dict[str, float]:
-        """The lr each group's next update will use."""
-        return self._state.lrs()
+    def report_metric(
+        self, name: str, value: float, at_version: int | None = None
+    ) -> dict[str, Any]:
+        """Feed a metric to the schedule: whether it changed the lr, and each group's lr."""
+        changed = self._state.report_metric(name, value, at_version)
+        return {"changed": changed, "lr": self._state.lrs()}
 
     def state_dict(self, at_version: int | None = None) -> dict[str, Any]:
         return self._state.state_dict(at_version)

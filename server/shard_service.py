@@ -130,6 +130,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self, request_iterator: Iterator[Any], peer: str = ""
     ) -> tuple[Decision, int, shard_pb2.PushHeader]:
         header = self._header(request_iterator)
+        self.metrics.arrived(header.trainer, peer, header.version)  # the leader's: trainers
         push_id = header.push_id
         if not push_id:
             if self.sequencer is None or self.sequencer.num_shards != 1:
@@ -140,6 +141,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 torch_dtype(header.pull_dtype)  # refused now, not after the update
             epoch, stats = self._state.stage(push_id, self._gradients(request_iterator))
         except OptserveError as exc:  # refuse the push on every shard now, not at a timeout
+            self.metrics.decided(header.trainer, peer, 0, applied=False)
             self._refuse(push_id, header, exc)
             raise
         except Exception:  # the stream broke off (the trainer went away): the same, at once
@@ -151,16 +153,18 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         except OptserveError as exc:
             if self.sequencer is not None or not isinstance(exc, Unavailable | DeadlineExceeded):
                 self._state.discard(push_id)  # refused before any decision: nothing applied
+                self.metrics.decided(header.trainer, peer, 0, applied=False)
                 raise
             # The leader may have decided this push and the other shards applied it.
             self._state.mark_broken(f"lost the leader's decision on push {push_id}: {exc}")
             raise Internal(f"shard {self._state.index} lost its leader: {exc}") from None
         self.metrics.round_wait_seconds.observe(time.perf_counter() - staged_at)
-        if decision.error is not None:
+        applied = decision.error is None
+        self.metrics.decided(header.trainer, peer, decision.staleness, applied)
+        if not applied:
             self._state.discard(push_id)
             raise decision.error
         version = self._state.apply(decision, epoch=epoch)  # a failure marks the shard broken
-        self.metrics.applied(header.trainer, peer, decision.version, decision.staleness)
         return decision, version, header
 
     def _sequence(self, push_id: str, header: shard_pb2.PushHeader, stats: GradStats) -> Decision:
@@ -231,12 +235,13 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             return version, {name: w.to("cpu", dtype, copy=True) for name, w in weights.items()}
 
         version, body = self._state.read_weights(read)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        self.metrics.sent_bytes.inc(itemsize * self._state.numel)
         yield header_frame(shard_pb2.PullHeader(version=version))
         if isinstance(body, dict):
             body = (f for name, w in body.items() for f in chunk_frames(name, w))
         yield from body
+        # Counted once the whole slice went out (a pull cancelled midway counts nothing).
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.metrics.sent_bytes.inc(itemsize * self._state.numel)
 
     @unary_errors
     def Sequence(

@@ -58,6 +58,8 @@ def test_status_lists_every_model_as_a_table_and_one_in_detail(service, client, 
     assert model_name in [s["model"] for s in every["models"]] and every["errors"] == {}
     one = json.loads(optserve(service, "status", "--model", model_name, "--json").stdout)
     assert one["version"] == version and sorted(one["trainers"]) == ["t0", "t1"]
+    assert one["trainers"]["t0"]["applied"] == 6 and one["trainers"]["t0"]["idle_s"] < 120
+    assert one["history"]["metrics_kept"] == one["history"]["metrics_shown"] == 15
 
 
 def test_plot_writes_a_png_with_the_series_and_the_change_markers(

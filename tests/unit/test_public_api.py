@@ -15,7 +15,18 @@ def test_exported_members():
         for name in dir(optserve.client)
         if not name.startswith("_")
         and name
-        not in {"auth", "client", "codec", "config", "errors", "layout", "remote_optimizer", "wire"}
+        not in {
+            "auth",
+            "client",
+            "codec",
+            "config",
+            "demo_trainer",
+            "errors",
+            "layout",
+            "plot",
+            "remote_optimizer",
+            "wire",
+        }
     )
     for name in (
         "ParameterServerClient",
