@@ -313,8 +313,7 @@ class Coordinator:
         self._models: dict[str, ModelRecord] = {}
         self._reserved: set[str] = set()
         # Prometheus: the coordinator's own series; a scrape gathers every shard's too.
-        self.metrics = CoordinatorMetrics(self._all_shards)
-        self.metrics.count_models(lambda: len(self._models))
+        self.metrics = CoordinatorMetrics(self._all_shards, lambda: len(self._models))
         if self.store is not None:
             threading.Thread(
                 target=self._periodic, name="optserve-checkpoints", daemon=True

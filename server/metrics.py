@@ -300,8 +300,8 @@ GRADIENT_EVENTS = {
 
 
 def merge(families: Iterable[Metric]) -> list[Metric]:
-    """One family per name; samples with the same name and labels (the errors counters of
-    several shard processes) are added up."""
+    """One family per name (every shard serves the same families, with its own labels);
+    samples with the same name and labels, if any, are added up."""
     merged: dict[str, Metric] = {}
     values: dict[str, dict[tuple, float]] = {}
     for family in families:
@@ -321,9 +321,14 @@ def merge(families: Iterable[Metric]) -> list[Metric]:
 class CoordinatorMetrics:
     """The coordinator's registry, and the collector that gathers every shard's at scrape time.
 
-    `shards()` returns the Ray handles of every model's shards."""
+    `shards()` returns the Ray handles of every model's shards, `models()` how many models
+    the server holds."""
 
-    def __init__(self, shards: Callable[[], list[Any]] | None = None) -> None:
+    def __init__(
+        self,
+        shards: Callable[[], list[Any]] | None = None,
+        models: Callable[[], int] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.errors = ErrorCounter(self.registry, "coordinator")
         self.checkpoint_seconds = Histogram(
@@ -334,11 +339,8 @@ class CoordinatorMetrics:
             registry=self.registry,
         )
         self._shards = shards or list
-        self._models: Callable[[], int] = lambda: 0
+        self._models = models or (lambda: 0)
         self._server: Any = None
-
-    def count_models(self, models: Callable[[], int]) -> None:
-        self._models = models
 
     def collect(self) -> list[Metric]:
         """Every family of the service, merged."""
