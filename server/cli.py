@@ -100,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
             limits=limits,
             metrics_port=None if args.no_metrics else args.metrics_port,
             metrics_host=args.metrics_host,
+            ray_metrics=not args.no_ray_metrics,
         )
         if args.restore:
             if not args.checkpoint_dir:
@@ -495,6 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-host", default=None, help="interface the metrics bind (default: --host)"
     )
     metrics.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    metrics.add_argument(
+        "--no-ray-metrics",
+        action="store_true",
+        help="do not also record the series in Ray's metrics (by default each node's Ray "
+        "metrics agent exports them as ray_optserve_*, with ray[default])",
+    )
     serve.add_argument(
         "--grace-s",
         type=float,

@@ -295,6 +295,7 @@ class Coordinator:
         keep_checkpoints: int = 3,
         watch: bool = True,
         edge: EdgeConfig | None = None,
+        ray_metrics: bool = False,
     ) -> None:
         self.host = host
         # Tokens, TLS and stream limits, enforced by every shard's endpoint too.
@@ -313,7 +314,11 @@ class Coordinator:
         self._models: dict[str, ModelRecord] = {}
         self._reserved: set[str] = set()
         # Prometheus: the coordinator's own series; a scrape gathers every shard's too.
-        self.metrics = CoordinatorMetrics(self._all_shards, lambda: len(self._models))
+        # With `ray_metrics`, the coordinator and every shard record them in Ray's metrics too.
+        self.ray_metrics = ray_metrics
+        self.metrics = CoordinatorMetrics(
+            self._all_shards, lambda: len(self._models), ray=ray_metrics
+        )
         if self.store is not None:
             threading.Thread(
                 target=self._periodic, name="optserve-checkpoints", daemon=True
@@ -440,6 +445,7 @@ class Coordinator:
                         device,
                         secret,
                         self.edge,
+                        self.ray_metrics,
                     )  # fmt: skip
                 )
             addresses = ray.get([a.address.remote() for a in actors], timeout=300)

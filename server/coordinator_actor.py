@@ -30,14 +30,15 @@ class CoordinatorActor:
         edge: EdgeConfig | None = None,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
+        ray_metrics: bool = False,
     ) -> None:
         """`metrics_port` serves Prometheus metrics over HTTP (0: any free port; None: off)
-        on `metrics_host` (default: `host`)."""
+        on `metrics_host` (default: `host`); `ray_metrics` records them in Ray's metrics too."""
         logging.basicConfig(level=logging.INFO)
         edge = edge or EdgeConfig()
         self._coordinator = Coordinator(
             host, default_num_shards, limits, placement, checkpoint_dir, keep_checkpoints,
-            edge=edge,
+            edge=edge, ray_metrics=ray_metrics,
         )  # fmt: skip
         import ray
 

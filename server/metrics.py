@@ -5,6 +5,13 @@ does (bytes, update and wait times; the model's leader also counts pushes, stale
 the gradient policy's actions), the coordinator counts checkpoints and its own errors. The
 coordinator's HTTP endpoint (`optserve serve --metrics-port`) gathers every shard's families over
 Ray when scraped and merges them, so one scrape target covers the whole service.
+
+With `ray_metrics` on (the default of `optserve serve`; `--no-ray-metrics` turns it off), every
+series is also recorded in Ray's metrics (`ray.util.metrics`), the Ray convention for an
+application's metrics: each node's Ray metrics agent exports them beside Ray's own, as
+`ray_optserve_*` with Ray's node and worker labels, to whatever already scrapes the Ray cluster
+(Ray's Prometheus service discovery, KubeRay's PodMonitor, the Ray dashboard's Grafana). It
+needs `ray[default]` on the nodes; with a minimal Ray the recording is a cheap no-op.
 """
 
 from __future__ import annotations
@@ -63,6 +70,132 @@ UPDATE_BUCKETS = (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 
 WAIT_BUCKETS = (1e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 CHECKPOINT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+# How often the series read from state at scrape time (version, lr, trainers, the gradient
+# policy's counters, the model count) are published to Ray's metrics.
+RAY_PUBLISH_INTERVAL_S = 5.0
+
+
+def ray_boundaries(buckets: Iterable[float]) -> list[float]:
+    """Ray's histograms take positive boundaries only: a 0 boundary (staleness) becomes half the
+    next one, which counts the same integer observations."""
+    bounds = list(buckets)
+    return [b if b > 0 else bounds[i + 1] / 2 for i, b in enumerate(bounds)]
+
+
+def _ray_metric(kind: str, name: str, documentation: str, labels: Iterable[str],
+                buckets: Iterable[float] | None = None) -> Any:  # fmt: skip
+    """Ray's twin of one series; its node's metrics agent exports it as `ray_<name>`."""
+    from ray.util import metrics as ray_metrics
+
+    tags = tuple(labels)
+    if kind == "counter":
+        return ray_metrics.Counter(name, documentation, tag_keys=tags)
+    if kind == "gauge":
+        return ray_metrics.Gauge(name, documentation, tag_keys=tags)
+    assert buckets is not None
+    return ray_metrics.Histogram(name, documentation, ray_boundaries(buckets), tag_keys=tags)
+
+
+class Series:
+    """A counter or histogram of this process's registry and, with `ray` on, its twin in Ray's
+    metrics; `labels()` gives one labelled series that records to both."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        name: str,
+        documentation: str,
+        labels: Iterable[str],
+        *,
+        buckets: Iterable[float] | None = None,
+        ray: bool = False,
+    ) -> None:
+        self._labels = tuple(labels)
+        if buckets is None:
+            self._prom: Any = Counter(name, documentation, self._labels, registry=registry)
+        else:
+            self._prom = Histogram(
+                name, documentation, self._labels, buckets=tuple(buckets), registry=registry
+            )
+        kind = "counter" if buckets is None else "histogram"
+        self._ray = _ray_metric(kind, name, documentation, self._labels, buckets) if ray else None
+
+    def labels(self, *values: str) -> _Labelled:
+        return _Labelled(
+            self._prom.labels(*values), self._ray, dict(zip(self._labels, values, strict=True))
+        )
+
+
+class _Labelled:
+    __slots__ = ("_prom", "_ray", "_tags")
+
+    def __init__(self, prom: Any, ray: Any, tags: dict[str, str]) -> None:
+        self._prom, self._ray, self._tags = prom, ray, tags
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._prom.inc(amount)
+        if self._ray is not None and amount > 0:  # Ray's counters refuse 0
+            self._record(self._ray.inc, amount)
+
+    def observe(self, value: float) -> None:
+        self._prom.observe(value)
+        if self._ray is not None:
+            self._record(self._ray.observe, value)
+
+    def _record(self, record: Callable[..., None], value: float) -> None:
+        try:
+            record(float(value), tags=self._tags)
+        except Exception:  # noqa: BLE001 - a metric must never fail the call it counts
+            log.debug("recording a Ray metric failed", exc_info=True)
+
+
+class RayPublisher:
+    """Publishes families read at scrape time (gauges of state, and counters kept elsewhere)
+    to Ray's metrics every `interval_s`, from a daemon thread: gauges are set, counters
+    advance by what they grew since the last publication."""
+
+    def __init__(
+        self, collect: Callable[[], Iterable[Metric]], interval_s: float = RAY_PUBLISH_INTERVAL_S
+    ) -> None:
+        self._collect = collect
+        self._metrics: dict[str, Any] = {}
+        self._published: dict[tuple, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(interval_s,), name="optserve-ray-metrics", daemon=True
+        )
+        self._thread.start()
+
+    def publish(self) -> None:
+        for family in self._collect():
+            for sample in family.samples:
+                tags = dict(sample.labels)
+                metric = self._metrics.get(family.name)
+                if metric is None:
+                    metric = self._metrics[family.name] = _ray_metric(
+                        "gauge" if family.type == "gauge" else "counter",
+                        family.name, family.documentation, sorted(tags),
+                    )  # fmt: skip
+                if family.type == "gauge":
+                    metric.set(float(sample.value), tags=tags)
+                    continue
+                key = (family.name, tuple(sorted(tags.items())))
+                grown = sample.value - self._published.get(key, 0.0)
+                if grown < 0:  # the counter started over (a restored leader)
+                    grown = sample.value
+                if grown > 0:
+                    metric.inc(float(grown), tags=tags)
+                self._published[key] = sample.value
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.publish()
+            except Exception:  # noqa: BLE001 - keep publishing; the endpoint has the truth
+                log.debug("publishing to Ray's metrics failed", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class Trainers:
@@ -116,14 +249,20 @@ class ErrorCounter:
     go (which would look like counter resets)."""
 
     def __init__(
-        self, registry: CollectorRegistry, component: str, model: str = "", shard: str = ""
+        self,
+        registry: CollectorRegistry,
+        component: str,
+        model: str = "",
+        shard: str = "",
+        ray: bool = False,
     ) -> None:
         self._where = (component, model, shard)
-        self._counter = Counter(
+        self._counter = Series(
+            registry,
             "optserve_errors",
             "RPCs answered with an error, by gRPC status code",
             ["component", "model", "shard", "method", "code"],
-            registry=registry,
+            ray=ray,
         )
 
     def __call__(self, method: str, code: grpc.StatusCode) -> None:
@@ -132,50 +271,62 @@ class ErrorCounter:
 
 class ShardMetrics:
     """What one shard measures. `leader_view()` (set on the model's leader) supplies the
-    model-wide gauges and the gradient policy's counters at scrape time."""
+    model-wide gauges and the gradient policy's counters at scrape time. With `ray`, every
+    series is recorded in Ray's metrics too."""
 
-    def __init__(self, model: str, shard: int) -> None:
+    def __init__(self, model: str, shard: int, ray: bool = False) -> None:
         self.model = model
         self.registry = CollectorRegistry(auto_describe=False)
-        at = {"model": model, "shard": str(shard)}
+        self._ray = ray
+        at = (model, str(shard))
         both = ["model", "shard"]
         r = self.registry
-        self.received_bytes = Counter(
-            "optserve_received_bytes", "Gradient bytes pushed to a shard", both, registry=r
-        ).labels(**at)
-        self.sent_bytes = Counter(
-            "optserve_sent_bytes", "Weight bytes pulled from a shard", both, registry=r
-        ).labels(**at)
-        self.update_seconds = Histogram(
-            "optserve_update_seconds", "Time to apply one update on a shard", both,
-            buckets=UPDATE_BUCKETS, registry=r,
-        ).labels(**at)  # fmt: skip
-        self.round_wait_seconds = Histogram(
+        self.received_bytes = Series(
+            r, "optserve_received_bytes", "Gradient bytes pushed to a shard", both, ray=ray
+        ).labels(*at)
+        self.sent_bytes = Series(
+            r, "optserve_sent_bytes", "Weight bytes pulled from a shard", both, ray=ray
+        ).labels(*at)
+        self.update_seconds = Series(
+            r, "optserve_update_seconds", "Time to apply one update on a shard", both,
+            buckets=UPDATE_BUCKETS, ray=ray,
+        ).labels(*at)  # fmt: skip
+        self.round_wait_seconds = Series(
+            r,
             "optserve_round_wait_seconds",
             "Time from a push's arrival on a shard until its update is decided "
             "(in sync mode, the wait for the round to fill)",
-            both, buckets=WAIT_BUCKETS, registry=r,
-        ).labels(**at)  # fmt: skip
-        self.errors = ErrorCounter(r, "shard", model, str(shard))
+            both, buckets=WAIT_BUCKETS, ray=ray,
+        ).labels(*at)  # fmt: skip
+        self.errors = ErrorCounter(r, "shard", model, str(shard), ray=ray)
         self.update_timer = UpdateTimer(self.update_seconds)
         self.trainers = Trainers()
         self.leader_view: Callable[[], dict[str, Any]] | None = None
         self._pushes: Any = None
         self._staleness: Any = None
-        self.registry.register(_LeaderCollector(self))
+        self._leader = _LeaderCollector(self)
+        self.registry.register(self._leader)
+        self._publisher: RayPublisher | None = None
 
     def lead(self, view: Callable[[], dict[str, Any]]) -> None:
         """Make this shard its model's leader: it counts pushes and staleness model-wide."""
         self.leader_view = view
-        self._pushes = Counter(
-            "optserve_pushes", "Pushes applied (each push of a sync round counts)", ["model"],
-            registry=self.registry,
+        self._pushes = Series(
+            self.registry, "optserve_pushes", "Pushes applied (each push of a sync round counts)",
+            ["model"], ray=self._ray,
         ).labels(self.model)  # fmt: skip
-        self._staleness = Histogram(
+        self._staleness = Series(
+            self.registry,
             "optserve_staleness",
             "Versions between the one a push was computed on and the one it was applied to",
-            ["model"], buckets=STALENESS_BUCKETS, registry=self.registry,
+            ["model"], buckets=STALENESS_BUCKETS, ray=self._ray,
         ).labels(self.model)  # fmt: skip
+        if self._ray:
+            self._publisher = RayPublisher(self._leader.collect)
+
+    def stop(self) -> None:
+        if self._publisher is not None:
+            self._publisher.stop()
 
     def decided(self, trainer: str, peer: str, staleness: int, applied: bool) -> None:
         """The leader's decision on a push of `trainer`: applied (as part of an update) or
@@ -322,33 +473,40 @@ class CoordinatorMetrics:
     """The coordinator's registry, and the collector that gathers every shard's at scrape time.
 
     `shards()` returns the Ray handles of every model's shards, `models()` how many models
-    the server holds."""
+    the server holds. With `ray`, the coordinator's series are recorded in Ray's metrics too
+    (each shard records its own)."""
 
     def __init__(
         self,
         shards: Callable[[], list[Any]] | None = None,
         models: Callable[[], int] | None = None,
+        ray: bool = False,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.errors = ErrorCounter(self.registry, "coordinator")
-        self.checkpoint_seconds = Histogram(
+        self.errors = ErrorCounter(self.registry, "coordinator", ray=ray)
+        self.checkpoint_seconds = Series(
+            self.registry,
             "optserve_checkpoint_seconds",
             "Time to take and write a checkpoint of a model",
             ["model"],
             buckets=CHECKPOINT_BUCKETS,
-            registry=self.registry,
+            ray=ray,
         )
         self._shards = shards or list
         self._models = models or (lambda: 0)
         self._server: Any = None
+        self._publisher = RayPublisher(self._gauges) if ray else None
+
+    def _gauges(self) -> list[Metric]:
+        models = GaugeMetricFamily("optserve_models", "Models the server holds")
+        models.add_metric([], self._models())
+        return [models]
 
     def collect(self) -> list[Metric]:
         """Every family of the service, merged."""
         import ray
 
-        models = GaugeMetricFamily("optserve_models", "Models the server holds")
-        models.add_metric([], self._models())
-        families: list[Metric] = [models, *self.registry.collect()]
+        families: list[Metric] = [*self._gauges(), *self.registry.collect()]
         handles = self._shards()
         refs = [actor.metrics.remote() for actor in handles]
         if refs:
@@ -387,6 +545,8 @@ class CoordinatorMetrics:
         return int(self._server.server_address[1])
 
     def stop(self) -> None:
+        if self._publisher is not None:
+            self._publisher.stop()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

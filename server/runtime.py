@@ -97,13 +97,16 @@ def start_service(
     limits: Any = None,
     metrics_port: int | None = None,
     metrics_host: str | None = None,
+    ray_metrics: bool = True,
 ) -> Service:
     """Start the coordinator actor (Ray must be initialised) and wait until it serves.
 
     `edge` (an `optserve.server.auth.EdgeConfig`) holds the token table, TLS certificate and
     stream limit of every endpoint; None serves without authentication or TLS. `limits` (an
     `optserve.server.coordinator.Limits`) bounds model size and count. `metrics_port` serves
-    Prometheus metrics on `metrics_host` (default `host`; port 0: any free one; None: off)."""
+    Prometheus metrics on `metrics_host` (default `host`; port 0: any free one; None: off).
+    `ray_metrics` also records every series in Ray's metrics (`ray.util.metrics`), which each
+    node's Ray metrics agent exports as `ray_optserve_*` (needs `ray[default]`)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -129,6 +132,7 @@ def start_service(
             edge,
             metrics_port,
             metrics_host,
+            ray_metrics,
         )  # fmt: skip
     )
     try:

@@ -59,6 +59,7 @@ class ShardActor:
         device: str = "cpu",
         secret: str = "",
         edge: EdgeConfig | None = None,
+        ray_metrics: bool = False,
     ) -> None:
         keep_freed_memory()  # every step allocates and frees buffers the size of the slice
         inits = {
@@ -80,7 +81,7 @@ class ShardActor:
         sequencer = Sequencer(num_shards, mode) if index == 0 else None
         self._secret = secret
         self._edge = edge or EdgeConfig()
-        self._metrics = ShardMetrics(model, index)
+        self._metrics = ShardMetrics(model, index, ray=ray_metrics)
         self._state.update_timer = self._metrics.update_timer
         if sequencer is not None:
             self._metrics.lead(self._leader_view)
@@ -193,6 +194,7 @@ class ShardActor:
             self._service.sequencer.reset(self._state.version)
 
     def stop(self, grace_s: float = 5.0) -> None:
+        self._metrics.stop()
         self._server.stop(grace_s)
         if self._leader_channel is not None:
             self._leader_channel.close()

@@ -1,7 +1,9 @@
-"""The Prometheus endpoint: scraped over real HTTP, parsed with Prometheus's text-format parser."""
+"""The Prometheus endpoint: scraped over real HTTP, parsed with Prometheus's text-format parser;
+and the same series exported by Ray's metrics agent (`ray.util.metrics`, the Ray convention)."""
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import pytest
@@ -15,7 +17,10 @@ from optserve.server.metrics import SERIES
 def scrape(service) -> dict[str, list]:
     """{sample name: [(labels, value), ...]} from one GET of /metrics."""
     assert service.metrics_address is not None, "the session service serves metrics"
-    url = f"http://{service.metrics_address}/metrics"
+    return scrape_url(f"http://{service.metrics_address}/metrics")
+
+
+def scrape_url(url: str) -> dict[str, list]:
     with urllib.request.urlopen(url, timeout=30) as reply:
         assert reply.status == 200
         assert reply.headers["Content-Type"].startswith("text/plain")
@@ -111,3 +116,73 @@ def test_a_dropped_model_leaves_the_scrape(service, client, model_name):
     client.drop_model(model_name)
     assert not [ls for ls, _ in scrape(service).get("optserve_pushes_total", [])
                 if ls.get("model") == model_name]  # fmt: skip
+
+
+def scrape_ray(ray) -> dict[str, list]:
+    """Every live Ray node's metrics agent (the export port Ray picked), in one dict."""
+    samples: dict[str, list] = {}
+    nodes = [n for n in ray.nodes() if n["Alive"] and n.get("MetricsExportPort", -1) > 0]
+    assert nodes, "no Ray node exports metrics: is ray[default] installed?"
+    for node in nodes:
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        for name, found in scrape_url(url).items():
+            samples.setdefault(name, []).extend(found)
+    return samples
+
+
+def test_the_series_are_exported_through_rays_metrics_agent_too(
+    ray_session, service, client, model_name
+):
+    params = {"w": torch.zeros(300), "b": torch.zeros(20)}
+    numel = 320
+    # Every push's norm (sqrt(320)) is above clip_norm: each applied one is clipped.
+    mode = {"mode": "async", "gradients": {"clip_norm": 1.0}}
+    client.create_model(model_name, params, {"name": "sgd", "lr": 0.1}, num_shards=2, mode=mode)
+    grads = {"w": torch.ones(300), "b": torch.ones(20)}
+    for step in range(3):
+        client.push(model_name, grads, version=step, trainer="t")
+    with pytest.raises(Aborted):
+        client.push(model_name, grads, version=999, trainer="t")
+    client.pull(model_name)
+    client.checkpoint(model_name)
+    at = {"model": model_name}
+    aborted = {**at, "component": "shard", "method": "Push", "code": "ABORTED"}
+    expected = {
+        "ray_optserve_pushes_total": 3,
+        "ray_optserve_received_bytes_total": 4 * numel * 4,
+        "ray_optserve_sent_bytes_total": numel * 4,
+        "ray_optserve_update_seconds_count": 2 * 3,  # each shard applied 3 updates
+        "ray_optserve_round_wait_seconds_count": 2 * 4,
+        "ray_optserve_staleness_count": 3,
+        "ray_optserve_errors_total": 2,  # each shard refused the push from the future
+        "ray_optserve_checkpoint_seconds_count": 1,
+        # Read from the leader's state and published every few seconds.
+        "ray_optserve_model_version": 3,
+        "ray_optserve_model_lr": 0.1,
+        "ray_optserve_trainers": 1,
+        "ray_optserve_gradient_events_total": 3,
+    }
+    labels = {
+        "ray_optserve_errors_total": aborted,
+        "ray_optserve_gradient_events_total": {**at, "event": "clipped"},
+    }
+    # Ray's agent exports what the workers report every few seconds.
+    deadline = time.monotonic() + 120
+    while True:
+        samples = scrape_ray(ray_session)
+        got = {name: total(samples, name, **labels.get(name, at)) for name in expected}
+        if got == expected or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert got == expected
+    # The endpoint counts the same.
+    endpoint = scrape(service)
+    assert {
+        name: total(endpoint, name.removeprefix("ray_"), **labels.get(name, at))
+        for name in expected
+    } == expected
+    # Every series of the endpoint has its Ray twin, with Ray's node and worker labels.
+    for name in SERIES:
+        assert any(s.startswith(f"ray_{name}") for s in samples), name
+    (labelled, _), *_ = samples["ray_optserve_pushes_total"]
+    assert {"NodeAddress", "SessionName", "WorkerId"} <= set(labelled)
