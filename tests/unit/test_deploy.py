@@ -10,6 +10,8 @@ import shlex
 from pathlib import Path
 
 import jsonschema
+import kubernetes_validate
+import pytest
 import ray
 import yaml
 
@@ -18,6 +20,14 @@ from optserve.server.cli import build_parser
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+# The Kubernetes release whose published schemas the manifest's core objects must satisfy.
+KUBERNETES = "1.30"
+
+
+def validate_kubernetes(obj: dict) -> None:
+    """Validate against Kubernetes' own OpenAPI schemas (kubernetes-validate ships them), strict:
+    an unknown or misspelt field fails too."""
+    kubernetes_validate.validate(obj, KUBERNETES, strict=True)
 
 
 def serve_args(command: str):
@@ -41,7 +51,11 @@ def test_the_cluster_launcher_config_validates_against_rays_schema():
     args = serve_args(serves[0])
     assert args.ray_address == "auto" and args.host == "0.0.0.0" and args.shard_gpus == 1
     assert args.tokens_file in config["file_mounts"]  # the table is a file, not an argument
-    assert not args.no_auth
+    assert not args.no_auth and not args.no_ray_metrics
+    # Every node's Ray metrics agent (Ray's series and optserve's twins) on one known port.
+    for commands in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[commands] if "ray start" in c]
+        assert len(starts) == 1 and "--metrics-export-port=8080" in starts[0].split(), commands
 
 
 def kuberay_objects():
@@ -57,6 +71,16 @@ def test_the_kuberay_manifest_is_well_formed_kubernetes_objects():
         assert set(obj) <= {"apiVersion", "kind", "metadata", "spec", "type", "stringData"}
         assert DNS_1123.fullmatch(obj["metadata"]["name"]), obj["metadata"]
     secret, cluster, service = objects
+    # Core objects, and every pod template of the RayCluster, against Kubernetes' schemas.
+    validate_kubernetes(secret)
+    validate_kubernetes(service)
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    for group in groups:
+        template = group["template"]
+        validate_kubernetes({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": template.get("metadata", {"name": "template"}), "spec": template["spec"],
+        })  # fmt: skip
     # The Secret's table is one the server accepts.
     TokenTable.parse(secret["stringData"]["tokens.json"])
     spec = cluster["spec"]
@@ -93,6 +117,22 @@ def test_the_kuberay_manifest_is_well_formed_kubernetes_objects():
     assert {ports["grpc"]["targetPort"], ports["metrics"]["targetPort"]} <= exposed
     annotations = service["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(args.metrics_port)
+    # Ray's metrics agent port (KubeRay's default), named so KubeRay's head Service keeps it.
+    assert {"containerPort": 8080, "name": "metrics"} in head_container["ports"]
+    assert not args.no_ray_metrics
+
+
+def test_the_kubernetes_schema_check_catches_a_broken_manifest():
+    """The schemas are really applied: a misspelt field and a wrong type are refused."""
+    secret, cluster, service = kuberay_objects()
+    service["spec"]["ports"][0]["port"] = "50051"  # a string where an integer belongs
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_kubernetes(service)
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    head["containers"][0]["volumeMount"] = head["containers"][0].pop("volumeMounts")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_kubernetes({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+                             "spec": head})  # fmt: skip
 
 
 def test_the_image_recipe_installs_optserve_and_exposes_its_port():
