@@ -295,7 +295,7 @@ class Coordinator:
         keep_checkpoints: int = 3,
         watch: bool = True,
         edge: EdgeConfig | None = None,
-        ray_metrics: bool = False,
+        ray_service: str | None = None,
     ) -> None:
         self.host = host
         # Tokens, TLS and stream limits, enforced by every shard's endpoint too.
@@ -314,10 +314,11 @@ class Coordinator:
         self._models: dict[str, ModelRecord] = {}
         self._reserved: set[str] = set()
         # Prometheus: the coordinator's own series; a scrape gathers every shard's too.
-        # With `ray_metrics`, the coordinator and every shard record them in Ray's metrics too.
-        self.ray_metrics = ray_metrics
+        # With `ray_service`, the coordinator and every shard record them in Ray's metrics too,
+        # tagged with that name.
+        self.ray_service = ray_service
         self.metrics = CoordinatorMetrics(
-            self._all_shards, lambda: len(self._models), ray=ray_metrics
+            self._all_shards, lambda: len(self._models), ray_service=ray_service
         )
         if self.store is not None:
             threading.Thread(
@@ -445,7 +446,7 @@ class Coordinator:
                         device,
                         secret,
                         self.edge,
-                        self.ray_metrics,
+                        self.ray_service,
                     )  # fmt: skip
                 )
             addresses = ray.get([a.address.remote() for a in actors], timeout=300)
@@ -920,6 +921,7 @@ class Coordinator:
         self._stop_actors([a for r in records for a in r.actors], grace_s)
         for record in records:
             self._remove_group(record)
+        self.metrics.stop()
 
     @staticmethod
     def _remove_group(record: ModelRecord) -> None:

@@ -33,14 +33,17 @@ class CoordinatorActor:
         ray_metrics: bool = False,
     ) -> None:
         """`metrics_port` serves Prometheus metrics over HTTP (0: any free port; None: off)
-        on `metrics_host` (default: `host`); `ray_metrics` records them in Ray's metrics too."""
+        on `metrics_host` (default: `host`); `ray_metrics` records them in Ray's metrics too,
+        tagged `service` = this actor's name."""
+        import ray
+
         logging.basicConfig(level=logging.INFO)
         edge = edge or EdgeConfig()
+        service = ray.get_runtime_context().get_actor_name() or "optserve"
         self._coordinator = Coordinator(
             host, default_num_shards, limits, placement, checkpoint_dir, keep_checkpoints,
-            edge=edge, ray_metrics=ray_metrics,
+            edge=edge, ray_service=service if ray_metrics else None,
         )  # fmt: skip
-        import ray
 
         if ray.get_runtime_context().was_current_actor_reconstructed:
             # Ray restarted this coordinator: its shards died with it. Every model that has a
@@ -99,5 +102,4 @@ class CoordinatorActor:
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting calls, let in-flight ones finish, then stop every shard."""
         self._server.stop(grace_s)
-        self._coordinator.shutdown(grace_s)
-        self._coordinator.metrics.stop()
+        self._coordinator.shutdown(grace_s)  # its metrics endpoint too

@@ -6,12 +6,13 @@ the gradient policy's actions), the coordinator counts checkpoints and its own e
 coordinator's HTTP endpoint (`optserve serve --metrics-port`) gathers every shard's families over
 Ray when scraped and merges them, so one scrape target covers the whole service.
 
-With `ray_metrics` on (the default of `optserve serve`; `--no-ray-metrics` turns it off), every
-series is also recorded in Ray's metrics (`ray.util.metrics`), the Ray convention for an
+With Ray's metrics on (the default of `optserve serve`; `--no-ray-metrics` turns them off),
+every series is also recorded in Ray's metrics (`ray.util.metrics`), the Ray convention for an
 application's metrics: each node's Ray metrics agent exports them beside Ray's own, as
-`ray_optserve_*` with Ray's node and worker labels, to whatever already scrapes the Ray cluster
-(Ray's Prometheus service discovery, KubeRay's PodMonitor, the Ray dashboard's Grafana). It
-needs `ray[default]` on the nodes; with a minimal Ray the recording is a cheap no-op.
+`ray_optserve_*` with a `service` label (the coordinator actor's name) and Ray's node and worker
+labels, to whatever already scrapes the Ray cluster (Ray's Prometheus service discovery,
+KubeRay's PodMonitor). Exporting needs `ray[default]` on the nodes; with a minimal Ray the
+series are recorded (a few microseconds each) but not exported.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -77,28 +78,40 @@ RAY_PUBLISH_INTERVAL_S = 5.0
 
 def ray_boundaries(buckets: Iterable[float]) -> list[float]:
     """Ray's histograms take positive boundaries only: a 0 boundary (staleness) becomes half the
-    next one, which counts the same integer observations."""
-    bounds = list(buckets)
-    return [b if b > 0 else bounds[i + 1] / 2 for i, b in enumerate(bounds)]
+    smallest positive one, which counts the same integer observations."""
+    positive = [b for b in buckets if b > 0]
+    return sorted({*positive, *(min(positive) / 2 for b in buckets if b == 0)})
+
+
+def ray_tags(service: str | None) -> dict[str, str] | None:
+    """The tags every Ray twin of a service's series carries (None: no twins). Ray's own tags
+    tell nodes and processes apart, not two optserve services on one cluster."""
+    return None if service is None else {"service": service}
 
 
 def _ray_metric(kind: str, name: str, documentation: str, labels: Iterable[str],
                 buckets: Iterable[float] | None = None) -> Any:  # fmt: skip
-    """Ray's twin of one series; its node's metrics agent exports it as `ray_<name>`."""
+    """Ray's twin of one series; its node's metrics agent exports it as `ray_<name>`. None if
+    Ray refuses it: the series is then served on the endpoint alone."""
     from ray.util import metrics as ray_metrics
 
     tags = tuple(labels)
-    if kind == "counter":
-        return ray_metrics.Counter(name, documentation, tag_keys=tags)
-    if kind == "gauge":
-        return ray_metrics.Gauge(name, documentation, tag_keys=tags)
-    assert buckets is not None
-    return ray_metrics.Histogram(name, documentation, ray_boundaries(buckets), tag_keys=tags)
+    try:
+        if kind == "counter":
+            return ray_metrics.Counter(name, documentation, tag_keys=tags)
+        if kind == "gauge":
+            return ray_metrics.Gauge(name, documentation, tag_keys=tags)
+        assert buckets is not None
+        return ray_metrics.Histogram(name, documentation, ray_boundaries(buckets), tag_keys=tags)
+    except Exception:  # noqa: BLE001 - a metric must never stop a shard or the coordinator
+        log.warning("%s is not recorded in Ray's metrics", name, exc_info=True)
+        return None
 
 
 class Series:
-    """A counter or histogram of this process's registry and, with `ray` on, its twin in Ray's
-    metrics; `labels()` gives one labelled series that records to both."""
+    """A counter or histogram of this process's registry and, where `ray` gives the constant
+    tags of its twin in Ray's metrics (the service), that twin; `labels()` gives one labelled
+    series that records to both."""
 
     def __init__(
         self,
@@ -108,7 +121,7 @@ class Series:
         labels: Iterable[str],
         *,
         buckets: Iterable[float] | None = None,
-        ray: bool = False,
+        ray: Mapping[str, str] | None = None,
     ) -> None:
         self._labels = tuple(labels)
         if buckets is None:
@@ -117,13 +130,16 @@ class Series:
             self._prom = Histogram(
                 name, documentation, self._labels, buckets=tuple(buckets), registry=registry
             )
-        kind = "counter" if buckets is None else "histogram"
-        self._ray = _ray_metric(kind, name, documentation, self._labels, buckets) if ray else None
+        self._ray_tags = dict(ray or {})
+        self._ray = None
+        if ray is not None:
+            kind = "counter" if buckets is None else "histogram"
+            tag_keys = [*self._ray_tags, *self._labels]
+            self._ray = _ray_metric(kind, name, documentation, tag_keys, buckets)
 
     def labels(self, *values: str) -> _Labelled:
-        return _Labelled(
-            self._prom.labels(*values), self._ray, dict(zip(self._labels, values, strict=True))
-        )
+        tags = {**self._ray_tags, **dict(zip(self._labels, values, strict=True))}
+        return _Labelled(self._prom.labels(*values), self._ray, tags)
 
 
 class _Labelled:
@@ -151,15 +167,22 @@ class _Labelled:
 
 class RayPublisher:
     """Publishes families read at scrape time (gauges of state, and counters kept elsewhere)
-    to Ray's metrics every `interval_s`, from a daemon thread: gauges are set, counters
-    advance by what they grew since the last publication."""
+    to Ray's metrics every `interval_s`, from a daemon thread, each sample with the constant
+    `tags` added: gauges are set, counters advance by what they grew since the last
+    publication (a counter at 0 is not sent: Ray's counters only take increments)."""
 
     def __init__(
-        self, collect: Callable[[], Iterable[Metric]], interval_s: float = RAY_PUBLISH_INTERVAL_S
+        self,
+        collect: Callable[[], Iterable[Metric]],
+        tags: Mapping[str, str],
+        interval_s: float = RAY_PUBLISH_INTERVAL_S,
     ) -> None:
         self._collect = collect
-        self._metrics: dict[str, Any] = {}
+        self._tags = dict(tags)
+        self._lock = threading.Lock()
+        self._metrics: dict[tuple, Any] = {}
         self._published: dict[tuple, float] = {}
+        self._failing: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(interval_s,), name="optserve-ray-metrics", daemon=True
@@ -167,35 +190,46 @@ class RayPublisher:
         self._thread.start()
 
     def publish(self) -> None:
-        for family in self._collect():
-            for sample in family.samples:
-                tags = dict(sample.labels)
-                metric = self._metrics.get(family.name)
-                if metric is None:
-                    metric = self._metrics[family.name] = _ray_metric(
-                        "gauge" if family.type == "gauge" else "counter",
-                        family.name, family.documentation, sorted(tags),
-                    )  # fmt: skip
-                if family.type == "gauge":
-                    metric.set(float(sample.value), tags=tags)
-                    continue
-                key = (family.name, tuple(sorted(tags.items())))
-                grown = sample.value - self._published.get(key, 0.0)
-                if grown < 0:  # the counter started over (a restored leader)
-                    grown = sample.value
-                if grown > 0:
-                    metric.inc(float(grown), tags=tags)
-                self._published[key] = sample.value
+        with self._lock:
+            for family in self._collect():
+                try:
+                    self._publish(family)
+                except Exception:  # noqa: BLE001 - the other families are still published
+                    if family.name not in self._failing:  # once, not every interval
+                        self._failing.add(family.name)
+                        log.warning("cannot publish %s to Ray's metrics", family.name,
+                                    exc_info=True)  # fmt: skip
+
+    def _publish(self, family: Metric) -> None:
+        for sample in family.samples:
+            tags = {**self._tags, **sample.labels}
+            kind = "gauge" if family.type == "gauge" else "counter"
+            key = (family.name, tuple(sorted(tags)))
+            if key not in self._metrics:
+                self._metrics[key] = _ray_metric(kind, family.name, family.documentation, key[1])
+            metric = self._metrics[key]
+            if metric is None:
+                continue
+            if kind == "gauge":
+                metric.set(float(sample.value), tags=tags)
+                continue
+            series = (family.name, tuple(sorted(tags.items())))
+            previous = self._published.get(series, 0.0)
+            # A counter that went down started over: all of its value is new. (None does today:
+            # a restored model's leader is a new process, with a new publisher.)
+            grown = sample.value - previous if sample.value >= previous else sample.value
+            if grown > 0:
+                metric.inc(float(grown), tags=tags)
+            self._published[series] = sample.value
 
     def _run(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
-            try:
-                self.publish()
-            except Exception:  # noqa: BLE001 - keep publishing; the endpoint has the truth
-                log.debug("publishing to Ray's metrics failed", exc_info=True)
+            self.publish()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
 
 
 class Trainers:
@@ -254,7 +288,7 @@ class ErrorCounter:
         component: str,
         model: str = "",
         shard: str = "",
-        ray: bool = False,
+        ray: Mapping[str, str] | None = None,
     ) -> None:
         self._where = (component, model, shard)
         self._counter = Series(
@@ -271,13 +305,14 @@ class ErrorCounter:
 
 class ShardMetrics:
     """What one shard measures. `leader_view()` (set on the model's leader) supplies the
-    model-wide gauges and the gradient policy's counters at scrape time. With `ray`, every
-    series is recorded in Ray's metrics too."""
+    model-wide gauges and the gradient policy's counters at scrape time. With `ray_service`,
+    every series is recorded in Ray's metrics too, tagged with that service's name."""
 
-    def __init__(self, model: str, shard: int, ray: bool = False) -> None:
+    def __init__(self, model: str, shard: int, ray_service: str | None = None) -> None:
         self.model = model
         self.registry = CollectorRegistry(auto_describe=False)
-        self._ray = ray
+        self._ray = ray_tags(ray_service)
+        ray = self._ray
         at = (model, str(shard))
         both = ["model", "shard"]
         r = self.registry
@@ -321,8 +356,8 @@ class ShardMetrics:
             "Versions between the one a push was computed on and the one it was applied to",
             ["model"], buckets=STALENESS_BUCKETS, ray=self._ray,
         ).labels(self.model)  # fmt: skip
-        if self._ray:
-            self._publisher = RayPublisher(self._leader.collect)
+        if self._ray is not None:
+            self._publisher = RayPublisher(self._leader.collect, self._ray)
 
     def stop(self) -> None:
         if self._publisher is not None:
@@ -473,15 +508,16 @@ class CoordinatorMetrics:
     """The coordinator's registry, and the collector that gathers every shard's at scrape time.
 
     `shards()` returns the Ray handles of every model's shards, `models()` how many models
-    the server holds. With `ray`, the coordinator's series are recorded in Ray's metrics too
-    (each shard records its own)."""
+    the server holds. With `ray_service`, the coordinator's series are recorded in Ray's metrics
+    too, tagged with that service's name (each shard records its own)."""
 
     def __init__(
         self,
         shards: Callable[[], list[Any]] | None = None,
         models: Callable[[], int] | None = None,
-        ray: bool = False,
+        ray_service: str | None = None,
     ) -> None:
+        ray = ray_tags(ray_service)
         self.registry = CollectorRegistry(auto_describe=False)
         self.errors = ErrorCounter(self.registry, "coordinator", ray=ray)
         self.checkpoint_seconds = Series(
@@ -495,7 +531,7 @@ class CoordinatorMetrics:
         self._shards = shards or list
         self._models = models or (lambda: 0)
         self._server: Any = None
-        self._publisher = RayPublisher(self._gauges) if ray else None
+        self._publisher = RayPublisher(self._gauges, ray) if ray is not None else None
 
     def _gauges(self) -> list[Metric]:
         models = GaugeMetricFamily("optserve_models", "Models the server holds")

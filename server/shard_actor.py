@@ -59,7 +59,7 @@ class ShardActor:
         device: str = "cpu",
         secret: str = "",
         edge: EdgeConfig | None = None,
-        ray_metrics: bool = False,
+        ray_service: str | None = None,
     ) -> None:
         keep_freed_memory()  # every step allocates and frees buffers the size of the slice
         inits = {
@@ -81,7 +81,8 @@ class ShardActor:
         sequencer = Sequencer(num_shards, mode) if index == 0 else None
         self._secret = secret
         self._edge = edge or EdgeConfig()
-        self._metrics = ShardMetrics(model, index, ray=ray_metrics)
+        # With `ray_service`, its series go to Ray's metrics too, tagged with that service.
+        self._metrics = ShardMetrics(model, index, ray_service=ray_service)
         self._state.update_timer = self._metrics.update_timer
         if sequencer is not None:
             self._metrics.lead(self._leader_view)

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from optserve.client import Aborted, ParameterServerClient, Unauthenticated
 from optserve.server.metrics import SERIES
+from optserve.server.runtime import COORDINATOR_NAME
 
 
 def scrape(service) -> dict[str, list]:
@@ -170,7 +171,10 @@ def test_the_series_are_exported_through_rays_metrics_agent_too(
     deadline = time.monotonic() + 120
     while True:
         samples = scrape_ray(ray_session)
-        got = {name: total(samples, name, **labels.get(name, at)) for name in expected}
+        got = {
+            name: total(samples, name, **labels.get(name, at), service=COORDINATOR_NAME)
+            for name in expected
+        }
         if got == expected or time.monotonic() > deadline:
             break
         time.sleep(1.0)
@@ -181,8 +185,15 @@ def test_the_series_are_exported_through_rays_metrics_agent_too(
         name: total(endpoint, name.removeprefix("ray_"), **labels.get(name, at))
         for name in expected
     } == expected
-    # Every series of the endpoint has its Ray twin, with Ray's node and worker labels.
+    # Every series of the endpoint has its Ray twin, with the service's label and Ray's node and
+    # worker labels (the session's other server is told apart by its own service label).
     for name in SERIES:
-        assert any(s.startswith(f"ray_{name}") for s in samples), name
-    (labelled, _), *_ = samples["ray_optserve_pushes_total"]
+        mine = {"service": COORDINATOR_NAME} if name == "optserve_models" else at
+        twins = [s for s in samples if s.startswith(f"ray_{name}")]
+        assert any(
+            all(ls.get(k) == v for k, v in mine.items()) for s in twins for ls, _ in samples[s]
+        ), name
+    pushes = samples["ray_optserve_pushes_total"]
+    (labelled,) = [ls for ls, _ in pushes if ls["model"] == model_name]
+    assert labelled["service"] == COORDINATOR_NAME
     assert {"NodeAddress", "SessionName", "WorkerId"} <= set(labelled)
