@@ -18,6 +18,9 @@ Targets (issue 4), at 16M parameters: optserve <= 3x the floor, and <= 1.5x the 
 
 `--auth` also times each optserve step against a second server that checks a token on every
 call (issue 7), and prints the ratio: what authentication costs on the data plane.
+`--ray-metrics` also times it against a server that records no Ray metrics (the default server
+records every series in Ray's metrics too, issue 8), and prints the ratio: what they cost.
+Small sizes show a per-push cost best: `--sizes 1000 1000000 --ray-metrics`.
 """
 
 from __future__ import annotations
@@ -181,6 +184,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--skip-gloo", action="store_true")
     parser.add_argument("--auth", action="store_true", help="also time a server with tokens")
+    parser.add_argument(
+        "--ray-metrics",
+        action="store_true",
+        help="also time a server that records no Ray metrics",
+    )
     args = parser.parse_args()
 
     import ray
@@ -188,8 +196,9 @@ def main() -> None:
     from optserve.server.runtime import init_ray, start_service
 
     init_ray(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=False)
-    service = start_service(default_num_shards=1)
-    guarded = None
+    service = start_service(default_num_shards=1)  # the default: Ray's metrics recorded too
+    # Other servers whose step is compared with the default one's: (what differs, server).
+    variants = []
     if args.auth:
         import secrets
 
@@ -198,7 +207,10 @@ def main() -> None:
         token = secrets.token_urlsafe(32)
         os.environ["OPTSERVE_TOKEN"] = token  # every client sends it (the open server ignores it)
         edge = EdgeConfig(tokens=TokenTable.single(token))
-        guarded = start_service(name="optserve-bench-auth", edge=edge)
+        variants.append(("tokens", start_service(name="optserve-bench-auth", edge=edge)))
+    if args.ray_metrics:
+        plain = start_service(name="optserve-bench-no-ray-metrics", ray_metrics=False)
+        variants.append(("no Ray metrics", plain))
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, ray {ray.__version__}, "
           f"{os.cpu_count()} cores; step = push gradients + apply + pull weights, fp32, "
           f"1 trainer, medians of {args.repeat}")  # fmt: skip
@@ -224,13 +236,14 @@ def main() -> None:
                 print(f"  optserve, {shards} shard(s)                {ours * 1e3:8.1f} ms   "
                       f"{ours / floor:5.2f}x floor  {ours / docs:5.2f}x ray-docs"
                       f"{verdict}")  # fmt: skip
-                if guarded is not None:
-                    checked = optserve_step(guarded.address, numel, shards, args.repeat)
-                    label = f"optserve, {shards} shard(s), tokens"
-                    print(f"  {label:38} {checked * 1e3:8.1f} ms   {checked / ours:5.2f}x without")
+                for what, other in variants:
+                    theirs = optserve_step(other.address, numel, shards, args.repeat)
+                    label = f"optserve, {shards} shard(s), {what}"
+                    print(f"  {label:38} {theirs * 1e3:8.1f} ms   "
+                          f"{theirs / ours:5.2f}x the default server")  # fmt: skip
     finally:
-        if guarded is not None:
-            guarded.stop(grace_s=1.0)
+        for _, other in variants:
+            other.stop(grace_s=1.0)
         service.stop(grace_s=1.0)
         ray.shutdown()
 

@@ -30,20 +30,18 @@ class CoordinatorActor:
         edge: EdgeConfig | None = None,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
-        ray_metrics: bool = False,
+        ray_service: str | None = None,
     ) -> None:
         """`metrics_port` serves Prometheus metrics over HTTP (0: any free port; None: off)
-        on `metrics_host` (default: `host`); `ray_metrics` records them in Ray's metrics too,
-        tagged `service` = this actor's name."""
-        import ray
-
+        on `metrics_host` (default: `host`); with `ray_service` (the service's name) they are
+        recorded in Ray's metrics too, tagged with it."""
         logging.basicConfig(level=logging.INFO)
         edge = edge or EdgeConfig()
-        service = ray.get_runtime_context().get_actor_name() or "optserve"
         self._coordinator = Coordinator(
             host, default_num_shards, limits, placement, checkpoint_dir, keep_checkpoints,
-            edge=edge, ray_service=service if ray_metrics else None,
+            edge=edge, ray_service=ray_service,
         )  # fmt: skip
+        import ray
 
         if ray.get_runtime_context().was_current_actor_reconstructed:
             # Ray restarted this coordinator: its shards died with it. Every model that has a

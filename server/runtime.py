@@ -106,7 +106,8 @@ def start_service(
     `optserve.server.coordinator.Limits`) bounds model size and count. `metrics_port` serves
     Prometheus metrics on `metrics_host` (default `host`; port 0: any free one; None: off).
     `ray_metrics` also records every series in Ray's metrics (`ray.util.metrics`), which each
-    node's Ray metrics agent exports as `ray_optserve_*` (needs `ray[default]`)."""
+    node's Ray metrics agent exports as `ray_optserve_*` (needs `ray[default]`), labelled
+    `service` = `name`."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -132,7 +133,7 @@ def start_service(
             edge,
             metrics_port,
             metrics_host,
-            ray_metrics,
+            name if ray_metrics else None,  # the `service` label of Ray's metrics
         )  # fmt: skip
     )
     try:

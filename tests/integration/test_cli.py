@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import re
-import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -56,19 +57,35 @@ def test_serve_refuses_to_start_without_tokens_unless_told(tmp_path):
     assert result.returncode != 0 and "at least 16 characters" in result.stderr
 
 
+def _lines(proc) -> queue.Queue:
+    """proc's stdout lines, read by a thread of their own (None after the last). Waiting on the
+    pipe with select() misses lines that already sit in the file object's buffer, as when one
+    write carries two lines."""
+    lines = getattr(proc, "_optserve_lines", None)
+    if lines is None:
+        lines = proc._optserve_lines = queue.Queue()
+
+        def pump() -> None:
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, name="read-until", daemon=True).start()
+    return lines
+
+
 def read_until(proc, pattern, timeout_s):
     """Read proc's stdout until a line matches; return the match (fail with what was seen)."""
     seen = []
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
+    lines = _lines(proc)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not selector.select(timeout=1.0):
-            if proc.poll() is not None:
-                break
-            continue
-        line = proc.stdout.readline()
-        if not line:
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:  # the output ended; later calls see that too
+            lines.put(None)
             break
         seen.append(line)
         match = re.search(pattern, line)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stdout
@@ -222,7 +223,10 @@ def test_cli_status_set_optimizer_and_set_schedule(service, client, model_name):
     code, out = run("set-schedule", json.dumps({"name": "exponential", "gamma": 0.5}))
     assert code == 0 and "from version 1 on" in out
     code, out = run("status")
-    assert code == 0 and "version 1" in out and "set_optimizer" in out and "sgd" in out
+    # A table of one row per field: the version, the rule, then the audit log.
+    assert code == 0 and re.search(r"^version\s+1$", out, re.M), out
+    assert re.search(r"^optimizer\s+\{.*\"name\": \"sgd\"", out, re.M), out
+    assert "set_optimizer" in out and "set_schedule" in out, out
     code, out = run("status", "--json")
     status = json.loads(out)
     assert status["optimizer"]["nesterov"] is True and len(status["audit"]) == 3
