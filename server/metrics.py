@@ -311,8 +311,7 @@ class ShardMetrics:
     def __init__(self, model: str, shard: int, ray_service: str | None = None) -> None:
         self.model = model
         self.registry = CollectorRegistry(auto_describe=False)
-        self._ray = ray_tags(ray_service)
-        ray = self._ray
+        self._ray = ray = ray_tags(ray_service)
         at = (model, str(shard))
         both = ["model", "shard"]
         r = self.registry

@@ -30,6 +30,14 @@ def validate_kubernetes(obj: dict) -> None:
     kubernetes_validate.validate(obj, KUBERNETES, strict=True)
 
 
+def validate_pod_template(template: dict) -> None:
+    """A pod template (of a RayCluster group) validated as the Pod it becomes."""
+    metadata = template.get("metadata", {"name": "template"})
+    validate_kubernetes(
+        {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
+    )
+
+
 def serve_args(command: str):
     """Parse the `optserve serve ...` inside a shell command line with the real CLI parser."""
     words = shlex.split(command.replace(";", " ; "))
@@ -76,11 +84,7 @@ def test_the_kuberay_manifest_is_well_formed_kubernetes_objects():
     validate_kubernetes(service)
     groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
     for group in groups:
-        template = group["template"]
-        validate_kubernetes({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": template.get("metadata", {"name": "template"}), "spec": template["spec"],
-        })  # fmt: skip
+        validate_pod_template(group["template"])
     # The Secret's table is one the server accepts.
     TokenTable.parse(secret["stringData"]["tokens.json"])
     spec = cluster["spec"]
@@ -128,11 +132,10 @@ def test_the_kubernetes_schema_check_catches_a_broken_manifest():
     service["spec"]["ports"][0]["port"] = "50051"  # a string where an integer belongs
     with pytest.raises(kubernetes_validate.ValidationError):
         validate_kubernetes(service)
-    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
-    head["containers"][0]["volumeMount"] = head["containers"][0].pop("volumeMounts")
+    head = cluster["spec"]["headGroupSpec"]["template"]
+    head["spec"]["containers"][0]["volumeMount"] = head["spec"]["containers"][0].pop("volumeMounts")
     with pytest.raises(kubernetes_validate.ValidationError):
-        validate_kubernetes({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
-                             "spec": head})  # fmt: skip
+        validate_pod_template(head)
 
 
 def test_the_image_recipe_installs_optserve_and_exposes_its_port():
