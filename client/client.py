@@ -7,6 +7,8 @@ It never imports server code.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import getpass
 import json
 import os
@@ -30,7 +32,6 @@ from optserve.client.codec import (
     TensorAssembler,
     count_nonfinite,
     dtype_name,
-    encode_tensor,
     expect_all,
     torch_dtype,
 )
@@ -67,6 +68,8 @@ T = TypeVar("T")
 # Threads for calls to shards: every shard of a model is called at once, so this bounds
 # shards x concurrent calls through one client (the coordinator allows up to 256 shards).
 CLIENT_THREADS = 512
+# The slowest rate a Load's deadline allows for on top of the client's timeout.
+LOAD_FLOOR_BYTES_PER_S = 50e6
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -87,6 +90,8 @@ class ModelInfo:
     group_configs: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     # How pushes become updates: AsyncMode or SyncMode (optserve.client.config).
     mode: Any = None
+    # True while the shards wait for their initial values (the creator sends them).
+    initializing: bool = False
 
     @property
     def params(self) -> tuple[ParamSlot, ...]:
@@ -120,6 +125,7 @@ class ModelInfo:
                 }
                 for g in info.groups
             },
+            initializing=info.initializing,
         )
 
 
@@ -149,6 +155,7 @@ class _DataPlane:
     push: grpc.StreamUnaryMultiCallable
     push_pull: grpc.StreamStreamMultiCallable
     pull: grpc.UnaryStreamMultiCallable
+    load: grpc.StreamUnaryMultiCallable
 
     @classmethod
     def open(cls, channel: grpc.Channel) -> _DataPlane:
@@ -168,6 +175,11 @@ class _DataPlane:
                 method + "Pull",
                 request_serializer=shard_pb2.PullRequest.SerializeToString,
                 response_deserializer=parse_pull_response,
+            ),
+            load=channel.stream_unary(
+                method + "Load",
+                request_serializer=passthrough,
+                response_deserializer=shard_pb2.LoadResponse.FromString,
             ),
         )
 
@@ -256,6 +268,10 @@ class ParameterServerClient:
     ) -> ModelInfo:
         """Register a model with its initial parameter values and optimizer config.
 
+        The coordinator starts the model's shards and answers with the layout; this client then
+        streams each shard its slice of the initial values directly, in parallel (no tensor
+        byte passes through the coordinator). If that fails, the half-made model is dropped.
+
         `groups` maps a group name to ``{"params": [names], <hyperparameter overrides>}``, for
         example ``{"no_decay": {"params": ["fc.bias"], "weight_decay": 0.0}}``; parameters in no
         group form the group "default". `schedule` is a schedule config (default constant).
@@ -290,19 +306,38 @@ class ParameterServerClient:
             checkpoint_json=json.dumps(dict(checkpoint)) if checkpoint else "",
         )
 
-        def requests() -> Iterator[coordinator_pb2.CreateModelRequest]:
-            yield coordinator_pb2.CreateModelRequest(spec=spec)
-            for name, tensor in named:
-                for chunk in encode_tensor(name, tensor, self.chunk_bytes):
-                    yield coordinator_pb2.CreateModelRequest(chunk=chunk)
-
         reply = _call(
             self._coordinator.CreateModel,
-            requests(),
+            iter([coordinator_pb2.CreateModelRequest(spec=spec)]),
             timeout=self.timeout_s,
             metadata=self._metadata,
         )
-        return self._remember(reply)
+        info = self._remember(reply)
+        try:
+            self._load(info, dict(named))
+        except BaseException:
+            with contextlib.suppress(OptserveError):  # it never had its values: not a model
+                self.drop_model(model)
+            raise
+        return self._remember(dataclasses.replace(info, initializing=False))
+
+    def _load(self, info: ModelInfo, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Stream every shard its slice of the initial values (float32 masters)."""
+        flats = {g.name: flatten_group(g, tensors, torch.float32) for g in info.groups}
+        header = header_frame(shard_pb2.LoadHeader(model=info.name))
+
+        def load_one(shard: ShardSlice) -> None:
+            def requests() -> Iterator[bytes]:
+                yield header
+                for group, (start, end) in shard.ranges.items():
+                    yield from chunk_frames(group, flats[group][start:end], self.chunk_bytes)
+
+            numel = sum(end - start for start, end in shard.ranges.values())
+            timeout = self.timeout_s + numel * 4 / LOAD_FLOOR_BYTES_PER_S
+            _call(self._data_plane(shard.address).load, requests(), timeout=timeout,
+                  metadata=self._metadata)  # fmt: skip
+
+        self._each_shard(info, load_one)
 
     def describe_model(self, model: str) -> ModelInfo:
         reply = _call(
@@ -372,16 +407,28 @@ class ParameterServerClient:
         self._forget_layout(model)
         return {**json.loads(reply.report_json), "version": reply.version}
 
-    def checkpoint(self, model: str) -> dict[str, Any]:
+    def checkpoint(self, model: str, *, snapshot: str | None = None) -> dict[str, Any]:
         """Write a consistent checkpoint of the model now (the server needs a checkpoint
-        directory); returns its name, version and where it is."""
+        directory); returns its name, version, where it is, its size in bytes, how long the
+        model's updates were held (`pause_s`) and how long it took (`seconds`).
+
+        `snapshot` says how the model is held still: "pause" (pushes wait while the shards
+        write; no extra memory) or "copy" (the shards copy their state, pushes go on while the
+        copy is written); default: the model's checkpoint policy, else "pause"."""
         reply = _call(
             self._coordinator.Checkpoint,
-            coordinator_pb2.CheckpointRequest(model=model),
+            coordinator_pb2.CheckpointRequest(model=model, snapshot=snapshot or ""),
             timeout=self.timeout_s,
             metadata=self._metadata,
         )
-        return {"name": reply.name, "version": reply.version, "uri": reply.uri}
+        return {
+            "name": reply.name,
+            "version": reply.version,
+            "uri": reply.uri,
+            "bytes": reply.bytes,
+            "pause_s": reply.pause_s,
+            "seconds": reply.seconds,
+        }
 
     def list_checkpoints(self, model: str) -> list[dict[str, Any]]:
         """The model's complete checkpoints, oldest first: name, version, time."""
@@ -641,8 +688,8 @@ class ParameterServerClient:
 
     # ---- plumbing ------------------------------------------------------------------------
 
-    def _remember(self, reply: coordinator_pb2.ModelInfo) -> ModelInfo:
-        info = ModelInfo.from_proto(reply)
+    def _remember(self, reply: coordinator_pb2.ModelInfo | ModelInfo) -> ModelInfo:
+        info = reply if isinstance(reply, ModelInfo) else ModelInfo.from_proto(reply)
         with self._lock:
             self._layouts[info.name] = info
         return info

@@ -8,7 +8,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -25,6 +25,7 @@ from optserve.client.errors import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _mode(mode: str | Mapping[str, Any] | None, trainers: int | None) -> Any:
@@ -117,8 +118,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             info, created = self._attach(config)
             self._check_matches(info)
             self.version = info.version
-            if not created:
-                self._load_from_server()
+            if not created:  # its creator may still be sending the initial values: wait
+                self._wait_for_server()
         except BaseException:
             self.close()
             raise
@@ -245,7 +246,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
         return self.client.set_schedule(self.model, config)
 
     def report_metric(self, name: str, value: float, step: int | None = None) -> bool:
-        return self.client.report_metric(self.model, name, value, step)
+        """Report a metric (see ParameterServerClient.report_metric). While the server's
+        coordinator is briefly away (restarting), this waits for it, up to
+        `recover_timeout_s`, rather than failing the training loop."""
+        return self._patiently(lambda: self.client.report_metric(self.model, name, value, step))
+
+    def _patiently(self, call: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.recover_timeout_s
+        delay = 0.2
+        while True:
+            try:
+                return call()
+            except Unavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("the server is unavailable; retrying in %.1f s", delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not getattr(self, "_constructing", False):

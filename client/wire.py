@@ -7,7 +7,7 @@ CPU time of a step. Here a frame is written directly in protobuf's wire format, 
 copied once (into the frame), and read back as a view into the received bytes, so the tensor
 data is copied once more, into its destination tensor.
 
-The bytes are standard protobuf: `PushRequest`, `PullResponse` and `CreateModelRequest` all
+The bytes are standard protobuf: `PushRequest`, `PullResponse` and `LoadRequest` all
 carry their `TensorChunk` as field 2 and their header or spec as field 1, so any protobuf
 client or server reads these frames, and these readers accept any valid encoding of those
 messages (fields in any order, unknown fields, packed or unpacked `shape`).

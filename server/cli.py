@@ -80,6 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     edge = _edge_config(args)
     limits = Limits(max_models=args.max_models, max_model_bytes=args.max_model_bytes)
+    policy = _checkpoint_policy(args)
 
     if args.ray_address:
         connect_ray(args.ray_address)
@@ -101,7 +102,15 @@ def _serve(args: argparse.Namespace) -> int:
             metrics_port=None if args.no_metrics else args.metrics_port,
             metrics_host=args.metrics_host,
             ray_metrics=not args.no_ray_metrics,
+            checkpoint_policy=policy,
         )
+        largest = ray.get(service.actor.max_model_bytes.remote(), timeout=60)
+        print(f"optserve: models of up to {largest / 2**30:.1f} GiB of fp32 weights "
+              f"({largest // 4:,} parameters)" + ("" if args.max_model_bytes else
+              ", from the cluster's memory (--max-model-bytes sets it)"))  # fmt: skip
+        if args.checkpoint_dir:
+            print(f"optserve: checkpoints in {args.checkpoint_dir}; models that set no policy: "
+                  f"{json.dumps(policy) if policy else 'none periodic'}")  # fmt: skip
         if args.restore:
             if not args.checkpoint_dir:
                 raise SystemExit("optserve serve: --restore needs --checkpoint-dir")
@@ -138,6 +147,18 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         ray.shutdown()
     return 0
+
+
+def _checkpoint_policy(args: argparse.Namespace) -> dict | None:
+    """The periodic-checkpoint policy of models that set none (None: the server's default)."""
+    if not args.checkpoint_dir:
+        return None
+    if args.no_periodic_checkpoints:
+        return {"enabled": False}
+    policy: dict = {"every_s": args.checkpoint_every_s, "snapshot": args.checkpoint_snapshot}
+    if args.checkpoint_every_versions:
+        policy["every_versions"] = args.checkpoint_every_versions
+    return policy
 
 
 def _client(args: argparse.Namespace):
@@ -240,19 +261,37 @@ def _status(args: argparse.Namespace) -> int:
                 s["model"], f"{s['version']:,}", _rule(s["optimizer"]),
                 ", ".join(f"{g['lr']:.4g}" for g in s["groups"].values()),
                 s["schedule"].get("name", "constant"), s["mode"]["mode"],
-                f"{len(s['shards'])} on {s['device']}",
-                f"{_active_trainers(s)}/{len(s.get('trainers', {}))}",
+                _shards_cell(s), f"{_active_trainers(s)}/{len(s.get('trainers', {}))}",
+                _checkpoint_cell(s["checkpoint"]), f"{s['checkpoint']['updates_at_risk']:,}",
             ]
             for s in statuses
         ]  # fmt: skip
-        rows += [[name, "-", "-", "-", "-", "-", "-", "-"] for name in errors]
-        headers = ["MODEL", "VERSION", "RULE", "LR", "SCHEDULE", "MODE", "SHARDS", "TRAINERS"]
+        rows += [[name, *["-"] * 9] for name in errors]
+        headers = ["MODEL", "VERSION", "RULE", "LR", "SCHEDULE", "MODE", "SHARDS", "TRAINERS",
+                   "CHECKPOINT", "AT RISK"]  # fmt: skip
         print(_table(headers, rows))
         for name, error in errors.items():
             print(f"optserve: {name}: {error}", file=sys.stderr)
         return 2 if errors else 0
     _print_model(statuses[0])
     return 0
+
+
+def _shards_cell(status: dict) -> str:
+    """How many shards on which device, and which are broken or still loading."""
+    cell = f"{len(status['shards'])} on {status['device']}"
+    broken = [str(s["index"]) for s in status["shards"] if s.get("broken")]
+    if broken:
+        cell += f" (broken: {','.join(broken)})"
+    elif status.get("initializing"):
+        cell += " (loading)"
+    return cell
+
+
+def _checkpoint_cell(checkpoint: dict) -> str:
+    """When the model was last checkpointed (and, without periodic ones, that it is not)."""
+    last = "never" if checkpoint["age_s"] is None else _ago(checkpoint["age_s"])
+    return last if checkpoint["periodic"] else f"{last}, not periodic"
 
 
 def _print_model(status: dict) -> None:
@@ -266,6 +305,11 @@ def _print_model(status: dict) -> None:
     print(f"mode      {json.dumps({k: v for k, v in status['mode'].items() if k != 'gradients'})}")
     print(f"gradients {json.dumps(gradients)}  counters "
           f"{json.dumps(status.get('gradient_counters', {}))}")  # fmt: skip
+    checkpoint = status["checkpoint"]
+    last = ("none yet" if checkpoint["last_version"] is None else
+            f"version {checkpoint['last_version']:,}, {_ago(checkpoint['age_s'])}")  # fmt: skip
+    print(f"checkpoint last {last}; policy {json.dumps(checkpoint['policy'])}; a lost shard "
+          f"now costs {checkpoint['updates_at_risk']:,} update(s)")  # fmt: skip
     print()
     print(_table(
         ["GROUP", "PARAMS", "LR", "STATE", "OVERRIDES"],
@@ -274,8 +318,10 @@ def _print_model(status: dict) -> None:
     ))  # fmt: skip
     print()
     print(_table(
-        ["SHARD", "ADDRESS", "DEVICE", "VERSION", "RULES"],
+        ["SHARD", "ADDRESS", "DEVICE", "VERSION", "STATE", "RULES"],
         [[str(s["index"]), s["address"], s["device"], f"{s['version']:,}",
+          f"broken: {s['broken']}" if s.get("broken") else
+          ("ok" if s.get("ready", True) else "loading"),
           ", ".join(f"{g}: {i['rule']} ({i['path']})" for g, i in s["groups"].items())]
          for s in status["shards"]],
     ))  # fmt: skip
@@ -365,9 +411,10 @@ def _checkpoint(args: argparse.Namespace) -> int:
                 print(f"{entry['name']}  version {entry['version']}  {stamp}")
             return 0
         with _progress(f"checkpointing {args.model}"):
-            done = client.checkpoint(args.model)
+            done = client.checkpoint(args.model, snapshot=args.snapshot)
     print(f"checkpoint {done['name']} of {args.model} at version {done['version']} "
-          f"in {done['uri']}")  # fmt: skip
+          f"in {done['uri']}: {done['bytes'] / 1e6:,.1f} MB in {done['seconds']:.1f}s "
+          f"(pushes held {done['pause_s']:.2f}s)")  # fmt: skip
     return 0
 
 
@@ -451,6 +498,33 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="at start, restore every model from its newest checkpoint in --checkpoint-dir",
     )
+    serve.add_argument(
+        "--checkpoint-every-s",
+        type=float,
+        default=600.0,
+        help="with --checkpoint-dir: checkpoint each model that sets no policy of its own this "
+        "often, once it has moved (default 600)",
+    )
+    serve.add_argument(
+        "--checkpoint-every-versions",
+        type=int,
+        default=None,
+        help="with --checkpoint-dir: also checkpoint such a model after this many updates",
+    )
+    serve.add_argument(
+        "--checkpoint-snapshot",
+        choices=["pause", "copy"],
+        default="pause",
+        help="how a checkpoint holds a model still: pause its pushes while each shard writes "
+        "(default; no extra memory), or copy each shard's state first (pushes pause for the "
+        "copy only; one more copy of the state in memory while it is written)",
+    )
+    serve.add_argument(
+        "--no-periodic-checkpoints",
+        action="store_true",
+        help="no periodic checkpoints for models that set no policy (they are then lost if a "
+        "shard dies before someone checkpoints them)",
+    )
     auth = serve.add_argument_group("authentication, TLS and limits")
     auth.add_argument(
         "--tokens-file",
@@ -481,8 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_argument(
         "--max-model-bytes",
         type=int,
-        default=1 << 30,
-        help="largest model, as fp32 masters, in bytes (default 1 GiB)",
+        default=None,
+        help="largest model, as fp32 masters, in bytes (default: the Ray cluster's memory / 6, "
+        "room for the weights and the largest optimizer state; at least 1 GiB)",
     )
     metrics = serve.add_argument_group("metrics")
     metrics.add_argument(
@@ -648,6 +723,13 @@ def build_parser() -> argparse.ArgumentParser:
         "  optserve checkpoint --model my-net --list\n",
     )
     checkpoint.add_argument("--list", action="store_true", help="list the model's checkpoints")
+    checkpoint.add_argument(
+        "--snapshot",
+        choices=["pause", "copy"],
+        default=None,
+        help="pause the model's pushes while the shards write (no extra memory), or copy "
+        "each shard's state first (default: the model's policy)",
+    )
     checkpoint.set_defaults(func=_checkpoint)
 
     restore = control(

@@ -8,11 +8,12 @@ from typing import Any
 
 import grpc
 
-from optserve.client.codec import TensorAssembler, expect_all, torch_dtype, wire_dtype
+from optserve.client.codec import torch_dtype, wire_dtype
 from optserve.client.config import optimizer_config_json, parse_mode_config, parse_optimizer_config
 from optserve.client.errors import InvalidArgument, ResourceExhausted
 from optserve.server.auth import current_principal
-from optserve.server.coordinator import Coordinator, GroupSpec, ModelRecord, validate_params
+from optserve.server.catalogue import GroupSpec, ModelRecord
+from optserve.server.coordinator import Coordinator
 from optserve.server.grpc_util import unary_errors
 from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -70,6 +71,7 @@ def model_info(
         optimizer_json=record.optimizer_json,
         schedule_json=record.schedule_json,
         mode_json=record.mode_json,
+        initializing=record.initializing,
     )
 
 
@@ -90,9 +92,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("payload") != "spec":
             raise InvalidArgument("a CreateModel stream must start with a ModelSpec")
+        if next(request_iterator, None) is not None:
+            raise InvalidArgument(
+                "a CreateModel stream carries one ModelSpec and nothing else: each shard takes "
+                "its slice of the initial values itself (Shard/Load, after CreateModel answers)"
+            )
         spec = first.spec
         params = [(p.name, tuple(p.shape), torch_dtype(p.dtype)) for p in spec.params]
-        validate_params(spec.name, params, self._coordinator.limits)
+        self._coordinator.validate_params(spec.name, params)
         optimizer = parse_optimizer_config(spec.optimizer_json)
         mode = parse_mode_config(spec.mode_json or None)
         policy = self._coordinator.checkpoint_policy(
@@ -104,16 +111,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         ]
         self._coordinator.reserve(spec.name)
         try:
-            assembler = TensorAssembler(
-                expect_all((n, s, (d,)) for n, s, d in params), what="parameter"
-            )
-            for request in request_iterator:
-                if request.WhichOneof("payload") != "chunk":
-                    raise InvalidArgument("a CreateModel stream carries one ModelSpec, then chunks")
-                assembler.add(request.chunk)
-            initial = assembler.finish()
             record = self._coordinator.create_model(
-                spec.name, params, initial, optimizer, spec.num_shards, groups,
+                spec.name, params, optimizer, spec.num_shards, groups,
                 spec.schedule_json or None, mode, policy,
             )  # fmt: skip
         finally:
@@ -163,7 +162,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         version, report = self._coordinator.set_hyperparameters(
             request.model, changes, caller_of(context)
         )
-        report["optimizer"] = json.loads(self._coordinator.get(request.model).optimizer_json)
+        report["optimizer"] = self._coordinator.get(request.model).entry.optimizer
         return coordinator_pb2.SetOptimizerResponse(version=version, report_json=json.dumps(report))
 
     @unary_errors
@@ -207,10 +206,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def Checkpoint(
         self, request: coordinator_pb2.CheckpointRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.CheckpointResponse:
-        done = self._coordinator.checkpoint(request.model, caller_of(context))
-        return coordinator_pb2.CheckpointResponse(
-            name=done["name"], version=done["version"], uri=done["uri"]
+        done = self._coordinator.checkpoint(
+            request.model, caller_of(context), snapshot=request.snapshot or None
         )
+        return coordinator_pb2.CheckpointResponse(
+            name=done["name"], version=done["version"], uri=done["uri"], bytes=done["bytes"],
+            pause_s=done["pause_s"], seconds=done["seconds"],
+        )  # fmt: skip
 
     @unary_errors
     def ListCheckpoints(

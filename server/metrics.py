@@ -60,6 +60,9 @@ SERIES = (
     "optserve_staleness",
     "optserve_errors_total",
     "optserve_checkpoint_seconds",
+    "optserve_shard_broken",
+    "optserve_updates_since_checkpoint",
+    "optserve_last_checkpoint_timestamp_seconds",
 )
 # A trainer counts in `optserve_trainers` for this long after its last push.
 TRAINER_WINDOW_S = 300.0
@@ -335,12 +338,24 @@ class ShardMetrics:
         self.errors = ErrorCounter(r, "shard", model, str(shard), ray=ray)
         self.update_timer = UpdateTimer(self.update_seconds)
         self.trainers = Trainers()
+        self.shard = str(shard)
         self.leader_view: Callable[[], dict[str, Any]] | None = None
+        self.health: Callable[[], dict[str, Any]] | None = None
         self._pushes: Any = None
         self._staleness: Any = None
-        self._leader = _LeaderCollector(self)
+        self._leader = _StateCollector(self)
         self.registry.register(self._leader)
         self._publisher: RayPublisher | None = None
+
+    def _publish_state(self) -> None:
+        """Publish the gauges read from state to Ray's metrics too (once)."""
+        if self._ray is not None and self._publisher is None:
+            self._publisher = RayPublisher(self._leader.collect, self._ray)
+
+    def watch_health(self, health: Callable[[], dict[str, Any]]) -> None:
+        """Serve `optserve_shard_broken` from `health()` (ShardState.health)."""
+        self.health = health
+        self._publish_state()
 
     def lead(self, view: Callable[[], dict[str, Any]]) -> None:
         """Make this shard its model's leader: it counts pushes and staleness model-wide."""
@@ -355,8 +370,7 @@ class ShardMetrics:
             "Versions between the one a push was computed on and the one it was applied to",
             ["model"], buckets=STALENESS_BUCKETS, ray=self._ray,
         ).labels(self.model)  # fmt: skip
-        if self._ray is not None:
-            self._publisher = RayPublisher(self._leader.collect, self._ray)
+        self._publish_state()
 
     def stop(self) -> None:
         if self._publisher is not None:
@@ -433,18 +447,28 @@ class UpdateTimer:
                 self._histogram.observe(started.elapsed_time(finished) / 1000.0)
 
 
-class _LeaderCollector(Collector):
-    """Gauges read at scrape time from the leader's state: version, lr, trainers, and the
-    gradient policy's counters."""
+class _StateCollector(Collector):
+    """Gauges read at scrape time from a shard's state: whether it is broken; and on the
+    model's leader, version, lr, trainers, and the gradient policy's counters."""
 
     def __init__(self, metrics: ShardMetrics) -> None:
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        model = self._metrics.model
+        if self._metrics.health is not None:
+            broken = GaugeMetricFamily(
+                "optserve_shard_broken",
+                "1 while a shard no longer matches its model's other shards (the coordinator "
+                "then restores the model from its newest checkpoint)",
+                labels=["model", "shard"],
+            )
+            broken.add_metric([model, self._metrics.shard],
+                              float(self._metrics.health()["broken"] is not None))  # fmt: skip
+            yield broken
         view = self._metrics.leader_view
         if view is None:
             return
-        model = self._metrics.model
         state = view()
         version = GaugeMetricFamily(
             "optserve_model_version", "Updates applied to the model", labels=["model"]
@@ -515,6 +539,7 @@ class CoordinatorMetrics:
         shards: Callable[[], list[Any]] | None = None,
         models: Callable[[], int] | None = None,
         ray_service: str | None = None,
+        checkpoints: Callable[[], list[tuple[str, int | None, float | None]]] | None = None,
     ) -> None:
         ray = ray_tags(ray_service)
         self.registry = CollectorRegistry(auto_describe=False)
@@ -529,13 +554,29 @@ class CoordinatorMetrics:
         )
         self._shards = shards or list
         self._models = models or (lambda: 0)
+        self._checkpoints = checkpoints or list
         self._server: Any = None
         self._publisher = RayPublisher(self._gauges, ray) if ray is not None else None
 
     def _gauges(self) -> list[Metric]:
         models = GaugeMetricFamily("optserve_models", "Models the server holds")
         models.add_metric([], self._models())
-        return [models]
+        at_risk = GaugeMetricFamily(
+            "optserve_updates_since_checkpoint",
+            "Updates applied since the model's newest checkpoint: what losing a shard costs",
+            labels=["model"],
+        )
+        last = GaugeMetricFamily(
+            "optserve_last_checkpoint_timestamp_seconds",
+            "Unix time of the model's newest checkpoint",
+            labels=["model"],
+        )
+        for model, since, when in self._checkpoints():
+            if since is not None:
+                at_risk.add_metric([model], since)
+            if when is not None:
+                last.add_metric([model], when)
+        return [models, at_risk, last]
 
     def collect(self) -> list[Metric]:
         """Every family of the service, merged."""

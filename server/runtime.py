@@ -9,9 +9,9 @@ from typing import Any
 
 NAMESPACE = "optserve"
 COORDINATOR_NAME = "optserve-coordinator"
-# Room for the initial weights of a model at the default size limit on their way to the shard
-# actors; tensors never ride Ray on the hot path (push and pull go over each shard's gRPC).
-DEFAULT_OBJECT_STORE_BYTES = 2 << 30
+# No tensor rides Ray's object store (initial values, pushes, pulls and checkpoints all go over
+# the shards' gRPC or straight to the store): it carries only small control messages.
+DEFAULT_OBJECT_STORE_BYTES = 512 << 20
 LOOPBACK = "127.0.0.1"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
@@ -98,6 +98,7 @@ def start_service(
     metrics_port: int | None = None,
     metrics_host: str | None = None,
     ray_metrics: bool = True,
+    checkpoint_policy: dict[str, Any] | None = None,
 ) -> Service:
     """Start the coordinator actor (Ray must be initialised) and wait until it serves.
 
@@ -107,7 +108,12 @@ def start_service(
     Prometheus metrics on `metrics_host` (default `host`; port 0: any free one; None: off).
     `ray_metrics` also records every series in Ray's metrics (`ray.util.metrics`), which each
     node's Ray metrics agent exports as `ray_optserve_*` (needs `ray[default]`), labelled
-    `service` = `name`."""
+    `service` = `name`. `checkpoint_policy` is the periodic-checkpoint policy of models that
+    set none (None: every 10 minutes when there is a checkpoint directory).
+
+    The shard actors the service starts are detached: if the coordinator dies they go on
+    serving, and a coordinator started under the same `name` adopts them (Ray restarts this
+    one by itself). `Service.stop` stops them all."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -118,9 +124,9 @@ def start_service(
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     actor = (
         ray.remote(CoordinatorActor)
-        # Restarted by Ray if its process dies; it then restores its models' checkpoints.
+        # Restarted by Ray whenever its process dies; it then adopts its models' shards.
         .options(
-            name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=3, scheduling_strategy=here
+            name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, scheduling_strategy=here
         )
         .remote(
             host,
@@ -134,6 +140,8 @@ def start_service(
             metrics_port,
             metrics_host,
             name if ray_metrics else None,  # the `service` label of Ray's metrics
+            name,
+            checkpoint_policy,
         )  # fmt: skip
     )
     try:

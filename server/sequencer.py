@@ -156,6 +156,13 @@ class Sequencer:
             self._paused_until = self._clock() + max_hold_s
             return self._version
 
+    def paused_by(self) -> str | None:
+        """The control change holding the updates, if one is (a pause that outlived its hold
+        has lifted itself)."""
+        with self._cv:
+            self._expire(self._clock())
+            return self._paused_by
+
     def resume(self, op_id: str) -> None:
         """Let updates be decided again, starting with those that became ready meanwhile."""
         with self._cv:

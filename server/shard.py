@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import threading
 import uuid
@@ -22,14 +23,16 @@ from optserve.client.codec import GRADIENT_WIRE_DTYPES, Expected, count_nonfinit
 from optserve.client.config import (
     GradientPolicy,
     RuleConfig,
+    optimizer_config_json,
     parse_schedule_config,
     schedule_config_json,
 )
 from optserve.client.errors import (
     Aborted,
-    Internal,
+    FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
+    Unavailable,
 )
 from optserve.server.engine.base import TensorViews
 from optserve.server.engine.group import GroupEngine, Path
@@ -46,11 +49,47 @@ APPLY_TIMEOUT_S = 300.0
 @dataclass(frozen=True)
 class GroupInit:
     """What a shard needs to start one group: its slice of the weights, its config, and the
-    (offset, shape) of every parameter tensor wholly inside the slice."""
+    (offset, shape) of every parameter tensor wholly inside the slice.
+
+    Without `weights` (then `numel` says the slice's length) the shard starts empty and
+    serves nothing until its values arrive: `initialize` (a new model's initial values) or
+    `load` (a checkpoint)."""
+
+    weights: torch.Tensor | None
+    config: RuleConfig
+    views: TensorViews = ()
+    numel: int | None = None
+
+    @property
+    def length(self) -> int:
+        if self.weights is not None:
+            return self.weights.numel()
+        if self.numel is None:
+            raise ValueError("a GroupInit needs weights or numel")
+        return self.numel
+
+
+@dataclass
+class GroupValues:
+    """One group's values as a restore reads them: weights and state tensors on the shard's
+    device (taken over, not copied), and the group's config."""
 
     weights: torch.Tensor
     config: RuleConfig
-    views: TensorViews = ()
+    state: dict[str, Any]
+
+
+@dataclass
+class CheckpointView:
+    """A shard's state at a checkpoint's version: live tensors (valid while the model is
+    held at that version) and everything else as plain values."""
+
+    version: int
+    tensors: dict[str, torch.Tensor]  # "<group>/weights", "<group>/state/<key>"
+    scalars: dict[str, dict[str, Any]]
+    configs: dict[str, str]
+    schedule: str
+    schedule_state: dict[str, Any]
 
 
 class ShardState:
@@ -81,10 +120,16 @@ class ShardState:
         self._epoch = 0
         # Why this shard can no longer be trusted to match the model's other shards, if so.
         self.broken: str | None = None
+        self._plans = dict(groups)
+        self._path = path
         self._groups: dict[str, GroupEngine] = {}
-        for name, init in groups.items():
-            flat = init.weights.detach().reshape(-1).to(self.device, torch.float32, copy=True)
-            self._groups[name] = GroupEngine(name, flat, init.config, init.views, path)
+        # False until the shard holds its values (all GroupInits with weights: at once).
+        self.ready = all(init.weights is not None for init in groups.values())
+        if self.ready:
+            for name, init in groups.items():
+                assert init.weights is not None
+                flat = init.weights.detach().reshape(-1).to(self.device, torch.float32, copy=True)
+                self._groups[name] = GroupEngine(name, flat, init.config, init.views, path)
         self._schedule_config = parse_schedule_config(schedule)
         self._schedule: Schedule = build_schedule(self._schedule_config)
         # Times each applied update (the shard's metrics; server/metrics.py UpdateTimer).
@@ -93,23 +138,81 @@ class ShardState:
     @property
     def numel(self) -> int:
         """Elements of this shard's slice, all groups together."""
-        return sum(g.weights.numel() for g in self._groups.values())
+        return sum(init.length for init in self._plans.values())
+
+    def lengths(self) -> dict[str, int]:
+        """Each group's slice length."""
+        return {name: init.length for name, init in self._plans.items()}
 
     def expected_gradients(self) -> dict[str, Expected]:
         """What a push must carry: one flat tensor per group, of this shard's length."""
-        return {
-            name: Expected((g.weights.numel(),), GRADIENT_WIRE_DTYPES)
-            for name, g in self._groups.items()
-        }
+        return {name: Expected((n,), GRADIENT_WIRE_DTYPES) for name, n in self.lengths().items()}
+
+    def config(self, group: str) -> RuleConfig:
+        engine = self._groups.get(group)
+        return engine.config if engine is not None else self._plans[group].config
 
     def lrs(self) -> dict[str, float]:
         """The lr each group's next update will use."""
         with self._lock:
-            return {name: self.lr(name) for name in self._groups}
+            return {name: self.lr(name) for name in self._plans}
 
     def lr(self, group: str) -> float:
         """The lr the next update of `group` will use."""
-        return self._schedule.lr(self._groups[group].config.lr, self.version)
+        return self._schedule.lr(self.config(group).lr, self.version)
+
+    def initialize(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Take a new model's initial values (flat fp32, this shard's length, on its device:
+        taken over, not copied); every group's rule starts fresh."""
+        if set(weights) != set(self._plans):
+            raise InvalidArgument(f"initial values need groups {sorted(self._plans)}")
+        with self._cv:
+            if self.ready:
+                raise FailedPrecondition(
+                    f"shard {self.index} of model {self.model!r} already has its values"
+                )
+            for name, init in self._plans.items():
+                flat = weights[name].reshape(-1)
+                if flat.numel() != init.length or flat.dtype != torch.float32:
+                    raise InvalidArgument(f"initial values of group {name!r} do not fit")
+                self._groups[name] = GroupEngine(
+                    name, flat.to(self.device), init.config, init.views, self._path
+                )
+            self.ready = True
+            self._cv.notify_all()
+
+    def load(
+        self,
+        values: Mapping[str, GroupValues],
+        version: int,
+        schedule: Any,
+        schedule_state: Mapping[str, Any],
+    ) -> None:
+        """Take a checkpoint's values (as a restore read them) at `version`."""
+        if set(values) != set(self._plans):
+            raise InvalidArgument(f"a checkpoint's values need groups {sorted(self._plans)}")
+        schedule_config = parse_schedule_config(schedule)
+        engines = {}
+        for name, init in self._plans.items():
+            group = values[name]
+            if group.weights.numel() != init.length:
+                raise InvalidArgument(f"values of group {name!r} have the wrong length")
+            try:
+                engines[name] = GroupEngine(name, group.weights, group.config, init.views,
+                                            self._path, state=group.state)  # fmt: skip
+            except ValueError as exc:
+                raise FailedPrecondition(f"group {name!r}: {exc}") from None
+        with self._cv:
+            self._groups = engines
+            self._schedule_config = schedule_config
+            self._schedule = build_schedule(schedule_config)
+            self._schedule.load_state_dict(dict(schedule_state))
+            self.version = int(version)
+            self._epoch += 1
+            self._staged.clear()
+            self.broken = None
+            self.ready = True
+            self._cv.notify_all()
 
     def stage(self, push_id: str, grads: Mapping[str, torch.Tensor]) -> tuple[int, GradStats]:
         """Validate one push's gradient slices and keep them until the push is decided; return
@@ -119,13 +222,15 @@ class ShardState:
         policy = self.gradients
         prepared = {}
         sumsq, nonfinite = 0.0, 0
-        for name, group in self._groups.items():
+        with self._lock:
+            self._check_sound()
+        for name, length in self.lengths().items():
             # The decoded gradient is ours: kept as it is when it is already fp32 here.
             grad = grads[name].reshape(-1).to(self.device, torch.float32)
-            if grad.numel() != group.weights.numel():
+            if grad.numel() != length:
                 raise InvalidArgument(
                     f"gradient for group {name!r} has {grad.numel()} elements; "
-                    f"this shard holds {group.weights.numel()}"
+                    f"this shard holds {length}"
                 )
             bad = count_nonfinite(grad)
             if bad and policy.nonfinite == "reject":
@@ -152,10 +257,16 @@ class ShardState:
             return self._epoch, GradStats(sumsq, nonfinite)
 
     def _check_sound(self) -> None:
+        if not self.ready:
+            raise Unavailable(
+                f"model {self.model!r} is still receiving its values (shard {self.index}: its "
+                "initial values or a checkpoint); retry shortly"
+            )
         if self.broken is not None:
-            raise Internal(
+            raise Unavailable(
                 f"shard {self.index} of model {self.model!r} no longer matches the model's "
-                f"other shards ({self.broken}); restore the model from a checkpoint or drop it"
+                f"other shards ({self.broken}); the server brings the model back from its "
+                "newest checkpoint (or reports it lost without one): pull, then go on"
             )
 
     def mark_broken(self, reason: str) -> None:
@@ -293,6 +404,35 @@ class ShardState:
                 name: g.weights.detach().to("cpu", copy=True) for name, g in self._groups.items()
             }
 
+    def checkpoint_view(self, at_version: int) -> CheckpointView:
+        """Everything a checkpoint holds, once this shard is at `at_version`: the live weight
+        and state tensors (no copy: the caller keeps the model at that version while it
+        reads them) and the scalars, configs and schedule state."""
+        with self._at(at_version):
+            tensors: dict[str, torch.Tensor] = {}
+            scalars: dict[str, dict[str, Any]] = {}
+            for name, group in self._groups.items():
+                tensors[f"{name}/weights"] = group.weights
+                scalars[name] = {}
+                for key, value in sorted(group.state.items()):
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"{name}/state/{key}"] = value
+                    else:
+                        scalars[name][key] = value
+            return CheckpointView(
+                version=self.version,
+                tensors=tensors,
+                scalars=scalars,
+                configs={name: optimizer_config_json(g.config) for name, g in self._groups.items()},
+                schedule=schedule_config_json(self._schedule_config),
+                schedule_state=self._schedule.state_dict(),
+            )
+
+    def health(self) -> dict[str, Any]:
+        """What the coordinator's watch needs: version, broken (why, or None), ready."""
+        with self._lock:
+            return {"version": self.version, "broken": self.broken, "ready": self.ready}
+
     def state_dict(self, at_version: int | None = None) -> dict[str, Any]:
         """A consistent copy of everything: version, weights, rule state, schedule state
         (at version `at_version`, a checkpoint's boundary, when given)."""
@@ -362,7 +502,15 @@ class ShardState:
                 "staged": len(self._staged),
                 "schedule": schedule_config_json(self._schedule_config),
                 "schedule_state": self._schedule.state_dict(),
-                "groups": {
-                    name: {**g.describe(), "lr": self.lr(name)} for name, g in self._groups.items()
-                },
+                "ready": self.ready,
+                "groups": {name: self._describe(name) for name in self._plans},
             }
+
+    def _describe(self, group: str) -> dict[str, Any]:
+        engine = self._groups.get(group)
+        if engine is not None:
+            return {**engine.describe(), "lr": self.lr(group)}
+        config = self._plans[group].config
+        return {"rule": config.name, "config": json.loads(optimizer_config_json(config)),
+                "numel": self._plans[group].length, "path": "none", "scalars": {},
+                "lr": self.lr(group)}  # fmt: skip

@@ -1,14 +1,23 @@
-"""The shard Ray actor: owns a ShardState and serves it on its own gRPC endpoint."""
+"""The shard Ray actor: owns a ShardState and serves it on its own gRPC endpoint.
+
+Shard actors are detached: they outlive the coordinator that started them, keep serving
+trainers while it is down, and carry what it needs to adopt them again when it comes back
+(the model's catalogue entry on every shard; the leader also keeps the model's history and
+the control change it is in the middle of).
+"""
 
 from __future__ import annotations
 
+import collections
+import threading
+import time
 from typing import Any
 
 import grpc
 import ray
 
 from optserve.client.config import parse_mode_config, parse_optimizer_config
-from optserve.client.errors import from_rpc_error
+from optserve.client.errors import InvalidArgument, from_rpc_error
 from optserve.server.auth import EdgeConfig, EdgeGuard
 from optserve.server.grpc_util import (
     CHANNEL_OPTIONS,
@@ -20,6 +29,7 @@ from optserve.server.memory import keep_freed_memory
 from optserve.server.metrics import ShardMetrics
 from optserve.server.sequencer import Sequencer
 from optserve.server.shard import GroupInit, ShardState
+from optserve.server.shard_checkpoint import RestorePlan, ShardCheckpoints, WriteTarget
 from optserve.server.shard_service import (
     SECRET_METADATA,
     SEQUENCE_WAIT_S,
@@ -35,6 +45,11 @@ from optserve.v1 import shard_pb2, shard_pb2_grpc
 SHARD_THREADS = 1024
 # The most recently seen trainers a status shows.
 STATUS_TRAINERS = 1000
+# Results of control changes a shard remembers, so a coordinator that replays an interrupted
+# change gets the same answer from shards that had applied it already.
+REMEMBERED_CONTROLS = 256
+# How many audit entries and metric reports the leader keeps.
+HISTORY_LIMIT = 10_000
 
 
 class ShardActor:
@@ -43,8 +58,11 @@ class ShardActor:
     The gRPC data plane runs on the server's own threads inside this actor process and talks to
     the ShardState directly; Ray method calls are the coordinator's control plane.
 
-    `groups` maps each group name to {"weights": flat slice, "optimizer": config JSON,
-    "views": [(offset, shape), ...]}.
+    `groups` maps each group name to {"numel": length of this shard's slice, "range": [start,
+    end) of the group's elements, "optimizer": config JSON, "views": [(offset, shape), ...]}.
+    The shard starts empty: its values arrive from the model's creator (Shard/Load) or from a
+    checkpoint (`restore_checkpoint`). `entry` is the model's catalogue entry; `history` the
+    leader's starting history ({"audit": [...], "metrics": [...]}).
     """
 
     def __init__(
@@ -60,16 +78,21 @@ class ShardActor:
         secret: str = "",
         edge: EdgeConfig | None = None,
         ray_service: str | None = None,
+        entry: dict[str, Any] | None = None,
+        history: dict[str, list[dict[str, Any]]] | None = None,
     ) -> None:
         keep_freed_memory()  # every step allocates and frees buffers the size of the slice
         inits = {
             name: GroupInit(
-                weights=g["weights"],
+                weights=None,
+                numel=int(g["numel"]),
                 config=parse_optimizer_config(g["optimizer"]),
                 views=tuple((int(o), tuple(s)) for o, s in g.get("views", ())),
             )
             for name, g in groups.items()
         }
+        self._ranges = {name: (int(g["range"][0]), int(g["range"][1]))
+                        for name, g in groups.items()}  # fmt: skip
         mode = parse_mode_config(mode_json or None)
         # Room for every push of a sync round, or a burst of async pushes, waiting their turn.
         max_staged = max(64, 2 * getattr(mode, "trainers", 0))
@@ -77,12 +100,26 @@ class ShardActor:
             model, index, inits, schedule_json or None, device=device, max_staged=max_staged,
             gradients=mode.gradients,
         )  # fmt: skip
+        self._checkpoints = ShardCheckpoints(self._state)
+        self._entry: dict[str, Any] = dict(entry or {})
+        self._controls: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._control_lock = threading.Lock()
         # Shard 0 leads: it orders the model's pushes for every shard (server/sequencer.py).
         sequencer = Sequencer(num_shards, mode) if index == 0 else None
+        # The leader's: the control change holding the updates, and the model's history.
+        self._intent: dict[str, Any] | None = None
+        self._audit: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY_LIMIT)
+        self._metric_history: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=HISTORY_LIMIT
+        )
+        if sequencer is not None and history:
+            self._audit.extend(history.get("audit", []))
+            self._metric_history.extend(history.get("metrics", []))
         self._secret = secret
         self._edge = edge or EdgeConfig()
         # With `ray_service`, its series go to Ray's metrics too, tagged with that service.
         self._metrics = ShardMetrics(model, index, ray_service=ray_service)
+        self._metrics.watch_health(self._state.health)
         self._state.update_timer = self._metrics.update_timer
         if sequencer is not None:
             self._metrics.lead(self._leader_view)
@@ -130,6 +167,21 @@ class ShardActor:
             "gradient_counters": sequencer.counters() if sequencer is not None else {},
         }
 
+    # ---- what the coordinator reads --------------------------------------------------------
+
+    @ray.method(concurrency_group="observe")
+    def entry(self) -> dict[str, Any]:
+        """The model's catalogue entry, as this shard carries it."""
+        return {**self._entry, "address": self._address, "index": self._state.index}
+
+    def update_entry(self, changes: dict[str, Any]) -> None:
+        self._entry.update(changes)
+
+    @ray.method(concurrency_group="observe")
+    def health(self) -> dict[str, Any]:
+        """Version, broken (why, or None) and ready: what the coordinator's watch reads."""
+        return self._state.health()
+
     @ray.method(concurrency_group="observe")
     def metrics(self) -> list[Any]:
         """This shard's Prometheus metric families (the coordinator's endpoint merges them)."""
@@ -149,6 +201,23 @@ class ShardActor:
             info["trainers"] = self._metrics.trainers.snapshot(newest=STATUS_TRAINERS)
         return info
 
+    @ray.method(concurrency_group="observe")
+    def history(self, recent: int = HISTORY_LIMIT) -> dict[str, Any]:
+        """The leader's newest `recent` audit entries and metric reports, and how many it keeps."""
+        audit, metrics = list(self._audit), list(self._metric_history)
+        return {
+            "audit": audit[-recent:] if recent > 0 else [],
+            "metrics": metrics[-recent:] if recent > 0 else [],
+            "audit_kept": len(audit),
+            "metrics_kept": len(metrics),
+        }
+
+    def record_history(
+        self, audit: list[dict[str, Any]] | None = None, metrics: list[dict[str, Any]] | None = None
+    ) -> None:
+        self._audit.extend(audit or [])
+        self._metric_history.extend(metrics or [])
+
     def version(self) -> int:
         return self._state.version
 
@@ -156,43 +225,104 @@ class ShardActor:
         """A hash of all this shard's state (ShardState.digest): equal means unchanged."""
         return self._state.digest()
 
-    # Control changes. The coordinator pauses the leader's ordering (`pause_updates`, which
-    # returns the version boundary), applies the change on every shard at that version, then
-    # resumes: every shard switches between the same two updates.
+    def state_dict(self, at_version: int | None = None) -> dict[str, Any]:
+        """A copy of all this shard's state (for tests and tools; checkpoints do not use it)."""
+        return self._state.state_dict(at_version)
 
-    def pause_updates(self, op_id: str) -> int:
+    # ---- control changes ---------------------------------------------------------------------
+    # The coordinator pauses the leader's ordering (`pause_updates`, which returns the version
+    # boundary and keeps the change as the leader's intent), applies the change on every shard
+    # at that version (`control`), then resumes (recording the change in the leader's history).
+    # A coordinator that died in between finds the intent on the leader when it comes back and
+    # runs the change again: shards that had applied it answer from memory. Pausing and
+    # resuming have threads of their own ("leader"): a resume never waits behind a long call
+    # (a checkpoint's write) on the default thread.
+
+    @ray.method(concurrency_group="leader")
+    def pause_updates(self, op_id: str, intent: dict[str, Any] | None = None) -> int:
+        sequencer = self._require_leader()
+        boundary = sequencer.pause(op_id)
+        self._intent = {"op_id": op_id, "boundary": boundary, "op": intent}
+        return boundary
+
+    @ray.method(concurrency_group="observe")
+    def paused(self) -> dict[str, Any] | None:
+        """The control change holding this model's updates: {"op_id", "boundary", "op"}."""
+        sequencer = self._service.sequencer
+        if sequencer is None:
+            return None
+        held_by = sequencer.paused_by()
+        if held_by is None:
+            return None
+        intent = self._intent
+        if intent is None or intent["op_id"] != held_by:
+            return {"op_id": held_by, "boundary": sequencer.version, "op": None}
+        return dict(intent)
+
+    @ray.method(concurrency_group="leader")
+    def resume_updates(
+        self, op_id: str, history: dict[str, list[dict[str, Any]]] | None = None
+    ) -> None:
+        sequencer = self._service.sequencer
+        if sequencer is None:
+            return
+        if history and (self._intent or {}).get("op_id") == op_id:
+            self.record_history(history.get("audit", []), history.get("metrics", []))
+        if (self._intent or {}).get("op_id") == op_id:
+            self._intent = None
+        sequencer.resume(op_id)
+
+    def control(self, op: dict[str, Any]) -> Any:
+        """Apply one control change at its version boundary, once: {"op_id", "kind",
+        "at_version", "args", "entry": catalogue entry changes}."""
+        op_id = op["op_id"]
+        with self._control_lock:
+            if op_id in self._controls:
+                return self._controls[op_id]
+            kind, args, at = op["kind"], op.get("args", {}), op.get("at_version")
+            if kind == "set_optimizer":
+                configs = {g: parse_optimizer_config(c) for g, c in args["configs"].items()}
+                result: Any = self._state.set_optimizer(configs, args["policy"], at)
+            elif kind == "set_schedule":
+                self._state.set_schedule(args["schedule"], at)
+                result = None
+            elif kind == "report_metric":
+                changed = self._state.report_metric(args["name"], args["value"], at)
+                result = {"changed": changed, "lr": self._state.lrs()}
+            else:
+                raise InvalidArgument(f"unknown control change {kind!r}")
+            self._entry.update(op.get("entry", {}))
+            self._controls[op_id] = result
+            while len(self._controls) > REMEMBERED_CONTROLS:
+                self._controls.popitem(last=False)
+            return result
+
+    def _require_leader(self) -> Sequencer:
         sequencer = self._service.sequencer
         if sequencer is None:
             raise RuntimeError(f"shard {self._state.index} is not its model's leader")
-        return sequencer.pause(op_id)
+        return sequencer
 
-    def resume_updates(self, op_id: str) -> None:
-        if self._service.sequencer is not None:
-            self._service.sequencer.resume(op_id)
+    # ---- checkpoints -------------------------------------------------------------------------
 
-    def set_optimizer(
-        self, configs_json: dict[str, str], policy: str, at_version: int | None = None
-    ) -> dict[str, Any]:
-        configs = {name: parse_optimizer_config(c) for name, c in configs_json.items()}
-        return self._state.set_optimizer(configs, policy, at_version)  # type: ignore[arg-type]
+    def begin_checkpoint(self, target: WriteTarget, at_version: int) -> dict[str, float]:
+        """Write (or copy out, by the target's snapshot) this shard's slice at `at_version`."""
+        return self._checkpoints.begin(target, at_version)
 
-    def set_schedule(self, schedule_json: str, at_version: int | None = None) -> None:
-        self._state.set_schedule(schedule_json, at_version)
+    @ray.method(concurrency_group="checkpoint")
+    def finish_checkpoint(self, checkpoint: str) -> dict[str, Any]:
+        """This shard's file of `checkpoint`, once written: its FileEntry and the scalars."""
+        report = self._checkpoints.finish(checkpoint)
+        return {**report, "ranges": self._ranges}
 
-    def report_metric(
-        self, name: str, value: float, at_version: int | None = None
-    ) -> dict[str, Any]:
-        """Feed a metric to the schedule: whether it changed the lr, and each group's lr."""
-        changed = self._state.report_metric(name, value, at_version)
-        return {"changed": changed, "lr": self._state.lrs()}
-
-    def state_dict(self, at_version: int | None = None) -> dict[str, Any]:
-        return self._state.state_dict(at_version)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state.load_state_dict(state)
+    def restore_checkpoint(self, plan: RestorePlan) -> dict[str, Any]:
+        """Read this shard's range of a checkpoint and start from it; return its version and
+        how long the reading took."""
+        started = time.perf_counter()
+        self._checkpoints.restore(plan, self._ranges)
         if self._service.sequencer is not None:  # the leader orders from the restored version
             self._service.sequencer.reset(self._state.version)
+        return {"version": self._state.version, "read_s": time.perf_counter() - started}
 
     def stop(self, grace_s: float = 5.0) -> None:
         self._metrics.stop()

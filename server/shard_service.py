@@ -17,11 +17,11 @@ from typing import Any
 import grpc
 import torch
 
-from optserve.client.codec import TensorAssembler, torch_dtype
+from optserve.client.codec import TensorAssembler, expect_all, torch_dtype
 from optserve.client.errors import (
     Aborted,
     DeadlineExceeded,
-    Internal,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     OptserveError,
@@ -157,7 +157,10 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 raise
             # The leader may have decided this push and the other shards applied it.
             self._state.mark_broken(f"lost the leader's decision on push {push_id}: {exc}")
-            raise Internal(f"shard {self._state.index} lost its leader: {exc}") from None
+            raise Unavailable(
+                f"shard {self._state.index} lost its leader ({exc}); the server brings the "
+                "model back from its newest checkpoint: pull, then go on"
+            ) from None
         self.metrics.round_wait_seconds.observe(time.perf_counter() - staged_at)
         applied = decision.error is None
         self.metrics.decided(header.trainer, peer, decision.staleness, applied)
@@ -244,6 +247,37 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self.metrics.sent_bytes.inc(itemsize * self._state.numel)
 
     @unary_errors
+    def Load(
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> shard_pb2.LoadResponse:
+        """A new model's initial values for this shard: received straight into the buffers
+        that become its fp32 masters (no copy on a CPU shard)."""
+        header = next(request_iterator, None)
+        if isinstance(header, OptserveError):
+            raise header
+        if not isinstance(header, shard_pb2.LoadHeader):
+            raise InvalidArgument("a Load stream must start with a LoadHeader")
+        self._check_model(header.model)
+        if self._state.ready:
+            raise FailedPrecondition(
+                f"shard {self._state.index} of model {header.model!r} already has its values"
+            )
+        lengths = self._state.lengths()
+        out = {group: torch.empty(n, dtype=torch.float32) for group, n in lengths.items()}
+        assembler = TensorAssembler(
+            expect_all((g, (n,), (torch.float32,)) for g, n in lengths.items()),
+            what="initial value", out=out,
+        )  # fmt: skip
+        for chunk in request_iterator:
+            if isinstance(chunk, OptserveError):
+                raise chunk
+            if not isinstance(chunk, RawChunk):
+                raise InvalidArgument("a Load stream carries one LoadHeader, then only chunks")
+            assembler.add(chunk)
+        self._state.initialize(assembler.finish())
+        return shard_pb2.LoadResponse(version=self._state.version)
+
+    @unary_errors
     def Sequence(
         self, request: shard_pb2.SequenceRequest, context: grpc.ServicerContext
     ) -> shard_pb2.SequenceDecision:
@@ -267,17 +301,26 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         return decision_to_proto(decision)
 
 
-def parse_push_request(data: bytes) -> Any:
-    """A PushRequest as a PushHeader or a RawChunk whose data is a view of `data`.
+def _frame_parser(header_type: Any, what: str) -> Callable[[bytes], Any]:
+    """A deserializer of {header, chunk} messages: the header, or a RawChunk whose data is a
+    view of the received bytes.
 
     A malformed message comes back as its InvalidArgument, raised by the handler: an exception
     in a deserializer would reach the client as INTERNAL instead."""
-    try:
-        return parse_frame(data, shard_pb2.PushHeader)
-    except InvalidArgument as exc:
-        return exc
-    except Exception as exc:  # noqa: BLE001 - e.g. a header protobuf cannot parse
-        return InvalidArgument(f"malformed push message: {exc}")
+
+    def parse(data: bytes) -> Any:
+        try:
+            return parse_frame(data, header_type)
+        except InvalidArgument as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - e.g. a header protobuf cannot parse
+            return InvalidArgument(f"malformed {what} message: {exc}")
+
+    return parse
+
+
+parse_push_request = _frame_parser(shard_pb2.PushHeader, "push")
+parse_load_request = _frame_parser(shard_pb2.LoadHeader, "load")
 
 
 def add_shard_service(service: ShardService, server: grpc.Server) -> None:
@@ -298,6 +341,11 @@ def add_shard_service(service: ShardService, server: grpc.Server) -> None:
             service.PushPull,
             request_deserializer=parse_push_request,
             response_serializer=passthrough,
+        ),
+        "Load": grpc.stream_unary_rpc_method_handler(
+            service.Load,
+            request_deserializer=parse_load_request,
+            response_serializer=shard_pb2.LoadResponse.SerializeToString,
         ),
         "Sequence": grpc.unary_unary_rpc_method_handler(
             service.Sequence,

@@ -46,13 +46,20 @@ class GroupEngine:
         config: RuleConfig,
         views: TensorViews = (),
         path: Path = "fast",
+        state: State | None = None,
     ) -> None:
+        """`state`, when given, is taken over as it is (tensors on the weights' device, of
+        their length: a restore reads them in place); otherwise the rule's fresh state."""
         self.name = name
         self.weights = weights
         self.views = tuple(views)
         self.path = path
         self._set_rule(config)
-        self.state: State = self.rule.init_state(weights)
+        if state is None:
+            self.state: State = self.rule.init_state(weights)
+        else:
+            self._check_state(config, state)
+            self.state = dict(state)
 
     def _set_rule(self, config: RuleConfig) -> None:
         self.config = config
@@ -152,13 +159,21 @@ class GroupEngine:
             },
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        config = parse_optimizer_config(state_dict["config"])
+    def _check_state(self, config: RuleConfig, state: State) -> None:
         expected = set(build_rule(config).init_state(self.weights[:0]))
-        loaded = state_dict["state"]
-        missing = expected - set(loaded) - {"momentum_buffer"}
+        missing = expected - set(state) - {"momentum_buffer"}
         if missing:
             raise ValueError(f"state for {config.name} lacks {sorted(missing)}")
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape != self.weights.shape:
+                raise ValueError(f"state {key!r} has shape {list(value.shape)}, the weights "
+                                 f"{list(self.weights.shape)}")  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        config = parse_optimizer_config(state_dict["config"])
+        loaded = state_dict["state"]
+        self._check_state(config, {k: v.reshape(-1) if isinstance(v, torch.Tensor) else v
+                                   for k, v in loaded.items()})  # fmt: skip
         self._set_rule(config)
         self.state = {
             k: v.to(self.weights.device, copy=True) if isinstance(v, torch.Tensor) else v

@@ -23,3 +23,30 @@ def leader_log(service, model):
     """The model's leader shard's log of decided updates, oldest first."""
     shards = ray.get(service.actor.shard_actors.remote(model))
     return ray.get(shards[0].decisions.remote())
+
+
+def checkpoint_engine(checkpoint_dir, model, name):
+    """One GroupEngine per group holding a whole checkpoint (read the way a restoring shard
+    reads it, onto one shard): what a replay from that checkpoint starts from."""
+    from optserve.client.config import parse_optimizer_config
+    from optserve.client.layout import split_ranges
+    from optserve.server.catalogue import layouts_of
+    from optserve.server.checkpoint import Store
+    from optserve.server.checkpointing import restore_plan
+    from optserve.server.engine.group import GroupEngine
+    from optserve.server.shard import GroupInit, ShardState
+    from optserve.server.shard_checkpoint import ShardCheckpoints
+
+    store = Store(checkpoint_dir)
+    ckpt = store.read(model, name)
+    (whole,) = split_ranges(layouts_of(ckpt.params, ckpt.groups), 1)
+    config = parse_optimizer_config(ckpt.optimizer)
+    shard = ShardState(model, 0, {g: GroupInit(None, config, numel=b - a)
+                                  for g, (a, b) in whole.ranges.items()})  # fmt: skip
+    ShardCheckpoints(shard).restore(restore_plan(store, ckpt), whole.ranges)
+    engines = {}
+    for group, values in shard.state_dict()["groups"].items():
+        engine = GroupEngine(group, values["weights"], config)
+        engine.load_state_dict(values)
+        engines[group] = engine
+    return ckpt, engines

@@ -11,6 +11,7 @@ import torch
 
 from optserve.client import ParameterServerClient
 from optserve.client.errors import Aborted, FailedPrecondition, NotFound
+from tests.helpers.models import checkpoint_engine
 
 SHAPES = {"weight": (4, 5), "bias": (7,), "kernel": (2, 3, 2, 2)}
 RULES = {
@@ -154,31 +155,25 @@ def test_checkpoints_are_listed_and_pruned(client, model_name):
 
 
 def test_interrupted_and_corrupt_checkpoints(service, client, model_name, checkpoint_dir):
-    client.create_model(model_name, initial_weights(), {"name": "adam", "lr": 0.01})
+    client.create_model(model_name, initial_weights(), {"name": "adam", "lr": 0.01}, num_shards=2)
     client.push(model_name, gradient(0), version=0)
     good = client.checkpoint(model_name)
     client.push(model_name, gradient(1), version=1)
     # A write that died before its manifest: not listed, never loaded.
     partial = Path(checkpoint_dir) / model_name / "9999999999999-000000000002-abc"
     partial.mkdir()
-    (partial / "tensors.safetensors").write_bytes(b"half a file")
+    (partial / "shard-00000-of-00002.safetensors").write_bytes(b"half a file")
     (partial / "manifest.json.tmp").write_text("{")
     assert [c["name"] for c in client.list_checkpoints(model_name)] == [good["name"]]
     running, version = client.pull(model_name)
-    # A corrupt newest checkpoint is refused and the running model is untouched.
+    # A damaged shard file of the newest is refused and the running model is untouched.
     newest = client.checkpoint(model_name)
-    tensors = Path(checkpoint_dir) / model_name / newest["name"] / "tensors.safetensors"
-    data = bytearray(tensors.read_bytes())
+    files = sorted((Path(checkpoint_dir) / model_name / newest["name"]).glob("shard-*"))
+    assert len(files) == 2 and newest["bytes"] == sum(f.stat().st_size for f in files)
+    data = bytearray(files[1].read_bytes())
     data[-1] ^= 0xFF
-    tensors.write_bytes(bytes(data))
+    files[1].write_bytes(bytes(data))
     with pytest.raises(FailedPrecondition, match="checksum"):
-        client.restore(model_name, newest["name"])
-    # A checkpoint of another model put in its place is refused too.
-    manifest = Path(checkpoint_dir) / model_name / newest["name"] / "manifest.json"
-    body = json.loads(manifest.read_text())
-    body["model"] = "someone-else"
-    manifest.write_text(json.dumps(body))
-    with pytest.raises(FailedPrecondition):
         client.restore(model_name, newest["name"])
     after, version_after = client.pull(model_name)
     assert version_after == version == 2
@@ -186,8 +181,20 @@ def test_interrupted_and_corrupt_checkpoints(service, client, model_name, checkp
     # Asked for the newest, the server falls back to the newest sound one.
     assert client.restore(model_name).version == 1
     assert client.status(model_name)["audit"][-1]["new"]["checkpoint"] == good["name"]
+    # A checkpoint of another model put in its place is refused too.
+    third = client.checkpoint(model_name)
+    manifest = Path(checkpoint_dir) / model_name / third["name"] / "manifest.json"
+    body = json.loads(manifest.read_text())
+    body["model"] = "someone-else"
+    manifest.write_text(json.dumps(body))
+    with pytest.raises(FailedPrecondition, match="holds model"):
+        client.restore(model_name, third["name"])
     with pytest.raises(NotFound):
         client.restore(model_name, "0000000000000-000000000000-abc")
+    # No shard of the refused restores was left behind.
+    shards = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+              if f":{model_name}:" in a["name"]]  # fmt: skip
+    assert len(shards) == 2
 
 
 def test_periodic_checkpoints(client, model_name):
@@ -216,9 +223,6 @@ def test_a_killed_shard_comes_back_from_the_checkpoint_and_training_goes_on(
     import time
 
     from optserve.client import RemoteOptimizer
-    from optserve.client.config import parse_optimizer_config
-    from optserve.server.checkpoint import Store
-    from optserve.server.engine.group import GroupEngine
 
     config = {"name": "adam", "lr": 0.01}
     initial = initial_weights(2)
@@ -266,13 +270,9 @@ def test_a_killed_shard_comes_back_from_the_checkpoint_and_training_goes_on(
     assert {s["version"] for s in status["shards"]} == {status["version"]}
     assert status["version"] >= saved["version"] + 20  # both trainers went on after it
     # Replay from the checkpoint, in the order the new leader logged the pushes since.
-    ckpt = Store(checkpoint_dir).read(model_name, saved["name"])
+    ckpt, engines = checkpoint_engine(checkpoint_dir, model_name, saved["name"])
     assert ckpt.version == saved["version"]
-    engine = GroupEngine("default", ckpt.tensors["default/weights"].clone(),
-                         parse_optimizer_config(config))  # fmt: skip
-    state = {k.split("/")[-1]: v.clone() for k, v in ckpt.tensors.items() if "/state/" in k}
-    engine.load_state_dict({"config": json.dumps(ckpt.group_configs["default"]),
-                            "state": {**state, **ckpt.scalars["default"]}})  # fmt: skip
+    engine = engines["default"]
     leader = ray.get(service.actor.shard_actors.remote(model_name))[0]
     for entry in ray.get(leader.decisions.remote()):
         ((trainer, based_on),) = zip(entry["trainers"], entry["based_on"], strict=True)
@@ -285,7 +285,11 @@ def test_a_killed_shard_comes_back_from_the_checkpoint_and_training_goes_on(
 
 
 @pytest.mark.slow
-def test_a_restarted_coordinator_brings_its_models_back(ray_session, tmp_path):
+def test_a_restarted_coordinator_adopts_running_models_and_restores_lost_ones(
+    ray_session, tmp_path
+):
+    """A running model is adopted as it is (no update rolled back); a model whose shards all
+    died while the coordinator was down comes back from its newest checkpoint."""
     import os
     import signal
     import socket
@@ -299,25 +303,38 @@ def test_a_restarted_coordinator_brings_its_models_back(ray_session, tmp_path):
     svc = start_service(port=port, checkpoint_dir=str(tmp_path), name="optserve-restart-test")
     try:
         with ParameterServerClient(svc.address) as c:
-            c.create_model("kept", initial_weights(), {"name": "adam", "lr": 0.01}, num_shards=2)
-            for i in range(3):
+            for model in ("kept", "gone"):
+                c.create_model(model, initial_weights(), {"name": "adam", "lr": 0.01},
+                               num_shards=2)  # fmt: skip
+                for i in range(3):
+                    c.push(model, gradient(i), version=i)
+                c.checkpoint(model)
+            for i in range(3, 5):  # after the checkpoint: kept by the running shards only
                 c.push("kept", gradient(i), version=i)
-            c.checkpoint("kept")
             before, _ = c.pull("kept")
+            saved, _ = c.pull("gone")
+        gone = ray.get(svc.actor.shard_actors.remote("gone"))
         pid = ray.get(svc.actor.__ray_call__.remote(lambda self: os.getpid()))
-        os.kill(pid, signal.SIGKILL)  # Ray restarts it; its shards died with it
+        os.kill(pid, signal.SIGKILL)  # Ray restarts it; the shards go on meanwhile
+        for shard in gone:  # while it is down, one model loses every shard
+            ray.kill(shard)
         deadline = time.monotonic() + 180
         with ParameterServerClient(svc.address, timeout_s=10) as c:
             while True:
                 try:
-                    info = c.describe_model("kept")
+                    kept = c.describe_model("kept")
+                    restored = c.describe_model("gone")
                     break
-                except Exception:  # noqa: BLE001 - still restarting
+                except Exception:  # noqa: BLE001 - still restarting, or restoring
                     assert time.monotonic() < deadline, "the coordinator did not come back"
                     time.sleep(0.5)
-            assert info.version == 3 and len(info.shards) == 2
+            assert kept.version == 5 and len(kept.shards) == 2
             after, _ = c.pull("kept")
             assert all(torch.equal(before[n], after[n]) for n in SHAPES)
-            assert c.push("kept", gradient(3), version=3) == 4
+            assert c.push("kept", gradient(5), version=5) == 6
+            assert restored.version == 3
+            weights, _ = c.pull("gone")
+            assert all(torch.equal(saved[n], weights[n]) for n in SHAPES)
+            assert c.status("gone")["audit"][-1]["caller"] == "startup"
     finally:
         svc.stop(grace_s=1.0)

@@ -15,7 +15,8 @@ import torch
 
 from optserve.client import ParameterServerClient, RemoteOptimizer
 from optserve.client.codec import encode_tensor
-from optserve.client.errors import AlreadyExists, InvalidArgument, NotFound
+from optserve.client.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from optserve.client.wire import chunk_frames, header_frame
 from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2, shard_pb2_grpc
 from tests.helpers import auth
 
@@ -207,19 +208,60 @@ def test_create_with_bad_spec_is_invalid_argument(service, model_name, spec, mes
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_create_with_missing_initial_values_creates_nothing(service, model_name):
+def test_a_new_model_serves_nothing_until_every_shard_has_its_initial_values(
+    service, client, model_name
+):
     spec = coordinator_pb2.ModelSpec(
         name=model_name,
-        params=[coordinator_pb2.ParamSpec(name="w", dtype=1, shape=[4])],
-        optimizer_json='{"name": "sgd"}',
-    )
+        params=[coordinator_pb2.ParamSpec(name="w", dtype=1, shape=[4]),
+                coordinator_pb2.ParamSpec(name="b", dtype=1, shape=[3])],
+        optimizer_json='{"name": "sgd", "lr": 0.5}',
+        num_shards=2,
+    )  # fmt: skip
+    create = coordinator_pb2.CreateModelRequest(spec=spec)
     with auth.channel(service.address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        # Initial values no longer ride the CreateModel stream: anything after the spec is refused.
         with pytest.raises(grpc.RpcError) as info:
-            stub.CreateModel(iter([coordinator_pb2.CreateModelRequest(spec=spec)]), timeout=60)
+            stub.CreateModel(iter([create, create]), timeout=60)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "without parameter 'w'" in info.value.details()
+        assert "Shard/Load" in info.value.details()
         assert model_name not in stub.ListModels(coordinator_pb2.ListModelsRequest()).models
+        reply = stub.CreateModel(iter([create]), timeout=60)
+    assert reply.initializing and len(reply.shards) == 2
+    with pytest.raises(Unavailable, match="still receiving"):
+        client.pull(model_name)
+    values = torch.arange(7.0)
+
+    def load(shard, groups):
+        frames = [header_frame(shard_pb2.LoadHeader(model=model_name))]
+        for group, (a, b) in groups:
+            frames += list(chunk_frames(group, values[a:b]))
+        with auth.channel(shard.address) as channel:
+            return channel.stream_unary(
+                "/optserve.v1.Shard/Load", request_serializer=lambda m: m,
+                response_deserializer=shard_pb2.LoadResponse.FromString,
+            )(iter(frames), timeout=60)  # fmt: skip
+
+    first, second = sorted(reply.shards, key=lambda s: s.index)
+    ranges = [[(r.group, (r.start, r.end)) for r in s.ranges] for s in (first, second)]
+    with pytest.raises(grpc.RpcError) as info:  # a slice short: refused, nothing taken
+        load(first, [(g, (a, b - 1)) for g, (a, b) in ranges[0]])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert load(first, ranges[0]).version == 0
+    with pytest.raises(grpc.RpcError) as info:  # once only
+        load(first, ranges[0])
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(Unavailable):  # the second shard has nothing yet
+        client.pull(model_name)
+    load(second, ranges[1])
+    weights, version = client.pull(model_name)
+    assert version == 0 and torch.equal(torch.cat([weights["w"], weights["b"]]), values)
+    deadline = time.monotonic() + 30  # the coordinator's watch sees every shard ready
+    while client.describe_model(model_name).initializing:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert client.push(model_name, {"w": torch.ones(4), "b": torch.ones(3)}) == 1
 
 
 @pytest.fixture()
@@ -400,7 +442,7 @@ def test_client_recovers_when_the_model_is_recreated(service, client, model_name
 def test_size_limits_and_long_configs_give_clear_statuses(service, model_name):
     huge = coordinator_pb2.ModelSpec(
         name=model_name,
-        params=[coordinator_pb2.ParamSpec(name="w", dtype=4, shape=[1 << 28])],  # 2 GiB fp64
+        params=[coordinator_pb2.ParamSpec(name="w", dtype=4, shape=[1 << 40])],  # 8 TiB fp64
         optimizer_json='{"name": "sgd"}',
     )
     long_config = coordinator_pb2.ModelSpec(

@@ -65,7 +65,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import UnsatisfiedAssumption
 
 from optserve.client import ParameterServerClient
-from optserve.client.client import parse_pull_response
+from optserve.client.client import ModelInfo, parse_pull_response
 from optserve.client.codec import TensorAssembler, encode_tensor, expect_all, torch_dtype
 from optserve.client.config import (
     MODE_NAMES,
@@ -77,7 +77,8 @@ from optserve.client.config import (
     with_overrides,
 )
 from optserve.client.errors import OptserveError
-from optserve.client.wire import header_frame
+from optserve.client.wire import RawChunk, header_frame, parse_frame
+from optserve.server.checkpointing import check_policy
 from optserve.server.coordinator import (
     MODEL_NAME,
     SHARD_THREADS,
@@ -118,7 +119,7 @@ FUZZ = settings(
         HealthCheck.filter_too_much,
     ],
 )
-# Cases per property, 11,200 in all (about two minutes on a 2-core machine): the cheap ones
+# Cases per property, 11,800 in all (about two minutes on a 2-core machine): the cheap ones
 # (garbage, lookups) get more, CreateModel (a big spec to draw and check) fewer.
 EXAMPLES = {
     "test_push_streams_to_one_shard": 1500,
@@ -132,6 +133,7 @@ EXAMPLES = {
     "test_control_requests": 1100,
     "test_catalogue_requests": 1100,
     "test_create_model_streams": 700,
+    "test_load_streams": 600,
 }
 CASES: collections.Counter[str] = collections.Counter()
 # Cases whose request was accepted and changed a model: proof that the digest check sees change.
@@ -192,6 +194,8 @@ class Fleet:
         self.checkpoints: set[str] = set()
         self._state: fuzz.State = {}
         self._channels: dict[tuple[str, str | None], grpc.Channel] = {}
+        self.max_model_bytes = ray.get(service.actor.max_model_bytes.remote())
+        self._loading: FuzzModel | None = None
 
     def __repr__(self) -> str:
         return f"Fleet({sorted(self.models)})"
@@ -203,6 +207,38 @@ class Fleet:
     @property
     def two(self) -> FuzzModel:
         return next(m for m in self.models.values() if m.num_shards == 2)
+
+    @property
+    def loading(self) -> FuzzModel:
+        """A model like `two` whose shards still wait for their initial values (made on first
+        use: the server drops such a model after 10 minutes)."""
+        if self._loading is None:
+            name = f"fuzz-loading-{RUN}"
+            spec = coordinator_pb2.ModelSpec(
+                name=name,
+                params=[coordinator_pb2.ParamSpec(name=n, dtype=tensor_pb2.DTYPE_FLOAT32,
+                                                  shape=list(s)) for n, s in SHAPES.items()],
+                optimizer_json=json.dumps(ADAM),
+                num_shards=2,
+                groups=[coordinator_pb2.ParamGroupSpec(
+                    name=g, params=body["params"],
+                    overrides_json=json.dumps({k: v for k, v in body.items() if k != "params"}),
+                ) for g, body in GROUPS.items()],
+            )  # fmt: skip
+            request = coordinator_pb2.CreateModelRequest(spec=spec)
+            info = ModelInfo.from_proto(self.coordinator.CreateModel(iter([request]), timeout=60))
+            TAKEN.add(name)
+            self.catalogue = self.list_models()
+            self._loading = FuzzModel(
+                name,
+                [s.address for s in info.shards],
+                [{g: b - a for g, (a, b) in s.ranges.items()} for s in info.shards],
+            )
+        return self._loading
+
+    @property
+    def loading_actors(self) -> list[Any]:
+        return ray.get(self.service.actor.shard_actors.remote(self.loading.name))
 
     def pick(self, data: st.DataObject) -> FuzzModel:
         return self.models[data.draw(st.sampled_from(sorted(self.models)), label="model")]
@@ -267,7 +303,7 @@ def fleet(service, checkpoint_dir) -> Iterator[Fleet]:
     fleet.catalogue = fleet.list_models()
     TAKEN.update(fleet.catalogue, os.listdir(checkpoint_dir))
     yield fleet
-    for name in models:
+    for name in [*models, f"fuzz-loading-{RUN}"]:
         with contextlib.suppress(OptserveError):
             client.drop_model(name)
     fleet.close()
@@ -378,8 +414,9 @@ def rewrite(data: st.DataObject, chunk: Chunk, length: int) -> Chunk:
     return dataclasses.replace(chunk, **{f: getattr(other, f) for f in fields})
 
 
-def encode(item: shard_pb2.PushHeader | Chunk | bytes) -> bytes:
-    if isinstance(item, shard_pb2.PushHeader):
+def encode(item: Any) -> bytes:
+    """A stream item as its frame: a header message, a Chunk, or raw bytes."""
+    if isinstance(item, shard_pb2.PushHeader | shard_pb2.LoadHeader):
         return header_frame(item)
     return item.frame() if isinstance(item, Chunk) else item
 
@@ -752,10 +789,7 @@ def tiny_model_stream(name: str) -> list[coordinator_pb2.CreateModelRequest]:
         params=[coordinator_pb2.ParamSpec(name="w", dtype=tensor_pb2.DTYPE_FLOAT32, shape=[2])],
         optimizer_json='{"name": "sgd"}',
     )
-    chunks = encode_tensor("w", torch.zeros(2))
-    return [coordinator_pb2.CreateModelRequest(spec=spec)] + [
-        coordinator_pb2.CreateModelRequest(chunk=c) for c in chunks
-    ]
+    return [coordinator_pb2.CreateModelRequest(spec=spec)]
 
 
 def served_request(method: str, model: FuzzModel, version: int) -> Any:
@@ -1085,18 +1119,15 @@ def initial_chunks(
     data: st.DataObject, spec: coordinator_pb2.ModelSpec
 ) -> list[tensor_pb2.TensorChunk]:
     """The chunks of the spec's initial values where it declares a tensor that can travel,
-    random chunks for the others."""
+    random chunks for the others (as version 0.1's CreateModel streams carried them)."""
     chunks = []
     for param in spec.params:
         shape = tuple(param.shape)
         sendable = param.dtype in VALID_DTYPES[1:] and min(shape, default=0) >= 0
-        if sendable and math.prod(shape) == 0:
-            chunks.append(tensor_pb2.TensorChunk(name=param.name, dtype=param.dtype, shape=shape))
-        elif sendable and math.prod(shape) < 4096:
+        if sendable and 0 < math.prod(shape) < 4096:
             seed = data.draw(st.integers(0, 2**16), label="seed")
             values = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-            size = data.draw(st.sampled_from([1 << 20, 7, 64]), label="chunk bytes")
-            chunks += encode_tensor(param.name, values.to(torch_dtype(param.dtype)), size)
+            chunks += encode_tensor(param.name, values.to(torch_dtype(param.dtype)), 1 << 20)
         else:
             chunks.append(
                 tensor_pb2.TensorChunk(
@@ -1108,6 +1139,11 @@ def initial_chunks(
                 )
             )
     return chunks
+
+
+def chunk_message(chunk: tensor_pb2.TensorChunk) -> coordinator_pb2.CreateModelRequest:
+    """A CreateModelRequest carrying a chunk as version 0.1 sent it (field 2, now reserved)."""
+    return coordinator_pb2.CreateModelRequest.FromString(header_frame(chunk, field=2))
 
 
 def mutate_messages(data: st.DataObject, messages: list[Any]) -> list[Any]:
@@ -1141,38 +1177,29 @@ def mutate_messages(data: st.DataObject, messages: list[Any]) -> list[Any]:
             offset=data.draw(st.sampled_from([0, 4, 8, 2**64 - 1]), label="offset"),
             data=data.draw(st.binary(max_size=40), label="data"),
         )
-        messages.insert(j, coordinator_pb2.CreateModelRequest(chunk=chunk))
+        messages.insert(j, chunk_message(chunk))
     return messages
 
 
-def creation_refused(messages: list[coordinator_pb2.CreateModelRequest]) -> bool:
+def creation_refused(
+    messages: list[coordinator_pb2.CreateModelRequest], max_model_bytes: int
+) -> bool:
     """Whether the server's own checks (the same functions, as it runs them) refuse this
-    CreateModel stream. A stream they would let through is sent under a live model's name."""
-    if not messages or messages[0].WhichOneof("payload") != "spec":
+    CreateModel stream: one ModelSpec and nothing else, that passes every check. A stream they
+    would let through is sent under a live model's name."""
+    if len(messages) != 1 or messages[0].WhichOneof("payload") != "spec":
         return True
     spec, limits = messages[0].spec, Limits()
     try:
         params = [(p.name, tuple(p.shape), torch_dtype(p.dtype)) for p in spec.params]
-        validate_params(spec.name, params, limits)
+        validate_params(spec.name, params, limits, max_model_bytes)
         optimizer = parse_optimizer_config(spec.optimizer_json)
         mode = parse_mode_config(spec.mode_json or None)
-        policy = _json_object(spec.checkpoint_json, "checkpoint policy")
-        if set(policy) - {"every_versions", "every_s"}:
-            return True
-        for value in policy.values():
-            number = isinstance(value, int | float) and not isinstance(value, bool)
-            if value is not None and (not number or value <= 0):
-                return True
+        check_policy(_json_object(spec.checkpoint_json, "checkpoint policy"))
         groups = [
             GroupSpec(g.name, tuple(g.params), _json_object(g.overrides_json, "overrides"))
             for g in spec.groups
         ]
-        assembler = TensorAssembler(expect_all((n, s, (d,)) for n, s, d in params))
-        for message in messages[1:]:
-            if message.WhichOneof("payload") != "chunk":
-                return True
-            assembler.add(message.chunk)
-        assembler.finish()
         if spec.num_shards > limits.max_shards:
             return True
         layouts, overrides = plan_groups(params, groups, limits)
@@ -1196,14 +1223,15 @@ def with_spec(messages: list[Any], spec: coordinator_pb2.ModelSpec) -> list[Any]
 
 @fuzzed
 def test_create_model_streams(fleet, data):
-    """CreateModel streams with random specs, and with the right initial values mangled: each is
-    refused (one that the server's checks would let through is sent under a live model's
-    name), and the catalogue, the live models and the name are left as they were."""
+    """CreateModel streams with random specs, alone or followed by initial values (as version
+    0.1 sent them) and other mangling: each is refused (one that the server's checks would let
+    through is sent under a live model's name), and the catalogue, the live models and the
+    name are left as they were."""
     spec = data.draw(MODEL_SPECS, label="spec")
-    source = data.draw(st.sampled_from(["none", "initial", "initial", "mangled"]), label="chunks")
+    source = data.draw(st.sampled_from(["none", "none", "initial", "mangled"]), label="chunks")
     chunks = [] if source == "none" else initial_chunks(data, spec)
     messages = [coordinator_pb2.CreateModelRequest(spec=spec)]
-    messages += [coordinator_pb2.CreateModelRequest(chunk=c) for c in chunks]
+    messages += [chunk_message(c) for c in chunks]
     if source == "mangled":
         for _ in range(data.draw(st.integers(1, 3), label="mutations")):
             messages = mutate_messages(data, messages)
@@ -1211,7 +1239,7 @@ def test_create_model_streams(fleet, data):
     if data.draw(st.integers(0, 9), label="named after a live model") == 0:
         spec.name = live
     messages = with_spec(messages, spec)
-    if not creation_refused(messages):
+    if not creation_refused(messages, fleet.max_model_bytes):
         spec.name = live
         messages = with_spec(messages, spec)
     before = fleet.before()
@@ -1231,6 +1259,68 @@ def test_create_model_streams(fleet, data):
     fleet.keep(after)
 
 
+# ---- initial values (Shard/Load) -------------------------------------------------------------
+
+
+def load_refused(frames: list[bytes], model: str, lengths: dict[str, int]) -> bool:
+    """Whether a shard of `model` holding `lengths`, still without its values, refuses this
+    Load stream: judged by the same functions the shard runs, in its order."""
+    try:
+        header = parse_frame(frames[0], shard_pb2.LoadHeader) if frames else None
+        if not isinstance(header, shard_pb2.LoadHeader) or header.model != model:
+            return True
+        expected = expect_all((g, (n,), (torch.float32,)) for g, n in lengths.items())
+        assembler = TensorAssembler(expected, what="initial value")
+        for frame in frames[1:]:
+            chunk = parse_frame(frame, shard_pb2.LoadHeader)
+            if not isinstance(chunk, RawChunk):
+                return True
+            assembler.add(chunk)
+        assembler.finish()
+    except Exception:  # noqa: BLE001 - what the shard's checks refuse
+        return True
+    return False
+
+
+@fuzzed
+def test_load_streams(fleet, data):
+    """Load streams to the shards of a model still waiting for its initial values: the right
+    slice mangled (cut, reordered, duplicated, a second header, garbage, corrupt frames, any
+    chunk fields). Each is refused with a proper status and the shard stays without values;
+    one the shard's checks would take is sent to a live model instead (which already has its
+    values: refused too), and nothing changes anywhere."""
+    model = fleet.loading
+    shard = data.draw(st.integers(0, model.num_shards - 1), label="shard")
+    lengths = model.lengths[shard]
+    header = shard_pb2.LoadHeader(model=model.name)
+    items: list[Any] = [header]
+    for group, n in lengths.items():
+        values = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        items += fuzz.tensor_chunks(group, values, data.draw(st.sampled_from([1 << 20, 24])))
+    for _ in range(data.draw(st.integers(1, 3), label="mutations")):
+        items = mutate(data, items, shard_pb2.PushHeader(model=model.name), max(lengths.values()))
+    frames = [encode(i) for i in items]
+    target, address = model, model.addresses[shard]
+    if not load_refused(frames, model.name, lengths):
+        target, address = fleet.two, fleet.two.addresses[shard]
+        frames[0] = header_frame(shard_pb2.LoadHeader(model=target.name))
+    before = fleet.before()
+    load = fleet.channel(address).stream_unary(
+        f"/{SHARD}/Load", request_serializer=fuzz.raw,
+        response_deserializer=shard_pb2.LoadResponse.FromString,
+    )  # fmt: skip
+    result = outcome(lambda: load(iter(frames), timeout=fuzz.TIMEOUT_S))
+    note(f"to {target.name} shard {shard}: {result}")
+    assert_proper(result, f"Load to shard {shard} of {target.name}")
+    assert not result.ok, f"shard {shard} of {target.name} took a Load it should refuse"
+    readiness = [h["ready"] for h in ray.get([a.health.remote() for a in fleet.loading_actors])]
+    assert readiness == [False] * model.num_shards, readiness
+    after = fleet.probe.read(full=False)
+    fuzz.assert_unchanged(before, after, "a refused Load")
+    fleet.assert_catalogue_unchanged("a refused Load")
+    fleet.keep(after)
+
+
 # ---- the servers after it all ----------------------------------------------------------------
 
 
@@ -1240,6 +1330,14 @@ def test_every_server_still_answers(fleet):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     assert fleet.list_models() == fleet.catalogue
+    if fleet._loading is not None:  # its values, at last: it serves them
+        model = fleet.loading
+        info = fleet.client.describe_model(model.name)
+        assert info.initializing
+        initial = {n: torch.full(s, 0.5) for n, s in SHAPES.items()}
+        fleet.client._load(info, initial)
+        weights, version = fleet.client.pull(model.name)
+        assert version == 0 and all(torch.equal(weights[n], initial[n]) for n in SHAPES)
     state = fleet.probe.settled()
     fuzz.assert_sound(state)
     for model in fleet.models.values():
@@ -1287,9 +1385,9 @@ def test_undecodable_requests_are_invalid_argument(fleet, where, method):
 
 
 def test_empty_parameter_with_huge_dims_is_refused(fleet):
-    """A parameter of shape [2**62, 2**62, 0] passes the size check (it has no elements), but
-    torch cannot reshape its initial value to that shape (the product of its dims overflows
-    before the 0): the RuntimeError escaped as INTERNAL."""
+    """A parameter of shape [2**62, 2**62, 0] has no elements, but torch cannot view any
+    tensor with that shape (the product of its dims overflows before the 0): a model with it
+    must be refused when it is declared, not fail later (in 0.1 it escaped as INTERNAL)."""
     name = f"fuzz-empty-{RUN}"
     shape = [2**62, 2**62, 0]
     spec = coordinator_pb2.ModelSpec(
@@ -1297,15 +1395,12 @@ def test_empty_parameter_with_huge_dims_is_refused(fleet):
         params=[coordinator_pb2.ParamSpec(name="w", dtype=tensor_pb2.DTYPE_FLOAT32, shape=shape)],
         optimizer_json='{"name": "sgd"}',
     )
-    chunk = tensor_pb2.TensorChunk(name="w", dtype=tensor_pb2.DTYPE_FLOAT32, shape=shape)
-    messages = [
-        coordinator_pb2.CreateModelRequest(spec=spec),
-        coordinator_pb2.CreateModelRequest(chunk=chunk),
-    ]
+    messages = [coordinator_pb2.CreateModelRequest(spec=spec)]
     result = outcome(lambda: fleet.coordinator.CreateModel(iter(messages), timeout=60))
     if result.ok:
         fleet.client.drop_model(name)
     assert_proper(result, "CreateModel with an empty parameter of huge dims")
+    assert result.code == grpc.StatusCode.INVALID_ARGUMENT, result
 
 
 def valid_frames(model: FuzzModel, shard: int, header: shard_pb2.PushHeader) -> list[bytes]:

@@ -44,12 +44,20 @@ def test_status_lists_every_model_as_a_table_and_one_in_detail(service, client, 
     version = run_a_little(client, model_name)
     table = optserve(service, "status").stdout.splitlines()
     header = table[0].split()
-    assert header == ["MODEL", "VERSION", "RULE", "LR", "SCHEDULE", "MODE", "SHARDS", "TRAINERS"]
+    assert header == ["MODEL", "VERSION", "RULE", "LR", "SCHEDULE", "MODE", "SHARDS", "TRAINERS",
+                      "CHECKPOINT", "AT", "RISK"]  # fmt: skip
     row = next(line.split() for line in table[2:] if line.startswith(model_name + " "))
     lr = 0.1 * 0.5**version  # exponential decay, counted in model versions
     assert row[1:4] == [str(version), "sgd", f"{lr:.4g}"]
     assert row[4:6] == ["exponential", "async"]
     assert row[6:9] == ["2", "on", "cpu"] and row[9] == "2/2"
+    # No checkpoint yet (the server's default policy takes one every 10 minutes): a lost shard
+    # would cost every update so far.
+    assert row[10:] == ["never", str(version)]
+    client.checkpoint(model_name)
+    table = optserve(service, "status").stdout.splitlines()
+    row = next(line.split() for line in table[2:] if line.startswith(model_name + " "))
+    assert row[11:] == ["ago", "0"] and row[10].endswith("s")
 
     detail = optserve(service, "status", "--model", model_name).stdout
     for shown in ("GROUP", "SHARD", "TRAINER", "METRIC", "WHEN", "set_optimizer", "t0", "t1"):
@@ -60,6 +68,10 @@ def test_status_lists_every_model_as_a_table_and_one_in_detail(service, client, 
     assert one["version"] == version and sorted(one["trainers"]) == ["t0", "t1"]
     assert one["trainers"]["t0"]["applied"] == 6 and one["trainers"]["t0"]["idle_s"] < 120
     assert one["history"]["metrics_kept"] == one["history"]["metrics_shown"] == 15
+    checkpoint = one["checkpoint"]
+    assert checkpoint["last_version"] == version and checkpoint["updates_at_risk"] == 0
+    assert checkpoint["policy"] == {"every_s": 600.0} and checkpoint["periodic"]
+    assert f"checkpoint last version {version}" in detail
 
 
 def test_plot_writes_a_png_with_the_series_and_the_change_markers(

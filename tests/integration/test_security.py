@@ -57,11 +57,8 @@ def coordinator_calls(model):
     )
 
     def create(stub, md):
-        chunks = [
-            coordinator_pb2.CreateModelRequest(chunk=c) for c in encode_tensor("w", torch.ones(2))
-        ]
         return stub.CreateModel(
-            iter([coordinator_pb2.CreateModelRequest(spec=spec), *chunks]), timeout=60, metadata=md
+            iter([coordinator_pb2.CreateModelRequest(spec=spec)]), timeout=60, metadata=md
         )
 
     c = coordinator_pb2
@@ -137,6 +134,17 @@ def coordinator_calls(model):
 def shard_calls(model, numel):
     header = shard_pb2.PushHeader(model=model, version=0, push_id="auth-test")
 
+    def load_requests():
+        return iter(
+            [
+                shard_pb2.LoadRequest(header=shard_pb2.LoadHeader(model=model)),
+                *[
+                    shard_pb2.LoadRequest(chunk=c)
+                    for c in encode_tensor("default", torch.ones(numel))
+                ],
+            ]
+        )
+
     def push_requests():
         return iter(
             [
@@ -158,6 +166,7 @@ def shard_calls(model, numel):
             "trainer",
             lambda s, md: list(s.Pull(shard_pb2.PullRequest(model=model), timeout=30, metadata=md)),
         ),
+        "Load": ("admin", lambda s, md: s.Load(load_requests(), timeout=30, metadata=md)),
     }
 
 
@@ -204,7 +213,7 @@ def test_every_rpc_checks_the_token_its_role_and_its_model_scope(service, client
                             call, stubs[where], bearer(token), grpc.StatusCode.PERMISSION_DENIED
                         )
                 checked += 1
-        assert checked == 15
+        assert checked == 16
         # Sequence is for the model's shards only, whatever the token.
         sequence = shard_pb2.SequenceRequest(
             model=model_name, push_id="x", header=shard_pb2.PushHeader(model=model_name)

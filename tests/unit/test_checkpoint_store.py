@@ -1,32 +1,130 @@
-"""The checkpoint store (server/checkpoint.py) on a local directory and on an fsspec URI."""
+"""Checkpoints without Ray: shards write their own files (server/shard_checkpoint.py), the store
+keeps manifests (server/checkpoint.py), and restoring shards read just their own ranges back,
+onto any number of shards, from this format or the first one, on a local disk or an fsspec URI."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import time
 import uuid
 
 import pytest
 import torch
+from safetensors.torch import save
 
-from optserve.client.errors import FailedPrecondition, NotFound
-from optserve.server.checkpoint import Checkpoint, Store, gather, split
+from optserve.client.config import AdamConfig, SGDConfig, optimizer_config_json
+from optserve.client.errors import FailedPrecondition, NotFound, Unavailable
+from optserve.client.layout import plan_group, split_ranges
+from optserve.server.checkpoint import (
+    FORMAT_1,
+    MANIFEST,
+    Checkpoint,
+    Store,
+    assemble,
+    shard_file_name,
+)
+from optserve.server.checkpointing import restore_plan
+from optserve.server.shard import GroupInit, ShardState
+from optserve.server.shard_checkpoint import ShardCheckpoints, WriteTarget, host_copy
+
+NUMEL = {"default": 37, "head": 11}
+PARAMS = [{"name": "w", "shape": [37], "dtype": "float32"},
+          {"name": "h", "shape": [11], "dtype": "float32"}]  # fmt: skip
+GROUPS = [{"name": "default", "params": ["w"]}, {"name": "head", "params": ["h"]}]
 
 
-def make_checkpoint(version=7, model="m", created=None):
-    tensors = {
-        "default/weights": torch.arange(10.0),
-        "default/state/exp_avg": torch.full((10,), 0.5),
-    }
-    return Checkpoint(
-        model=model, version=version,
-        params=[{"name": "w", "shape": [2, 5], "dtype": "float32"}],
-        groups=[{"name": "default", "params": ["w"]}], overrides={"default": {}},
-        optimizer={"name": "adam"}, group_configs={"default": {"name": "adam"}},
-        schedule={"name": "constant"}, schedule_state={}, mode={"mode": "async"},
-        scalars={"default": {"step": version}}, tensors=tensors,
-        audit=[{"version": 1, "action": "set_optimizer"}], metrics=[], num_shards=2,
-        created=1_700_000_000.0 + version if created is None else created, run_id="abc",
-    )  # fmt: skip
+def slices(count: int):
+    layouts = [plan_group(g, [(g, (n,), torch.float32)]) for g, n in NUMEL.items()]
+    return [s.ranges for s in split_ranges(layouts, count)]
+
+
+def trained_shards(count: int, steps: int = 3, config=None) -> list[ShardState]:
+    """A model's shards after `steps` updates of the same gradients."""
+    g = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(n, generator=g) for name, n in NUMEL.items()}
+    config = config or AdamConfig(lr=0.01)
+    shards = []
+    for index, ranges in enumerate(slices(count)):
+        inits = {name: GroupInit(weights[name][a:b].clone(), config)
+                 for name, (a, b) in ranges.items()}  # fmt: skip
+        shards.append(ShardState("m", index, inits, {"name": "exponential", "gamma": 0.9}))
+    for step in range(steps):
+        g = torch.Generator().manual_seed(100 + step)
+        grads = {name: torch.randn(n, generator=g) for name, n in NUMEL.items()}
+        for shard, ranges in zip(shards, slices(count), strict=True):
+            shard.stage(f"p{step}", {n: grads[n][a:b] for n, (a, b) in ranges.items()})
+            from optserve.server.sequencer import Decision
+
+            shard.apply(Decision(step + 1, (f"p{step}",), (1.0,)))
+    return shards
+
+
+def whole(shards: list[ShardState]) -> dict[str, object]:
+    """Every shard's state joined: tensors concatenated, scalars from shard 0."""
+    states = [s.state_dict() for s in shards]
+    out: dict[str, object] = {"version": {s["version"] for s in states}}
+    for group in NUMEL:
+        parts = [s["groups"][group] for s in states]
+        out[f"{group}/weights"] = torch.cat([p["weights"] for p in parts])
+        for key, value in parts[0]["state"].items():
+            if isinstance(value, torch.Tensor):
+                out[f"{group}/{key}"] = torch.cat([p["state"][key] for p in parts])
+            else:
+                out[f"{group}/{key}"] = value
+    out["schedule_state"] = states[0]["schedule_state"]
+    return out
+
+
+def take(store: Store, shards: list[ShardState], snapshot="pause", created=None, run="abc"):
+    """A checkpoint of `shards` at their version, as the coordinator takes one."""
+    created = created or time.time()
+    version = shards[0].version
+    name = f"{int(created * 1000):013d}-{version:012d}-{run}"
+    directory = store.prepare("m", name)
+    reports = []
+    for shard, ranges in zip(shards, slices(len(shards)), strict=True):
+        writer = ShardCheckpoints(shard)
+        target = WriteTarget(store.root, directory, shard_file_name(shard.index, len(shards)),
+                             name, snapshot, block_bytes=64)  # fmt: skip
+        writer.begin(target, version)
+        reports.append({**writer.finish(name), "ranges": ranges})
+    meta = {"model": "m", "params": PARAMS, "groups": GROUPS,
+            "overrides": {g: {} for g in NUMEL}, "optimizer": {"name": "adam"},
+            "mode": {"mode": "async"}, "run_id": run, "num_shards": len(shards),
+            "created": created, "service": "svc"}  # fmt: skip
+    ckpt = assemble(meta, reports)
+    store.write_manifest(ckpt)
+    return ckpt
+
+
+def empty_shards(count: int) -> list[ShardState]:
+    return [
+        ShardState(
+            "m",
+            i,
+            {name: GroupInit(None, SGDConfig(), numel=b - a) for name, (a, b) in ranges.items()},
+        )  # fmt: skip
+        for i, ranges in enumerate(slices(count))
+    ]
+
+
+def restore(store: Store, ckpt: Checkpoint, count: int) -> list[ShardState]:
+    shards = empty_shards(count)
+    plan = restore_plan(store, ckpt)
+    for shard, ranges in zip(shards, slices(count), strict=True):
+        ShardCheckpoints(shard).restore(plan, ranges)
+    return shards
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b[key]), key
+        else:
+            assert value == b[key], key
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -36,83 +134,165 @@ def store(request, tmp_path):
     return Store(f"memory://optserve-{uuid.uuid4().hex}")
 
 
-def test_write_list_read_round_trip(store):
-    ckpt = make_checkpoint()
-    name = store.write(ckpt)
-    assert [c["name"] for c in store.list("m")] == [name] and store.models() == ["m"]
+@pytest.mark.parametrize("before, after", [(2, 2), (2, 3), (3, 1), (1, 4)])
+def test_restore_onto_any_number_of_shards_is_bit_identical(store, before, after):
+    shards = trained_shards(before)
+    ckpt = take(store, shards)
     back = store.read("m")
-    assert back.version == 7 and back.scalars == {"default": {"step": 7}}
-    assert back.num_shards == 2 and back.audit == ckpt.audit
-    for key, tensor in ckpt.tensors.items():
-        assert torch.equal(back.tensors[key], tensor)
+    assert back.version == 3 and back.num_shards == before and len(back.shards) == before
+    restored = restore(store, back, after)
+    assert_same(whole(shards), whole(restored))
+    assert all(s.ready for s in restored)
+    # and they go on exactly like the originals (the cut does not matter: element-wise rules)
+    assert ckpt.bytes == sum(s.entry.bytes for s in back.shards)
 
 
-def test_prune_keeps_the_newest(store):
-    names = [store.write(make_checkpoint(v)) for v in (1, 2, 3, 4)]
-    assert store.prune("m", 2) == names[:2]
-    assert [c["version"] for c in store.list("m")] == [3, 4]
-    assert store.read("m").version == 4
+def test_pause_and_copy_snapshots_write_the_same_bytes(tmp_path):
+    shards = trained_shards(2)
+    paused = take(Store(str(tmp_path / "a")), shards, "pause", created=1_700_000_000.0)
+    copied = take(Store(str(tmp_path / "b")), shards, "copy", created=1_700_000_000.0)
+    assert [s.entry.sha256 for s in paused.shards] == [s.entry.sha256 for s in copied.shards]
+    for shard in paused.shards:  # the manifest's digest is the file's own
+        data = (tmp_path / "a" / "m" / paused.name / shard.file).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard.entry.sha256
 
 
-def test_unfinished_and_corrupt_checkpoints(store):
-    good = store.write(make_checkpoint(1))
-    bad = store.write(make_checkpoint(2))
-    directory = f"{store._base}/m/{bad}"
-    # an unfinished write: the manifest never made it
-    store.fs.rm(f"{directory}/manifest.json")
-    assert [c["name"] for c in store.list("m")] == [good]
-    # a corrupt one: the checksum catches it
-    bad = store.write(make_checkpoint(3))
-    path = f"{store._base}/m/{bad}/tensors.safetensors"
-    data = bytearray(store.fs.cat_file(path))
-    data[-1] ^= 1
-    store.fs.pipe_file(path, bytes(data))
+def test_a_host_copy_is_handed_back():
+    original = {"x": torch.arange(10.0), "y": torch.ones(3, dtype=torch.float64)}
+    copies, release = host_copy(original)
+    assert all(torch.equal(copies[k], v) for k, v in original.items())
+    release()
+    assert copies == {}
+
+
+def test_a_damaged_file_fails_the_restore_and_the_shard_serves_nothing(tmp_path):
+    store = Store(str(tmp_path))
+    ckpt = take(store, trained_shards(2))
+    path = tmp_path / "m" / ckpt.name / ckpt.shards[1].file
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x04
+    path.write_bytes(bytes(data))
+    shards = empty_shards(2)
+    plan = restore_plan(store, store.read("m"))
+    ShardCheckpoints(shards[0]).restore(plan, slices(2)[0])  # its own file is sound
     with pytest.raises(FailedPrecondition, match="checksum"):
-        store.read("m", bad)
-    assert store.read("m").version == 1  # the newest sound one
-    manifest_path = f"{store._base}/m/{bad}/manifest.json"
-    manifest = json.loads(store.fs.cat_file(manifest_path))
-    manifest["format"] = "someone-else/9"
-    store.fs.pipe_file(manifest_path, json.dumps(manifest).encode())
-    with pytest.raises(FailedPrecondition, match="format"):
-        store.read("m", bad)
-    assert store.read("m", good).version == 1
+        ShardCheckpoints(shards[1]).restore(plan, slices(2)[1])
+    assert not shards[1].ready
+    with pytest.raises(Unavailable, match="still receiving"):
+        shards[1].stage("p", {"default": torch.zeros(19), "head": torch.zeros(5)})
+    (tmp_path / "m" / ckpt.name / ckpt.shards[0].file).unlink()
+    with pytest.raises(FailedPrecondition, match="cannot be read"):
+        ShardCheckpoints(empty_shards(2)[0]).restore(plan, slices(2)[0])
+
+
+def test_first_format_checkpoints_stay_readable(tmp_path):
+    """A checkpoint as version 0.1 wrote it: one whole-model tensors file."""
+    shards = trained_shards(2)
+    joined = whole(shards)
+    tensors = {}
+    for group in NUMEL:
+        tensors[f"{group}/weights"] = joined[f"{group}/weights"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            tensors[f"{group}/state/{key}"] = joined[f"{group}/{key}"]
+    data = save(tensors)
+    created = 1_700_000_000.0
+    state = shards[0].state_dict()
+    manifest = {
+        "format": FORMAT_1, "model": "m", "version": 3, "params": PARAMS, "groups": GROUPS,
+        "overrides": {g: {} for g in NUMEL}, "optimizer": {"name": "adam"},
+        "group_configs": {g: json.loads(state["groups"][g]["config"]) for g in NUMEL},
+        "schedule": json.loads(state["schedule"]), "schedule_state": state["schedule_state"],
+        "mode": {"mode": "async"},
+        "scalars": {g: {k: v for k, v in state["groups"][g]["state"].items()
+                        if not isinstance(v, torch.Tensor)} for g in NUMEL},
+        "audit": [], "metrics": [], "created": created, "num_shards": 2, "run_id": "abc",
+        "checkpoint_policy": {},
+        "files": {"tensors.safetensors": {"bytes": len(data),
+                                          "sha256": hashlib.sha256(data).hexdigest()}},
+    }  # fmt: skip
+    directory = tmp_path / "m" / f"{int(created * 1000):013d}-{3:012d}-abc"
+    directory.mkdir(parents=True)
+    (directory / "tensors.safetensors").write_bytes(data)
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    store = Store(str(tmp_path))
+    ckpt = store.read("m")
+    assert ckpt.format == FORMAT_1
+    assert_same(joined, whole(restore(store, ckpt, 3)))
+    data = bytearray(data)
+    data[-1] ^= 1
+    (directory / "tensors.safetensors").write_bytes(bytes(data))
+    with pytest.raises(FailedPrecondition, match="checksum"):
+        restore(store, store.read("m"), 2)
+
+
+def test_unfinished_and_malformed_manifests(store):
+    good = take(store, trained_shards(2, steps=1), created=1_700_000_001.0)
+    bad = take(store, trained_shards(2, steps=2), created=1_700_000_002.0)
+    directory = store.path(f"m/{bad.name}")
+    manifest = json.loads(store.fs.cat_file(f"{directory}/{MANIFEST}"))
+    store.fs.rm(f"{directory}/{MANIFEST}")  # an unfinished write: no manifest
+    assert [c["name"] for c in store.list("m")] == [good.name]
+
+    def refused(change, match):
+        body = json.loads(json.dumps(manifest))
+        change(body)
+        store.fs.pipe_file(f"{directory}/{MANIFEST}", json.dumps(body).encode())
+        with pytest.raises(FailedPrecondition, match=match):
+            store.read("m", bad.name)
+        assert store.read("m").version == 1  # the newest sound one
+
+    refused(lambda b: b.update(format="someone-else/9"), "format")
+    refused(lambda b: b.update(model="other"), "holds model")
+    refused(lambda b: b.update(version=9), "malformed")  # its name says 2
+    refused(lambda b: b["shards"][1]["ranges"].update(default=[20, 37]), "cover")
+    refused(lambda b: b["shards"][0]["tensors"].pop("head/state/exp_avg"), "different tensors")
+    refused(lambda b: b.update(shards=[]), "no shard files")
     with pytest.raises(NotFound):
         store.read("nobody")
+    with pytest.raises(NotFound):
+        store.read("m", "0000000000000-000000000000-abc")
 
 
-def test_gather_and_split_reshard():
-    meta = {k: v for k, v in make_checkpoint().__dict__.items()
-            if k not in ("version", "scalars", "schedule_state", "tensors", "schedule",
-                         "group_configs")}  # fmt: skip
-
-    def shard(a, b):
-        return {"version": 7, "schedule_state": {}, "schedule": '{"name": "constant"}',
-                "groups": {"default": {
-            "weights": torch.arange(10.0)[a:b], "config": '{"name": "adam"}',
-            "state": {"exp_avg": torch.arange(10.0)[a:b] * 2, "step": 7},
-        }}}  # fmt: skip
-
-    ckpt = gather(meta, [shard(0, 4), shard(4, 10)])
-    assert torch.equal(ckpt.tensors["default/state/exp_avg"], torch.arange(10.0) * 2)
-    parts = split(ckpt, [{"default": (0, 3)}, {"default": (3, 7)}, {"default": (7, 10)}])
-    assert [p["groups"]["default"]["weights"].tolist() for p in parts] == [
-        [0, 1, 2], [3, 4, 5, 6], [7, 8, 9],
-    ]  # fmt: skip
-    assert parts[1]["groups"]["default"]["state"]["step"] == 7
+def test_assemble_refuses_shards_that_disagree(tmp_path):
+    store = Store(str(tmp_path))
+    shards = trained_shards(2)
+    reports = []
+    for shard, ranges in zip(shards, slices(2), strict=True):
+        writer = ShardCheckpoints(shard)
+        writer.begin(WriteTarget(store.root, "m/x", f"{shard.index}.st", "x"), 3)
+        reports.append({**writer.finish("x"), "ranges": ranges})
+    meta = {"model": "m", "params": PARAMS, "groups": GROUPS, "overrides": {},
+            "optimizer": {}, "mode": {}, "created": 1.0}  # fmt: skip
     with pytest.raises(FailedPrecondition, match="different versions"):
-        gather(meta, [shard(0, 4), {**shard(4, 10), "version": 8}])
+        assemble(meta, [reports[0], {**reports[1], "version": 4}])
+    other = {**reports[1], "configs": {**reports[1]["configs"],
+                                       "head": optimizer_config_json(SGDConfig())}}  # fmt: skip
+    with pytest.raises(FailedPrecondition, match="disagree on configs"):
+        assemble(meta, [reports[0], other])
+    assert assemble(meta, reports).version == 3
 
 
-def test_order_is_by_time_and_runs_and_drops_are_told_apart(store):
-    store.write(make_checkpoint(300, created=1_700_000_001.0))
-    store.write(make_checkpoint(100, created=1_700_000_002.0))  # restored to 100, went on
-    assert [c["version"] for c in store.list("m")] == [300, 100]
-    assert store.read("m").version == 100  # the newest is the new timeline's
-    other = make_checkpoint(5, created=1_700_000_003.0)
-    other.run_id = "def"
-    store.write(other)
-    assert store.read("m", run="abc").version == 100 and store.read("m").version == 5
+def test_prune_keeps_the_newest_and_clears_abandoned_writes(tmp_path):
+    store = Store(str(tmp_path))
+    shards = trained_shards(1, steps=1)
+    names = [take(store, shards, created=1_700_000_000.0 + i).name for i in range(4)]
+    old_partial = store.prepare("m", "1600000000000-000000000009-abc")  # long abandoned
+    fresh_partial = store.prepare("m", f"{int(time.time() * 1000):013d}-000000000009-abc")
+    removed = store.prune("m", 2)
+    assert sorted(removed) == sorted([*names[:2], os.path.basename(old_partial)])
+    assert [c["name"] for c in store.list("m")] == names[2:]
+    assert store.fs.exists(store.path(fresh_partial))  # may be a write in progress
+
+
+def test_order_is_by_time_and_runs_and_drops_are_told_apart(tmp_path):
+    store = Store(str(tmp_path))
+    take(store, trained_shards(1, steps=3), created=1_700_000_001.0)
+    take(store, trained_shards(1, steps=1), created=1_700_000_002.0)  # restored, went on
+    assert [c["version"] for c in store.list("m")] == [3, 1]
+    assert store.read("m").version == 1  # the newest is the new timeline's
+    take(store, trained_shards(1, steps=2), created=1_700_000_003.0, run="def")
+    assert store.read("m", run="abc").version == 1 and store.read("m").version == 2
+    assert store.candidates("m", run="abc") == [c["name"] for c in store.list("m")][1::-1]
     assert not store.dropped_after_last_checkpoint("m")
     store.mark_dropped("m")
-    assert store.dropped_after_last_checkpoint("m")
+    assert store.dropped_after_last_checkpoint("m") and store.models() == ["m"]

@@ -77,7 +77,7 @@ def test_state_dict_round_trips_into_a_fresh_shard():
 
 
 def test_a_failed_update_marks_the_shard_broken_until_a_restore():
-    from optserve.client.errors import Internal
+    from optserve.client.errors import Unavailable
     from optserve.server.sequencer import Decision
 
     state = make_state()
@@ -85,7 +85,7 @@ def test_a_failed_update_marks_the_shard_broken_until_a_restore():
     saved = state.state_dict()
     state.stage("a", {"default": torch.ones(6)})
     # The leader decided a round of two pushes, but "b" never reached this shard.
-    with pytest.raises(Internal, match="no longer matches"):
+    with pytest.raises(Unavailable, match="no longer matches"):
         state.apply(Decision(2, ("a", "b"), (0.5, 0.5)))
     assert state.broken and state.info()["broken"]
     for call in (
@@ -93,7 +93,7 @@ def test_a_failed_update_marks_the_shard_broken_until_a_restore():
         lambda: state.read_weights(lambda v, w: v),
         lambda: state.set_schedule(None, at_version=1),
     ):
-        with pytest.raises(Internal):
+        with pytest.raises(Unavailable):
             call()
     state.load_state_dict(saved)
     assert state.broken is None and state.version == 1

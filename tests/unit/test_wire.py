@@ -8,7 +8,7 @@ import torch
 from optserve.client.codec import TensorAssembler, encode_tensor, expect_all
 from optserve.client.errors import InvalidArgument
 from optserve.client.wire import RawChunk, chunk_frames, header_frame, parse_frame
-from optserve.v1 import coordinator_pb2, shard_pb2, tensor_pb2
+from optserve.v1 import shard_pb2, tensor_pb2
 
 TENSORS = [
     torch.arange(10, dtype=torch.float32).reshape(2, 5),
@@ -28,7 +28,7 @@ def test_frames_are_the_messages_protobuf_would_write(tensor, chunk_bytes):
     for frame, chunk in zip(frames, expected, strict=True):
         for wrapper in (shard_pb2.PushRequest, shard_pb2.PullResponse):
             assert wrapper.FromString(frame).chunk == chunk
-        assert coordinator_pb2.CreateModelRequest.FromString(frame).chunk == chunk
+        assert shard_pb2.LoadRequest.FromString(frame).chunk == chunk
 
 
 @pytest.mark.parametrize("tensor", TENSORS, ids=lambda t: f"{t.dtype}-{list(t.shape)}")

@@ -48,12 +48,10 @@ class ParamGroupSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[str]] = ..., overrides_json: _Optional[str] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
-    __slots__ = ("spec", "chunk")
+    __slots__ = ("spec",)
     SPEC_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
     spec: ModelSpec
-    chunk: _tensor_pb2.TensorChunk
-    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
 
 class DescribeModelRequest(_message.Message):
     __slots__ = ("model",)
@@ -96,7 +94,7 @@ class GroupInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[str]] = ..., overrides_json: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "params", "groups", "shards", "version", "optimizer_json", "schedule_json", "mode_json")
+    __slots__ = ("name", "params", "groups", "shards", "version", "optimizer_json", "schedule_json", "mode_json", "initializing")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +103,7 @@ class ModelInfo(_message.Message):
     OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_JSON_FIELD_NUMBER: _ClassVar[int]
     MODE_JSON_FIELD_NUMBER: _ClassVar[int]
+    INITIALIZING_FIELD_NUMBER: _ClassVar[int]
     name: str
     params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
     groups: _containers.RepeatedCompositeFieldContainer[GroupInfo]
@@ -113,7 +112,8 @@ class ModelInfo(_message.Message):
     optimizer_json: str
     schedule_json: str
     mode_json: str
-    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., version: _Optional[int] = ..., optimizer_json: _Optional[str] = ..., schedule_json: _Optional[str] = ..., mode_json: _Optional[str] = ...) -> None: ...
+    initializing: bool
+    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., version: _Optional[int] = ..., optimizer_json: _Optional[str] = ..., schedule_json: _Optional[str] = ..., mode_json: _Optional[str] = ..., initializing: _Optional[bool] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -210,20 +210,28 @@ class StatusResponse(_message.Message):
     def __init__(self, status_json: _Optional[str] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "snapshot")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    snapshot: str
+    def __init__(self, model: _Optional[str] = ..., snapshot: _Optional[str] = ...) -> None: ...
 
 class CheckpointResponse(_message.Message):
-    __slots__ = ("name", "version", "uri")
+    __slots__ = ("name", "version", "uri", "bytes", "pause_s", "seconds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_S_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     uri: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., uri: _Optional[str] = ...) -> None: ...
+    bytes: int
+    pause_s: float
+    seconds: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., uri: _Optional[str] = ..., bytes: _Optional[int] = ..., pause_s: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class ListCheckpointsRequest(_message.Message):
     __slots__ = ("model",)

@@ -100,7 +100,11 @@ class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateModel(self, request_iterator, context):
-        """First message: the model's spec. Then the initial value of every parameter as tensor chunks.
+        """One message: the model's spec. The server starts the model's shards and answers with its
+        layout, `initializing` set; the creator then streams each shard its slice of the initial
+        values (Shard/Load), so no tensor byte passes through the coordinator. Until every shard
+        holds its slice, pushes and pulls answer UNAVAILABLE; a model whose initial values do not
+        all arrive within 10 minutes is dropped.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

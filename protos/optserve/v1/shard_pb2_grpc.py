@@ -49,6 +49,11 @@ class ShardStub:
                 request_serializer=optserve_dot_v1_dot_shard__pb2.PushRequest.SerializeToString,
                 response_deserializer=optserve_dot_v1_dot_shard__pb2.PullResponse.FromString,
                 _registered_method=True)
+        self.Load = channel.stream_unary(
+                '/optserve.v1.Shard/Load',
+                request_serializer=optserve_dot_v1_dot_shard__pb2.LoadRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_shard__pb2.LoadResponse.FromString,
+                _registered_method=True)
         self.Sequence = channel.unary_unary(
                 '/optserve.v1.Shard/Sequence',
                 request_serializer=optserve_dot_v1_dot_shard__pb2.SequenceRequest.SerializeToString,
@@ -83,6 +88,17 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Load(self, request_iterator, context):
+        """A new model's initial values (admin): the model's creator streams each shard its slice
+        once CreateModel has answered with the layout. First message: the header. Then one flat
+        float32 tensor per parameter group, named by the group, of shape [end - start] for this
+        shard's range, as chunks. Until every shard of the model holds its slice, its pushes and
+        pulls answer UNAVAILABLE; a shard takes its initial values once (FAILED_PRECONDITION after).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Sequence(self, request, context):
         """Internal, shard to shard (callers must send the model's shard secret as the
         "x-optserve-shard-secret" metadata): a shard that holds its slice of a push asks the
@@ -110,6 +126,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.PushPull,
                     request_deserializer=optserve_dot_v1_dot_shard__pb2.PushRequest.FromString,
                     response_serializer=optserve_dot_v1_dot_shard__pb2.PullResponse.SerializeToString,
+            ),
+            'Load': grpc.stream_unary_rpc_method_handler(
+                    servicer.Load,
+                    request_deserializer=optserve_dot_v1_dot_shard__pb2.LoadRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_shard__pb2.LoadResponse.SerializeToString,
             ),
             'Sequence': grpc.unary_unary_rpc_method_handler(
                     servicer.Sequence,
@@ -198,6 +219,33 @@ class Shard:
             '/optserve.v1.Shard/PushPull',
             optserve_dot_v1_dot_shard__pb2.PushRequest.SerializeToString,
             optserve_dot_v1_dot_shard__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Load(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/optserve.v1.Shard/Load',
+            optserve_dot_v1_dot_shard__pb2.LoadRequest.SerializeToString,
+            optserve_dot_v1_dot_shard__pb2.LoadResponse.FromString,
             options,
             channel_credentials,
             insecure,
