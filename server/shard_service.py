@@ -32,6 +32,7 @@ from optserve.client.errors import (
 )
 from optserve.client.wire import RawChunk, chunk_frames, header_frame, parse_frame, passthrough
 from optserve.server.grpc_util import stream_errors, unary_errors
+from optserve.server.memory import mapped_empty
 from optserve.server.metrics import ShardMetrics
 from optserve.server.sequencer import Decision, GradStats, Sequencer
 from optserve.server.shard import ShardState
@@ -113,9 +114,13 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self._check_model(header.model)
         return header
 
-    def _gradients(self, request_iterator: Iterator[Any]) -> dict[str, torch.Tensor]:
-        """The rest of a push stream: RawChunks, assembled and checked."""
-        assembler = TensorAssembler(self._state.expected_gradients(), what="gradient")
+    def _gradients(
+        self, request_iterator: Iterator[Any], buffers: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The rest of a push stream: RawChunks, assembled and checked (fp32 slices straight
+        into `buffers`)."""
+        expected = self._state.expected_gradients()
+        assembler = TensorAssembler(expected, what="gradient", out=buffers)
         received = self.metrics.received_bytes
         for chunk in request_iterator:
             if isinstance(chunk, OptserveError):
@@ -139,7 +144,13 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         try:
             if header.pull_dtype != tensor_pb2.DTYPE_UNSPECIFIED:
                 torch_dtype(header.pull_dtype)  # refused now, not after the update
-            epoch, stats = self._state.stage(push_id, self._gradients(request_iterator))
+            buffers = self._state.buffers.take()
+            try:
+                grads = self._gradients(request_iterator, buffers)
+            except BaseException:
+                self._state.buffers.give(buffers)
+                raise
+            epoch, stats = self._state.stage(push_id, grads, buffers)
         except OptserveError as exc:  # refuse the push on every shard now, not at a timeout
             self.metrics.decided(header.trainer, peer, 0, applied=False)
             self._refuse(push_id, header, exc)
@@ -229,19 +240,26 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         dtype = (
             torch.float32 if wire_dtype == tensor_pb2.DTYPE_UNSPECIFIED else torch_dtype(wire_dtype)
         )
+        # fp32: a snapshot into a pooled buffer (a quick copy under the shard's lock into
+        # memory reused pull after pull), then framed lazily as the stream goes out.
+        pool = self._state.buffers if dtype == torch.float32 else None
 
         def read(version: int, weights: dict[str, torch.Tensor]):
-            if dtype == torch.float32 and all(w.device.type == "cpu" for w in weights.values()):
-                # Writing the frames copies the bytes once: that copy is the snapshot.
-                frames = [f for name, w in weights.items() for f in chunk_frames(name, w)]
-                return version, frames
-            return version, {name: w.to("cpu", dtype, copy=True) for name, w in weights.items()}
+            if pool is None:
+                return version, {n: w.to("cpu", dtype, copy=True) for n, w in weights.items()}
+            copies = pool.take()
+            for name, w in weights.items():
+                copies[name].copy_(w)
+            return version, copies
 
-        version, body = self._state.read_weights(read)
-        yield header_frame(shard_pb2.PullHeader(version=version))
-        if isinstance(body, dict):
-            body = (f for name, w in body.items() for f in chunk_frames(name, w))
-        yield from body
+        version, copies = self._state.read_weights(read)
+        try:
+            yield header_frame(shard_pb2.PullHeader(version=version))
+            for name, w in copies.items():
+                yield from chunk_frames(name, w)
+        finally:
+            if pool is not None:
+                pool.give(copies)
         # Counted once the whole slice went out (a pull cancelled midway counts nothing).
         itemsize = torch.empty((), dtype=dtype).element_size()
         self.metrics.sent_bytes.inc(itemsize * self._state.numel)
@@ -263,7 +281,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 f"shard {self._state.index} of model {header.model!r} already has its values"
             )
         lengths = self._state.lengths()
-        out = {group: torch.empty(n, dtype=torch.float32) for group, n in lengths.items()}
+        out = {group: mapped_empty(n) for group, n in lengths.items()}
         assembler = TensorAssembler(
             expect_all((g, (n,), (torch.float32,)) for g, n in lengths.items()),
             what="initial value", out=out,

@@ -1,24 +1,33 @@
 """safetensors files written as a stream and read back by range, every block checksummed.
 
 A shard writes its slice of a checkpoint here and a restoring shard reads just its own range
-back, so neither ever holds more than one block beyond the tensors it owns. No Ray, no gRPC.
+back, so neither ever holds more than a block or two beyond the tensors it owns. No Ray, no
+gRPC.
 
 The files are plain safetensors (an 8-byte little-endian header length N; N bytes of JSON,
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`, padded
-with spaces to a multiple of 8; then the data): `safetensors.safe_open` reads them, and the
-reader here reads files that `safetensors` wrote. The library itself is not used to write or
-read them because it needs the whole file in memory or on a local path: here a file is written
-block by block from live tensors (any device) into any fsspec store, hashed as it goes, and
-read by byte range straight into the destination buffer.
+with spaces; then the data): `safetensors.safe_open` reads them, and the reader here reads
+files that `safetensors` wrote. The library itself is not used to write or read them because it
+needs the whole file in memory or on a local path: here a file is written block by block from
+live tensors (any device) into any fsspec store, hashed as it goes, and read by byte range
+straight into the destination buffer.
 
 Every tensor's data is cut into blocks of `block_bytes` from its own start; the writer records
 each block's SHA-256 (and the whole file's), and a reader verifies every block it touches
 before the bytes count, reading whole blocks even at the edges of the range it wants. Hashing
 runs on a second thread, overlapped with the file I/O (both release the GIL).
+
+Local files go around the page cache (O_DIRECT) where the filesystem allows it: on the
+development machine that halved the kernel's share of a restore, which otherwise allocates a
+page-cache page for every page it reads. For that, every tensor's data starts on a 4 KiB
+boundary: the header is padded with spaces, and a tensor whose size is not a multiple of 4 KiB
+is followed by a filler tensor of bytes named `__pad__/<n>` (safetensors allows no holes
+between tensors; readers skip the fillers).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,6 +43,9 @@ from optserve.client.errors import FailedPrecondition
 
 # 16 MiB: a few hundred digests for a shard's gigabytes, and little to read beyond a range.
 DEFAULT_BLOCK_BYTES = 16 << 20
+# Alignment of every tensor's data (and of direct I/O: offsets, lengths and memory).
+ALIGN = 4096
+PAD_PREFIX = "__pad__/"
 MAX_HEADER_BYTES = 100 << 20  # what safetensors itself accepts
 DTYPES: dict[torch.dtype, str] = {
     torch.float32: "F32",
@@ -97,11 +109,20 @@ class FileEntry:
         )
 
 
-def open_file(fs: Any, path: str, mode: str) -> BinaryIO:
-    """`fs.open`, except that a local file is opened unbuffered (reads land in place)."""
-    if _is_local(fs):
-        return open(path, mode, buffering=0)  # noqa: SIM115 - the caller closes it
-    return fs.open(path, mode)
+def open_file(fs: Any, path: str, mode: str, direct: bool = False) -> tuple[BinaryIO, bool]:
+    """`fs.open`; a local file is opened unbuffered (reads land in place), and with `direct`
+    around the page cache where its filesystem allows. Returns the file and whether it is
+    direct ("rb" or "wb" only)."""
+    if not _is_local(fs):
+        return fs.open(path, mode), False
+    flags = os.O_RDONLY if mode == "rb" else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return open(os.open(path, flags | os.O_DIRECT, 0o644), mode, buffering=0), True
+        except OSError as exc:  # e.g. tmpfs: no direct I/O
+            if exc.errno != errno.EINVAL:
+                raise
+    return open(os.open(path, flags, 0o644), mode, buffering=0), False
 
 
 def _is_local(fs: Any) -> bool:
@@ -110,9 +131,26 @@ def _is_local(fs: Any) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def aligned_empty(
+    numel: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """An uninitialised 1-D tensor whose data starts on an ALIGN boundary (on the CPU), so
+    direct reads can land in it."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    item = torch.empty((), dtype=dtype).element_size()
+    base = torch.empty(numel + ALIGN // item, dtype=dtype)
+    skip = (-base.data_ptr() % ALIGN) // item
+    return base[skip : skip + numel]
+
+
 def _byte_view(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _round_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 def _blocks(nbytes: int, block_bytes: int) -> Iterator[tuple[int, int]]:
@@ -121,15 +159,22 @@ def _blocks(nbytes: int, block_bytes: int) -> Iterator[tuple[int, int]]:
 
 
 def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The header, padded so that the data starts on an ALIGN boundary, with a filler after
+    every tensor whose size is not a multiple of ALIGN."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
-    for name, tensor in tensors.items():
+    for index, (name, tensor) in enumerate(tensors.items()):
         nbytes = tensor.numel() * tensor.element_size()
         header[name] = {"dtype": DTYPES[tensor.dtype], "shape": [tensor.numel()],
                         "data_offsets": [offset, offset + nbytes]}  # fmt: skip
-        offset += nbytes
+        pad = _round_up(nbytes) - nbytes
+        if pad:
+            header[f"{PAD_PREFIX}{index}"] = {"dtype": "U8", "shape": [pad],
+                                              "data_offsets": [offset + nbytes,
+                                                               offset + nbytes + pad]}  # fmt: skip
+        offset += nbytes + pad
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
+    text += b" " * (_round_up(8 + len(text)) - 8 - len(text))
     return struct.pack("<Q", len(text)) + text
 
 
@@ -138,47 +183,72 @@ def write_tensors(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    direct: bool = False,
 ) -> FileEntry:
     """Write `tensors` (1-D, contiguous, on any device) to `out` as one safetensors file, in
-    order; return its size, SHA-256 and every block's digest.
+    order; return its size, SHA-256 and every block's digest. `direct`: `out` takes only
+    ALIGN-aligned writes from aligned memory (O_DIRECT), so every block goes through staging.
 
-    Memory beyond the tensors: one block of staging for a tensor not on the CPU. The tensors
-    must not change while this runs (the caller holds the model still)."""
-    if block_bytes < 8 or block_bytes % 8:
-        raise ValueError(f"block_bytes must be a positive multiple of 8, got {block_bytes}")
+    Memory beyond the tensors: two blocks of staging, for a direct file or a tensor not on the
+    CPU. The tensors must not change while this runs (the caller holds the model still)."""
+    if block_bytes < 8 or block_bytes % 8 or (direct and block_bytes % ALIGN):
+        raise ValueError(f"block_bytes must be a positive multiple of 8 (of {ALIGN} for direct "
+                         f"I/O), got {block_bytes}")  # fmt: skip
     head = _header(tensors, metadata or {})
-    file_hash = hashlib.sha256(head)
-    out.write(head)
-    position, entries = len(head), {}
-    staging: torch.Tensor | None = None
+    file_hash = hashlib.sha256()
+    staging: list[torch.Tensor] = []
+    turn = 1
+
+    def stage(source: memoryview | torch.Tensor, length: int) -> memoryview:
+        """`source` copied into a staging block (zeros after it, up to `length`)."""
+        nonlocal turn
+        turn = 1 - turn  # not the block the last write may still be hashing
+        if len(staging) <= turn:
+            staging.append(aligned_empty(_round_up(max(block_bytes, len(head))), torch.uint8))
+        target = staging[turn]
+        n = source.numel() if isinstance(source, torch.Tensor) else len(source)
+        if isinstance(source, torch.Tensor):
+            target[:n].copy_(source)
+        else:
+            _byte_view(target)[:n] = source
+        target[n:length].zero_()
+        return _byte_view(target)[:length]
+
     with ThreadPoolExecutor(1, thread_name_prefix="optserve-hash") as hasher:
 
-        def digest(view: memoryview) -> str:
-            file_hash.update(view)  # in file order: one hashing thread, one block at a time
-            return hashlib.sha256(view).hexdigest()
+        def write(view: memoryview, tensor_bytes: int | None) -> Any:
+            """Write `view`, hashing it into the file's digest (on the hasher, in file order);
+            the future's result is the digest of its first `tensor_bytes` (a block's)."""
 
+            def digest() -> str | None:
+                file_hash.update(view)
+                return None if tensor_bytes is None else _sha256(view[:tensor_bytes])
+
+            pending = hasher.submit(digest)
+            _write_all(out, view)
+            return pending
+
+        write(stage(memoryview(head), len(head)) if direct else memoryview(head), None).result()
+        position, entries = len(head), {}
         for name, tensor in tensors.items():
             flat = tensor.detach().reshape(-1)
             nbytes = flat.numel() * flat.element_size()
-            on_cpu = flat.device.type == "cpu"
-            data = _byte_view(flat) if on_cpu else None
-            if not on_cpu and staging is None:
-                staging = torch.empty(block_bytes, dtype=torch.uint8, pin_memory=True)
+            raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+            data = _byte_view(flat) if flat.device.type == "cpu" and not direct else None
             digests = []
             for start, end in _blocks(nbytes, block_bytes):
                 if data is not None:
                     view = data[start:end]
-                else:
-                    assert staging is not None
-                    raw = flat.view(torch.uint8)[start:end]
-                    staging[: end - start].copy_(raw)
-                    view = _byte_view(staging)[: end - start]
-                pending = hasher.submit(digest, view)
-                _write_all(out, view)
-                digests.append(pending.result())
+                else:  # direct I/O pads the tensor's last block to ALIGN with zeros
+                    length = _round_up(end - start) if direct else end - start
+                    view = stage(raw[start:end], length)
+                digests.append(write(view, end - start).result())
+            pad = _round_up(nbytes) - nbytes
+            if pad and not direct:
+                write(memoryview(bytes(pad)), None).result()
             entries[name] = TensorEntry(DTYPES[flat.dtype], flat.numel(), position,
                                         tuple(digests))  # fmt: skip
-            position += nbytes
+            position += nbytes + pad
     return FileEntry(position, file_hash.hexdigest(), block_bytes, entries)
 
 
@@ -210,16 +280,25 @@ def _read_exactly(f: BinaryIO, view: memoryview, what: str) -> None:
 
 
 def read_header(f: BinaryIO, what: str) -> tuple[int, dict[str, Any]]:
-    """The data's start offset and the header of a safetensors file."""
-    size = bytearray(8)
-    _read_exactly(f, memoryview(size), what)
-    (length,) = struct.unpack("<Q", size)
+    """The data's start offset and the header of a safetensors file (read in whole ALIGN
+    pieces from an aligned buffer, so a direct file reads it too)."""
+    f.seek(0)
+    first = aligned_empty(ALIGN, torch.uint8)
+    got = f.readinto(_byte_view(first))
+    if got is None or got < 8:
+        raise FailedPrecondition(f"{what} ends early (no header)")
+    (length,) = struct.unpack("<Q", bytes(_byte_view(first)[:8]))
     if length > MAX_HEADER_BYTES:
         raise FailedPrecondition(f"{what} has a header of {length} bytes; not a checkpoint file")
-    text = bytearray(length)
-    _read_exactly(f, memoryview(text), what)
+    if 8 + length > got:
+        whole = aligned_empty(_round_up(8 + length), torch.uint8)
+        f.seek(0)
+        got = f.readinto(_byte_view(whole)) or 0
+        if got < 8 + length:
+            raise FailedPrecondition(f"{what} ends early (in its header)")
+        first = whole
     try:
-        header = json.loads(text.decode())
+        header = json.loads(bytes(_byte_view(first)[8 : 8 + length]).decode())
     except (UnicodeDecodeError, ValueError) as exc:
         raise FailedPrecondition(f"{what} has a malformed header: {exc}") from None
     if not isinstance(header, dict):
@@ -244,10 +323,15 @@ def read_ranges(
     block_bytes: int,
     reads: Sequence[RangeRead],
     what: str,
+    direct: bool = False,
 ) -> None:
     """Read every range in `reads` from an open file, verifying each block it touches against
-    `entries` (the writer's record); raise FailedPrecondition on any mismatch."""
+    `entries` (the writer's record); raise FailedPrecondition on any mismatch. `direct`: the
+    file takes only aligned reads (O_DIRECT): blocks land in place only where the destination
+    is aligned, and the rest go through an aligned scratch block."""
     data_start, header = read_header(f, what)
+    if direct and (block_bytes % ALIGN or any(e.offset % ALIGN for e in entries.values())):
+        raise FailedPrecondition(f"{what} is not laid out for direct reads; read it buffered")
     scratch: list[torch.Tensor] = []  # two blocks, used in turn: one read while one is hashed
     turn = 1
     with ThreadPoolExecutor(1, thread_name_prefix="optserve-verify") as hasher:
@@ -276,26 +360,32 @@ def read_ranges(
                     f"{what}: {read.name!r} has no elements [{read.start}, {read.end})"
                 )
             want_a, want_b = read.start * item, read.end * item
-            out_bytes = _byte_view(read.out) if read.out.device.type == "cpu" else None
+            on_cpu = read.out.device.type == "cpu"
+            out_bytes = _byte_view(read.out) if on_cpu else None
+            base = read.out.data_ptr() if on_cpu else 0
             total = entry.numel * item
             for index in range(want_a // block_bytes, -(-want_b // block_bytes)):
                 a, b = index * block_bytes, min((index + 1) * block_bytes, total)
                 if index >= len(entry.blocks):
                     raise FailedPrecondition(f"{what}: {read.name!r} lacks block digests")
                 finish: Callable[[], None] = _nothing
-                if out_bytes is not None and want_a <= a and b <= want_b:
-                    view = out_bytes[a - want_a : b - want_a]  # straight into place
-                else:  # an edge block, or a device tensor: through a scratch block
+                in_place = out_bytes is not None and want_a <= a and b <= want_b
+                if direct and in_place:  # the destination must be aligned, whole pages
+                    in_place = (base + a - want_a) % ALIGN == 0 and (b - a) % ALIGN == 0
+                if in_place:
+                    assert out_bytes is not None
+                    view = out_bytes[a - want_a : b - want_a]
+                else:  # an edge block, a device tensor, or misaligned: through a scratch block
                     turn = 1 - turn  # not the one the pending block (if any) still uses
                     if len(scratch) <= turn:
-                        scratch.append(torch.empty(block_bytes, dtype=torch.uint8))
+                        scratch.append(aligned_empty(_round_up(block_bytes), torch.uint8))
                     buffer = scratch[turn]
-                    view = _byte_view(buffer)[: b - a]
+                    view = _byte_view(buffer)[: _round_up(b - a) if direct else b - a]
                     finish = _copier(buffer, a, b, want_a, want_b, read.out)
                 f.seek(entry.offset + a)
                 _read_exactly(f, view, what)
                 settle()  # the previous block's digest, computed while this one was read
-                pending = (hasher.submit(_sha256, view), entry.blocks[index], finish)
+                pending = (hasher.submit(_sha256, view[: b - a]), entry.blocks[index], finish)
         settle()
 
 

@@ -16,6 +16,7 @@ def test_exported_members():
         if not name.startswith("_")
         and name
         not in {
+            "allocator",
             "auth",
             "client",
             "codec",
