@@ -21,30 +21,35 @@ import sys
 
 log = logging.getLogger(__name__)
 
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 MMAP_THRESHOLD_BYTES = 32 << 20
 TRIM_THRESHOLD_BYTES = 256 << 20
-_done = False
+_tuned: set[tuple[tuple[int, int], ...]] = set()
 
 
-def keep_step_buffers() -> bool:
-    """Tune glibc as above (Linux with glibc only, once per process); True if it is tuned."""
-    global _done
-    if _done:
+def mallopt(settings: dict[int, int]) -> bool:
+    """Apply glibc `mallopt` settings to this process (Linux with glibc only, each set once);
+    True if every one took."""
+    key = tuple(sorted(settings.items()))
+    if key in _tuned:
         return True
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        call = libc.mallopt
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    _done = (
-        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
-        and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
-    )
-    if not _done:
-        log.debug("mallopt refused; per-step buffers will page-fault")
-    return _done
+    call.argtypes = [ctypes.c_int, ctypes.c_int]
+    if not all(call(param, value) == 1 for param, value in settings.items()):
+        log.debug("mallopt refused %s", settings)
+        return False
+    _tuned.add(key)
+    return True
+
+
+def keep_step_buffers() -> bool:
+    """Tune glibc as above; True if it is tuned."""
+    return mallopt({M_MMAP_THRESHOLD: MMAP_THRESHOLD_BYTES, M_TRIM_THRESHOLD: TRIM_THRESHOLD_BYTES})

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -132,6 +131,7 @@ def take(
         raise
     ray.get(record.actors[0].record_history.remote([entry], []), timeout=60)
     record.last_checkpoint = (version, created)
+    record.last_version = max(record.last_version or 0, version)
     seconds = time.perf_counter() - started
     log.info("checkpoint %s/%s at version %d: %.1f MB in %.2f s (updates held %.2f s)",
              record.name, ckpt.name, version, ckpt.bytes / 1e6, seconds, pause_s)  # fmt: skip
@@ -157,7 +157,3 @@ def newest(store: Store, model: str, run: str) -> tuple[int, float] | None:
     """(version, unix time) of the model run's newest checkpoint, if it has one."""
     found = [c for c in store.list(model) if c["run"] == run]
     return (found[-1]["version"], found[-1]["time"]) if found else None
-
-
-def checkpoint_id() -> str:
-    return uuid.uuid4().hex

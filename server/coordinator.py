@@ -244,7 +244,7 @@ class Coordinator:
             run_id=uuid.uuid4().hex[:12],
         )  # fmt: skip
         record = self._start(entry, layouts, history={"audit": [], "metrics": []})
-        record.initializing = True
+        record.initializing, record.last_version = True, 0
         self._commit(record)
         if not self.register(record):
             stop_shards(record.actors, record.placement_group, 1.0)
@@ -553,6 +553,7 @@ class Coordinator:
             stop_shards(record.actors, record.placement_group, 1.0)
             raise
         record.last_checkpoint = (ckpt.version, ckpt.created)
+        record.last_version = ckpt.version
         self._commit(record)
         with self._lock:
             replaced = self._models.get(name)

@@ -11,38 +11,23 @@ next step needs anyway.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import mmap
-import sys
+import threading
+from collections.abc import Mapping
 
 import torch
 
-log = logging.getLogger(__name__)
+from optserve.client.allocator import M_MMAP_MAX, M_TRIM_THRESHOLD, mallopt
 
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_done = False
+log = logging.getLogger(__name__)
 
 
 def keep_freed_memory() -> bool:
     """Tune glibc's allocator of this process (Linux with glibc only); True if it was tuned."""
-    global _done
-    if _done:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other libcs have no mallopt
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    ok = mallopt({M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1})
     if not ok:
         log.warning("mallopt refused; large buffers will page-fault on every step")
-    _done = ok
     return ok
 
 
@@ -64,3 +49,31 @@ def mapped_empty(
     return (
         torch.frombuffer(region, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
     )
+
+
+class BufferPool:
+    """Flat fp32 CPU buffers of a shard's slice lengths, kept for the next push: a push's
+    gradient lands in one and the buffer comes back once its update is applied or refused.
+
+    glibc hands an allocation of this size back to the system when it is freed, even with
+    `keep_freed_memory`, so a fresh buffer per push re-faulted every page of it: 49k page faults
+    per push of a 200 MB slice, 0.2-0.5 s of kernel time per push on the development machine."""
+
+    def __init__(self, lengths: Mapping[str, int], keep: int = 2) -> None:
+        self._lengths = dict(lengths)
+        self._keep = keep
+        self._free: list[dict[str, torch.Tensor]] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> dict[str, torch.Tensor]:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return {name: torch.empty(n, dtype=torch.float32) for name, n in self._lengths.items()}
+
+    def give(self, buffers: Mapping[str, torch.Tensor] | None) -> None:
+        if buffers is None:
+            return
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(dict(buffers))

@@ -104,13 +104,17 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 "ask the coordinator for the model's layout"
             )
 
-    def _header(self, request_iterator: Iterator[Any]) -> shard_pb2.PushHeader:
-        """The first message of a push stream (read by `parse_push_request`): its header."""
+    def _header(
+        self, request_iterator: Iterator[Any], header_type: Any = shard_pb2.PushHeader
+    ) -> Any:
+        """The first message of a push or load stream (read by `parse_push_request` or
+        `parse_load_request`): its header, for this shard's model."""
         header = next(request_iterator, None)
         if isinstance(header, OptserveError):
             raise header
-        if not isinstance(header, shard_pb2.PushHeader):
-            raise InvalidArgument("a push stream must start with a PushHeader")
+        if not isinstance(header, header_type):
+            kind = "push" if header_type is shard_pb2.PushHeader else "Load"
+            raise InvalidArgument(f"a {kind} stream must start with a {header_type.__name__}")
         self._check_model(header.model)
         return header
 
@@ -270,12 +274,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     ) -> shard_pb2.LoadResponse:
         """A new model's initial values for this shard: received straight into the buffers
         that become its fp32 masters (no copy on a CPU shard)."""
-        header = next(request_iterator, None)
-        if isinstance(header, OptserveError):
-            raise header
-        if not isinstance(header, shard_pb2.LoadHeader):
-            raise InvalidArgument("a Load stream must start with a LoadHeader")
-        self._check_model(header.model)
+        header = self._header(request_iterator, shard_pb2.LoadHeader)
         if self._state.ready:
             raise FailedPrecondition(
                 f"shard {self._state.index} of model {header.model!r} already has its values"

@@ -170,8 +170,10 @@ def test_interrupted_and_corrupt_checkpoints(service, client, model_name, checkp
     newest = client.checkpoint(model_name)
     files = sorted((Path(checkpoint_dir) / model_name / newest["name"]).glob("shard-*"))
     assert len(files) == 2 and newest["bytes"] == sum(f.stat().st_size for f in files)
+    manifest = json.loads(files[0].with_name("manifest.json").read_text())
+    at = manifest["shards"][1]["tensors"]["default/state/exp_avg"]["offset"]
     data = bytearray(files[1].read_bytes())
-    data[-1] ^= 0xFF
+    data[at + 3] ^= 0xFF  # in shard 1's exp_avg (the file's fillers are not state)
     files[1].write_bytes(bytes(data))
     with pytest.raises(FailedPrecondition, match="checksum"):
         client.restore(model_name, newest["name"])
