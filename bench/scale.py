@@ -222,10 +222,13 @@ def run_size(numel: int, repeat: int, root: str) -> None:
                 whole = time.perf_counter() - started
             entry = client.status("scale")["audit"][-1]["new"]
             read = entry["bytes"] / entry["read_s"]
+            filled = entry["bytes"] / (entry["read_s"] + entry["allocate_s"])
             said = (
                 f"read {entry['bytes'] / GiB:.2f} GiB in {entry['read_s']:.2f} s: "
                 f"{read / 1e9:.2f} GB/s; the disk reads {read_speed / 1e9:.2f} GB/s (cold): "
-                f"{read / read_speed:.0%}; whole restore {whole:.2f} s"
+                f"{read / read_speed:.0%}; with filling the new shards' memory first "
+                f"({entry['allocate_s']:.2f} s): {filled / 1e9:.2f} GB/s, "
+                f"{filled / read_speed:.0%}; the whole restore {whole:.2f} s"
             )
             rows.append(("restore (2 new shards)", said))
             weights, version = client.pull("scale")

@@ -165,6 +165,11 @@ class ModelRecord:
     initializing: bool = False
     # The model's version when the watch last saw every shard (for the metrics).
     last_version: int | None = None
+    # True while a recovery (a restore onto fresh shards) of this model runs.
+    recovering: bool = False
+    # Periodic checkpoints that failed in a row, and when the next may be tried (monotonic).
+    checkpoint_failures: int = 0
+    checkpoint_retry_at: float = 0.0
 
     @property
     def name(self) -> str:

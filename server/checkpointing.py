@@ -57,8 +57,9 @@ def check_policy(policy: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def effective_policy(own: Mapping[str, Any], default: Mapping[str, Any]) -> dict[str, Any]:
-    """A model's policy: its own where it set one, else the server's default."""
-    return dict(own) if own else dict(default)
+    """A model's policy: its own keys over the server's default (so {"snapshot": "copy"}
+    keeps the default's interval, and {"enabled": false} turns periodic checkpoints off)."""
+    return {**default, **own}
 
 
 def is_due(policy: Mapping[str, Any], version: int, last: tuple[int, float]) -> bool:
@@ -109,7 +110,9 @@ def take(
     paused = time.perf_counter()
     try:
         with record.control_lock:  # no control change lands inside the snapshot
-            version, history = control.at_boundary(record, write, "checkpoint")
+            version, history = control.at_boundary(
+                record, write, "checkpoint", max_hold_s=WRITE_TIMEOUT_S + 60
+            )
         pause_s = time.perf_counter() - paused
         reports = ray.get(
             [a.finish_checkpoint.remote(names["name"]) for a in record.actors],

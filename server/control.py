@@ -13,6 +13,7 @@ the shards that had applied it answer from memory, the others apply it, all at v
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 
 import ray
 
+from optserve.client.errors import FailedPrecondition
 from optserve.server.catalogue import ModelRecord
 
 log = logging.getLogger(__name__)
@@ -50,12 +52,34 @@ def run(record: ModelRecord, op: dict[str, Any], boundary: int | None = None) ->
     history = None
     try:
         at = {**op, "at_version": boundary}
-        results = ray.get([a.control.remote(at) for a in record.actors], timeout=APPLY_TIMEOUT_S)
+        results = _on_every_shard(record, [a.control.remote(at) for a in record.actors], op)
         history = _history(op, boundary, results)
     finally:
         ray.get(leader.resume_updates.remote(op["op_id"], history), timeout=60)
     record.entry.__dict__.update(op.get("entry", {}))
     return boundary, results
+
+
+def _on_every_shard(record: ModelRecord, refs: list[Any], op: dict[str, Any]) -> list[Any]:
+    """Every shard's result; a shard that failed where others applied the change no longer
+    matches them: it is marked broken (the watch then restores the model) and the error
+    raised."""
+    outcomes: list[Any] = []
+    for ref in refs:
+        try:
+            outcomes.append(ray.get(ref, timeout=APPLY_TIMEOUT_S))
+        except Exception as exc:  # noqa: BLE001 - sorted out below
+            outcomes.append(exc)
+    failed = [i for i, o in enumerate(outcomes) if isinstance(o, Exception)]
+    if failed and len(failed) < len(outcomes):
+        why = f"the {op['kind']} {op['op_id']} failed here and not on its peers"
+        for index in failed:
+            with contextlib.suppress(Exception):  # a dead shard is found by the watch
+                ray.get(record.actors[index].mark_broken.remote(why), timeout=60)
+    if failed:
+        error = outcomes[failed[0]]
+        raise error if isinstance(error, Exception) else RuntimeError(repr(error))
+    return outcomes
 
 
 def _history(op: dict[str, Any], version: int, results: list[Any]) -> dict[str, list[dict]]:
@@ -70,16 +94,29 @@ def _history(op: dict[str, Any], version: int, results: list[Any]) -> dict[str, 
     return out
 
 
-def at_boundary(record: ModelRecord, apply: Callable[[int], T], kind: str) -> tuple[int, T]:
+def at_boundary(
+    record: ModelRecord, apply: Callable[[int], T], kind: str, max_hold_s: float = 900.0
+) -> tuple[int, T]:
     """Hold the model's updates, run `apply(v)` at the boundary version v, let them go.
-    A coordinator that dies meanwhile leaves an intent of `kind` that a replay just lifts."""
+    A coordinator that dies meanwhile leaves an intent of `kind` that a replay just lifts.
+    Raises FailedPrecondition if the hold lifted itself (after `max_hold_s`) before `apply`
+    was done: updates may have landed during it."""
     op = new_op(kind, {})
     leader = record.actors[0]
-    version = ray.get(leader.pause_updates.remote(op["op_id"], op), timeout=PAUSE_TIMEOUT_S)
+    version = ray.get(
+        leader.pause_updates.remote(op["op_id"], op, max_hold_s), timeout=PAUSE_TIMEOUT_S
+    )
+    held = False
     try:
-        return version, apply(version)
+        result = apply(version)
     finally:
-        ray.get(leader.resume_updates.remote(op["op_id"], None), timeout=60)
+        held = ray.get(leader.resume_updates.remote(op["op_id"], None), timeout=60)
+    if not held:
+        raise FailedPrecondition(
+            f"model {record.name!r} did not stay at version {version} for the whole {kind} "
+            f"(held for at most {max_hold_s:.0f} s); nothing was kept"
+        )
+    return version, result
 
 
 def replay(record: ModelRecord, paused: dict[str, Any]) -> None:

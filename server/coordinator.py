@@ -10,12 +10,13 @@ coordinator that comes back adopts them (server/recovery.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import ray
@@ -79,6 +80,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# How long a control change waits for the model's previous change or checkpoint to end.
+CONTROL_WAIT_S = 60.0
 
 
 class Coordinator:
@@ -172,9 +175,9 @@ class Coordinator:
 
     def register(self, record: ModelRecord, replacing: ModelRecord | None = None) -> bool:
         """Make `record` the model's current one, if the model is still `replacing` (None:
-        absent or reserved); False if it changed meanwhile."""
+        absent or reserved); False if it changed meanwhile, or the server is stopping."""
         with self._lock:
-            if self._models.get(record.name) is not replacing:
+            if self._stopping.is_set() or self._models.get(record.name) is not replacing:
                 return False
             self._models[record.name] = record
             return True
@@ -318,15 +321,17 @@ class Coordinator:
         self._drop(record, grace_s)
 
     def _drop(self, record: ModelRecord, grace_s: float) -> None:
-        try:  # a coordinator that dies before the shards stop finishes the drop when it is back
-            ray.get([a.update_entry.remote({"dropping": True}) for a in record.actors], timeout=30)
-        except Exception:  # noqa: BLE001 - dead shards are dropped all the same
-            log.info("some shards of %s did not take the drop mark", record.name)
-        if self.store is not None:  # a restart must not bring it back
+        # First the store (a restart must not restore it), then the shards (a coordinator that
+        # dies before they stop finishes the drop when it is back).
+        if self.store is not None:
             try:
                 self.store.mark_dropped(record.name)
             except Exception:  # noqa: BLE001
                 log.warning("could not mark %s dropped in the checkpoint store", record.name)
+        try:
+            ray.get([a.update_entry.remote({"dropping": True}) for a in record.actors], timeout=30)
+        except Exception:  # noqa: BLE001 - dead shards are dropped all the same
+            log.info("some shards of %s did not take the drop mark", record.name)
         stop_shards(record.actors, record.placement_group, grace_s)
 
     def shutdown(self, grace_s: float = 5.0) -> None:
@@ -341,6 +346,20 @@ class Coordinator:
 
     # ---- control changes ---------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _controlling(self, record: ModelRecord) -> Iterator[None]:
+        """The model's control lock, or UNAVAILABLE after CONTROL_WAIT_S (another change or a
+        checkpoint holds it): nothing applied, safe to try again."""
+        if not record.control_lock.acquire(timeout=CONTROL_WAIT_S):
+            raise Unavailable(
+                f"model {record.name!r} is busy with another change or a checkpoint; nothing "
+                "was applied; try again"
+            )
+        try:
+            yield
+        finally:
+            record.control_lock.release()
+
     def set_optimizer(
         self, name: str, optimizer: RuleConfig, policy: str, caller: str = ""
     ) -> tuple[int, dict[str, Any]]:
@@ -348,7 +367,7 @@ class Coordinator:
         if policy not in ("migrate", "reset"):
             raise InvalidArgument(f"policy must be 'migrate' or 'reset', got {policy!r}")
         record = self.get(name)
-        with record.control_lock:  # read, apply and record the config as one step
+        with self._controlling(record):  # read, apply and record the config as one step
             configs, ignored = {}, {}
             for group, overrides in record.overrides.items():
                 config, ignored[group] = group_config(optimizer, overrides)
@@ -375,14 +394,14 @@ class Coordinator:
         if not changes:
             raise InvalidArgument("no hyperparameters to change")
         record = self.get(name)
-        with record.control_lock:  # no other change between reading the config and applying
+        with self._controlling(record):  # no other change between reading the config and applying
             merged = with_overrides(record.optimizer, changes)
             return self.set_optimizer(name, merged, "migrate", caller)
 
     def set_schedule(self, name: str, schedule: Any, caller: str = "") -> int:
         record = self.get(name)
         config = json.loads(schedule_config_json(parse_schedule_config(schedule)))
-        with record.control_lock:
+        with self._controlling(record):
             op = control.new_op(
                 "set_schedule", {"schedule": json.dumps(config)}, entry={"schedule": config},
                 history={"audit": control.audit_entry(caller, "set_schedule",
@@ -406,7 +425,7 @@ class Coordinator:
             history={"metric": {"name": metric, "value": value, "step": step,
                                 "time": time.time()}},
         )  # fmt: skip
-        with record.control_lock:  # a metric moves the lr: it lands between two versions too
+        with self._controlling(record):  # a metric moves the lr: it lands between two versions too
             version, answers = control.run(record, op)
         return version, any(a["changed"] for a in answers)
 
@@ -498,12 +517,17 @@ class Coordinator:
         reserved = old is None and replace is None
         if reserved:
             self.reserve(name)  # a CreateModel of the same name must not race this restore
+        history = None
+        if replace is not None:  # a recovery keeps the live history, while the leader answers
+            history = recovery.live_history(replace)
+            # The dead run's shards hold resources (a GPU each, maybe) the new ones need.
+            stop_shards(replace.actors, replace.placement_group, 1.0)
         try:
             failure: FailedPrecondition | None = None
             for candidate in candidates:
                 try:
                     ckpt = store.read_manifest(name, candidate)
-                    return self._restore(ckpt, old, num_shards, caller, replace)
+                    return self._restore(ckpt, old, num_shards, caller, replace, history)
                 except FailedPrecondition as exc:  # damaged: the next newest, unless named
                     if checkpoint is not None:
                         raise
@@ -522,14 +546,15 @@ class Coordinator:
         num_shards: int,
         caller: str,
         replace: ModelRecord | None,
+        live_history: dict[str, list] | None,
     ) -> ModelRecord:
         name = ckpt.model
         num_shards = num_shards or (len(old.actors) if old else ckpt.num_shards)
         self._check_num_shards(num_shards)
-        history = recovery.history_for_restore(ckpt, replace)
-        if replace is not None:
-            # The dead run's shards hold resources (a GPU each, maybe) the new ones need.
-            stop_shards(replace.actors, replace.placement_group, 1.0)
+        history = {k: list(v) for k, v in (live_history or {}).items()} or {
+            "audit": list(ckpt.audit),
+            "metrics": list(ckpt.metrics),
+        }
         current = old if old is not None else replace
         entry = self._new_entry(
             name, layouts_of(ckpt.params, ckpt.groups), ckpt.overrides,
@@ -546,6 +571,7 @@ class Coordinator:
             read = ray.get([a.restore_checkpoint.remote(plan) for a in record.actors],
                            timeout=checkpointing.WRITE_TIMEOUT_S)  # fmt: skip
             done = {"checkpoint": ckpt.name, "shards": num_shards, "bytes": ckpt.bytes,
+                    "allocate_s": round(max(r["allocate_s"] for r in read), 3),
                     "read_s": round(max(r["read_s"] for r in read), 3)}  # fmt: skip
             entry = {**control.audit_entry(caller, "restore", None, done), "version": ckpt.version}
             ray.get(record.actors[0].record_history.remote([entry], []), timeout=60)
@@ -555,16 +581,13 @@ class Coordinator:
         record.last_checkpoint = (ckpt.version, ckpt.created)
         record.last_version = ckpt.version
         self._commit(record)
-        with self._lock:
-            replaced = self._models.get(name)
-        if replace is not None and replaced is not replace:  # restored or dropped meanwhile
-            stop_shards(record.actors, record.placement_group, 1.0)
-            raise Aborted(f"model {name!r} changed while it was being recovered")
-        if not self.register(record, replacing=replaced):
+        # Only over the model as it was when this began: dropped, created again or restored
+        # meanwhile, it stays as it is now.
+        if not self.register(record, replacing=replace if replace is not None else old):
             stop_shards(record.actors, record.placement_group, 1.0)
             raise Aborted(f"model {name!r} changed while it was being restored")
-        if replaced is not None and replaced is not replace:
-            stop_shards(replaced.actors, replaced.placement_group, 1.0)
+        if old is not None and old is not replace:
+            stop_shards(old.actors, old.placement_group, 1.0)
         log.info("restored %s at version %d on %d shard(s): %.1f MB read in %.2f s", name,
                  ckpt.version, num_shards, ckpt.bytes / 1e6, done["read_s"])  # fmt: skip
         return record

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -23,18 +24,33 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from optserve.client.errors import FailedPrecondition
+from optserve.client.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unavailable,
+)
 from optserve.client.layout import ShardSlice, split_ranges
 from optserve.server import checkpointing, control
 from optserve.server.catalogue import ModelEntry, ModelRecord
-from optserve.server.checkpoint import Checkpoint
-from optserve.server.launch import find_group, running_shards, stop_shards
+from optserve.server.launch import (
+    GROUP_PREFIX,
+    find_group,
+    remove_group,
+    running_shards,
+    stop_shards,
+)
 
 if TYPE_CHECKING:
     from optserve.server.coordinator import Coordinator
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 30.0
+# A recovery that fails for a passing reason is tried again: 6 times, after 5, 10, 20, ... s.
+RECOVERY_TRIES = 6
+RECOVERY_FIRST_WAIT_S = 5.0
+# A periodic checkpoint that fails waits 15 s, 30 s, ... up to this before the next try.
+CHECKPOINT_RETRY_MAX_S = 600.0
 
 
 def watch(coordinator: Coordinator, every_s: float = 1.0) -> None:
@@ -43,7 +59,7 @@ def watch(coordinator: Coordinator, every_s: float = 1.0) -> None:
         for record in coordinator.records():
             if coordinator._stopping.is_set():
                 return
-            if record.lost is None:
+            if record.lost is None and not record.recovering:
                 try:
                     check(coordinator, record)
                 except Exception:  # noqa: BLE001 - e.g. Ray shutting down
@@ -72,10 +88,12 @@ def check(coordinator: Coordinator, record: ModelRecord) -> None:
     if len(versions) == len(refs):
         record.last_version = min(versions)
     if dead:
-        recover(coordinator, record, f"shard(s) {dead} died")
+        start_recovery(coordinator, record, f"shard(s) {dead} died")
     elif broken:
         index, why = next(iter(broken.items()))
-        recover(coordinator, record, f"shard(s) {sorted(broken)} broke (shard {index}: {why})")
+        start_recovery(
+            coordinator, record, f"shard(s) {sorted(broken)} broke (shard {index}: {why})"
+        )
     elif record.initializing:
         if all_ready:
             record.initializing = False
@@ -89,23 +107,57 @@ def check(coordinator: Coordinator, record: ModelRecord) -> None:
             stop_shards(record.actors, record.placement_group, 1.0)
 
 
+def start_recovery(coordinator: Coordinator, record: ModelRecord, why: str) -> None:
+    """Recover `record` on a thread of its own (the watch goes on with the other models),
+    unless a recovery of it runs already."""
+    with coordinator._lock:
+        if record.recovering or coordinator._models.get(record.name) is not record:
+            return
+        record.recovering = True
+    threading.Thread(
+        target=recover, args=(coordinator, record, why), name="optserve-recover", daemon=True
+    ).start()
+
+
 def recover(coordinator: Coordinator, record: ModelRecord, why: str) -> None:
     """The model cannot go on as it is (a shard died or broke): bring it back from its run's
-    newest checkpoint on fresh shards (trainers are told to pull). Without a checkpoint the
-    model is lost: it answers every call with that."""
+    newest checkpoint on fresh shards (trainers are told to pull). What may pass (no room for
+    the shards yet, a node coming back) is tried again, RECOVERY_TRIES times in all, waiting
+    longer each time. Without a checkpoint the model is lost: it answers every call with that."""
     name = record.name
-    with coordinator._lock:
-        if coordinator._models.get(name) is not record:
-            return  # replaced meanwhile (restored or dropped)
+    delay = RECOVERY_FIRST_WAIT_S
     log.error("model %s: %s; restoring its newest checkpoint", name, why)
     try:
-        store = coordinator.store
-        if store is None or not checkpointing.newest(store, name, record.run_id):
-            raise FailedPrecondition("it has no checkpoint")
-        coordinator.restore(name, num_shards=len(record.actors), caller="recovery", replace=record)
+        for attempt in range(RECOVERY_TRIES):
+            with coordinator._lock:
+                if coordinator._models.get(name) is not record:
+                    return  # replaced meanwhile (restored or dropped)
+            try:
+                store = coordinator.store
+                if store is None or not checkpointing.newest(store, name, record.run_id):
+                    raise FailedPrecondition("it has no checkpoint")
+                coordinator.restore(
+                    name, num_shards=len(record.actors), caller="recovery", replace=record
+                )
+                return
+            except (
+                ResourceExhausted,
+                Unavailable,
+                DeadlineExceeded,
+                ray.exceptions.RayError,
+            ) as exc:
+                if attempt == RECOVERY_TRIES - 1:
+                    raise
+                log.warning("model %s: restoring failed (%s); trying again in %.0f s", name,
+                            exc, delay)  # fmt: skip
+                if coordinator._stopping.wait(delay):
+                    return
+                delay *= 2
     except Exception as exc:  # noqa: BLE001 - the model stays down, and says why
         record.lost = f"{why}, and the model could not be restored: {exc}"
         log.error("model %s: %s", name, record.lost)
+    finally:
+        record.recovering = False
 
 
 def periodic_checkpoints(coordinator: Coordinator) -> None:
@@ -118,24 +170,33 @@ def periodic_checkpoints(coordinator: Coordinator) -> None:
                 record.entry.checkpoint_policy, coordinator.default_policy
             )
             last = record.last_checkpoint or (0, record.entry.created)
+            if time.monotonic() < record.checkpoint_retry_at:
+                continue
             try:
                 if checkpointing.is_due(policy, coordinator.version(record), last):
                     coordinator.checkpoint(record.name, caller="periodic")
-            except Exception:  # noqa: BLE001 - a failed checkpoint is retried next time
-                log.warning("periodic checkpoint of %s failed", record.name, exc_info=True)
+                    record.checkpoint_failures = 0
+            except Exception:  # noqa: BLE001 - a failed checkpoint is tried again, later
+                record.checkpoint_failures += 1
+                wait = min(CHECKPOINT_RETRY_MAX_S, 15.0 * 2 ** (record.checkpoint_failures - 1))
+                record.checkpoint_retry_at = time.monotonic() + wait
+                log.warning("periodic checkpoint of %s failed (%d in a row); next try in %.0f s",
+                            record.name, record.checkpoint_failures, wait,
+                            exc_info=True)  # fmt: skip
 
 
-def history_for_restore(ckpt: Checkpoint, replace: ModelRecord | None) -> dict[str, list]:
-    """The history a restored model starts with: the run it replaces keeps its own (from its
-    leader, while that still answers), otherwise the checkpoint's."""
-    if replace is not None and replace.actors and replace.actors[0] is not None:
-        try:
-            history = ray.get(replace.actors[0].history.remote(), timeout=10)
-            return {"audit": list(history["audit"]), "metrics": list(history["metrics"])}
-        except Exception:  # noqa: BLE001 - its leader is gone: the checkpoint's history
-            log.info("model %s: its leader is gone; history from checkpoint %s", ckpt.model,
-                     ckpt.name)  # fmt: skip
-    return {"audit": list(ckpt.audit), "metrics": list(ckpt.metrics)}
+def live_history(record: ModelRecord) -> dict[str, list] | None:
+    """The history a recovered model keeps: its run's own, from its leader while that still
+    answers (None otherwise: the checkpoint's is used)."""
+    if not record.actors or record.actors[0] is None:
+        return None
+    try:
+        history = ray.get(record.actors[0].history.remote(), timeout=10)
+        return {"audit": list(history["audit"]), "metrics": list(history["metrics"])}
+    except Exception:  # noqa: BLE001 - its leader is gone
+        log.info("model %s: its leader is gone; its history comes from the checkpoint",
+                 record.name)  # fmt: skip
+        return None
 
 
 def adopt(coordinator: Coordinator) -> list[str]:
@@ -147,6 +208,7 @@ def adopt(coordinator: Coordinator) -> list[str]:
                 adopted.append(model)
         except Exception:  # noqa: BLE001 - one bad model must not keep the others down
             log.exception("could not adopt the shards of model %s", model)
+    remove_orphan_groups(coordinator)
     if adopted:
         log.warning("adopted the running shards of %s", adopted)
     return adopted
@@ -163,8 +225,8 @@ def _entries(launches: Mapping[str, Mapping[int, Any]]) -> dict[str, tuple[Model
                 said[index] = ray.get(ref, timeout=HEALTH_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - dead or stuck: as good as missing
                 log.warning("shard %d of launch %s does not answer", index, launch)
-        if said:
-            found[launch] = (ModelEntry.from_dict(next(iter(said.values()))), said)
+        if said:  # the leader's entry where it answers (the others carry the same)
+            found[launch] = (ModelEntry.from_dict(said.get(0) or next(iter(said.values()))), said)
     return found
 
 
@@ -186,6 +248,9 @@ def _adopt_model(
             log.warning("stopping launch %s of model %s (not its current one)", launch, model)
             group = find_group(entry.placement_group) if entry is not None else None
             stop_shards(list(shards.values()), group, 1.0)
+            if entry is not None and entry.dropping and coordinator.store is not None:
+                with contextlib.suppress(Exception):  # finish the drop: no restore brings it back
+                    coordinator.store.mark_dropped(model)
     if chosen is None:
         return False
     entry, said = entries[chosen]
@@ -201,21 +266,33 @@ def _adopt_model(
         record.last_checkpoint = checkpointing.newest(coordinator.store, model, entry.run_id)
     missing = [i for i in range(entry.num_shards) if i not in said]
     if not missing:
-        paused = ray.get(record.actors[0].paused.remote(), timeout=HEALTH_TIMEOUT_S)
-        if paused is not None:
-            control.replay(record, paused)
-        health = ray.get([a.health.remote() for a in record.actors], timeout=HEALTH_TIMEOUT_S)
-        record.initializing = not all(h["ready"] for h in health)
-        record.last_version = min(h["version"] for h in health)
+        try:
+            paused = ray.get(record.actors[0].paused.remote(), timeout=HEALTH_TIMEOUT_S)
+            if paused is not None:
+                control.replay(record, paused)
+            health = ray.get([a.health.remote() for a in record.actors], timeout=HEALTH_TIMEOUT_S)
+            record.initializing = not all(h["ready"] for h in health)
+            record.last_version = min(h["version"] for h in health)
+        except Exception:  # noqa: BLE001 - adopted all the same: the watch sees what is wrong
+            log.exception("model %s: adopted, but its shards did not all answer", model)
     if not coordinator.register(record):
         stop_shards([a for a in record.actors if a is not None], record.placement_group, 1.0)
         return False
     if missing:
-        threading.Thread(
-            target=recover, args=(coordinator, record, f"shard(s) {missing} are gone"),
-            name="optserve-recover", daemon=True,
-        ).start()  # fmt: skip
+        start_recovery(coordinator, record, f"shard(s) {missing} are gone")
     return True
+
+
+def remove_orphan_groups(coordinator: Coordinator) -> None:
+    """Remove this service's placement groups that no model's shards use (a coordinator died
+    between making one and starting its shards)."""
+    used = {record.entry.placement_group for record in coordinator.records()}
+    prefix = f"{GROUP_PREFIX}:{coordinator.service}:"
+    for group in ray.util.placement_group_table().values():
+        name = group.get("name", "")
+        if name.startswith(prefix) and name not in used and group.get("state") != "REMOVED":
+            log.warning("removing placement group %s: no model's shards use it", name)
+            remove_group(find_group(name))
 
 
 def restore_from_store(coordinator: Coordinator, this_service_only: bool) -> list[str]:

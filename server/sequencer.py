@@ -163,12 +163,15 @@ class Sequencer:
             self._expire(self._clock())
             return self._paused_by
 
-    def resume(self, op_id: str) -> None:
-        """Let updates be decided again, starting with those that became ready meanwhile."""
+    def resume(self, op_id: str) -> bool:
+        """Let updates be decided again, starting with those that became ready meanwhile;
+        False if `op_id` no longer held them (its pause had lifted itself)."""
         with self._cv:
+            self._expire(self._clock())
             if self._paused_by != op_id:
-                return
+                return False
             self._lift_pause()
+            return True
 
     def _lift_pause(self) -> None:
         self._paused_by = None

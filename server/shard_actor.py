@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 from typing import Any
 
 import grpc
@@ -245,9 +244,13 @@ class ShardActor:
     # (a checkpoint's write) on the default thread.
 
     @ray.method(concurrency_group="leader")
-    def pause_updates(self, op_id: str, intent: dict[str, Any] | None = None) -> int:
+    def pause_updates(
+        self, op_id: str, intent: dict[str, Any] | None = None, max_hold_s: float = 900.0
+    ) -> int:
+        """Hold the model's updates for a control change (lifted after `max_hold_s` if
+        nobody resumes them: its coordinator died); return the version boundary."""
         sequencer = self._require_leader()
-        boundary = sequencer.pause(op_id)
+        boundary = sequencer.pause(op_id, max_hold_s=max_hold_s)
         self._intent = {"op_id": op_id, "boundary": boundary, "op": intent}
         return boundary
 
@@ -268,15 +271,20 @@ class ShardActor:
     @ray.method(concurrency_group="leader")
     def resume_updates(
         self, op_id: str, history: dict[str, list[dict[str, Any]]] | None = None
-    ) -> None:
+    ) -> bool:
+        """Let the updates go on; False if `op_id` no longer held them."""
         sequencer = self._service.sequencer
         if sequencer is None:
-            return
+            return False
         if history and (self._intent or {}).get("op_id") == op_id:
             self.record_history(history.get("audit", []), history.get("metrics", []))
         if (self._intent or {}).get("op_id") == op_id:
             self._intent = None
-        sequencer.resume(op_id)
+        return sequencer.resume(op_id)
+
+    def mark_broken(self, reason: str) -> None:
+        """This shard no longer matches its peers (a control change failed here alone)."""
+        self._state.mark_broken(reason)
 
     def control(self, op: dict[str, Any]) -> Any:
         """Apply one control change at its version boundary, once: {"op_id", "kind",
@@ -323,12 +331,11 @@ class ShardActor:
 
     def restore_checkpoint(self, plan: RestorePlan) -> dict[str, Any]:
         """Read this shard's range of a checkpoint and start from it; return its version and
-        how long the reading took."""
-        started = time.perf_counter()
-        self._checkpoints.restore(plan, self._ranges)
+        how long filling its new memory and the reading took."""
+        took = self._checkpoints.restore(plan, self._ranges)
         if self._service.sequencer is not None:  # the leader orders from the restored version
             self._service.sequencer.reset(self._state.version)
-        return {"version": self._state.version, "read_s": time.perf_counter() - started}
+        return {"version": self._state.version, **took}
 
     def stop(self, grace_s: float = 5.0) -> None:
         self._metrics.stop()

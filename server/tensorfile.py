@@ -189,23 +189,20 @@ def write_tensors(
     order; return its size, SHA-256 and every block's digest. `direct`: `out` takes only
     ALIGN-aligned writes from aligned memory (O_DIRECT), so every block goes through staging.
 
-    Memory beyond the tensors: two blocks of staging, for a direct file or a tensor not on the
+    Memory beyond the tensors: one block of staging, for a direct file or a tensor not on the
     CPU. The tensors must not change while this runs (the caller holds the model still)."""
     if block_bytes < 8 or block_bytes % 8 or (direct and block_bytes % ALIGN):
         raise ValueError(f"block_bytes must be a positive multiple of 8 (of {ALIGN} for direct "
                          f"I/O), got {block_bytes}")  # fmt: skip
     head = _header(tensors, metadata or {})
     file_hash = hashlib.sha256()
-    staging: list[torch.Tensor] = []
-    turn = 1
+    staging: list[torch.Tensor] = []  # one block: each write is hashed before the next
 
     def stage(source: memoryview | torch.Tensor, length: int) -> memoryview:
-        """`source` copied into a staging block (zeros after it, up to `length`)."""
-        nonlocal turn
-        turn = 1 - turn  # not the block the last write may still be hashing
-        if len(staging) <= turn:
+        """`source` copied into the staging block (zeros after it, up to `length`)."""
+        if not staging:
             staging.append(aligned_empty(_round_up(max(block_bytes, len(head))), torch.uint8))
-        target = staging[turn]
+        target = staging[0]
         n = source.numel() if isinstance(source, torch.Tensor) else len(source)
         if isinstance(source, torch.Tensor):
             target[:n].copy_(source)
