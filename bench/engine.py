@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from optserve.client.config import parse_optimizer_config
+from optserve.common.config import parse_optimizer_config
 from optserve.server.engine.group import GroupEngine
 
 RULES = {

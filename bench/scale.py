@@ -165,7 +165,7 @@ def run_size(numel: int, repeat: int, root: str) -> None:
     import ray
 
     from optserve.client import ParameterServerClient
-    from optserve.client.allocator import keep_step_buffers
+    from optserve.common.allocator import keep_step_buffers
     from optserve.server.runtime import start_service
 
     keep_step_buffers()  # as RemoteOptimizer does in a trainer

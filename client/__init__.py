@@ -6,8 +6,9 @@
 * `OptserveError` and its subclasses: every failure, each with its gRPC status code.
 """
 
-from optserve.client.client import ModelInfo, ParameterServerClient
-from optserve.client.config import (
+from optserve.client._client import ModelInfo, ParameterServerClient
+from optserve.client._remote_optimizer import RemoteOptimizer
+from optserve.common.config import (
     AdaBoundConfig,
     AdadeltaConfig,
     AdagradConfig,
@@ -26,7 +27,7 @@ from optserve.client.config import (
     parse_optimizer_config,
     parse_schedule_config,
 )
-from optserve.client.errors import (
+from optserve.common.errors import (
     Aborted,
     AlreadyExists,
     DeadlineExceeded,
@@ -40,7 +41,6 @@ from optserve.client.errors import (
     Unauthenticated,
     Unavailable,
 )
-from optserve.client.remote_optimizer import RemoteOptimizer
 
 __all__ = [
     "AMSGradConfig",

@@ -4,8 +4,8 @@ Usage: python scripts/gen_api_docs.py [--check] [--out PATH]
 
 protoc (grpcio-tools) compiles the protos with their comments (--include_source_info) into a
 FileDescriptorSet; every service, RPC, message, field and enum is rendered from it in file order,
-files sorted by name. The role each RPC needs comes from optserve.server.auth's method sets and
-the chunk and message limits from optserve.client.codec, so the page follows the code. The output
+files sorted by name. The role each RPC needs comes from optserve.server.edge.auth's method sets and
+the chunk and message limits from optserve.common.codec, so the page follows the code. The output
 has no timestamps: the same protos and code always give the same bytes. docs/api.md is committed;
 tests/unit/test_api_docs.py fails if it differs from a fresh render, and so does --check.
 """
@@ -216,7 +216,7 @@ class Index:
 
 @dataclass(frozen=True)
 class Policy:
-    """Who may call what (optserve.server.auth) and how large a message may be (codec)."""
+    """Who may call what (optserve.server.edge.auth) and how large a message may be (codec)."""
 
     trainer: frozenset[str]
     open: frozenset[str]
@@ -229,9 +229,9 @@ class Policy:
 
     @classmethod
     def load(cls) -> Policy:
-        from optserve.client import auth as client_auth
-        from optserve.client import codec
-        from optserve.server import auth
+        from optserve.common import auth as client_auth
+        from optserve.common import codec
+        from optserve.server.edge import auth
 
         return cls(
             trainer=auth.TRAINER_METHODS,

@@ -102,9 +102,9 @@ def start_service(
 ) -> Service:
     """Start the coordinator actor (Ray must be initialised) and wait until it serves.
 
-    `edge` (an `optserve.server.auth.EdgeConfig`) holds the token table, TLS certificate and
+    `edge` (an `optserve.server.edge.auth.EdgeConfig`) holds the token table, TLS certificate and
     stream limit of every endpoint; None serves without authentication or TLS. `limits` (an
-    `optserve.server.coordinator.Limits`) bounds model size and count. `metrics_port` serves
+    `optserve.server.coordinator.core.Limits`) bounds model size and count. `metrics_port` serves
     Prometheus metrics on `metrics_host` (default `host`; port 0: any free one; None: off).
     `ray_metrics` also records every series in Ray's metrics (`ray.util.metrics`), which each
     node's Ray metrics agent exports as `ray_optserve_*` (needs `ray[default]`), labelled
@@ -117,7 +117,7 @@ def start_service(
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from optserve.server.coordinator_actor import CoordinatorActor
+    from optserve.server.coordinator.actor import CoordinatorActor
 
     # On this process's node (a cluster's head node, where `optserve serve` runs): the node a
     # load balancer or Kubernetes Service sends the coordinator's port to.

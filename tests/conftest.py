@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from optserve.client.auth import TOKEN_ENV
+from optserve.common.auth import TOKEN_ENV
 from optserve.server.runtime import keep_ray_on_loopback
 from tests.helpers import auth
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from optserve.client.config import RangerConfig, RuleConfig
+from optserve.common.config import RangerConfig, RuleConfig
 from optserve.server.engine.adabound import AdaBound
 from optserve.server.engine.adadelta import Adadelta
 from optserve.server.engine.adagrad import Adagrad

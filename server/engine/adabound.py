@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from optserve.client.config import AdaBoundConfig
+from optserve.common.config import AdaBoundConfig
 from optserve.server.engine.base import Rule, Scalars, State
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from optserve.client.config import AdadeltaConfig
+from optserve.common.config import AdadeltaConfig
 from optserve.server.engine.base import Rule, Scalars, State, maybe_maximize
 
 

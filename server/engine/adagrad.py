@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from optserve.client.config import AdagradConfig
+from optserve.common.config import AdagradConfig
 from optserve.server.engine.base import Rule, Scalars, State, maybe_maximize
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from optserve.client.config import AdamConfig, AdamWConfig, AMSGradConfig
+from optserve.common.config import AdamConfig, AdamWConfig, AMSGradConfig
 from optserve.server.engine.base import Rule, Scalars, State, maybe_maximize
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from optserve.client.config import RuleConfig, optimizer_config_json, parse_optimizer_config
+from optserve.common.config import RuleConfig, optimizer_config_json, parse_optimizer_config
 from optserve.server.engine import build_rule
 from optserve.server.engine.base import Rule, State, TensorViews
 from optserve.server.engine.compiled import CompiledStep, compiled_available

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from optserve.client.config import LookaheadConfig, RangerConfig
+from optserve.common.config import LookaheadConfig, RangerConfig
 from optserve.server.engine.base import Rule, Scalars, State, TensorViews
 from optserve.server.engine.radam import RAdam
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from optserve.client.config import RAdamConfig, RangerConfig
+from optserve.common.config import RAdamConfig, RangerConfig
 from optserve.server.engine.base import Rule, Scalars, State, maybe_maximize
 
 

@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from bisect import bisect_right
 from typing import Any
 
-from optserve.client.config import (
+from optserve.common.config import (
     ConstantSchedule,
     CosineSchedule,
     ExponentialSchedule,

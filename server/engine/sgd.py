@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from optserve.client.config import SGDConfig
+from optserve.common.config import SGDConfig
 from optserve.server.engine.base import Rule, Scalars, State, maybe_maximize
 
 

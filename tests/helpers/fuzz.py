@@ -3,7 +3,7 @@
 Frames are written by hand here rather than by protobuf, so that a test can send what no
 protobuf library writes: negative and 70-bit varints, unpacked or repeated fields, a name that
 is not UTF-8. What a shard should make of a push stream is judged with the data plane's own
-reader and assembler (client/wire.py, client/codec.py): those rules are pinned down by the unit
+reader and assembler (common/wire.py, common/codec.py): those rules are pinned down by the unit
 tests; the fuzz suite checks that the server, end to end, answers every stream with a proper
 status, applies exactly the streams those rules accept and leaves no trace of the others.
 """
@@ -24,15 +24,15 @@ import ray
 import torch
 from hypothesis import strategies as st
 
-from optserve.client.codec import (
+from optserve.common.codec import (
     GRADIENT_WIRE_DTYPES,
     TensorAssembler,
     count_nonfinite,
     encode_tensor,
     expect_all,
 )
-from optserve.client.errors import OptserveError
-from optserve.client.wire import RawChunk, parse_frame
+from optserve.common.errors import OptserveError
+from optserve.common.wire import RawChunk, parse_frame
 from optserve.v1 import shard_pb2
 
 TIMEOUT_S = 30.0
@@ -174,7 +174,7 @@ class Chunk:
 
 
 def tensor_chunks(name: str, tensor: torch.Tensor, chunk_bytes: int) -> list[Chunk]:
-    """The chunks a well-behaved sender writes for one tensor (client/codec.py)."""
+    """The chunks a well-behaved sender writes for one tensor (common/codec.py)."""
     return [
         Chunk(c.name, c.dtype or None, tuple(c.shape), c.offset or None, c.data)
         for c in encode_tensor(name, tensor, chunk_bytes)

@@ -28,14 +28,14 @@ def leader_log(service, model):
 def checkpoint_engine(checkpoint_dir, model, name):
     """One GroupEngine per group holding a whole checkpoint (read the way a restoring shard
     reads it, onto one shard): what a replay from that checkpoint starts from."""
-    from optserve.client.config import parse_optimizer_config
-    from optserve.client.layout import split_ranges
-    from optserve.server.catalogue import layouts_of
-    from optserve.server.checkpoint import Store
-    from optserve.server.checkpointing import restore_plan
+    from optserve.common.config import parse_optimizer_config
+    from optserve.common.layout import split_ranges
+    from optserve.server.coordinator.catalogue import layouts_of
+    from optserve.server.coordinator.checkpoints import restore_plan
     from optserve.server.engine.group import GroupEngine
-    from optserve.server.shard import GroupInit, ShardState
-    from optserve.server.shard_checkpoint import ShardCheckpoints
+    from optserve.server.shard.checkpoint import ShardCheckpoints
+    from optserve.server.shard.state import GroupInit, ShardState
+    from optserve.server.store.manifest import Store
 
     store = Store(checkpoint_dir)
     ckpt = store.read(model, name)

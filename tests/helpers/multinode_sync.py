@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from optserve.client import ParameterServerClient  # noqa: E402
-from optserve.server.coordinator import Placement  # noqa: E402
+from optserve.server.coordinator.core import Placement  # noqa: E402
 from optserve.server.runtime import NAMESPACE, start_service  # noqa: E402
 
 TRAINER = Path(__file__).resolve().parent / "trainer.py"

@@ -10,7 +10,7 @@ import ray
 import torch
 
 from optserve.client import ParameterServerClient
-from optserve.client.errors import Aborted, FailedPrecondition, NotFound
+from optserve.common.errors import Aborted, FailedPrecondition, NotFound
 from tests.helpers.models import checkpoint_engine
 
 SHAPES = {"weight": (4, 5), "bias": (7,), "kernel": (2, 3, 2, 2)}

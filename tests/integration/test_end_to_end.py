@@ -14,9 +14,9 @@ import ray
 import torch
 
 from optserve.client import ParameterServerClient, RemoteOptimizer
-from optserve.client.codec import encode_tensor
-from optserve.client.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from optserve.client.wire import chunk_frames, header_frame
+from optserve.common.codec import encode_tensor
+from optserve.common.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from optserve.common.wire import chunk_frames, header_frame
 from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2, shard_pb2_grpc
 from tests.helpers import auth
 

@@ -18,9 +18,9 @@ import ray
 import torch
 
 from optserve.client import ParameterServerClient, RemoteOptimizer
-from optserve.client.config import parse_optimizer_config
-from optserve.client.errors import OptserveError, Unavailable
-from optserve.server import control
+from optserve.common.config import parse_optimizer_config
+from optserve.common.errors import OptserveError, Unavailable
+from optserve.server.coordinator import control
 from optserve.server.engine.group import GroupEngine
 from optserve.server.runtime import start_service
 from tests.helpers import auth
@@ -265,8 +265,8 @@ def test_drops_restores_and_a_stop_leave_no_actor_behind(ray_session, tmp_path):
 
 
 def test_a_model_whose_initial_values_never_arrive_is_dropped(ray_session):
-    from optserve.server.catalogue import Limits
-    from optserve.server.coordinator import Coordinator
+    from optserve.server.coordinator.catalogue import Limits
+    from optserve.server.coordinator.core import Coordinator
 
     service = "optserve-abandoned-test"
     coordinator = Coordinator(limits=Limits(initial_values_timeout_s=2.0), service=service)

@@ -65,9 +65,9 @@ from hypothesis import strategies as st
 from hypothesis.errors import UnsatisfiedAssumption
 
 from optserve.client import ParameterServerClient
-from optserve.client.client import ModelInfo, parse_pull_response
-from optserve.client.codec import TensorAssembler, encode_tensor, expect_all, torch_dtype
-from optserve.client.config import (
+from optserve.client._client import ModelInfo, parse_pull_response
+from optserve.common.codec import TensorAssembler, encode_tensor, expect_all, torch_dtype
+from optserve.common.config import (
     MODE_NAMES,
     RULE_NAMES,
     SCHEDULE_NAMES,
@@ -76,10 +76,10 @@ from optserve.client.config import (
     parse_schedule_config,
     with_overrides,
 )
-from optserve.client.errors import OptserveError
-from optserve.client.wire import RawChunk, header_frame, parse_frame
-from optserve.server.checkpointing import check_policy
-from optserve.server.coordinator import (
+from optserve.common.errors import OptserveError
+from optserve.common.wire import RawChunk, header_frame, parse_frame
+from optserve.server.coordinator.checkpoints import check_policy
+from optserve.server.coordinator.core import (
     MODEL_NAME,
     SHARD_THREADS,
     GroupSpec,
@@ -87,7 +87,7 @@ from optserve.server.coordinator import (
     plan_groups,
     validate_params,
 )
-from optserve.server.coordinator_service import _json_object
+from optserve.server.coordinator.service import _json_object
 from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2, tensor_pb2
 from tests.helpers import auth, fuzz
 from tests.helpers.fuzz import Chunk, Outcome, assert_proper, outcome

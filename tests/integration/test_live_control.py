@@ -14,8 +14,8 @@ import ray
 import torch
 
 from optserve.client import ParameterServerClient
-from optserve.client.config import parse_optimizer_config, parse_schedule_config
-from optserve.client.errors import InvalidArgument
+from optserve.common.config import parse_optimizer_config, parse_schedule_config
+from optserve.common.errors import InvalidArgument
 from optserve.server import cli
 from optserve.server.engine.group import GroupEngine
 from optserve.server.engine.schedules import build_schedule

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from optserve.client import ParameterServerClient
-from optserve.client.errors import Aborted, FailedPrecondition
+from optserve.common.errors import Aborted, FailedPrecondition
 from tests.helpers import auth
 from tests.helpers.models import SHAPES, gradient, initial_weights, leader_log
 
@@ -204,7 +204,7 @@ def test_sequence_is_only_for_the_models_own_shards(client, model_name):
 def test_a_slice_refused_by_one_shard_refuses_the_push_on_all_at_once(client, model_name):
     import grpc
 
-    from optserve.client.wire import chunk_frames, header_frame
+    from optserve.common.wire import chunk_frames, header_frame
     from optserve.v1 import shard_pb2
 
     info = client.create_model(model_name, {"w": torch.zeros(10)}, {"name": "sgd", "lr": 0.1},

@@ -15,9 +15,9 @@ import ray
 import torch
 
 from optserve.client import ParameterServerClient
-from optserve.client.codec import encode_tensor
-from optserve.client.errors import PermissionDenied, ResourceExhausted, Unavailable
-from optserve.client.wire import chunk_frames, header_frame
+from optserve.common.codec import encode_tensor
+from optserve.common.errors import PermissionDenied, ResourceExhausted, Unavailable
+from optserve.common.wire import chunk_frames, header_frame
 from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2, shard_pb2_grpc
 from tests.helpers import auth
 
@@ -399,7 +399,7 @@ def test_the_stream_limit_is_per_client_not_on_the_shards_own_calls(tls_service,
 
 
 def test_model_count_limit(ray_session):
-    from optserve.server.coordinator import Coordinator, Limits
+    from optserve.server.coordinator.core import Coordinator, Limits
 
     coordinator = Coordinator(limits=Limits(max_models=2), watch=False)
     coordinator.reserve("a")
@@ -560,7 +560,7 @@ def test_nan_gradient_zero_applies_the_finite_part(service, client, model_name):
 
 
 def test_max_push_norm_refuses_a_large_push_on_every_shard(service, client, model_name):
-    from optserve.client.errors import InvalidArgument
+    from optserve.common.errors import InvalidArgument
 
     mode = {"mode": "async", "gradients": {"max_push_norm": 5.0}}
     client.create_model(

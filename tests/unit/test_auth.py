@@ -1,4 +1,4 @@
-"""Token tables, principals and bearer tokens (server/auth.py): pure logic, no server."""
+"""Token tables, principals and bearer tokens (server/edge/auth.py): pure logic, no server."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from optserve.client.auth import ChannelSecurity, resolve_token
-from optserve.client.errors import InvalidArgument
-from optserve.server.auth import (
+from optserve.client._auth import ChannelSecurity, resolve_token
+from optserve.common.errors import InvalidArgument
+from optserve.server.edge.auth import (
     TRAINER_METHODS,
     Principal,
     TokenTable,

@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-from optserve.client.config import AdamConfig, AsyncMode, SGDConfig
-from optserve.client.errors import InvalidArgument, Unavailable
-from optserve.server.checkpointing import check_policy, effective_policy, is_due
-from optserve.server.memory import BufferPool
-from optserve.server.sequencer import Decision, Sequencer
-from optserve.server.shard import GroupInit, ShardState
+from optserve.common.config import AdamConfig, AsyncMode, SGDConfig
+from optserve.common.errors import InvalidArgument, Unavailable
+from optserve.server.coordinator.checkpoints import check_policy, effective_policy, is_due
+from optserve.server.shard.memory import BufferPool
+from optserve.server.shard.sequencer import Decision, Sequencer
+from optserve.server.shard.state import GroupInit, ShardState
 
 
 def make_state(config=None, max_staged=64):

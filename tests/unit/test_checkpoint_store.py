@@ -1,5 +1,5 @@
-"""Checkpoints without Ray: shards write their own files (server/shard_checkpoint.py), the store
-keeps manifests (server/checkpoint.py), and restoring shards read just their own ranges back,
+"""Checkpoints without Ray: shards write their own files (server/shard/checkpoint.py), the store
+keeps manifests (server/store/manifest.py), and restoring shards read just their own ranges back,
 onto any number of shards, from this format or the first one, on a local disk or an fsspec URI."""
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from optserve.client.config import AdamConfig, SGDConfig, optimizer_config_json
-from optserve.client.errors import FailedPrecondition, NotFound, Unavailable
-from optserve.client.layout import plan_group, split_ranges
-from optserve.server.checkpoint import (
+from optserve.common.config import AdamConfig, SGDConfig, optimizer_config_json
+from optserve.common.errors import FailedPrecondition, NotFound, Unavailable
+from optserve.common.layout import plan_group, split_ranges
+from optserve.server.coordinator.checkpoints import restore_plan
+from optserve.server.shard.checkpoint import ShardCheckpoints, WriteTarget, host_copy
+from optserve.server.shard.state import GroupInit, ShardState
+from optserve.server.store.manifest import (
     FORMAT_1,
     MANIFEST,
     Checkpoint,
@@ -25,9 +28,6 @@ from optserve.server.checkpoint import (
     assemble,
     shard_file_name,
 )
-from optserve.server.checkpointing import restore_plan
-from optserve.server.shard import GroupInit, ShardState
-from optserve.server.shard_checkpoint import ShardCheckpoints, WriteTarget, host_copy
 
 NUMEL = {"default": 37, "head": 11}
 PARAMS = [{"name": "w", "shape": [37], "dtype": "float32"},
@@ -55,7 +55,7 @@ def trained_shards(count: int, steps: int = 3, config=None) -> list[ShardState]:
         grads = {name: torch.randn(n, generator=g) for name, n in NUMEL.items()}
         for shard, ranges in zip(shards, slices(count), strict=True):
             shard.stage(f"p{step}", {n: grads[n][a:b] for n, (a, b) in ranges.items()})
-            from optserve.server.sequencer import Decision
+            from optserve.server.shard.sequencer import Decision
 
             shard.apply(Decision(step + 1, (f"p{step}",), (1.0,)))
     return shards

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optserve.client.codec import (
+from optserve.common.codec import (
     GRADIENT_WIRE_DTYPES,
     TensorAssembler,
     encode_tensor,
     encode_tensors,
     expect_all,
 )
-from optserve.client.errors import InvalidArgument, ResourceExhausted
+from optserve.common.errors import InvalidArgument, ResourceExhausted
 from optserve.v1 import tensor_pb2
 
 

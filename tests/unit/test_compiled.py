@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optserve.client.config import parse_optimizer_config
+from optserve.common.config import parse_optimizer_config
 from optserve.server.engine import build_rule, compiled
 from optserve.server.engine import group as group_module
 from optserve.server.engine.group import GroupEngine

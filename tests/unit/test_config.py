@@ -7,13 +7,13 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from optserve.client.config import (
+from optserve.common.config import (
     AdamConfig,
     SGDConfig,
     optimizer_config_json,
     parse_optimizer_config,
 )
-from optserve.client.errors import InvalidArgument
+from optserve.common.errors import InvalidArgument
 
 
 def test_accepts_json_mapping_and_object_forms_alike():

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
 from optserve.client import ParameterServerClient, RemoteOptimizer
-from optserve.client.config import (
+from optserve.common.config import (
     RULE_CONFIGS,
     RULE_NAMES,
     SCHEDULE_NAMES,

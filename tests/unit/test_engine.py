@@ -9,7 +9,7 @@ import inspect
 import pytest
 import torch
 
-from optserve.client.config import RULE_CONFIGS, parse_optimizer_config
+from optserve.common.config import RULE_CONFIGS, parse_optimizer_config
 from optserve.server.engine import build_rule
 from optserve.server.engine.group import CHUNK_ELEMENTS, GroupEngine
 from tests.unit.oracles import centralize, torch_oracle

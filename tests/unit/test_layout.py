@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optserve.client.layout import flatten_group, plan_group, split_ranges, unflatten_group
+from optserve.common.layout import flatten_group, plan_group, split_ranges, unflatten_group
 
 
 @pytest.mark.parametrize(

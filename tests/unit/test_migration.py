@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from optserve.client.config import parse_optimizer_config
+from optserve.common.config import parse_optimizer_config
 from optserve.server.engine.group import GroupEngine
 
 N = 4000

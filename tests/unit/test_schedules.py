@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from optserve.client.config import parse_optimizer_config, parse_schedule_config
-from optserve.client.errors import InvalidArgument
+from optserve.common.config import parse_optimizer_config, parse_schedule_config
+from optserve.common.errors import InvalidArgument
 from optserve.server.engine.schedules import build_schedule
-from optserve.server.shard import GroupInit, ShardState
+from optserve.server.shard.state import GroupInit, ShardState
 
 BASE_LR = 0.1
 STEPS = 100

@@ -1,4 +1,4 @@
-"""The leader's ordering of pushes (server/sequencer.py): one decision for every shard."""
+"""The leader's ordering of pushes (server/shard/sequencer.py): one decision for every shard."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from optserve.client.config import parse_mode_config
-from optserve.client.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
-from optserve.server.sequencer import GradStats, Sequencer
+from optserve.common.config import parse_mode_config
+from optserve.common.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
+from optserve.server.shard.sequencer import GradStats, Sequencer
 
 
 def submit_all(seq, push_id, based_on, trainer="", shards=None):

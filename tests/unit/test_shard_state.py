@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optserve.client.config import AdamConfig
-from optserve.client.errors import InvalidArgument
-from optserve.server.shard import GroupInit, ShardState
+from optserve.common.config import AdamConfig
+from optserve.common.errors import InvalidArgument
+from optserve.server.shard.state import GroupInit, ShardState
 
 
 def make_state():
@@ -77,8 +77,8 @@ def test_state_dict_round_trips_into_a_fresh_shard():
 
 
 def test_a_failed_update_marks_the_shard_broken_until_a_restore():
-    from optserve.client.errors import Unavailable
-    from optserve.server.sequencer import Decision
+    from optserve.common.errors import Unavailable
+    from optserve.server.shard.sequencer import Decision
 
     state = make_state()
     state.apply_push({"default": torch.ones(6)}, 0)
@@ -101,7 +101,7 @@ def test_a_failed_update_marks_the_shard_broken_until_a_restore():
 
 
 def test_staged_pushes_are_bounded():
-    from optserve.client.errors import ResourceExhausted
+    from optserve.common.errors import ResourceExhausted
 
     state = ShardState("m", 0, {"default": GroupInit(torch.zeros(6), AdamConfig())}, max_staged=2)
     state.stage("a", {"default": torch.ones(6)})
@@ -115,8 +115,8 @@ def test_staged_pushes_are_bounded():
 def test_an_update_decided_before_a_restore_does_not_apply_after_it():
     import threading
 
-    from optserve.client.errors import Aborted
-    from optserve.server.sequencer import Decision
+    from optserve.common.errors import Aborted
+    from optserve.server.shard.sequencer import Decision
 
     state = make_state()
     saved = state.state_dict()  # version 0

@@ -1,5 +1,5 @@
-"""Streamed safetensors files read back by range (server/tensorfile.py): what the library reads,
-block digests that catch damage, and ranges that land exactly where they belong."""
+"""Streamed safetensors files read back by range (server/store/tensorfile.py): what the library
+reads, block digests that catch damage, and ranges that land exactly where they belong."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from optserve.client.errors import FailedPrecondition
-from optserve.server import tensorfile
-from optserve.server.tensorfile import RangeRead, read_ranges, scan_file, write_tensors
+from optserve.common.errors import FailedPrecondition
+from optserve.server.store import tensorfile
+from optserve.server.store.tensorfile import RangeRead, read_ranges, scan_file, write_tensors
 
 
 def tensors(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -1,13 +1,13 @@
-"""Data-plane frames (client/wire.py) are standard protobuf, both ways."""
+"""Data-plane frames (common/wire.py) are standard protobuf, both ways."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from optserve.client.codec import TensorAssembler, encode_tensor, expect_all
-from optserve.client.errors import InvalidArgument
-from optserve.client.wire import RawChunk, chunk_frames, header_frame, parse_frame
+from optserve.common.codec import TensorAssembler, encode_tensor, expect_all
+from optserve.common.errors import InvalidArgument
+from optserve.common.wire import RawChunk, chunk_frames, header_frame, parse_frame
 from optserve.v1 import shard_pb2, tensor_pb2
 
 TENSORS = [

@@ -1,0 +1,136 @@
+"""Control changes of a running model, each landing between the same two versions on every shard.
+
+A change is a plain dict, the same one the leader keeps and every shard applies:
+{"op_id", "kind": "set_optimizer" | "set_schedule" | "report_metric" | "checkpoint",
+"args", "entry": changes to the model's catalogue entry, "history": what it adds to the
+model's history}. Running one: the model's leader stops deciding updates, names the boundary
+v (every update decided so far is at or below it) and keeps the change as its intent; every
+shard applies it once it reaches v (once: a shard remembers what it applied by op id); then the
+leader records it in the model's history and resumes. A coordinator that dies in between leaves
+the intent on the leader, and the coordinator that adopts the model runs it again (`replay`):
+the shards that had applied it answer from memory, the others apply it, all at v.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import ray
+
+from optserve.common.errors import FailedPrecondition
+from optserve.server.coordinator.catalogue import ModelRecord
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+PAUSE_TIMEOUT_S = 180.0
+APPLY_TIMEOUT_S = 300.0
+
+
+def new_op(
+    kind: str,
+    args: dict[str, Any],
+    entry: dict[str, Any] | None = None,
+    history: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A control change: `history` is {"audit": entry} or {"metric": entry} (each without its
+    version, filled in with the boundary's)."""
+    return {"op_id": uuid.uuid4().hex, "kind": kind, "args": args, "entry": entry or {},
+            "history": history or {}}  # fmt: skip
+
+
+def run(record: ModelRecord, op: dict[str, Any], boundary: int | None = None) -> tuple[int, list]:
+    """Apply `op` on every shard at one version boundary; return it and each shard's result.
+    With `boundary`, the leader already holds the updates for it (a replay)."""
+    leader = record.actors[0]
+    if boundary is None:
+        boundary = ray.get(leader.pause_updates.remote(op["op_id"], op), timeout=PAUSE_TIMEOUT_S)
+    history = None
+    try:
+        at = {**op, "at_version": boundary}
+        results = _on_every_shard(record, [a.control.remote(at) for a in record.actors], op)
+        history = _history(op, boundary, results)
+    finally:
+        ray.get(leader.resume_updates.remote(op["op_id"], history), timeout=60)
+    record.entry.__dict__.update(op.get("entry", {}))
+    return boundary, results
+
+
+def _on_every_shard(record: ModelRecord, refs: list[Any], op: dict[str, Any]) -> list[Any]:
+    """Every shard's result; a shard that failed where others applied the change no longer
+    matches them: it is marked broken (the watch then restores the model) and the error
+    raised."""
+    outcomes: list[Any] = []
+    for ref in refs:
+        try:
+            outcomes.append(ray.get(ref, timeout=APPLY_TIMEOUT_S))
+        except Exception as exc:  # noqa: BLE001 - sorted out below
+            outcomes.append(exc)
+    failed = [i for i, o in enumerate(outcomes) if isinstance(o, Exception)]
+    if failed and len(failed) < len(outcomes):
+        why = f"the {op['kind']} {op['op_id']} failed here and not on its peers"
+        for index in failed:
+            with contextlib.suppress(Exception):  # a dead shard is found by the watch
+                ray.get(record.actors[index].mark_broken.remote(why), timeout=60)
+    if failed:
+        error = outcomes[failed[0]]
+        raise error if isinstance(error, Exception) else RuntimeError(repr(error))
+    return outcomes
+
+
+def _history(op: dict[str, Any], version: int, results: list[Any]) -> dict[str, list[dict]]:
+    said = op.get("history", {})
+    out: dict[str, list[dict]] = {"audit": [], "metrics": []}
+    if "audit" in said:
+        out["audit"].append({"version": version, **said["audit"]})
+    if "metric" in said:
+        changed = any(r["changed"] for r in results)
+        out["metrics"].append({**said["metric"], "version": version, "lr_changed": changed,
+                               "lr": results[0]["lr"]})  # fmt: skip
+    return out
+
+
+def at_boundary(
+    record: ModelRecord, apply: Callable[[int], T], kind: str, max_hold_s: float = 900.0
+) -> tuple[int, T]:
+    """Hold the model's updates, run `apply(v)` at the boundary version v, let them go.
+    A coordinator that dies meanwhile leaves an intent of `kind` that a replay just lifts.
+    Raises FailedPrecondition if the hold lifted itself (after `max_hold_s`) before `apply`
+    was done: updates may have landed during it."""
+    op = new_op(kind, {})
+    leader = record.actors[0]
+    version = ray.get(
+        leader.pause_updates.remote(op["op_id"], op, max_hold_s), timeout=PAUSE_TIMEOUT_S
+    )
+    held = False
+    try:
+        result = apply(version)
+    finally:
+        held = ray.get(leader.resume_updates.remote(op["op_id"], None), timeout=60)
+    if not held:
+        raise FailedPrecondition(
+            f"model {record.name!r} did not stay at version {version} for the whole {kind} "
+            f"(held for at most {max_hold_s:.0f} s); nothing was kept"
+        )
+    return version, result
+
+
+def replay(record: ModelRecord, paused: dict[str, Any]) -> None:
+    """Finish the control change a dead coordinator left holding the model's updates."""
+    op = paused.get("op")
+    if op is None or op.get("kind") not in ("set_optimizer", "set_schedule", "report_metric"):
+        log.warning("model %s: lifting a pause a dead coordinator left (%s)", record.name,
+                    (op or {}).get("kind"))  # fmt: skip
+        ray.get(record.actors[0].resume_updates.remote(paused["op_id"], None), timeout=60)
+        return
+    log.warning("model %s: finishing the %s a dead coordinator left at version %d",
+                record.name, op["kind"], paused["boundary"])  # fmt: skip
+    run(record, op, boundary=int(paused["boundary"]))
+
+
+def audit_entry(caller: str, action: str, old: Any, new: Any) -> dict[str, Any]:
+    return {"time": time.time(), "caller": caller, "action": action, "old": old, "new": new}

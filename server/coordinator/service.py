@@ -1,0 +1,248 @@
+"""The Coordinator gRPC service (the front door): decodes requests into Coordinator calls."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from optserve.common.codec import torch_dtype, wire_dtype
+from optserve.common.config import optimizer_config_json, parse_mode_config, parse_optimizer_config
+from optserve.common.errors import InvalidArgument, ResourceExhausted
+from optserve.server.coordinator.catalogue import GroupSpec, ModelRecord
+from optserve.server.coordinator.core import Coordinator
+from optserve.server.edge.auth import current_principal
+from optserve.server.edge.rpc import unary_errors
+from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+SERVICE_NAME = "optserve.v1.Coordinator"
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def model_info(
+    record: ModelRecord, shard_infos: list[dict[str, Any]] | None = None
+) -> coordinator_pb2.ModelInfo:
+    lead = shard_infos[0]["groups"] if shard_infos else {}
+    params = [
+        coordinator_pb2.ParamSpec(name=p.name, dtype=wire_dtype(p.dtype), shape=list(p.shape))
+        for g in record.groups
+        for p in g.params
+    ]
+    groups = [
+        coordinator_pb2.GroupInfo(
+            name=g.name,
+            params=[p.name for p in g.params],
+            overrides_json=json.dumps(record.overrides.get(g.name, {})),
+            optimizer_json=json.dumps(lead[g.name]["config"]) if g.name in lead else "",
+            lr=lead[g.name]["lr"] if g.name in lead else 0.0,
+        )
+        for g in record.groups
+    ]
+    shards = [
+        coordinator_pb2.ShardInfo(
+            index=s.index,
+            address=s.address,
+            ranges=[
+                coordinator_pb2.GroupRange(group=g, start=a, end=b)
+                for g, (a, b) in s.ranges.items()
+            ],
+        )
+        for s in record.shards
+    ]
+    return coordinator_pb2.ModelInfo(
+        name=record.name,
+        params=params,
+        groups=groups,
+        shards=shards,
+        version=min(i["version"] for i in shard_infos) if shard_infos else 0,
+        optimizer_json=record.optimizer_json,
+        schedule_json=record.schedule_json,
+        mode_json=record.mode_json,
+        initializing=record.initializing,
+    )
+
+
+# A status reply stays well under gRPC's 4 MiB message limit.
+MAX_STATUS_CHARS = 3 << 20
+
+
+class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._coordinator = coordinator
+
+    @unary_errors
+    def CreateModel(
+        self,
+        request_iterator: Iterator[coordinator_pb2.CreateModelRequest],
+        context: grpc.ServicerContext,
+    ) -> coordinator_pb2.ModelInfo:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "spec":
+            raise InvalidArgument("a CreateModel stream must start with a ModelSpec")
+        if next(request_iterator, None) is not None:
+            raise InvalidArgument(
+                "a CreateModel stream carries one ModelSpec and nothing else: each shard takes "
+                "its slice of the initial values itself (Shard/Load, after CreateModel answers)"
+            )
+        spec = first.spec
+        params = [(p.name, tuple(p.shape), torch_dtype(p.dtype)) for p in spec.params]
+        self._coordinator.validate_params(spec.name, params)
+        optimizer = parse_optimizer_config(spec.optimizer_json)
+        mode = parse_mode_config(spec.mode_json or None)
+        policy = self._coordinator.checkpoint_policy(
+            _json_object(spec.checkpoint_json, "checkpoint policy") if spec.checkpoint_json else {}
+        )
+        groups = [
+            GroupSpec(g.name, tuple(g.params), _json_object(g.overrides_json, "group overrides"))
+            for g in spec.groups
+        ]
+        self._coordinator.reserve(spec.name)
+        try:
+            record = self._coordinator.create_model(
+                spec.name, params, optimizer, spec.num_shards, groups,
+                spec.schedule_json or None, mode, policy,
+            )  # fmt: skip
+        finally:
+            self._coordinator.release(spec.name)
+        return model_info(record, self._coordinator.shard_info(record))
+
+    @unary_errors
+    def DescribeModel(
+        self, request: coordinator_pb2.DescribeModelRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ModelInfo:
+        record = self._coordinator.get(request.model)
+        return model_info(record, self._coordinator.shard_info(record))
+
+    @unary_errors
+    def ListModels(
+        self, request: coordinator_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ListModelsResponse:
+        principal = current_principal()  # a token limited to some models sees only those
+        models = [
+            m for m in self._coordinator.list_models() if principal is None or principal.covers(m)
+        ]
+        return coordinator_pb2.ListModelsResponse(models=models)
+
+    @unary_errors
+    def DropModel(
+        self, request: coordinator_pb2.DropModelRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.DropModelResponse:
+        self._coordinator.drop_model(request.model)
+        return coordinator_pb2.DropModelResponse()
+
+    @unary_errors
+    def SetOptimizer(
+        self, request: coordinator_pb2.SetOptimizerRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.SetOptimizerResponse:
+        optimizer = parse_optimizer_config(request.optimizer_json)
+        version, report = self._coordinator.set_optimizer(
+            request.model, optimizer, request.policy or "migrate", caller_of(context)
+        )
+        report["optimizer"] = json.loads(optimizer_config_json(optimizer))
+        return coordinator_pb2.SetOptimizerResponse(version=version, report_json=json.dumps(report))
+
+    @unary_errors
+    def SetHyperparameters(
+        self, request: coordinator_pb2.SetHyperparametersRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.SetOptimizerResponse:
+        changes = _json_object(request.changes_json, "hyperparameter changes")
+        version, report = self._coordinator.set_hyperparameters(
+            request.model, changes, caller_of(context)
+        )
+        report["optimizer"] = self._coordinator.get(request.model).entry.optimizer
+        return coordinator_pb2.SetOptimizerResponse(version=version, report_json=json.dumps(report))
+
+    @unary_errors
+    def SetSchedule(
+        self, request: coordinator_pb2.SetScheduleRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.SetScheduleResponse:
+        version = self._coordinator.set_schedule(
+            request.model, request.schedule_json or None, caller_of(context)
+        )
+        return coordinator_pb2.SetScheduleResponse(version=version)
+
+    @unary_errors
+    def ReportMetric(
+        self, request: coordinator_pb2.ReportMetricRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ReportMetricResponse:
+        step = request.step if request.HasField("step") else None
+        version, changed = self._coordinator.report_metric(
+            request.model, request.name, request.value, step, caller_of(context)
+        )
+        return coordinator_pb2.ReportMetricResponse(version=version, lr_changed=changed)
+
+    @unary_errors
+    def Status(
+        self, request: coordinator_pb2.StatusRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.StatusResponse:
+        status = self._coordinator.status(request.model, recent=request.history or 50)
+        text = json.dumps(status, default=str)
+        while len(text) > MAX_STATUS_CHARS and (status["metrics"] or status["audit"]):
+            # The most recent history that fits in one message (status["history"] says).
+            for key in ("metrics", "audit"):
+                status[key] = status[key][len(status[key]) // 2 :]
+                status["history"][f"{key}_shown"] = len(status[key])
+            text = json.dumps(status, default=str)
+        if len(text) > MAX_STATUS_CHARS:
+            raise ResourceExhausted(
+                f"the status of model {request.model!r} does not fit in one message"
+            )
+        return coordinator_pb2.StatusResponse(status_json=text)
+
+    @unary_errors
+    def Checkpoint(
+        self, request: coordinator_pb2.CheckpointRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.CheckpointResponse:
+        done = self._coordinator.checkpoint(
+            request.model, caller_of(context), snapshot=request.snapshot or None
+        )
+        return coordinator_pb2.CheckpointResponse(
+            name=done["name"], version=done["version"], uri=done["uri"], bytes=done["bytes"],
+            pause_s=done["pause_s"], seconds=done["seconds"],
+        )  # fmt: skip
+
+    @unary_errors
+    def ListCheckpoints(
+        self, request: coordinator_pb2.ListCheckpointsRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ListCheckpointsResponse:
+        found = self._coordinator.list_checkpoints(request.model)
+        return coordinator_pb2.ListCheckpointsResponse(checkpoints_json=json.dumps(found))
+
+    @unary_errors
+    def Restore(
+        self, request: coordinator_pb2.RestoreRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ModelInfo:
+        record = self._coordinator.restore(
+            request.model, request.checkpoint or None, request.num_shards, caller_of(context)
+        )
+        return model_info(record, self._coordinator.shard_info(record))
+
+
+def caller_of(context: grpc.ServicerContext) -> str:
+    """Who made a control call, for the audit log: the token's name when auth is on, what the
+    client says of itself, and where from."""
+    said = str(dict(context.invocation_metadata()).get("x-optserve-caller", ""))[:200]
+    principal = current_principal()
+    where = f"{said} ({context.peer()})" if said else context.peer()
+    return f"token {principal.name!r}: {where}" if principal is not None else where
+
+
+def model_of_request(method: str, request: Any) -> str | None:
+    """The model a Coordinator request is about, for model-scoped tokens (EdgeGuard)."""
+    if isinstance(request, coordinator_pb2.CreateModelRequest):
+        return request.spec.name if request.WhichOneof("payload") == "spec" else None
+    model = getattr(request, "model", None)
+    return model if isinstance(model, str) else None

@@ -1,0 +1,101 @@
+"""A model's status, as `optserve status` and `ParameterServerClient.status` show it: assembled
+from the coordinator's record, every shard's info and the leader's history. Pure logic."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from optserve.server.coordinator.catalogue import ModelRecord
+
+
+def model_status(
+    record: ModelRecord,
+    shards: Sequence[Mapping[str, Any]],
+    history: Mapping[str, Any],
+    recent: int,
+    policy: Mapping[str, Any],
+) -> dict[str, Any]:
+    first = shards[0]
+    version = min(s["version"] for s in shards)
+    return {
+        "model": record.name,
+        "version": version,
+        "initializing": record.initializing,
+        # Why the model is down for good (a shard died or broke, and no checkpoint could bring
+        # it back), or None.
+        "lost": record.lost,
+        "mode": record.entry.mode,
+        "optimizer": record.entry.optimizer,
+        "schedule": record.entry.schedule,
+        "schedule_state": first.get("schedule_state", {}),
+        # Pushes the gradient policy skipped, zeroed, clipped or refused (since the shards
+        # started: a restore starts them again).
+        "gradient_counters": first.get("gradient_counters", {}),
+        # Who pushed, as the model's leader saw it: pushes, last version, staleness, peer.
+        "trainers": first.get("trainers", {}),
+        "device": record.device,
+        "checkpoint": checkpoint_status(record, version, policy),
+        "groups": {
+            group: {
+                "overrides": record.overrides.get(group, {}),
+                "optimizer": info["config"],
+                "lr": info["lr"],
+                "numel": sum(s["groups"][group]["numel"] for s in shards),
+                "state": info["scalars"],
+            }
+            for group, info in first["groups"].items()
+        },
+        "shards": [
+            {
+                "index": s["index"],
+                "address": s["address"],
+                "node_id": s.get("node_id"),
+                "device": s["device"],
+                "version": s["version"],
+                "ready": s.get("ready", True),
+                # Why the shard no longer matches the others (None: it does); the coordinator
+                # restores the model from its newest checkpoint when one breaks.
+                "broken": s.get("broken"),
+                "groups": {
+                    g: {
+                        "rule": i["rule"],
+                        "path": i["path"],
+                        "numel": i["numel"],
+                        "state": i["scalars"],
+                    }
+                    for g, i in s["groups"].items()
+                },  # fmt: skip
+            }
+            for s in shards
+        ],
+        "metrics": history["metrics"],
+        "audit": history["audit"],
+        # How much history the server keeps, and how much of it this answer shows.
+        "history": {
+            "metrics_kept": history["metrics_kept"],
+            "metrics_shown": min(recent, history["metrics_kept"]),
+            "audit_kept": history["audit_kept"],
+            "audit_shown": min(recent, history["audit_kept"]),
+        },
+    }
+
+
+def checkpoint_status(
+    record: ModelRecord, version: int, policy: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The model's checkpoint policy, its newest checkpoint, and what losing a shard would cost
+    now: every update since that checkpoint (all of them if it has none)."""
+    last = record.last_checkpoint
+    periodic = bool(policy.get("enabled", True)) and bool(
+        {"every_versions", "every_s"} & set(policy)
+    )
+    return {
+        "policy": dict(policy),
+        "periodic": periodic,
+        "last_version": last[0] if last else None,
+        "last_time": last[1] if last else None,
+        "age_s": time.time() - last[1] if last else None,
+        "updates_at_risk": version - (last[0] if last else 0),
+    }

@@ -1,0 +1,571 @@
+"""A shard's slice of one model: one GroupEngine per parameter group, a schedule, a version.
+
+Pure state and math (no Ray, no gRPC): the shard actor owns one of these and its gRPC service
+decodes requests into calls on it. Every method that mutates takes the lock and validates fully
+before touching anything, so a refused request changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from optserve.common.codec import GRADIENT_WIRE_DTYPES, Expected, count_nonfinite
+from optserve.common.config import (
+    GradientPolicy,
+    RuleConfig,
+    optimizer_config_json,
+    parse_schedule_config,
+    schedule_config_json,
+)
+from optserve.common.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
+from optserve.server.engine.base import TensorViews
+from optserve.server.engine.group import GroupEngine, Path
+from optserve.server.engine.migration import Policy
+from optserve.server.engine.schedules import Schedule, build_schedule
+from optserve.server.shard.memory import BufferPool
+from optserve.server.shard.sequencer import Decision, GradStats
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# How long a decided update waits for the updates before it to reach this shard.
+APPLY_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class GroupInit:
+    """What a shard needs to start one group: its slice of the weights, its config, and the
+    (offset, shape) of every parameter tensor wholly inside the slice.
+
+    Without `weights` (then `numel` says the slice's length) the shard starts empty and
+    serves nothing until its values arrive: `initialize` (a new model's initial values) or
+    `load` (a checkpoint)."""
+
+    weights: torch.Tensor | None
+    config: RuleConfig
+    views: TensorViews = ()
+    numel: int | None = None
+
+    @property
+    def length(self) -> int:
+        if self.weights is not None:
+            return self.weights.numel()
+        if self.numel is None:
+            raise ValueError("a GroupInit needs weights or numel")
+        return self.numel
+
+
+@dataclass
+class GroupValues:
+    """One group's values as a restore reads them: weights and state tensors on the shard's
+    device (taken over, not copied), and the group's config."""
+
+    weights: torch.Tensor
+    config: RuleConfig
+    state: dict[str, Any]
+
+
+@dataclass
+class CheckpointView:
+    """A shard's state at a checkpoint's version: live tensors (valid while the model is
+    held at that version) and everything else as plain values."""
+
+    version: int
+    tensors: dict[str, torch.Tensor]  # "<group>/weights", "<group>/state/<key>"
+    scalars: dict[str, dict[str, Any]]
+    configs: dict[str, str]
+    schedule: str
+    schedule_state: dict[str, Any]
+
+
+class ShardState:
+    def __init__(
+        self,
+        model: str,
+        index: int,
+        groups: Mapping[str, GroupInit],
+        schedule: Any = None,
+        device: str | torch.device = "cpu",
+        path: Path = "fast",
+        max_staged: int = 64,
+        gradients: GradientPolicy | None = None,
+    ) -> None:
+        self.model = model
+        # NaN/Inf handling and whether pushes need their norm (the leader decides on it).
+        self.gradients = gradients or GradientPolicy()
+        self.index = index
+        self.device = torch.device(device)
+        self.version = 0
+        self._lock = threading.RLock()
+        # Signalled when the version moves; pushes wait on it to apply in version order.
+        self._cv = threading.Condition(self._lock)
+        self._staged: dict[str, dict[str, torch.Tensor]] = {}
+        # The pooled CPU buffers each staged push holds (its gradient, or its CPU copy).
+        self._holding: dict[str, dict[str, torch.Tensor]] = {}
+        # Pushes held here at once (each a gradient slice); more are refused, not queued.
+        self.max_staged = max_staged
+        # Bumped by a restore: updates decided before it must not apply after it.
+        self._epoch = 0
+        # Why this shard can no longer be trusted to match the model's other shards, if so.
+        self.broken: str | None = None
+        self._plans = dict(groups)
+        self._path = path
+        self.buffers = BufferPool({name: init.length for name, init in groups.items()})
+        self._groups: dict[str, GroupEngine] = {}
+        # False until the shard holds its values (all GroupInits with weights: at once).
+        self.ready = all(init.weights is not None for init in groups.values())
+        if self.ready:
+            for name, init in groups.items():
+                assert init.weights is not None
+                flat = init.weights.detach().reshape(-1).to(self.device, torch.float32, copy=True)
+                self._groups[name] = GroupEngine(name, flat, init.config, init.views, path)
+        self._schedule_config = parse_schedule_config(schedule)
+        self._schedule: Schedule = build_schedule(self._schedule_config)
+        # Times each applied update (the shard's metrics; server/metrics.py UpdateTimer).
+        self.update_timer: Any = None
+
+    @property
+    def numel(self) -> int:
+        """Elements of this shard's slice, all groups together."""
+        return sum(init.length for init in self._plans.values())
+
+    def lengths(self) -> dict[str, int]:
+        """Each group's slice length."""
+        return {name: init.length for name, init in self._plans.items()}
+
+    def expected_gradients(self) -> dict[str, Expected]:
+        """What a push must carry: one flat tensor per group, of this shard's length."""
+        return {name: Expected((n,), GRADIENT_WIRE_DTYPES) for name, n in self.lengths().items()}
+
+    def config(self, group: str) -> RuleConfig:
+        engine = self._groups.get(group)
+        return engine.config if engine is not None else self._plans[group].config
+
+    def lrs(self) -> dict[str, float]:
+        """The lr each group's next update will use."""
+        with self._lock:
+            return {name: self.lr(name) for name in self._plans}
+
+    def lr(self, group: str) -> float:
+        """The lr the next update of `group` will use."""
+        return self._schedule.lr(self.config(group).lr, self.version)
+
+    def initialize(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Take a new model's initial values (flat fp32, this shard's length, on its device:
+        taken over, not copied); every group's rule starts fresh."""
+        if set(weights) != set(self._plans):
+            raise InvalidArgument(f"initial values need groups {sorted(self._plans)}")
+        with self._cv:
+            if self.ready:
+                raise FailedPrecondition(
+                    f"shard {self.index} of model {self.model!r} already has its values"
+                )
+            for name, init in self._plans.items():
+                flat = weights[name].reshape(-1)
+                if flat.numel() != init.length or flat.dtype != torch.float32:
+                    raise InvalidArgument(f"initial values of group {name!r} do not fit")
+                self._groups[name] = GroupEngine(
+                    name, flat.to(self.device), init.config, init.views, self._path
+                )
+            self.ready = True
+            self._cv.notify_all()
+
+    def load(
+        self,
+        values: Mapping[str, GroupValues],
+        version: int,
+        schedule: Any,
+        schedule_state: Mapping[str, Any],
+    ) -> None:
+        """Take a checkpoint's values (as a restore read them) at `version`."""
+        if set(values) != set(self._plans):
+            raise InvalidArgument(f"a checkpoint's values need groups {sorted(self._plans)}")
+        schedule_config = parse_schedule_config(schedule)
+        engines = {}
+        for name, init in self._plans.items():
+            group = values[name]
+            if group.weights.numel() != init.length:
+                raise InvalidArgument(f"values of group {name!r} have the wrong length")
+            try:
+                engines[name] = GroupEngine(name, group.weights, group.config, init.views,
+                                            self._path, state=group.state)  # fmt: skip
+            except ValueError as exc:
+                raise FailedPrecondition(f"group {name!r}: {exc}") from None
+        with self._cv:
+            self._groups = engines
+            self._schedule_config = schedule_config
+            self._schedule = build_schedule(schedule_config)
+            self._schedule.load_state_dict(dict(schedule_state))
+            self.version = int(version)
+            self._epoch += 1
+            self._clear_staged()
+            self.broken = None
+            self.ready = True
+            self._cv.notify_all()
+
+    def stage(
+        self,
+        push_id: str,
+        grads: Mapping[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[int, GradStats]:
+        """Validate one push's gradient slices and keep them until the push is decided; return
+        the epoch and what the gradient policy needs to know about the slices.
+
+        The shard takes the tensors over (the update may modify them in place), and `buffers`
+        (from `self.buffers`, which the gradients may already lie in) until the push is
+        applied or refused."""
+        try:
+            return self._stage(push_id, grads, buffers)
+        except BaseException:
+            self.buffers.give(buffers)
+            raise
+
+    def _stage(
+        self,
+        push_id: str,
+        grads: Mapping[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor] | None,
+    ) -> tuple[int, GradStats]:
+        policy = self.gradients
+        prepared = {}
+        sumsq, nonfinite = 0.0, 0
+        with self._lock:
+            self._check_sound()
+        for name, length in self.lengths().items():
+            grad = grads[name].reshape(-1)
+            if buffers is not None and grad.numel() == length:
+                pooled = buffers[name]
+                if grad.data_ptr() != pooled.data_ptr():  # another dtype: converted into it
+                    pooled.copy_(grad)
+                grad = pooled
+            # The decoded gradient is ours: kept as it is when it is already fp32 here.
+            grad = grad.to(self.device, torch.float32)
+            if grad.numel() != length:
+                raise InvalidArgument(
+                    f"gradient for group {name!r} has {grad.numel()} elements; "
+                    f"this shard holds {length}"
+                )
+            bad = count_nonfinite(grad)
+            if bad and policy.nonfinite == "reject":
+                raise InvalidArgument(
+                    f"gradient for group {name!r} has {bad} NaN/Inf element(s); nothing was "
+                    "applied (the model's gradient policy rejects them)"
+                )
+            if bad and policy.nonfinite == "zero":
+                torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            nonfinite += bad
+            if policy.needs_norm and not (bad and policy.nonfinite == "skip"):
+                sumsq += float(torch.linalg.vector_norm(grad)) ** 2
+            prepared[name] = grad
+        with self._cv:
+            self._check_sound()
+            if push_id in self._staged:
+                raise InvalidArgument(f"push id {push_id!r} was used twice; use a fresh id")
+            if len(self._staged) >= self.max_staged:
+                raise ResourceExhausted(
+                    f"shard {self.index} of model {self.model!r} holds {len(self._staged)} "
+                    "pushes waiting for their turn; retry shortly"
+                )
+            self._staged[push_id] = prepared
+            if buffers is not None and self.device.type != "cpu":
+                self.buffers.give(buffers)  # its contents are on the device now
+            elif buffers is not None:
+                self._holding[push_id] = buffers
+            return self._epoch, GradStats(sumsq, nonfinite)
+
+    def _unstage(self, push_id: str) -> dict[str, torch.Tensor] | None:
+        """Take a push out of staging (the caller holds the lock); its pooled buffers go back
+        once the caller is done with the tensors (`self.buffers.give`)."""
+        return self._staged.pop(push_id, None)
+
+    def _release(self, push_ids: Sequence[str]) -> None:
+        for push_id in push_ids:
+            self.buffers.give(self._holding.pop(push_id, None))
+
+    def _clear_staged(self) -> None:
+        self._staged.clear()
+        self._release(list(self._holding))
+
+    def _check_sound(self) -> None:
+        if not self.ready:
+            raise Unavailable(
+                f"model {self.model!r} is still receiving its values (shard {self.index}: its "
+                "initial values or a checkpoint); retry shortly"
+            )
+        if self.broken is not None:
+            raise Unavailable(
+                f"shard {self.index} of model {self.model!r} no longer matches the model's "
+                f"other shards ({self.broken}); the server brings the model back from its "
+                "newest checkpoint (or reports it lost without one): pull, then go on"
+            )
+
+    def mark_broken(self, reason: str) -> None:
+        """This shard missed or half-applied an update its peers applied: refuse everything
+        from now on rather than serve weights that mix two versions."""
+        with self._cv:
+            if self.broken is None:
+                log.error("shard %d of model %s is broken: %s", self.index, self.model, reason)
+                self.broken = reason
+            self._clear_staged()
+            self._cv.notify_all()
+
+    def discard(self, push_id: str) -> None:
+        with self._cv:
+            self._unstage(push_id)
+            self._release([push_id])
+
+    def apply(
+        self, decision: Decision, timeout: float = APPLY_TIMEOUT_S, epoch: int | None = None
+    ) -> int:
+        """Apply a decided update once this shard reaches the version before it; return the
+        shard's version after it. Every member push of a sync round calls this with the same
+        decision: the first applies the combined gradient, the others find it applied.
+        `epoch` is what `stage` returned: a restore since then refuses the update."""
+        with self._cv:
+            epoch = self._epoch if epoch is None else epoch  # `stage` said which
+            ready = self._cv.wait_for(
+                lambda: self.version >= decision.version - 1 or self.broken is not None, timeout
+            )
+            self._check_sound()
+            if epoch != self._epoch:
+                raise Aborted(f"model {self.model!r} was restored meanwhile; pull and push again")
+            if not ready:
+                self.mark_broken(f"never received the update before version {decision.version}")
+                self._check_sound()
+            if self.version >= decision.version:
+                # Applied already (another member of its round, or a replayed push id): what
+                # is still staged under its ids is not needed any more.
+                for member in decision.members:
+                    self._unstage(member)
+                self._release(decision.members)
+                return self.version
+            members = [self._unstage(m) for m in decision.members]
+            combined: dict[str, torch.Tensor] | None = None
+            try:
+                if any(m is None for m in members):
+                    raise RuntimeError(f"a push of version {decision.version} is not here")
+                # Weight 0: skipped by the gradient policy; none left: only the version moves.
+                used = [(m, w) for m, w in zip(members, decision.weights, strict=True) if w != 0]
+                timer = self.update_timer if used else None
+                started = timer.begin(self.device) if timer is not None else None
+                for name, group in self._groups.items():
+                    if not used:
+                        break
+                    if len(used) == 1:
+                        grad = used[0][0][name]  # type: ignore[index]
+                        if used[0][1] != 1.0:
+                            grad.mul_(used[0][1])  # clipped (the staged tensor is ours)
+                    else:  # a sync round: the weighted sum, in a pooled buffer on the CPU
+                        if self.device.type == "cpu":
+                            combined = combined or self.buffers.take()
+                            grad = combined[name].zero_()
+                        else:
+                            grad = torch.zeros_like(group.weights)
+                        for staged, weight in used:
+                            grad.add_(staged[name], alpha=weight)  # type: ignore[index]
+                    group.step(grad, self.lr(name) * decision.lr_scale)
+                if timer is not None:
+                    timer.end(started)  # never raises
+            except Exception as exc:  # the peers applied this update: this shard cannot follow
+                self.mark_broken(f"update {decision.version} failed here: {exc!r}")
+                self._check_sound()
+            finally:
+                self.buffers.give(combined)
+                self._release(decision.members)
+            self.version += 1
+            self._cv.notify_all()
+            return self.version
+
+    def apply_push(self, grads: Mapping[str, torch.Tensor], based_on: int) -> tuple[int, int]:
+        """Apply one push at once (a model with one shard, async, no bound); return (new
+        version, staleness)."""
+        push_id = uuid.uuid4().hex
+        with self._cv:
+            if based_on > self.version:
+                raise InvalidArgument(
+                    f"gradient claims model version {based_on}, "
+                    f"but model {self.model!r} is at version {self.version}"
+                )
+            self.stage(push_id, {name: g.clone() for name, g in grads.items()})
+            staleness = self.version - based_on
+            return self.apply(Decision(self.version + 1, (push_id,), (1.0,))), staleness
+
+    @contextlib.contextmanager
+    def _at(self, at_version: int | None) -> Iterator[None]:
+        """Hold the lock at model version `at_version` (a control change's boundary): wait for
+        the updates before it; none after it can be decided until the change is done."""
+        with self._cv:
+            self._check_sound()
+            if at_version is not None:
+                if not self._cv.wait_for(lambda: self.version >= at_version, APPLY_TIMEOUT_S):
+                    self.mark_broken(f"never reached version {at_version} for a control change")
+                    self._check_sound()
+                if self.version != at_version:  # it applied updates its peers had not
+                    self.mark_broken(f"passed version {at_version} before a control change")
+                    self._check_sound()
+            yield
+
+    def set_optimizer(
+        self, configs: Mapping[str, RuleConfig], policy: Policy, at_version: int | None = None
+    ) -> dict[str, Any]:
+        """Swap every group's rule (state moved by `policy`); return the per-group reports."""
+        if set(configs) != set(self._groups):
+            raise InvalidArgument(f"need a config for each group {sorted(self._groups)}")
+        with self._at(at_version):
+            return {
+                name: self._groups[name].set_optimizer(configs[name], policy).as_dict()
+                for name in self._groups
+            }
+
+    def set_schedule(self, schedule: Any, at_version: int | None = None) -> None:
+        config = parse_schedule_config(schedule)
+        with self._at(at_version):
+            self._schedule_config = config
+            self._schedule = build_schedule(config)
+
+    def report_metric(self, name: str, value: float, at_version: int | None = None) -> bool:
+        """Feed a reported metric to the schedule; True if it changed the lr."""
+        with self._at(at_version):
+            return self._schedule.observe(name, value)
+
+    def read_weights(self, fn: Callable[[int, dict[str, torch.Tensor]], T]) -> T:
+        """Run `fn(version, per-group weights)` while no update can change them.
+
+        `fn` must copy what it keeps and must be quick: pushes wait meanwhile."""
+        with self._lock:
+            self._check_sound()
+            return fn(self.version, {name: g.weights for name, g in self._groups.items()})
+
+    def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """A consistent copy of (version, per-group weights) on the CPU."""
+        with self._lock:
+            return self.version, {
+                name: g.weights.detach().to("cpu", copy=True) for name, g in self._groups.items()
+            }
+
+    def checkpoint_view(self, at_version: int) -> CheckpointView:
+        """Everything a checkpoint holds, once this shard is at `at_version`: the live weight
+        and state tensors (no copy: the caller keeps the model at that version while it
+        reads them) and the scalars, configs and schedule state."""
+        with self._at(at_version):
+            tensors: dict[str, torch.Tensor] = {}
+            scalars: dict[str, dict[str, Any]] = {}
+            for name, group in self._groups.items():
+                tensors[f"{name}/weights"] = group.weights
+                scalars[name] = {}
+                for key, value in sorted(group.state.items()):
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"{name}/state/{key}"] = value
+                    else:
+                        scalars[name][key] = value
+            return CheckpointView(
+                version=self.version,
+                tensors=tensors,
+                scalars=scalars,
+                configs={name: optimizer_config_json(g.config) for name, g in self._groups.items()},
+                schedule=schedule_config_json(self._schedule_config),
+                schedule_state=self._schedule.state_dict(),
+            )
+
+    def health(self) -> dict[str, Any]:
+        """What the coordinator's watch needs: version, broken (why, or None), ready."""
+        with self._lock:
+            return {"version": self.version, "broken": self.broken, "ready": self.ready}
+
+    def state_dict(self, at_version: int | None = None) -> dict[str, Any]:
+        """A consistent copy of everything: version, weights, rule state, schedule state
+        (at version `at_version`, a checkpoint's boundary, when given)."""
+        with self._at(at_version):
+            return {
+                "version": self.version,
+                "schedule": schedule_config_json(self._schedule_config),
+                "schedule_state": self._schedule.state_dict(),
+                "groups": {
+                    name: {"weights": g.weights.detach().to("cpu", copy=True), **g.state_dict()}
+                    for name, g in self._groups.items()
+                },
+            }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        groups = state["groups"]
+        if set(groups) != set(self._groups):
+            raise InvalidArgument(
+                f"state has groups {sorted(groups)}; this shard has {sorted(self._groups)}"
+            )
+        for name, g in groups.items():
+            if g["weights"].numel() != self._groups[name].weights.numel():
+                raise InvalidArgument(f"state for group {name!r} has the wrong length")
+        schedule_config = parse_schedule_config(state["schedule"])
+        with self._lock:
+            for name, g in groups.items():
+                engine = self._groups[name]
+                engine.weights.copy_(g["weights"].reshape(-1))
+                engine.load_state_dict(g)
+            self._schedule_config = schedule_config
+            self._schedule = build_schedule(schedule_config)
+            self._schedule.load_state_dict(state.get("schedule_state", {}))
+            self.version = int(state["version"])
+            self._epoch += 1
+            self._clear_staged()
+            self.broken = None  # a restore makes every shard consistent again
+            self._cv.notify_all()
+
+    def digest(self) -> str:
+        """SHA-256 of the version, weights, every state buffer and scalar, configs and schedule
+        state: equal digests mean nothing changed (what a refused request must leave)."""
+        digest = hashlib.sha256()
+
+        def feed(key: str, value: Any) -> None:
+            if isinstance(value, torch.Tensor):
+                flat = value.detach().to("cpu").contiguous().reshape(-1)
+                digest.update(f"{key}:{flat.dtype}:".encode())
+                digest.update(flat.view(torch.uint8).numpy().tobytes())
+            elif isinstance(value, Mapping):
+                for k in sorted(value, key=str):
+                    feed(f"{key}/{k}", value[k])
+            else:
+                digest.update(f"{key}={value!r};".encode())
+
+        with self._lock:
+            feed("", self.state_dict())  # configs included
+        return digest.hexdigest()
+
+    def info(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "model": self.model,
+                "index": self.index,
+                "version": self.version,
+                "device": str(self.device),
+                "broken": self.broken,
+                "staged": len(self._staged),
+                "schedule": schedule_config_json(self._schedule_config),
+                "schedule_state": self._schedule.state_dict(),
+                "ready": self.ready,
+                "groups": {name: self._describe(name) for name in self._plans},
+            }
+
+    def _describe(self, group: str) -> dict[str, Any]:
+        engine = self._groups.get(group)
+        if engine is not None:
+            return {**engine.describe(), "lr": self.lr(group)}
+        config = self._plans[group].config
+        return {"rule": config.name, "config": json.loads(optimizer_config_json(config)),
+                "numel": self._plans[group].length, "path": "none", "scalars": {},
+                "lr": self.lr(group)}  # fmt: skip

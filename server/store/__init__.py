@@ -1,0 +1,2 @@
+"""The checkpoint store: the manifest format (`manifest`) and the per-shard safetensors files,
+written and read block by block (`tensorfile`), on a local path or any fsspec URI."""
