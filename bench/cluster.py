@@ -202,7 +202,7 @@ def main() -> None:
     if args.auth:
         import secrets
 
-        from optserve.server.edge.auth import EdgeConfig, TokenTable
+        from optserve.server.edge.tokens import EdgeConfig, TokenTable
 
         token = secrets.token_urlsafe(32)
         os.environ["OPTSERVE_TOKEN"] = token  # every client sends it (the open server ignores it)

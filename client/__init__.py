@@ -3,7 +3,8 @@
 * `ParameterServerClient`: create, describe, list and drop models; push gradients; pull weights
   (or both in one round trip); update modes `AsyncMode` and `SyncMode`.
 * `RemoteOptimizer`: a torch.optim.Optimizer whose `step()` runs on the server.
-* `OptserveError` and its subclasses: every failure, each with its gRPC status code.
+* `OptserveError` and its subclasses: every failure, each with its gRPC status code;
+  `PushRefused` (stale, round closed, model restored) means: nothing was applied, pull and go on.
 """
 
 from optserve.client._client import ModelInfo, ParameterServerClient
@@ -34,10 +35,14 @@ from optserve.common.errors import (
     FailedPrecondition,
     Internal,
     InvalidArgument,
+    ModelRestored,
     NotFound,
     OptserveError,
     PermissionDenied,
+    PushRefused,
     ResourceExhausted,
+    RoundClosed,
+    StalePush,
     Unauthenticated,
     Unavailable,
 )
@@ -62,13 +67,17 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "ModelInfo",
+    "ModelRestored",
     "NotFound",
     "OptserveError",
     "ParameterServerClient",
     "PermissionDenied",
+    "PushRefused",
     "RemoteOptimizer",
     "ResourceExhausted",
+    "RoundClosed",
     "SGDConfig",
+    "StalePush",
     "SyncMode",
     "Unauthenticated",
     "Unavailable",

@@ -12,16 +12,16 @@ from typing import Any, TypeVar
 
 import torch
 
-from optserve.client._client import ModelInfo, ParameterServerClient
+from optserve.client._client import ParameterServerClient
+from optserve.client._plane import ModelInfo
 from optserve.common.allocator import keep_step_buffers
 from optserve.common.codec import dtype_name
 from optserve.common.config import RuleConfig, parse_mode_config, parse_optimizer_config
 from optserve.common.errors import (
-    Aborted,
     AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PushRefused,
     Unavailable,
 )
 
@@ -196,7 +196,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 trainer=self.trainer,
                 reuse_buffers=True,  # copied into the parameters below
             )
-        except (Aborted, FailedPrecondition) as exc:
+        except PushRefused as exc:
             # Too stale (async max_staleness), too late for its sync round, or computed on a
             # version the model has left (it was restored): the server applied nothing.
             # Catch up with the current weights; this gradient is dropped.

@@ -50,6 +50,26 @@ class Aborted(OptserveError):
     code = grpc.StatusCode.ABORTED
 
 
+class PushRefused(OptserveError):
+    """The push was refused and nothing was applied: pull the current weights and go on.
+
+    One meaning, three causes, each keeping its gRPC status code: `StalePush` (older than the
+    model's `max_staleness`), `RoundClosed` (its sync round closed without it) and
+    `ModelRestored` (the model went back to a checkpoint, or moved on to another launch)."""
+
+
+class StalePush(PushRefused, FailedPrecondition):
+    """The push was computed on a version older than the model's `max_staleness` allows."""
+
+
+class RoundClosed(PushRefused, Aborted):
+    """The sync round this push belonged to closed without it (it came too late)."""
+
+
+class ModelRestored(PushRefused, Aborted):
+    """The model was restored (or its version moved back) since the push's version."""
+
+
 class ResourceExhausted(OptserveError):
     """A size or count limit was exceeded."""
 
@@ -98,8 +118,26 @@ _BY_CODE: dict[grpc.StatusCode, type[OptserveError]] = {
 }
 
 
-def error_for_status(code: grpc.StatusCode, message: str) -> OptserveError:
-    """The exception that stands for a gRPC status."""
+# The errors that say more than their status code. The subclass's name travels beside the
+# status (trailing metadata `KIND_METADATA`, or a field between shards), so a client can catch
+# what it acts on.
+_BY_KIND: dict[str, type[OptserveError]] = {
+    cls.__name__: cls for cls in (StalePush, RoundClosed, ModelRestored)
+}
+KIND_METADATA = "optserve-error-kind"
+
+
+def kind_of(error: BaseException) -> str:
+    """What travels beside the status code to say which error this is ('' for the plain one)."""
+    name = type(error).__name__
+    return name if _BY_KIND.get(name) is type(error) else ""
+
+
+def error_for_status(code: grpc.StatusCode, message: str, kind: str = "") -> OptserveError:
+    """The exception that stands for a gRPC status (and the kind that came with it)."""
+    special = _BY_KIND.get(kind)
+    if special is not None and special.code == code:
+        return special(message)
     cls = _BY_CODE.get(code)
     if cls is None:
         err = OptserveError(f"{code.name}: {message}")
@@ -112,4 +150,7 @@ def from_rpc_error(error: grpc.RpcError) -> OptserveError:
     """Translate a failed call (a grpc.RpcError that is also a grpc.Call) into our tree."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
-    return error_for_status(code, details or code.name)
+    kind = ""
+    if hasattr(error, "trailing_metadata"):
+        kind = dict(error.trailing_metadata() or ()).get(KIND_METADATA, "")
+    return error_for_status(code, details or code.name, kind)

@@ -231,7 +231,7 @@ class Policy:
     def load(cls) -> Policy:
         from optserve.common import auth as client_auth
         from optserve.common import codec
-        from optserve.server.edge import auth
+        from optserve.server.edge import tokens as auth
 
         return cls(
             trainer=auth.TRAINER_METHODS,

@@ -102,7 +102,7 @@ def start_service(
 ) -> Service:
     """Start the coordinator actor (Ray must be initialised) and wait until it serves.
 
-    `edge` (an `optserve.server.edge.auth.EdgeConfig`) holds the token table, TLS certificate and
+    `edge` (an `optserve.server.edge.tokens.EdgeConfig`) holds the token table, TLS certificate and
     stream limit of every endpoint; None serves without authentication or TLS. `limits` (an
     `optserve.server.coordinator.core.Limits`) bounds model size and count. `metrics_port` serves
     Prometheus metrics on `metrics_host` (default `host`; port 0: any free one; None: off).

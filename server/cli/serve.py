@@ -288,7 +288,7 @@ def _checkpoint_policy(args: argparse.Namespace) -> dict | None:
 
 def _edge_config(args: argparse.Namespace):
     """Tokens, TLS and limits from `serve`'s options and environment."""
-    from optserve.server.edge.auth import EdgeConfig, TokenTable
+    from optserve.server.edge.tokens import EdgeConfig, TokenTable
     from optserve.server.runtime import LOOPBACK_HOSTS
 
     tokens = TokenTable.from_environment(args.tokens_file)

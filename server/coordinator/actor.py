@@ -11,6 +11,8 @@ import logging
 import threading
 from typing import Any
 
+import ray
+
 from optserve.server.coordinator import recovery
 from optserve.server.coordinator.catalogue import Limits
 from optserve.server.coordinator.core import Coordinator
@@ -20,9 +22,18 @@ from optserve.server.coordinator.service import (
     CoordinatorService,
     model_of_request,
 )
-from optserve.server.edge.auth import EdgeConfig, EdgeGuard
-from optserve.server.edge.rpc import advertised_address, create_server, format_address
+from optserve.server.edge.auth import EdgeGuard
+from optserve.server.edge.rpc import (
+    advertised_address,
+    create_server,
+    format_address,
+    treat_as_unavailable,
+)
+from optserve.server.edge.tokens import EdgeConfig
 from optserve.v1 import coordinator_pb2_grpc
+
+# A shard that died or timed out is answered UNAVAILABLE (retry), not INTERNAL.
+treat_as_unavailable(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError)
 
 
 class CoordinatorActor:

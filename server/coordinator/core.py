@@ -62,7 +62,7 @@ from optserve.server.coordinator.launch import (
     launch_shards,
     stop_shards,
 )
-from optserve.server.edge.auth import EdgeConfig
+from optserve.server.edge.tokens import EdgeConfig
 from optserve.server.metrics import CoordinatorMetrics
 from optserve.server.shard.actor import SHARD_THREADS
 from optserve.server.store.manifest import Checkpoint, Store

@@ -38,7 +38,7 @@ from optserve.server.coordinator.catalogue import (
     check_gradient_centralization,
     tensor_views,
 )
-from optserve.server.edge.auth import EdgeConfig
+from optserve.server.edge.tokens import EdgeConfig
 from optserve.server.shard.actor import ShardActor
 
 log = logging.getLogger(__name__)
@@ -128,51 +128,10 @@ def launch_shards(
     )
     actors: list[Any] = []
     try:
-        ready, _ = ray.wait([group.ready()], timeout=placement.timeout_s)
-        if not ready:
-            raise ResourceExhausted(
-                f"the cluster cannot place {entry.num_shards} shard(s) of {dict(bundle)} "
-                f"({placement.strategy}) within {placement.timeout_s:.0f} s; it has "
-                f"{ray.available_resources()} free"
-            )
+        _wait_placed(group, entry.num_shards, bundle, placement)
         for s in slices:
-            plan = {
-                g.name: {
-                    "numel": b - a,
-                    "range": [a, b],
-                    "optimizer": optimizer_config_json(configs[g.name]),
-                    "views": tensor_views(g, a, b),
-                }
-                for g in layouts
-                for a, b in [s.ranges[g.name]]
-            }
-            actors.append(
-                _ShardActor.options(
-                    name=shard_name(entry.service, entry.model, entry.launch, s.index),
-                    namespace=NAMESPACE,
-                    lifetime="detached",
-                    num_cpus=bundle["CPU"],
-                    num_gpus=bundle.get("GPU", 0),
-                    max_restarts=0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        group, placement_group_bundle_index=s.index
-                    ),
-                ).remote(
-                    entry.model,
-                    s.index,
-                    plan,
-                    json.dumps(entry.schedule),
-                    process.host,
-                    entry.num_shards,
-                    json.dumps(entry.mode),
-                    entry.device,
-                    secret,
-                    process.edge,
-                    process.ray_service,
-                    entry.as_dict(),
-                    dict(history or {}) if s.index == 0 else None,
-                )  # fmt: skip
-            )
+            actors.append(_start_shard(entry, s, layouts, configs, group, bundle, process, secret,
+                                       history))  # fmt: skip
         addresses = ray.get([a.address.remote() for a in actors], timeout=300)
         # Shard 0 orders the model's pushes; the others ask it (server/shard/sequencer.py).
         ray.get([a.set_leader.remote(addresses[0]) for a in actors[1:]], timeout=60)
@@ -185,6 +144,55 @@ def launch_shards(
         ShardSlice(s.index, s.ranges, address) for s, address in zip(slices, addresses, strict=True)
     ]
     return ShardSet(actors, group, with_addresses)
+
+
+def _wait_placed(group: Any, num_shards: int, bundle: Mapping[str, float], placement: Placement):
+    ready, _ = ray.wait([group.ready()], timeout=placement.timeout_s)
+    if not ready:
+        raise ResourceExhausted(
+            f"the cluster cannot place {num_shards} shard(s) of {dict(bundle)} "
+            f"({placement.strategy}) within {placement.timeout_s:.0f} s; it has "
+            f"{ray.available_resources()} free"
+        )
+
+
+def _start_shard(
+    entry: ModelEntry,
+    s: ShardSlice,
+    layouts: Sequence[GroupLayout],
+    configs: Mapping[str, RuleConfig],
+    group: Any,
+    bundle: Mapping[str, float],
+    process: ShardProcess,
+    secret: str,
+    history: Mapping[str, list[dict[str, Any]]] | None,
+) -> Any:
+    """One detached shard actor in its bundle of the model's placement group."""
+    plan = {
+        g.name: {
+            "numel": b - a,
+            "range": [a, b],
+            "optimizer": optimizer_config_json(configs[g.name]),
+            "views": tensor_views(g, a, b),
+        }
+        for g in layouts
+        for a, b in [s.ranges[g.name]]
+    }
+    return _ShardActor.options(
+        name=shard_name(entry.service, entry.model, entry.launch, s.index),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        num_cpus=bundle["CPU"],
+        num_gpus=bundle.get("GPU", 0),
+        max_restarts=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=s.index
+        ),
+    ).remote(
+        entry.model, s.index, plan, json.dumps(entry.schedule), process.host, entry.num_shards,
+        json.dumps(entry.mode), entry.device, secret, process.edge, process.ray_service,
+        entry.as_dict(), dict(history or {}) if s.index == 0 else None,
+    )  # fmt: skip
 
 
 def stop_shards(actors: Sequence[Any], group: Any, grace_s: float) -> None:

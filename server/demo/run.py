@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from optserve.client._client import ParameterServerClient
+from optserve.client import ParameterServerClient
 from optserve.common.auth import TOKEN_ENV
 from optserve.common.config import parse_optimizer_config
 from optserve.common.errors import NotFound, OptserveError
@@ -196,8 +196,7 @@ then, in another terminal (export the same OPTSERVE_TOKEN there), once it says "
 
 
 def run(args: argparse.Namespace) -> int:
-    from optserve.server.edge.auth import EdgeConfig, TokenTable
-    from optserve.server.runtime import init_ray, start_service
+    from optserve.server.runtime import init_ray
 
     try:
         import sklearn  # noqa: F401 - the data set ships inside it
@@ -214,90 +213,119 @@ def run(args: argparse.Namespace) -> int:
 
     service = None
     try:
-        # A token made up for this run: the trainer processes and this process send it.
-        token = secrets.token_urlsafe(32)
-        os.environ[TOKEN_ENV] = token
-        out_dir = Path(args.out_dir).resolve()
-        checkpoints = out_dir / "checkpoints"
-        service = start_service(
-            port=args.port,
-            default_num_shards=args.shards,
-            edge=EdgeConfig(tokens=TokenTable.single(token, name="demo")),
-            checkpoint_dir=str(checkpoints),
-            metrics_port=0,
-        )
+        checkpoints = Path(args.out_dir).resolve() / "checkpoints"
+        service = _start(args, checkpoints)
         print(
             f"server ready at {service.address} ({time.perf_counter() - started:.1f}s)", flush=True
         )
-        commands = [
-            _trainer_command(service.address, rank, args, epochs, optimizer.model_dump_json())
-            for rank in range(args.trainers)
-        ]
-        swapper = None
-        if args.swap_to:
-            target = parse_optimizer_config(args.swap_to).model_dump_json()
-            at = max(1, int(args.swap_at * _updates_expected(args, epochs)))
-            print(f"the optimizer will be swapped to {args.swap_to} at model version {at}",
-                  flush=True)  # fmt: skip
-            swapper = _Swapper(service.address, target, at, args.swap_to)
-            swapper.start()
-        progress = _Progress(service.address, _updates_expected(args, epochs))
-        progress.start()
-        try:
-            failed = _run_trainers(commands)
-        finally:
-            progress.stop.set()
-            progress.join(timeout=10)
-            if swapper is not None:
-                swapper.stop.set()
-                swapper.join(timeout=60)
-        if swapper is not None and swapper.error is not None:
-            print(f"optserve demo: the optimizer swap failed: {swapper.error}", file=sys.stderr)
+        swap_report = _train(args, service.address, epochs, optimizer.model_dump_json())
+        if swap_report is None:
             return 1
-        if failed:
-            print(f"optserve demo: trainer(s) {failed} failed", file=sys.stderr)
-            return 1
-
-        with ParameterServerClient(service.address) as client:
-            weights, version = client.pull(MODEL)
-            saved = client.checkpoint(MODEL)
-            plot_path = out_dir / f"{MODEL}.png"
-            drawn = _plot(client, plot_path)
-        net = build_model(args.seed)
-        net.load_state_dict(weights)
-        _, _, x_test, y_test = load_digits_split(args.seed)
-        test_accuracy = accuracy(net, x_test, y_test)
-        elapsed = time.perf_counter() - started
-        print(
-            f"final test accuracy: {test_accuracy:.2%} on {len(y_test)} held-out digits "
-            f"(model version {version}, {elapsed:.1f}s in all)",
-            flush=True,
-        )
-        print(f"checkpoint: {checkpoints / MODEL / saved['name']} (version {saved['version']}: "
-              "weights, optimizer state, schedule, metrics)")  # fmt: skip
-        print(f"plot:       {plot_path} ({drawn})")
-        _next_steps(checkpoints)
-        if args.report:
-            report = {
-                "test_accuracy": test_accuracy,
-                "version": version,
-                "epochs": epochs,
-                "trainers": args.trainers,
-                "seconds": elapsed,
-                "optimizer": json.loads(optimizer.model_dump_json()),
-                "checkpoint": {"dir": str(checkpoints), **saved},
-                "plot": str(plot_path),
-                "swap": None
-                if swapper is None or swapper.report is None
-                else {
-                    "version": swapper.report["version"],
-                    "to": swapper.report["optimizer"],
-                    "keys": swapper.report["groups"]["default"]["keys"],
-                },
-            }
-            Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+        run = _Run(args, epochs, optimizer.model_dump_json(), checkpoints, started)
+        run.finish(service.address, swap_report or None)
         return 0
     finally:
         if service is not None:
             service.stop(grace_s=2.0)
         ray.shutdown()
+
+
+def _start(args: argparse.Namespace, checkpoints: Path):
+    """The embedded server, with a token made up for this run (the trainer processes and this
+    process send it)."""
+    from optserve.server.edge.tokens import EdgeConfig, TokenTable
+    from optserve.server.runtime import start_service
+
+    token = secrets.token_urlsafe(32)
+    os.environ[TOKEN_ENV] = token
+    return start_service(
+        port=args.port,
+        default_num_shards=args.shards,
+        edge=EdgeConfig(tokens=TokenTable.single(token, name="demo")),
+        checkpoint_dir=str(checkpoints),
+        metrics_port=0,
+    )
+
+
+def _train(args: argparse.Namespace, address: str, epochs: int, optimizer: str) -> dict | None:
+    """Run the trainer processes to the end, swapping the optimizer on the way. The swap's
+    report ({} without a swap), or None when a trainer or the swap failed (said why)."""
+    commands = [
+        _trainer_command(address, rank, args, epochs, optimizer) for rank in range(args.trainers)
+    ]
+    swapper = None
+    if args.swap_to:
+        target = parse_optimizer_config(args.swap_to).model_dump_json()
+        at = max(1, int(args.swap_at * _updates_expected(args, epochs)))
+        print(f"the optimizer will be swapped to {args.swap_to} at model version {at}",
+              flush=True)  # fmt: skip
+        swapper = _Swapper(address, target, at, args.swap_to)
+        swapper.start()
+    progress = _Progress(address, _updates_expected(args, epochs))
+    progress.start()
+    try:
+        failed = _run_trainers(commands)
+    finally:
+        progress.stop.set()
+        progress.join(timeout=10)
+        if swapper is not None:
+            swapper.stop.set()
+            swapper.join(timeout=60)
+    if swapper is not None and swapper.error is not None:
+        print(f"optserve demo: the optimizer swap failed: {swapper.error}", file=sys.stderr)
+        return None
+    if failed:
+        print(f"optserve demo: trainer(s) {failed} failed", file=sys.stderr)
+        return None
+    return (swapper.report or {}) if swapper is not None else {}
+
+
+class _Run:
+    """The end of a demo run: the trained weights tested, a checkpoint, a plot, the report."""
+
+    def __init__(
+        self, args: argparse.Namespace, epochs: int, optimizer: str, checkpoints: Path,
+        started: float,
+    ) -> None:  # fmt: skip
+        self.args, self.epochs, self.optimizer = args, epochs, optimizer
+        self.checkpoints, self.started = checkpoints, started
+
+    def finish(self, address: str, swap: dict | None) -> None:
+        plot_path = self.checkpoints.parent / f"{MODEL}.png"
+        with ParameterServerClient(address) as client:
+            weights, version = client.pull(MODEL)
+            saved = client.checkpoint(MODEL)
+            drawn = _plot(client, plot_path)
+        net = build_model(self.args.seed)
+        net.load_state_dict(weights)
+        _, _, x_test, y_test = load_digits_split(self.args.seed)
+        test_accuracy = accuracy(net, x_test, y_test)
+        elapsed = time.perf_counter() - self.started
+        print(
+            f"final test accuracy: {test_accuracy:.2%} on {len(y_test)} held-out digits "
+            f"(model version {version}, {elapsed:.1f}s in all)",
+            flush=True,
+        )
+        print(f"checkpoint: {self.checkpoints / MODEL / saved['name']} (version "
+              f"{saved['version']}: weights, optimizer state, schedule, metrics)")  # fmt: skip
+        print(f"plot:       {plot_path} ({drawn})")
+        _next_steps(self.checkpoints)
+        if self.args.report:
+            report = {
+                "test_accuracy": test_accuracy,
+                "version": version,
+                "epochs": self.epochs,
+                "trainers": self.args.trainers,
+                "seconds": elapsed,
+                "optimizer": json.loads(self.optimizer),
+                "checkpoint": {"dir": str(self.checkpoints), **saved},
+                "plot": str(plot_path),
+                "swap": None
+                if not swap
+                else {
+                    "version": swap["version"],
+                    "to": swap["optimizer"],
+                    "keys": swap["groups"]["default"]["keys"],
+                },
+            }
+            Path(self.args.report).write_text(json.dumps(report, indent=2) + "\n")

@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from optserve.client._remote_optimizer import RemoteOptimizer
+from optserve.client import RemoteOptimizer
 
 TEST_FRACTION = 0.2
 

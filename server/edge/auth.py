@@ -18,200 +18,17 @@ torch: the coordinator and shard actors each build one guard from an `EdgeConfig
 from __future__ import annotations
 
 import contextvars
-import fnmatch
-import hashlib
-import hmac
-import json
 import logging
-import os
-import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 
-from optserve.common.auth import TOKEN_CHARS
 from optserve.common.errors import InvalidArgument
+from optserve.server.edge.tokens import INTERNAL_METHODS, OPEN_METHODS, EdgeConfig, Principal
 
-Role = Literal["trainer", "admin"]
-ROLES: tuple[Role, ...] = ("trainer", "admin")
-
-# The server's token table, as JSON text or as the path of a JSON file (never a command-line
-# argument of the long-running server: those are visible to every user of the machine).
-TOKENS_ENV = "OPTSERVE_TOKENS"
-TOKENS_FILE_ENV = "OPTSERVE_TOKENS_FILE"
-MIN_TOKEN_CHARS = 16
-DIGEST = re.compile(r"[0-9a-f]{64}")
-DEFAULT_MAX_STREAMS_PER_CLIENT = 64
-
-# Methods a trainer token may call; every other guarded method needs an admin token.
-TRAINER_METHODS = frozenset(
-    {
-        "/optserve.v1.Coordinator/DescribeModel",
-        "/optserve.v1.Coordinator/ListModels",
-        "/optserve.v1.Coordinator/ReportMetric",
-        "/optserve.v1.Coordinator/Status",
-        "/optserve.v1.Coordinator/ListCheckpoints",
-        "/optserve.v1.Shard/Push",
-        "/optserve.v1.Shard/Pull",
-        "/optserve.v1.Shard/PushPull",
-        # Server reflection only describes the API.
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-    }
-)
-OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
-# Authenticated by the model's shard secret (shard_service.SECRET_METADATA), not by a token.
-INTERNAL_METHODS = frozenset({"/optserve.v1.Shard/Sequence"})
-
-
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Principal:
-    """An authenticated caller: the token's name, its role and the models it may touch."""
-
-    name: str
-    role: Role
-    models: tuple[str, ...] | None = None  # fnmatch patterns; None: every model
-
-    def may_call(self, method: str) -> bool:
-        return self.role == "admin" or method in TRAINER_METHODS
-
-    def covers(self, model: str) -> bool:
-        return self.models is None or any(fnmatch.fnmatchcase(model, p) for p in self.models)
-
-
-@dataclass(frozen=True)
-class TokenTable:
-    """SHA-256 digest of each token -> who it is."""
-
-    principals: Mapping[str, Principal]
-
-    @classmethod
-    def parse(cls, text: str, source: str = "token table") -> TokenTable:
-        """Read ``{"tokens": [{"name", "role", "token" | "sha256", "models"?}, ...]}``."""
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise InvalidArgument(f"{source} is not valid JSON: {exc}") from None
-        entries = data.get("tokens") if isinstance(data, dict) else None
-        if not isinstance(entries, list) or not entries:
-            raise InvalidArgument(f'{source} must be {{"tokens": [...]}} with at least one token')
-        principals: dict[str, Principal] = {}
-        names: set[str] = set()
-        for i, entry in enumerate(entries):
-            where = f"{source}, token {i}"
-            if not isinstance(entry, dict):
-                raise InvalidArgument(f"{where}: must be a JSON object")
-            unknown = set(entry) - {"name", "role", "token", "sha256", "models"}
-            if unknown:
-                raise InvalidArgument(f"{where}: unknown keys {sorted(unknown)}")
-            name, role = entry.get("name"), entry.get("role")
-            if not isinstance(name, str) or not name or name in names:
-                raise InvalidArgument(f"{where}: needs a unique non-empty 'name'")
-            if role not in ROLES:
-                raise InvalidArgument(f"{where} ({name}): 'role' must be one of {list(ROLES)}")
-            digest = _entry_digest(entry, f"{where} ({name})")
-            models = entry.get("models")
-            if models is not None and (
-                not isinstance(models, list)
-                or not models
-                or not all(isinstance(m, str) and m for m in models)
-            ):
-                raise InvalidArgument(f"{where} ({name}): 'models' must be a non-empty list")
-            if digest in principals:
-                raise InvalidArgument(f"{where} ({name}): the same token appears twice")
-            names.add(name)
-            principals[digest] = Principal(name, role, tuple(models) if models else None)
-        return cls(principals)
-
-    @classmethod
-    def from_environment(cls, path: str | None = None) -> TokenTable | None:
-        """The table from `path`, else $OPTSERVE_TOKENS_FILE, else $OPTSERVE_TOKENS; None if
-        none is set."""
-        path = path or os.environ.get(TOKENS_FILE_ENV)
-        if path:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    return cls.parse(f.read(), source=path)
-            except OSError as exc:
-                raise InvalidArgument(f"cannot read the token file {path}: {exc}") from None
-        text = os.environ.get(TOKENS_ENV)
-        return cls.parse(text, source=f"${TOKENS_ENV}") if text else None
-
-    @classmethod
-    def single(cls, token: str, name: str = "admin", role: Role = "admin") -> TokenTable:
-        """A table of one token (the embedded demo makes one up for its run)."""
-        return cls({token_digest(token): Principal(name, role)})
-
-    def authenticate(self, token: str) -> Principal | None:
-        digest = token_digest(token)
-        # Compare against every entry in constant time, so timing says nothing about which.
-        found = None
-        for known, principal in self.principals.items():
-            if hmac.compare_digest(known, digest):
-                found = principal
-        return found
-
-
-def _entry_digest(entry: Mapping[str, Any], where: str) -> str:
-    token, digest = entry.get("token"), entry.get("sha256")
-    if (token is None) == (digest is None):
-        raise InvalidArgument(f"{where}: give exactly one of 'token' and 'sha256'")
-    if token is not None:
-        if not isinstance(token, str) or not TOKEN_CHARS.fullmatch(token):
-            raise InvalidArgument(f"{where}: a token is printable ASCII without spaces")
-        if len(token) < MIN_TOKEN_CHARS:
-            raise InvalidArgument(f"{where}: a token needs at least {MIN_TOKEN_CHARS} characters")
-        return token_digest(token)
-    if not isinstance(digest, str) or not DIGEST.fullmatch(digest.lower()):
-        raise InvalidArgument(f"{where}: 'sha256' must be 64 hex digits")
-    return digest.lower()
-
-
-@dataclass(frozen=True)
-class EdgeConfig:
-    """What every endpoint of one optserve server enforces; passed to the coordinator actor and
-    from it to every shard actor (so it holds token digests, never tokens).
-
-    `tokens` None turns authentication off (only when asked for explicitly). `tls_cert` and
-    `tls_key` (PEM) turn TLS on; `tls_ca` (PEM) is what shards trust when they call each other
-    (default: the certificate itself, for a self-signed one)."""
-
-    tokens: TokenTable | None = None
-    tls_cert: bytes | None = None
-    tls_key: bytes | None = None
-    tls_ca: bytes | None = None
-    max_streams_per_client: int = DEFAULT_MAX_STREAMS_PER_CLIENT
-
-    def __post_init__(self) -> None:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise InvalidArgument("TLS needs both a certificate and its key")
-        if self.max_streams_per_client < 1:
-            raise InvalidArgument("max_streams_per_client must be at least 1")
-
-    @property
-    def tls(self) -> bool:
-        return self.tls_cert is not None
-
-    def server_credentials(self) -> grpc.ServerCredentials:
-        assert self.tls_cert is not None and self.tls_key is not None
-        return grpc.ssl_server_credentials([(self.tls_key, self.tls_cert)])
-
-    def peer_channel(self, address: str, options: list[tuple[str, Any]]) -> grpc.Channel:
-        """A channel from one of this server's endpoints to another (shard to leader)."""
-        if not self.tls:
-            return grpc.insecure_channel(address, options=options)
-        roots = self.tls_ca or self.tls_cert
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
-
-
-# The principal of the call a handler thread is serving (None when auth is off).
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "optserve_principal", default=None
 )
@@ -362,13 +179,36 @@ def _guarded(
     on_error: Callable[[str, grpc.StatusCode], None] | None = None,
 ) -> grpc.RpcMethodHandler:
     """`handler` with its behavior run only if the call is allowed, with the principal set."""
+    gate = _Gate(method, principal, denial, streams, model_of, peek, on_error)
+    handler = handler._replace(request_deserializer=_safe(handler.request_deserializer))
+    if handler.unary_unary is not None:
+        return handler._replace(unary_unary=gate.unary_in(handler.unary_unary))
+    if handler.unary_stream is not None:
+        return handler._replace(unary_stream=gate.unary_in_stream_out(handler.unary_stream))
+    if handler.stream_unary is not None:
+        return handler._replace(stream_unary=gate.stream_in(handler.stream_unary, False))
+    return handler._replace(stream_stream=gate.stream_in(handler.stream_stream, True))
 
-    def admit(context: grpc.ServicerContext, first: Any) -> Callable[[], None]:
+
+@dataclass(frozen=True)
+class _Gate:
+    """One method's checks for one call's credentials, wrapped around each kind of handler."""
+
+    method: str
+    principal: Principal | None
+    denial: _Denied | None
+    streams: _StreamCounter | None
+    model_of: ModelOf | None
+    peek: bool
+    on_error: Callable[[str, grpc.StatusCode], None] | None
+
+    def admit(self, context: grpc.ServicerContext, first: Any) -> Callable[[], None]:
         """Check the call; return its release (the stream slot it holds)."""
+        on_error, streams = self.on_error, self.streams
         if on_error is not None:
-            context.add_callback(lambda: _report_error(context, method, on_error))
-        if denial is not None:
-            context.abort(denial.code, denial.message)
+            context.add_callback(lambda: _report_error(context, self.method, on_error))
+        if self.denial is not None:
+            context.abort(self.denial.code, self.denial.message)
         client = context.peer()
         if streams is not None and not streams.acquire(client):
             context.abort(
@@ -387,67 +227,66 @@ def _guarded(
         if isinstance(first, _Undecodable):
             release()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, first.message)
-        if principal is not None and model_of is not None:
-            model = model_of(method, first)
-            if model is not None and not principal.covers(model):
-                release()
-                context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"token {principal.name!r} is not allowed to use model {model!r}",
-                )
+        self._check_model(context, first, release)
         return release
 
-    def run(behavior: Callable[..., Any], request: Any, context: grpc.ServicerContext) -> Any:
-        token = _current.set(principal)
+    def _check_model(
+        self, context: grpc.ServicerContext, first: Any, release: Callable[[], None]
+    ) -> None:
+        if self.principal is None or self.model_of is None:
+            return
+        model = self.model_of(self.method, first)
+        if model is not None and not self.principal.covers(model):
+            release()
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"token {self.principal.name!r} is not allowed to use model {model!r}",
+            )
+
+    def run(self, behavior: Callable[..., Any], request: Any, context: grpc.ServicerContext) -> Any:
+        token = _current.set(self.principal)
         try:
             return behavior(request, context)
         finally:
             _current.reset(token)
 
-    def unary_in(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def unary_in(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            release = admit(context, request)
+            release = self.admit(context, request)
             try:
-                return run(behavior, request, context)
+                return self.run(behavior, request, context)
             finally:
                 release()
 
         return wrapped
 
-    def unary_in_stream_out(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def unary_in_stream_out(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            release = admit(context, request)
+            release = self.admit(context, request)
             try:
-                yield from _with_principal(principal, behavior(request, context))
+                yield from _with_principal(self.principal, behavior(request, context))
             finally:
                 release()
 
         return wrapped
 
-    def stream_in(behavior: Callable[..., Any], streaming_out: bool) -> Callable[..., Any]:
+    def stream_in(self, behavior: Callable[..., Any], streaming_out: bool) -> Callable[..., Any]:
         def wrapped(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             first = None
-            if denial is None and principal is not None and model_of is not None and peek:
+            if self.peek and self.denial is None and self.principal is not None and self.model_of:
                 first = next(requests, None)  # the header names the model
-            release = admit(context, first)
+            release = self.admit(context, first)
             replay = _decoded(_prepend(first, requests) if first is not None else requests)
             if not streaming_out:
                 try:
-                    return run(behavior, replay, context)
+                    return self.run(behavior, replay, context)
                 finally:
                     release()
-            return _release_after(_with_principal(principal, behavior(replay, context)), release)
+            return _release_after(
+                _with_principal(self.principal, behavior(replay, context)), release
+            )
 
         return wrapped
-
-    handler = handler._replace(request_deserializer=_safe(handler.request_deserializer))
-    if handler.unary_unary is not None:
-        return handler._replace(unary_unary=unary_in(handler.unary_unary))
-    if handler.unary_stream is not None:
-        return handler._replace(unary_stream=unary_in_stream_out(handler.unary_stream))
-    if handler.stream_unary is not None:
-        return handler._replace(stream_unary=stream_in(handler.stream_unary, False))
-    return handler._replace(stream_stream=stream_in(handler.stream_stream, True))
 
 
 def _report_error(

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from optserve.common.codec import MAX_MESSAGE_BYTES
-from optserve.common.errors import OptserveError, Unavailable
+from optserve.common.errors import KIND_METADATA, OptserveError, Unavailable, kind_of
 from optserve.server.edge.auth import EdgeGuard
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,24 @@ def _details(message: str) -> str:
     return message[: MAX_DETAILS_CHARS - 20] + " ... (truncated)"
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
-    import ray.exceptions
+# Exceptions that mean "a component is briefly gone, retry" (Ray's dead-actor and timeout
+# errors): the rooms that call Ray register them, so that this layer needs no Ray.
+_TRANSIENT: list[type[BaseException]] = []
 
-    if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.GetTimeoutError):
+
+def treat_as_unavailable(*types: type[BaseException]) -> None:
+    """Answer these exceptions with UNAVAILABLE (retry later) rather than INTERNAL."""
+    _TRANSIENT.extend(t for t in types if t not in _TRANSIENT)
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+    if isinstance(exc, tuple(_TRANSIENT)):
         # A shard died or did not answer: the request may be retried once it is back.
         exc = Unavailable(f"a shard actor is unavailable ({type(exc).__name__}); retry later")
     if isinstance(exc, OptserveError):
+        kind = kind_of(exc)
+        if kind:
+            context.set_trailing_metadata(((KIND_METADATA, kind),))
         context.abort(exc.code, _details(exc.message))
     log.exception("unexpected error in %s", method)
     context.abort(

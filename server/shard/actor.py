@@ -18,13 +18,15 @@ import torch
 
 from optserve.common.config import parse_mode_config, parse_optimizer_config
 from optserve.common.errors import InvalidArgument, from_rpc_error
-from optserve.server.edge.auth import EdgeConfig, EdgeGuard
+from optserve.server.edge.auth import EdgeGuard
 from optserve.server.edge.rpc import (
     CHANNEL_OPTIONS,
     advertised_address,
     create_server,
     format_address,
+    treat_as_unavailable,
 )
+from optserve.server.edge.tokens import EdgeConfig
 from optserve.server.engine.group import GroupEngine
 from optserve.server.metrics import ShardMetrics
 from optserve.server.shard.checkpoint import RestorePlan, ShardCheckpoints, WriteTarget
@@ -39,6 +41,9 @@ from optserve.server.shard.service import (
 )
 from optserve.server.shard.state import GroupInit, ShardState
 from optserve.v1 import shard_pb2, shard_pb2_grpc
+
+# A shard that died or timed out is answered UNAVAILABLE (retry), not INTERNAL.
+treat_as_unavailable(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError)
 
 # Handler threads of a shard's gRPC server. A push holds one on its shard until it is decided,
 # and one more on the leader per other shard, so a sync round of T trainers on S shards holds

@@ -36,10 +36,12 @@ from typing import Any
 
 from optserve.common.config import AsyncMode, SyncMode
 from optserve.common.errors import (
-    Aborted,
     FailedPrecondition,
     InvalidArgument,
+    ModelRestored,
     OptserveError,
+    RoundClosed,
+    StalePush,
     Unavailable,
 )
 
@@ -185,7 +187,7 @@ class Sequencer:
         with self._cv:
             in_flight = list(self._pending) + self._round + [p for p, _ in self._deferred]
             for push_id in in_flight:
-                self._decide(push_id, Decision(error=Aborted("the model was restored; pull")))
+                self._decide(push_id, Decision(error=ModelRestored("the model was restored; pull")))
             self._deferred.clear()
             self._pending.clear()
             self._round.clear()
@@ -257,14 +259,14 @@ class Sequencer:
             return
         mode, version = self.mode, self._version
         if pending.based_on > version:  # e.g. the model was restored from a checkpoint
-            self._decide(push_id, Decision(error=Aborted(
+            self._decide(push_id, Decision(error=ModelRestored(
                 f"gradient claims model version {pending.based_on}, but the model is at "
                 f"version {version}; pull the current weights and push again")))  # fmt: skip
             return
         staleness = version - pending.based_on
         if isinstance(mode, AsyncMode):
             if mode.max_staleness is not None and staleness > mode.max_staleness:
-                self._decide(push_id, Decision(staleness=staleness, error=FailedPrecondition(
+                self._decide(push_id, Decision(staleness=staleness, error=StalePush(
                     f"push computed on version {pending.based_on} is {staleness} updates stale "
                     f"(max_staleness {mode.max_staleness}); pull the current weights (version "
                     f"{version}) and push again; nothing was applied")))  # fmt: skip
@@ -280,7 +282,7 @@ class Sequencer:
             self._decide(push_id, decision)
             return
         if staleness > 0:
-            self._decide(push_id, Decision(staleness=staleness, error=Aborted(
+            self._decide(push_id, Decision(staleness=staleness, error=RoundClosed(
                 f"the round for version {pending.based_on + 1} closed without this push; "
                 f"pull the current weights (version {version}) and push again")))  # fmt: skip
             return

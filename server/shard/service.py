@@ -29,6 +29,7 @@ from optserve.common.errors import (
     Unauthenticated,
     Unavailable,
     error_for_status,
+    kind_of,
 )
 from optserve.common.wire import RawChunk, chunk_frames, header_frame, parse_frame, passthrough
 from optserve.server.edge.rpc import stream_errors, unary_errors
@@ -53,6 +54,7 @@ def decision_to_proto(decision: Decision) -> shard_pb2.SequenceDecision:
     return shard_pb2.SequenceDecision(
         error=str(error) if error is not None else "",
         error_code=error.code.value[0] if error is not None else 0,
+        error_kind=kind_of(error) if error is not None else "",
         version=decision.version,
         members=list(decision.members),
         weights=list(decision.weights),
@@ -68,7 +70,7 @@ def _status_code(value: int) -> grpc.StatusCode:
 def decision_from_proto(reply: shard_pb2.SequenceDecision) -> Decision:
     error = None
     if reply.error:
-        error = error_for_status(_status_code(reply.error_code), reply.error)
+        error = error_for_status(_status_code(reply.error_code), reply.error, reply.error_kind)
     return Decision(
         version=reply.version,
         members=tuple(reply.members),
@@ -215,6 +217,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 self.leader(shard_pb2.SequenceRequest(
                     model=header.model, push_id=push_id, shard=self._state.index, header=header,
                     refuse=str(error)[:1000], refuse_code=error.code.value[0],
+                    refuse_kind=kind_of(error),
                 ))  # fmt: skip
         except Exception:  # noqa: BLE001 - the push then times out on the other shards
             log.warning("could not tell the leader that push %s was refused", push_id)
@@ -309,7 +312,9 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         if request.refuse:
             code = _status_code(request.refuse_code)
             self.sequencer.refuse(
-                request.push_id, request.shard, error_for_status(code, request.refuse)
+                request.push_id,
+                request.shard,
+                error_for_status(code, request.refuse, request.refuse_kind),
             )
         decision = self.sequencer.submit(
             request.push_id, request.shard, request.header.version, request.header.trainer,

@@ -28,9 +28,9 @@ from optserve.common.config import (
     schedule_config_json,
 )
 from optserve.common.errors import (
-    Aborted,
     FailedPrecondition,
     InvalidArgument,
+    ModelRestored,
     ResourceExhausted,
     Unavailable,
 )
@@ -344,7 +344,9 @@ class ShardState:
             )
             self._check_sound()
             if epoch != self._epoch:
-                raise Aborted(f"model {self.model!r} was restored meanwhile; pull and push again")
+                raise ModelRestored(
+                    f"model {self.model!r} was restored meanwhile; pull and push again"
+                )
             if not ready:
                 self.mark_broken(f"never received the update before version {decision.version}")
                 self._check_sound()

@@ -10,7 +10,7 @@ import json
 
 import grpc
 
-from optserve.server.edge.auth import EdgeConfig, TokenTable
+from optserve.server.edge.tokens import EdgeConfig, TokenTable
 
 ADMIN = "test-admin-token-0123456789abcdef"
 TRAINER = "test-trainer-token-0123456789abcdef"

@@ -10,7 +10,7 @@ import ray
 import torch
 
 from optserve.client import ParameterServerClient
-from optserve.common.errors import Aborted, FailedPrecondition, NotFound
+from optserve.common.errors import FailedPrecondition, ModelRestored, NotFound
 from tests.helpers.models import checkpoint_engine
 
 SHAPES = {"weight": (4, 5), "bias": (7,), "kernel": (2, 3, 2, 2)}
@@ -135,7 +135,10 @@ def test_restore_in_place_rolls_back_and_tells_trainers_to_pull(client, model_na
         client.push(model_name, gradient(i), version=i)
     info = client.restore(model_name)
     assert info.version == 1 and len(info.shards) == 2
-    with ParameterServerClient(client.address) as trainer, pytest.raises(Aborted, match="pull"):
+    with (
+        ParameterServerClient(client.address) as trainer,
+        pytest.raises(ModelRestored, match="pull"),
+    ):
         trainer.push(model_name, gradient(9), version=3)  # its gradient is from version 3
     weights, version = client.pull(model_name)
     assert version == 1 and all(torch.equal(weights[n], saved[n]) for n in SHAPES)

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from optserve.client import ParameterServerClient
+from optserve.client import (
+    ModelRestored,
+    ParameterServerClient,
+    PushRefused,
+    RoundClosed,
+    StalePush,
+)
 from optserve.common.errors import Aborted, FailedPrecondition
 from tests.helpers import auth
 from tests.helpers.models import SHAPES, gradient, initial_weights, leader_log
@@ -65,8 +71,10 @@ def test_push_beyond_max_staleness_is_refused_and_changes_nothing(client, model_
         client.push(model_name, gradient(0, i), version=i)
     before, version = client.pull(model_name)
     assert version == 3
-    with pytest.raises(FailedPrecondition, match="stale"):
+    with pytest.raises(StalePush, match="stale") as refused:
         client.push(model_name, gradient(0, 9), version=1)
+    # One meaning a trainer acts on (pull, go on), its status code kept for other clients.
+    assert isinstance(refused.value, PushRefused) and isinstance(refused.value, FailedPrecondition)
     after, version = client.pull(model_name)
     assert version == 3
     for name in before:
@@ -77,8 +85,9 @@ def test_push_beyond_max_staleness_is_refused_and_changes_nothing(client, model_
 
 def test_a_push_from_the_future_is_refused(client, model_name):
     client.create_model(model_name, initial_weights(), {"name": "sgd", "lr": 0.1}, num_shards=2)
-    with pytest.raises(Aborted, match="version 5.*pull"):
+    with pytest.raises(ModelRestored, match="version 5.*pull") as refused:
         client.push(model_name, gradient(0, 0), version=5)
+    assert isinstance(refused.value, PushRefused) and isinstance(refused.value, Aborted)
     assert client.pull(model_name)[1] == 0
 
 
@@ -116,7 +125,7 @@ def test_sync_push_for_a_closed_round_is_aborted(client, model_name):
     mode = {"mode": "sync", "trainers": 2, "round_timeout_s": 0.5}
     client.create_model(model_name, initial_weights(), {"name": "sgd", "lr": 0.1}, mode=mode)
     assert client.push(model_name, gradient(0, 0), version=0, trainer="a") == 1  # alone, late
-    with pytest.raises(Aborted, match="pull"):
+    with pytest.raises(RoundClosed, match="pull"):
         client.push(model_name, gradient(1, 0), version=0, trainer="b")
     assert client.pull(model_name)[1] == 1
 

@@ -8,13 +8,8 @@ import pytest
 
 from optserve.client._auth import ChannelSecurity, resolve_token
 from optserve.common.errors import InvalidArgument
-from optserve.server.edge.auth import (
-    TRAINER_METHODS,
-    Principal,
-    TokenTable,
-    bearer_token,
-    token_digest,
-)
+from optserve.server.edge.auth import bearer_token
+from optserve.server.edge.tokens import TRAINER_METHODS, Principal, TokenTable, token_digest
 
 TOKEN = "a-token-of-enough-length-1234"
 

@@ -16,7 +16,7 @@ import ray
 import yaml
 
 from optserve.server.cli import build_parser
-from optserve.server.edge.auth import TokenTable
+from optserve.server.edge.tokens import TokenTable
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")

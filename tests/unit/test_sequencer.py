@@ -9,7 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from optserve.common.config import parse_mode_config
-from optserve.common.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
+from optserve.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ModelRestored,
+    RoundClosed,
+    StalePush,
+    Unavailable,
+)
 from optserve.server.shard.sequencer import GradStats, Sequencer
 
 
@@ -46,7 +53,7 @@ def test_stale_push_beyond_the_bound_is_refused_for_every_shard():
     submit_all(seq, "a", 0)
     submit_all(seq, "b", 1)
     decisions = submit_all(seq, "stale", 0)  # 2 updates old, bound 1
-    assert all(isinstance(d.error, FailedPrecondition) for d in decisions)
+    assert all(isinstance(d.error, StalePush) for d in decisions)
     assert "pull" in str(decisions[0].error) and seq.version == 2
     ok, _ = submit_all(seq, "fresh", 1)  # 1 update old: allowed
     assert ok.error is None and ok.version == 3
@@ -63,7 +70,7 @@ def test_inverse_staleness_scales_the_lr():
 def test_a_push_from_the_future_is_told_to_pull():
     seq = Sequencer(1, parse_mode_config(None))  # e.g. after a restore to an older version
     (d,) = submit_all(seq, "x", 5)
-    assert isinstance(d.error, Aborted) and "pull" in str(d.error) and seq.version == 0
+    assert isinstance(d.error, ModelRestored) and "pull" in str(d.error) and seq.version == 0
 
 
 def test_sync_round_combines_one_push_per_trainer():
@@ -88,7 +95,7 @@ def test_sync_round_closes_after_its_timeout_with_the_pushes_it_has():
     assert results[0].weights == pytest.approx((0.5, 0.5))
     # The missing trainer pushes late, on version 0: its round closed without it.
     (late,) = submit_all(seq, "t2", 0, "trainer2")
-    assert isinstance(late.error, Aborted) and seq.version == 1
+    assert isinstance(late.error, RoundClosed) and seq.version == 1
 
 
 def test_sync_sum_and_one_push_per_trainer_per_round():

@@ -80,13 +80,14 @@ class LoadResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class SequenceRequest(_message.Message):
-    __slots__ = ("model", "push_id", "shard", "header", "refuse", "refuse_code", "grad_sumsq", "grad_nonfinite")
+    __slots__ = ("model", "push_id", "shard", "header", "refuse", "refuse_code", "refuse_kind", "grad_sumsq", "grad_nonfinite")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PUSH_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
     REFUSE_FIELD_NUMBER: _ClassVar[int]
     REFUSE_CODE_FIELD_NUMBER: _ClassVar[int]
+    REFUSE_KIND_FIELD_NUMBER: _ClassVar[int]
     GRAD_SUMSQ_FIELD_NUMBER: _ClassVar[int]
     GRAD_NONFINITE_FIELD_NUMBER: _ClassVar[int]
     model: str
@@ -95,14 +96,16 @@ class SequenceRequest(_message.Message):
     header: PushHeader
     refuse: str
     refuse_code: int
+    refuse_kind: str
     grad_sumsq: float
     grad_nonfinite: int
-    def __init__(self, model: _Optional[str] = ..., push_id: _Optional[str] = ..., shard: _Optional[int] = ..., header: _Optional[_Union[PushHeader, _Mapping]] = ..., refuse: _Optional[str] = ..., refuse_code: _Optional[int] = ..., grad_sumsq: _Optional[float] = ..., grad_nonfinite: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., push_id: _Optional[str] = ..., shard: _Optional[int] = ..., header: _Optional[_Union[PushHeader, _Mapping]] = ..., refuse: _Optional[str] = ..., refuse_code: _Optional[int] = ..., refuse_kind: _Optional[str] = ..., grad_sumsq: _Optional[float] = ..., grad_nonfinite: _Optional[int] = ...) -> None: ...
 
 class SequenceDecision(_message.Message):
-    __slots__ = ("error", "error_code", "version", "members", "weights", "lr_scale", "staleness")
+    __slots__ = ("error", "error_code", "error_kind", "version", "members", "weights", "lr_scale", "staleness")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -110,9 +113,10 @@ class SequenceDecision(_message.Message):
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     error: str
     error_code: int
+    error_kind: str
     version: int
     members: _containers.RepeatedScalarFieldContainer[str]
     weights: _containers.RepeatedScalarFieldContainer[float]
     lr_scale: float
     staleness: int
-    def __init__(self, error: _Optional[str] = ..., error_code: _Optional[int] = ..., version: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., lr_scale: _Optional[float] = ..., staleness: _Optional[int] = ...) -> None: ...
+    def __init__(self, error: _Optional[str] = ..., error_code: _Optional[int] = ..., error_kind: _Optional[str] = ..., version: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., lr_scale: _Optional[float] = ..., staleness: _Optional[int] = ...) -> None: ...
