@@ -45,6 +45,3 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
 
-
-if __name__ == "__main__":
-    sys.exit(main())
