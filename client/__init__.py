@@ -5,6 +5,8 @@
 * `RemoteOptimizer`: a torch.optim.Optimizer whose `step()` runs on the server.
 * `OptserveError` and its subclasses: every failure, each with its gRPC status code;
   `PushRefused` (stale, round closed, model restored) means: nothing was applied, pull and go on.
+* `Status`, `MigrationReport`, `CheckpointInfo`: the control plane's answers, typed (each has
+  `to_dict()` for JSON).
 """
 
 from optserve.client._client import ModelInfo, ParameterServerClient
@@ -46,17 +48,20 @@ from optserve.common.errors import (
     Unauthenticated,
     Unavailable,
 )
+from optserve.common.results import CheckpointInfo, MigrationReport, Status
 
 __all__ = [
     "AMSGradConfig",
     "Aborted",
     "AsyncMode",
+    "CheckpointInfo",
     "AdaBoundConfig",
     "AdadeltaConfig",
     "AdagradConfig",
     "AdamConfig",
     "AdamWConfig",
     "LookaheadConfig",
+    "MigrationReport",
     "RAdamConfig",
     "RMSpropConfig",
     "RangerConfig",
@@ -78,6 +83,7 @@ __all__ = [
     "RoundClosed",
     "SGDConfig",
     "StalePush",
+    "Status",
     "SyncMode",
     "Unauthenticated",
     "Unavailable",

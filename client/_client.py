@@ -47,6 +47,7 @@ from optserve.common.layout import (
     ShardSlice,
     flatten_group,
 )
+from optserve.common.results import CheckpointInfo, MigrationReport, Status
 from optserve.common.wire import chunk_frames, header_frame
 from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2
 
@@ -249,7 +250,7 @@ class ParameterServerClient(Transfers):
         model: str,
         config: str | Mapping[str, Any] | RuleConfig,
         policy: str = "migrate",
-    ) -> dict[str, Any]:
+    ) -> MigrationReport:
         """Swap the model's optimizer; `policy` "migrate" carries state (optimizer spec section
         5), "reset" starts fresh. Returns the report: per group, every state key kept,
         converted, fresh or dropped, and why."""
@@ -262,9 +263,11 @@ class ParameterServerClient(Transfers):
             self._coordinator.SetOptimizer, request, timeout=self.timeout_s, metadata=self._metadata
         )
         self._forget_layout(model)
-        return {**json.loads(reply.report_json), "version": reply.version}
+        return MigrationReport.model_validate(
+            {**json.loads(reply.report_json), "version": reply.version}
+        )
 
-    def set_hyperparameters(self, model: str, **changes: Any) -> dict[str, Any]:
+    def set_hyperparameters(self, model: str, **changes: Any) -> MigrationReport:
         """Change some hyperparameters of the model's rule, e.g. ``lr=0.01`` or
         ``betas=(0.9, 0.99)`` or ``lookahead={"k": 5, "alpha": 0.5}``; the state is kept.
         Returns the report, as `set_optimizer` does; "version" is where the change took effect
@@ -279,9 +282,11 @@ class ParameterServerClient(Transfers):
             metadata=self._metadata,
         )
         self._forget_layout(model)
-        return {**json.loads(reply.report_json), "version": reply.version}
+        return MigrationReport.model_validate(
+            {**json.loads(reply.report_json), "version": reply.version}
+        )
 
-    def checkpoint(self, model: str, *, snapshot: str | None = None) -> dict[str, Any]:
+    def checkpoint(self, model: str, *, snapshot: str | None = None) -> CheckpointInfo:
         """Write a consistent checkpoint of the model now (the server needs a checkpoint
         directory); returns its name, version, where it is, its size in bytes, how long the
         model's updates were held (`pause_s`) and how long it took (`seconds`).
@@ -295,16 +300,16 @@ class ParameterServerClient(Transfers):
             timeout=self.timeout_s,
             metadata=self._metadata,
         )
-        return {
-            "name": reply.name,
-            "version": reply.version,
-            "uri": reply.uri,
-            "bytes": reply.bytes,
-            "pause_s": reply.pause_s,
-            "seconds": reply.seconds,
-        }
+        return CheckpointInfo(
+            name=reply.name,
+            version=reply.version,
+            uri=reply.uri,
+            bytes=reply.bytes,
+            pause_s=reply.pause_s,
+            seconds=reply.seconds,
+        )
 
-    def list_checkpoints(self, model: str) -> list[dict[str, Any]]:
+    def list_checkpoints(self, model: str) -> list[CheckpointInfo]:
         """The model's complete checkpoints, oldest first: name, version, time."""
         reply = call(
             self._coordinator.ListCheckpoints,
@@ -312,7 +317,7 @@ class ParameterServerClient(Transfers):
             timeout=self.timeout_s,
             metadata=self._metadata,
         )
-        return json.loads(reply.checkpoints_json)
+        return [CheckpointInfo.model_validate(c) for c in json.loads(reply.checkpoints_json)]
 
     def restore(
         self, model: str, checkpoint: str | None = None, *, num_shards: int = 0
@@ -331,7 +336,7 @@ class ParameterServerClient(Transfers):
             self._versions.pop(model, None)
         return self._remember(reply)
 
-    def status(self, model: str, history: int = 50) -> dict[str, Any]:
+    def status(self, model: str, history: int = 50) -> Status:
         """The run as the server sees it: version, mode, rule and hyperparameters, each group's
         lr and state counters (step, Lookahead's counter, ...), schedule state, every shard,
         the trainers that pushed, and the `history` most recent metrics and audit entries
@@ -340,7 +345,7 @@ class ParameterServerClient(Transfers):
         reply = call(
             self._coordinator.Status, request, timeout=self.timeout_s, metadata=self._metadata
         )
-        return json.loads(reply.status_json)
+        return Status.model_validate_json(reply.status_json)
 
     def set_schedule(self, model: str, config: str | Mapping[str, Any] | None) -> int:
         """Replace the model's learning-rate schedule; returns the model version."""

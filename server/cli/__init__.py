@@ -44,4 +44,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"optserve: {exc}", file=sys.stderr)
             return 1
         raise
-

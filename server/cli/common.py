@@ -98,7 +98,13 @@ def progress(description: str) -> Iterator[None]:
 
 
 def print_json(value: object) -> None:
-    print(json.dumps(value, indent=2, default=str))
+    """`value` as indented JSON; typed answers (`Status`, ...) as their dicts."""
+    print(json.dumps(value, indent=2, default=_jsonable))
+
+
+def _jsonable(value: object) -> object:
+    to_dict = getattr(value, "to_dict", None)
+    return to_dict() if callable(to_dict) else str(value)
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

@@ -40,6 +40,7 @@ from optserve.common.errors import (
     Unavailable,
 )
 from optserve.common.layout import GroupLayout
+from optserve.common.results import Status
 from optserve.server.coordinator import checkpoints, control, recovery
 from optserve.server.coordinator.catalogue import (
     MODEL_NAME,
@@ -431,7 +432,7 @@ class Coordinator:
 
     # ---- status ------------------------------------------------------------------------------
 
-    def status(self, name: str, recent: int = 50) -> dict[str, Any]:
+    def status(self, name: str, recent: int = 50) -> Status:
         """Everything about a model's run: version, rule, lr, schedule, shards, trainers,
         checkpoints, and the `recent` newest metrics and audit entries."""
         from optserve.server.coordinator.status import model_status

@@ -189,13 +189,18 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.StatusRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.StatusResponse:
         status = self._coordinator.status(request.model, recent=request.history or 50)
-        text = json.dumps(status, default=str)
-        while len(text) > MAX_STATUS_CHARS and (status["metrics"] or status["audit"]):
-            # The most recent history that fits in one message (status["history"] says).
-            for key in ("metrics", "audit"):
-                status[key] = status[key][len(status[key]) // 2 :]
-                status["history"][f"{key}_shown"] = len(status[key])
-            text = json.dumps(status, default=str)
+        text = status.model_dump_json()
+        while len(text) > MAX_STATUS_CHARS and (status.metrics or status.audit):
+            # The most recent history that fits in one message (status.history says).
+            metrics = status.metrics[len(status.metrics) // 2 :]
+            audit = status.audit[len(status.audit) // 2 :]
+            history = status.history.model_copy(
+                update={"metrics_shown": len(metrics), "audit_shown": len(audit)}
+            )
+            status = status.model_copy(
+                update={"metrics": metrics, "audit": audit, "history": history}
+            )
+            text = status.model_dump_json()
         if len(text) > MAX_STATUS_CHARS:
             raise ResourceExhausted(
                 f"the status of model {request.model!r} does not fit in one message"

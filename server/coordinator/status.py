@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from optserve.common.results import Status
 from optserve.server.coordinator.catalogue import ModelRecord
 
 
@@ -16,70 +17,72 @@ def model_status(
     history: Mapping[str, Any],
     recent: int,
     policy: Mapping[str, Any],
-) -> dict[str, Any]:
+) -> Status:
     first = shards[0]
     version = min(s["version"] for s in shards)
-    return {
-        "model": record.name,
-        "version": version,
-        "initializing": record.initializing,
-        # Why the model is down for good (a shard died or broke, and no checkpoint could bring
-        # it back), or None.
-        "lost": record.lost,
-        "mode": record.entry.mode,
-        "optimizer": record.entry.optimizer,
-        "schedule": record.entry.schedule,
-        "schedule_state": first.get("schedule_state", {}),
-        # Pushes the gradient policy skipped, zeroed, clipped or refused (since the shards
-        # started: a restore starts them again).
-        "gradient_counters": first.get("gradient_counters", {}),
-        # Who pushed, as the model's leader saw it: pushes, last version, staleness, peer.
-        "trainers": first.get("trainers", {}),
-        "device": record.device,
-        "checkpoint": checkpoint_status(record, version, policy),
-        "groups": {
-            group: {
-                "overrides": record.overrides.get(group, {}),
-                "optimizer": info["config"],
-                "lr": info["lr"],
-                "numel": sum(s["groups"][group]["numel"] for s in shards),
-                "state": info["scalars"],
-            }
-            for group, info in first["groups"].items()
-        },
-        "shards": [
-            {
-                "index": s["index"],
-                "address": s["address"],
-                "node_id": s.get("node_id"),
-                "device": s["device"],
-                "version": s["version"],
-                "ready": s.get("ready", True),
-                # Why the shard no longer matches the others (None: it does); the coordinator
-                # restores the model from its newest checkpoint when one breaks.
-                "broken": s.get("broken"),
-                "groups": {
-                    g: {
-                        "rule": i["rule"],
-                        "path": i["path"],
-                        "numel": i["numel"],
-                        "state": i["scalars"],
-                    }
-                    for g, i in s["groups"].items()
-                },  # fmt: skip
-            }
-            for s in shards
-        ],
-        "metrics": history["metrics"],
-        "audit": history["audit"],
-        # How much history the server keeps, and how much of it this answer shows.
-        "history": {
-            "metrics_kept": history["metrics_kept"],
-            "metrics_shown": min(recent, history["metrics_kept"]),
-            "audit_kept": history["audit_kept"],
-            "audit_shown": min(recent, history["audit_kept"]),
-        },
-    }
+    return Status.model_validate(
+        {
+            "model": record.name,
+            "version": version,
+            "initializing": record.initializing,
+            # Why the model is down for good (a shard died or broke, and no checkpoint could bring
+            # it back), or None.
+            "lost": record.lost,
+            "mode": record.entry.mode,
+            "optimizer": record.entry.optimizer,
+            "schedule": record.entry.schedule,
+            "schedule_state": first.get("schedule_state", {}),
+            # Pushes the gradient policy skipped, zeroed, clipped or refused (since the shards
+            # started: a restore starts them again).
+            "gradient_counters": first.get("gradient_counters", {}),
+            # Who pushed, as the model's leader saw it: pushes, last version, staleness, peer.
+            "trainers": first.get("trainers", {}),
+            "device": record.device,
+            "checkpoint": checkpoint_status(record, version, policy),
+            "groups": {
+                group: {
+                    "overrides": record.overrides.get(group, {}),
+                    "optimizer": info["config"],
+                    "lr": info["lr"],
+                    "numel": sum(s["groups"][group]["numel"] for s in shards),
+                    "state": info["scalars"],
+                }
+                for group, info in first["groups"].items()
+            },
+            "shards": [
+                {
+                    "index": s["index"],
+                    "address": s["address"],
+                    "node_id": s.get("node_id"),
+                    "device": s["device"],
+                    "version": s["version"],
+                    "ready": s.get("ready", True),
+                    # Why the shard no longer matches the others (None: it does); the coordinator
+                    # restores the model from its newest checkpoint when one breaks.
+                    "broken": s.get("broken"),
+                    "groups": {
+                        g: {
+                            "rule": i["rule"],
+                            "path": i["path"],
+                            "numel": i["numel"],
+                            "state": i["scalars"],
+                        }
+                        for g, i in s["groups"].items()
+                    },  # fmt: skip
+                }
+                for s in shards
+            ],
+            "metrics": history["metrics"],
+            "audit": history["audit"],
+            # How much history the server keeps, and how much of it this answer shows.
+            "history": {
+                "metrics_kept": history["metrics_kept"],
+                "metrics_shown": min(recent, history["metrics_kept"]),
+                "audit_kept": history["audit_kept"],
+                "audit_shown": min(recent, history["audit_kept"]),
+            },
+        }
+    )
 
 
 def checkpoint_status(

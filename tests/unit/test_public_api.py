@@ -17,12 +17,13 @@ ROOT = Path(__file__).resolve().parents[2]
 # adds it here on purpose (and to DESIGN section 8 or the docs).
 PUBLIC = {
     "AMSGradConfig", "Aborted", "AdaBoundConfig", "AdadeltaConfig", "AdagradConfig", "AdamConfig",
-    "AdamWConfig", "AlreadyExists", "AsyncMode", "DeadlineExceeded", "FailedPrecondition",
-    "GradientPolicy", "Internal", "InvalidArgument", "LookaheadConfig", "ModelInfo",
-    "ModelRestored", "NotFound", "OptserveError", "ParameterServerClient", "PermissionDenied",
-    "PushRefused", "RAdamConfig", "RMSpropConfig", "RangerConfig", "RemoteOptimizer",
-    "ResourceExhausted", "RoundClosed", "SGDConfig", "StalePush", "SyncMode", "Unauthenticated",
-    "Unavailable", "parse_mode_config", "parse_optimizer_config", "parse_schedule_config",
+    "AdamWConfig", "AlreadyExists", "AsyncMode", "CheckpointInfo", "DeadlineExceeded",
+    "FailedPrecondition", "GradientPolicy", "Internal", "InvalidArgument", "LookaheadConfig",
+    "MigrationReport", "ModelInfo", "ModelRestored", "NotFound", "OptserveError",
+    "ParameterServerClient", "PermissionDenied", "PushRefused", "RAdamConfig", "RMSpropConfig",
+    "RangerConfig", "RemoteOptimizer", "ResourceExhausted", "RoundClosed", "SGDConfig",
+    "StalePush", "Status", "SyncMode", "Unauthenticated", "Unavailable", "parse_mode_config",
+    "parse_optimizer_config", "parse_schedule_config",
 }  # fmt: skip
 # Public modules of the client package besides its root (the rest are private: `_name`).
 PUBLIC_MODULES = {"plot"}

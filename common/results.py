@@ -1,0 +1,204 @@
+"""What the control plane answers, typed: `Status`, `MigrationReport`, `CheckpointInfo`.
+
+The server builds these and sends them as JSON (the only place they are text); the client
+parses them back. Each converts to a plain dict (`to_dict()`) for JSON output, and, for code
+written against 0.1's dicts, still reads a field by key (``status["version"]``). Fields a newer
+server adds are kept (`extra="allow"`), so an older client reads a newer server's answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Result(BaseModel):
+    """Base of the typed answers: attributes, `to_dict()`, and reading a field by key."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The answer as plain JSON values."""
+        return self.model_dump(mode="json")
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self._keys() else default
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys()
+
+    def _keys(self) -> set[str]:
+        return set(type(self).model_fields) | set(self.model_extra or {})
+
+
+# ---- a swap's report -------------------------------------------------------------------------
+
+
+class KeyMigration(Result):
+    """What happened to one state key: "kept", "converted", "fresh" or "dropped", and why."""
+
+    action: str
+    why: str
+
+
+class GroupMigration(Result):
+    """One parameter group's migration from `source` to `target` under `policy`."""
+
+    source: str
+    target: str
+    policy: str
+    keys: dict[str, KeyMigration]
+
+
+class MigrationReport(Result):
+    """The answer to `set_optimizer` and `set_hyperparameters`: the version from which the
+    change holds (after that update, before the next, on every shard), the optimizer now, and
+    per group what became of every state key."""
+
+    version: int
+    optimizer: dict[str, Any]
+    groups: dict[str, GroupMigration]
+    shards: int
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+
+class CheckpointInfo(Result):
+    """A checkpoint: its name and version; when written by this call, also where it is, its
+    size, how long the model's updates were held (`pause_s`) and how long it took; when
+    listed, when it was written (`time`, seconds since the epoch)."""
+
+    name: str
+    version: int
+    uri: str = ""
+    bytes: int = 0
+    pause_s: float = 0.0
+    seconds: float = 0.0
+    time: float | None = None
+
+
+# ---- status ----------------------------------------------------------------------------------
+
+
+class GroupStatus(Result):
+    """A parameter group across the model: its rule's config, overrides, lr, size, scalars."""
+
+    overrides: dict[str, Any]
+    optimizer: dict[str, Any]
+    lr: float
+    numel: int
+    state: dict[str, Any]
+
+
+class ShardGroupStatus(Result):
+    """One group's slice on one shard: the rule, the kernel path, its size and scalars."""
+
+    rule: str
+    path: str
+    numel: int
+    state: dict[str, Any]
+
+
+class ShardStatus(Result):
+    """One shard: where it runs, its version, and whether it is loaded and sound (`broken` says
+    why it no longer matches the others; the model is then restored from a checkpoint)."""
+
+    index: int
+    address: str
+    node_id: str | None = None
+    device: str
+    version: int
+    ready: bool = True
+    broken: str | None = None
+    groups: dict[str, ShardGroupStatus]
+
+
+class TrainerStatus(Result):
+    """A trainer as the model's leader saw it: its pushes, applied or refused, the version its
+    last push was computed on, its staleness, seconds since its last push, and its peer."""
+
+    pushes: int
+    applied: int
+    refused: int
+    staleness: int
+    version: int
+    idle_s: float
+    peer: str
+    first_seen: float | None = None
+    last_seen: float | None = None
+
+
+class CheckpointStatus(Result):
+    """The model's checkpoint policy, its newest checkpoint, and what losing a shard would cost
+    now: every update since that checkpoint (all of them if it has none)."""
+
+    policy: dict[str, Any]
+    periodic: bool
+    last_version: int | None = None
+    last_time: float | None = None
+    age_s: float | None = None
+    updates_at_risk: int
+
+
+class MetricEntry(Result):
+    """A metric a trainer reported, at the version it landed on, and each group's lr after it
+    (`lr_changed`: the schedule moved it)."""
+
+    name: str
+    value: float
+    step: int | None = None
+    time: float | None = None
+    version: int
+    lr_changed: bool = False
+    lr: dict[str, float] | None = None
+
+
+class AuditEntry(Result):
+    """A control change: when, at which version, what, by whom, from what to what."""
+
+    time: float
+    version: int
+    action: str
+    caller: str | None = None
+    old: Any = None
+    new: Any = None
+
+
+class HistoryCounts(Result):
+    """How much history the server keeps, and how much of it this answer shows."""
+
+    metrics_kept: int
+    metrics_shown: int
+    audit_kept: int
+    audit_shown: int
+
+
+class Status(Result):
+    """A model's run as the server sees it (`ParameterServerClient.status`, `optserve status`)."""
+
+    model: str
+    version: int
+    initializing: bool = False
+    # Why the model is down for good (a shard died or broke and no checkpoint brought it back).
+    lost: str | None = None
+    mode: dict[str, Any]
+    optimizer: dict[str, Any]
+    schedule: dict[str, Any]
+    schedule_state: dict[str, Any]
+    # Pushes the gradient policy skipped, zeroed, clipped or refused since the shards started.
+    gradient_counters: dict[str, int]
+    trainers: dict[str, TrainerStatus]
+    device: str
+    checkpoint: CheckpointStatus
+    groups: dict[str, GroupStatus]
+    shards: list[ShardStatus]
+    metrics: list[MetricEntry]
+    audit: list[AuditEntry]
+    history: HistoryCounts
