@@ -391,6 +391,10 @@ class ShardMetrics:
         if self._pushes is not None:
             self.trainers.saw(trainer or peer, peer, based_on)
 
+    def waited(self, seconds: float) -> None:
+        """A staged push waited this long for its decision (its sync round, the leader)."""
+        self.round_wait_seconds.observe(seconds)
+
     def families(self) -> list[Metric]:
         self.update_timer.drain()
         return list(self.registry.collect())

@@ -1,7 +1,7 @@
 """Control changes of a running model, each landing between the same two versions on every shard.
 
 A change is a plain dict, the same one the leader keeps and every shard applies:
-{"op_id", "kind": "set_optimizer" | "set_schedule" | "report_metric" | "checkpoint",
+{"op_id", "kind": "set_optimizer" | "set_schedule" | "checkpoint",
 "args", "entry": changes to the model's catalogue entry, "history": what it adds to the
 model's history}. Running one: the model's leader stops deciding updates, names the boundary
 v (every update decided so far is at or below it) and keeps the change as its intent; every
@@ -53,7 +53,7 @@ def run(record: ModelRecord, op: dict[str, Any], boundary: int | None = None) ->
     try:
         at = {**op, "at_version": boundary}
         results = _on_every_shard(record, [a.control.remote(at) for a in record.actors], op)
-        history = _history(op, boundary, results)
+        history = _history(op, boundary)
     finally:
         ray.get(leader.resume_updates.remote(op["op_id"], history), timeout=60)
     record.entry.__dict__.update(op.get("entry", {}))
@@ -82,15 +82,11 @@ def _on_every_shard(record: ModelRecord, refs: list[Any], op: dict[str, Any]) ->
     return outcomes
 
 
-def _history(op: dict[str, Any], version: int, results: list[Any]) -> dict[str, list[dict]]:
+def _history(op: dict[str, Any], version: int) -> dict[str, list[dict]]:
     said = op.get("history", {})
     out: dict[str, list[dict]] = {"audit": [], "metrics": []}
     if "audit" in said:
         out["audit"].append({"version": version, **said["audit"]})
-    if "metric" in said:
-        changed = any(r["changed"] for r in results)
-        out["metrics"].append({**said["metric"], "version": version, "lr_changed": changed,
-                               "lr": results[0]["lr"]})  # fmt: skip
     return out
 
 
@@ -122,7 +118,7 @@ def at_boundary(
 def replay(record: ModelRecord, paused: dict[str, Any]) -> None:
     """Finish the control change a dead coordinator left holding the model's updates."""
     op = paused.get("op")
-    if op is None or op.get("kind") not in ("set_optimizer", "set_schedule", "report_metric"):
+    if op is None or op.get("kind") not in ("set_optimizer", "set_schedule"):
         log.warning("model %s: lifting a pause a dead coordinator left (%s)", record.name,
                     (op or {}).get("kind"))  # fmt: skip
         ray.get(record.actors[0].resume_updates.remote(paused["op_id"], None), timeout=60)

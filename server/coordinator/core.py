@@ -415,20 +415,21 @@ class Coordinator:
     def report_metric(
         self, name: str, metric: str, value: float, step: int | None, caller: str = ""
     ) -> tuple[int, bool]:
-        """Feed a metric to every shard's schedule at one version; True if the lr changed."""
+        """Feed a metric to the model's one schedule, on its leader, without pausing the model;
+        return the last version decided and whether the lr changed."""
         if not metric or len(metric) > 128:
             raise InvalidArgument(f"metric name must have 1-128 characters, got {metric[:40]!r}")
         if value != value or value in (float("inf"), float("-inf")):
             raise InvalidArgument(f"metric {metric!r} must be finite, got {value}")
         record = self.get(name)
-        op = control.new_op(
-            "report_metric", {"name": metric, "value": value},
-            history={"metric": {"name": metric, "value": value, "step": step,
-                                "time": time.time()}},
-        )  # fmt: skip
-        with self._controlling(record):  # a metric moves the lr: it lands between two versions too
-            version, answers = control.run(record, op)
-        return version, any(a["changed"] for a in answers)
+        if record.initializing or not record.actors:
+            raise Unavailable(f"model {name!r} is not ready yet")
+        leader = record.actors[0]
+        try:
+            return ray.get(leader.report_metric.remote(metric, value, step, time.time()),
+                           timeout=60)  # fmt: skip
+        except ray.exceptions.RayActorError:
+            raise Unavailable(f"model {name!r}: its leader shard is down; retry") from None
 
     # ---- status ------------------------------------------------------------------------------
 

@@ -31,10 +31,10 @@ from optserve.server.engine.group import GroupEngine
 from optserve.server.metrics import ShardMetrics
 from optserve.server.shard.checkpoint import RestorePlan, ShardCheckpoints, WriteTarget
 from optserve.server.shard.memory import keep_freed_memory
+from optserve.server.shard.pipeline import SEQUENCE_WAIT_S
 from optserve.server.shard.sequencer import Sequencer
 from optserve.server.shard.service import (
     SECRET_METADATA,
-    SEQUENCE_WAIT_S,
     SERVICE_NAME,
     ShardService,
     add_shard_service,
@@ -115,7 +115,7 @@ class ShardActor:
         self._controls: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._control_lock = threading.Lock()
         # Shard 0 leads: it orders the model's pushes for every shard (server/shard/sequencer.py).
-        sequencer = Sequencer(num_shards, mode) if index == 0 else None
+        sequencer = Sequencer(num_shards, mode, lrs=self._state.lrs_at) if index == 0 else None
         # The leader's: the control change holding the updates, and the model's history.
         self._intent: dict[str, Any] | None = None
         self._audit: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY_LIMIT)
@@ -166,7 +166,7 @@ class ShardActor:
                 raise from_rpc_error(exc) from None
 
         self._leader_channel = channel
-        self._service.leader = ask
+        self._service.use_leader(ask)
 
     def _leader_view(self) -> dict[str, Any]:
         """The model-wide gauges the leader's metrics read at scrape time."""
@@ -305,9 +305,6 @@ class ShardActor:
             elif kind == "set_schedule":
                 self._state.set_schedule(args["schedule"], at)
                 result = None
-            elif kind == "report_metric":
-                changed = self._state.report_metric(args["name"], args["value"], at)
-                result = {"changed": changed, "lr": self._state.lrs()}
             else:
                 raise InvalidArgument(f"unknown control change {kind!r}")
             self._entry.update(op.get("entry", {}))
@@ -315,6 +312,21 @@ class ShardActor:
             while len(self._controls) > REMEMBERED_CONTROLS:
                 self._controls.popitem(last=False)
             return result
+
+    def report_metric(
+        self, name: str, value: float, step: int | None, when: float
+    ) -> tuple[int, bool]:
+        """The leader's: feed a metric to the model's one schedule and keep it in the history.
+        Nothing pauses: the updates the leader decides from now on carry the lr it gives.
+        Returns the last version decided and whether the lr changed."""
+        sequencer = self._require_leader()
+        changed = self._state.report_metric(name, value)
+        version = sequencer.version
+        self._metric_history.append({
+            "name": name, "value": value, "step": step, "time": when, "version": version,
+            "lr_changed": changed, "lr": self._state.lrs_at(version + 1),
+        })  # fmt: skip
+        return version, changed
 
     def _require_leader(self) -> Sequencer:
         sequencer = self._service.sequencer

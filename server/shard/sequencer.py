@@ -30,7 +30,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,9 +64,10 @@ class GradStats:
 class Decision:
     """What every shard does with one push: apply `members` combined as `version`, or refuse.
 
-    The update is the sum of each member's gradient times its weight; a member of weight 0 was
-    skipped (gradient policy "skip"), and an update whose weights are all 0 changes nothing but
-    the version."""
+    The update is the sum of each member's gradient times its weight (a clip is in the weight;
+    a member of weight 0 was skipped by the gradient policy, and an update whose weights are
+    all 0 changes nothing but the version), applied with each group's learning rate `lrs` (from
+    the model's one schedule, on the leader) times `lr_scale` (staleness)."""
 
     version: int = 0
     members: tuple[str, ...] = ()
@@ -74,6 +75,7 @@ class Decision:
     lr_scale: float = 1.0
     staleness: int = 0
     error: OptserveError | None = None
+    lrs: Mapping[str, float] = field(default_factory=dict, hash=False)
 
 
 @dataclass
@@ -97,8 +99,12 @@ class Sequencer:
         stage_timeout_s: float = 60.0,
         log_size: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        lrs: Callable[[int], Mapping[str, float]] | None = None,
     ) -> None:
+        """`lrs(v)`: each group's learning rate for the update that makes version v (the
+        model's one schedule; None: none, for tests of ordering alone)."""
         self.num_shards = num_shards
+        self._lrs = lrs
         self.mode = mode
         self.stage_timeout_s = stage_timeout_s
         self._clock = clock
@@ -278,7 +284,8 @@ class Sequencer:
             scale = 1.0 / (1 + staleness) if mode.staleness_lr == "inverse" else 1.0
             self._version += 1
             self._record([push_id], [pending], scale)
-            decision = Decision(self._version, (push_id,), (pending.factor,), scale, staleness)
+            decision = Decision(self._version, (push_id,), (pending.factor,), scale, staleness,
+                                lrs=self._lrs_for(self._version))  # fmt: skip
             self._decide(push_id, decision)
             return
         if staleness > 0:
@@ -311,10 +318,14 @@ class Sequencer:
         weights = tuple(weight * p.factor for p in pendings)
         self._version += 1
         self._record(list(members), pendings, 1.0)
+        lrs = self._lrs_for(self._version)
         for push_id in members:
-            self._decide(push_id, Decision(self._version, members, weights))
+            self._decide(push_id, Decision(self._version, members, weights, lrs=lrs))
         self._round.clear()
         self._round_trainers.clear()
+
+    def _lrs_for(self, version: int) -> Mapping[str, float]:
+        return dict(self._lrs(version)) if self._lrs is not None else {}
 
     def _judge_gradient(self, pending: _Pending) -> OptserveError | None:
         """Apply the gradient policy to a push every shard holds: set its factor (0: skip it;

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,15 +17,12 @@ import torch
 
 from optserve.common.codec import TensorAssembler, expect_all, torch_dtype
 from optserve.common.errors import (
-    Aborted,
-    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     OptserveError,
     PermissionDenied,
     Unauthenticated,
-    Unavailable,
     error_for_status,
     kind_of,
 )
@@ -35,6 +30,7 @@ from optserve.common.wire import RawChunk, chunk_frames, header_frame, parse_fra
 from optserve.server.edge.rpc import stream_errors, unary_errors
 from optserve.server.metrics import ShardMetrics
 from optserve.server.shard.memory import mapped_empty
+from optserve.server.shard.pipeline import SEQUENCE_WAIT_S, LocalLeader, PushCall, PushPipeline
 from optserve.server.shard.sequencer import Decision, GradStats, Sequencer
 from optserve.server.shard.state import ShardState
 from optserve.v1 import shard_pb2, shard_pb2_grpc, tensor_pb2
@@ -42,10 +38,6 @@ from optserve.v1 import shard_pb2, shard_pb2_grpc, tensor_pb2
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "optserve.v1.Shard"
-# The longest a push may wait for its decision: a sync round, or the other shards' slices.
-SEQUENCE_WAIT_S = 24 * 3600.0
-# Tries of a non-leader shard to get its decision when the leader is briefly unreachable.
-SEQUENCE_ATTEMPTS = 6
 SECRET_METADATA = "x-optserve-shard-secret"
 
 
@@ -60,6 +52,7 @@ def decision_to_proto(decision: Decision) -> shard_pb2.SequenceDecision:
         weights=list(decision.weights),
         lr_scale=decision.lr_scale,
         staleness=decision.staleness,
+        lrs=dict(decision.lrs),
     )
 
 
@@ -78,7 +71,38 @@ def decision_from_proto(reply: shard_pb2.SequenceDecision) -> Decision:
         lr_scale=reply.lr_scale,
         staleness=reply.staleness,
         error=error,
+        lrs=dict(reply.lrs),
     )
+
+
+class RemoteLeader:
+    """The model's leader as a non-leader shard asks it: its Sequence RPC."""
+
+    remote = True
+
+    def __init__(
+        self, model: str, ask: Callable[[shard_pb2.SequenceRequest], shard_pb2.SequenceDecision]
+    ) -> None:
+        self.model = model
+        self.ask = ask
+
+    def _request(self, shard: int, push: PushCall, **fields: Any) -> shard_pb2.SequenceRequest:
+        header = shard_pb2.PushHeader(
+            model=self.model, push_id=push.push_id, version=push.based_on, trainer=push.trainer
+        )
+        return shard_pb2.SequenceRequest(
+            model=self.model, push_id=push.push_id, shard=shard, header=header, **fields
+        )
+
+    def decide(self, shard: int, push: PushCall, stats: GradStats) -> Decision:
+        request = self._request(shard, push, grad_sumsq=stats.sumsq, grad_nonfinite=stats.nonfinite)
+        return decision_from_proto(self.ask(request))
+
+    def refuse(self, shard: int, push: PushCall, error: OptserveError) -> None:
+        self.ask(self._request(
+            shard, push, refuse=str(error)[:1000], refuse_code=error.code.value[0],
+            refuse_kind=kind_of(error),
+        ))  # fmt: skip
 
 
 class ShardService(shard_pb2_grpc.ShardServicer):
@@ -95,9 +119,20 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self._state = state
         self.metrics = metrics or ShardMetrics(state.model, state.index)
         self.sequencer = sequencer
-        self.leader = leader
+        # Stage, decide, apply (server/shard/pipeline.py); the leader decides every push.
+        self.pipeline = PushPipeline(state, self.metrics)
+        if sequencer is not None:
+            self.pipeline.leader = LocalLeader(sequencer)
+        elif leader is not None:
+            self.use_leader(leader)
         # Shared by a model's shards (from the coordinator): only they may call Sequence.
         self.secret = secret
+
+    def use_leader(
+        self, ask: Callable[[shard_pb2.SequenceRequest], shard_pb2.SequenceDecision]
+    ) -> None:
+        """Ask the model's leader through `ask` (its Sequence RPC)."""
+        self.pipeline.leader = RemoteLeader(self._state.model, ask)
 
     def _check_model(self, model: str) -> None:
         if model != self._state.model:
@@ -141,86 +176,15 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self, request_iterator: Iterator[Any], peer: str = ""
     ) -> tuple[Decision, int, shard_pb2.PushHeader]:
         header = self._header(request_iterator)
-        self.metrics.arrived(header.trainer, peer, header.version)  # the leader's: trainers
-        push_id = header.push_id
-        if not push_id:
-            if self.sequencer is None or self.sequencer.num_shards != 1:
-                raise InvalidArgument("a push to a model with several shards needs a push_id")
-            push_id = uuid.uuid4().hex
-        try:
+        push = PushCall(header.push_id, header.version, header.trainer, peer)
+
+        def receive(buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if header.pull_dtype != tensor_pb2.DTYPE_UNSPECIFIED:
                 torch_dtype(header.pull_dtype)  # refused now, not after the update
-            buffers = self._state.buffers.take()
-            try:
-                grads = self._gradients(request_iterator, buffers)
-            except BaseException:
-                self._state.buffers.give(buffers)
-                raise
-            epoch, stats = self._state.stage(push_id, grads, buffers)
-        except OptserveError as exc:  # refuse the push on every shard now, not at a timeout
-            self.metrics.decided(header.trainer, peer, 0, applied=False)
-            self._refuse(push_id, header, exc)
-            raise
-        except Exception:  # the stream broke off (the trainer went away): the same, at once
-            self._refuse(push_id, header, Aborted("the push stream broke off before its end"))
-            raise
-        staged_at = time.perf_counter()
-        try:
-            decision = self._sequence(push_id, header, stats)
-        except OptserveError as exc:
-            if self.sequencer is not None or not isinstance(exc, Unavailable | DeadlineExceeded):
-                self._state.discard(push_id)  # refused before any decision: nothing applied
-                self.metrics.decided(header.trainer, peer, 0, applied=False)
-                raise
-            # The leader may have decided this push and the other shards applied it.
-            self._state.mark_broken(f"lost the leader's decision on push {push_id}: {exc}")
-            raise Unavailable(
-                f"shard {self._state.index} lost its leader ({exc}); the server brings the "
-                "model back from its newest checkpoint: pull, then go on"
-            ) from None
-        self.metrics.round_wait_seconds.observe(time.perf_counter() - staged_at)
-        applied = decision.error is None
-        self.metrics.decided(header.trainer, peer, decision.staleness, applied)
-        if not applied:
-            self._state.discard(push_id)
-            raise decision.error
-        version = self._state.apply(decision, epoch=epoch)  # a failure marks the shard broken
+            return self._gradients(request_iterator, buffers)
+
+        decision, version = self.pipeline.push(push, receive)
         return decision, version, header
-
-    def _sequence(self, push_id: str, header: shard_pb2.PushHeader, stats: GradStats) -> Decision:
-        if self.sequencer is not None:
-            return self.sequencer.submit(
-                push_id, self._state.index, header.version, header.trainer, SEQUENCE_WAIT_S, stats
-            )
-        if self.leader is None:
-            raise Unavailable("this shard does not know its model's leader yet")
-        request = shard_pb2.SequenceRequest(
-            model=header.model, push_id=push_id, shard=self._state.index, header=header,
-            grad_sumsq=stats.sumsq, grad_nonfinite=stats.nonfinite,
-        )  # fmt: skip
-        # Asking again is safe: the leader answers a repeated question with the same decision.
-        for attempt in range(SEQUENCE_ATTEMPTS):
-            try:
-                return decision_from_proto(self.leader(request))
-            except (Unavailable, DeadlineExceeded):
-                if attempt == SEQUENCE_ATTEMPTS - 1:
-                    raise
-                time.sleep(min(0.2 * 2**attempt, 5.0))
-        raise AssertionError("unreachable")
-
-    def _refuse(self, push_id: str, header: shard_pb2.PushHeader, error: OptserveError) -> None:
-        """Best effort: tell the leader this shard refused its slice of the push."""
-        try:
-            if self.sequencer is not None:
-                self.sequencer.refuse(push_id, self._state.index, error)
-            elif self.leader is not None:
-                self.leader(shard_pb2.SequenceRequest(
-                    model=header.model, push_id=push_id, shard=self._state.index, header=header,
-                    refuse=str(error)[:1000], refuse_code=error.code.value[0],
-                    refuse_kind=kind_of(error),
-                ))  # fmt: skip
-        except Exception:  # noqa: BLE001 - the push then times out on the other shards
-            log.warning("could not tell the leader that push %s was refused", push_id)
 
     @unary_errors
     def Push(

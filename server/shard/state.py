@@ -112,6 +112,7 @@ class ShardState:
         self.device = torch.device(device)
         self.version = 0
         self._lock = threading.RLock()
+        self._schedule_lock = threading.Lock()  # the schedule's state (plateau) and lrs
         # Signalled when the version moves; pushes wait on it to apply in version order.
         self._cv = threading.Condition(self._lock)
         self._staged: dict[str, dict[str, torch.Tensor]] = {}
@@ -164,6 +165,16 @@ class ShardState:
     def lr(self, group: str) -> float:
         """The lr the next update of `group` will use."""
         return self._schedule.lr(self.config(group).lr, self.version)
+
+    def lrs_at(self, version: int) -> dict[str, float]:
+        """Each group's lr for the update that makes `version`: the model's one schedule, on
+        its leader, asked when the leader decides that update (the other shards apply it). Not
+        under the shard's lock: the leader decides the next update while it applies this one
+        (configs change only while the leader decides nothing)."""
+        with self._schedule_lock:
+            return {
+                name: self._schedule.lr(self.config(name).lr, version - 1) for name in self._plans
+            }
 
     def initialize(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Take a new model's initial values (flat fp32, this shard's length, on its device:
@@ -381,7 +392,7 @@ class ShardState:
                             grad = torch.zeros_like(group.weights)
                         for staged, weight in used:
                             grad.add_(staged[name], alpha=weight)  # type: ignore[index]
-                    group.step(grad, self.lr(name) * decision.lr_scale)
+                    group.step(grad, decision.lrs[name] * decision.lr_scale)
                 if timer is not None:
                     timer.end(started)  # never raises
             except Exception as exc:  # the peers applied this update: this shard cannot follow
@@ -406,7 +417,10 @@ class ShardState:
                 )
             self.stage(push_id, {name: g.clone() for name, g in grads.items()})
             staleness = self.version - based_on
-            return self.apply(Decision(self.version + 1, (push_id,), (1.0,))), staleness
+            decision = Decision(
+                self.version + 1, (push_id,), (1.0,), lrs=self.lrs_at(self.version + 1)
+            )
+            return self.apply(decision), staleness
 
     @contextlib.contextmanager
     def _at(self, at_version: int | None) -> Iterator[None]:
@@ -441,9 +455,10 @@ class ShardState:
             self._schedule_config = config
             self._schedule = build_schedule(config)
 
-    def report_metric(self, name: str, value: float, at_version: int | None = None) -> bool:
-        """Feed a reported metric to the schedule; True if it changed the lr."""
-        with self._at(at_version):
+    def report_metric(self, name: str, value: float) -> bool:
+        """Feed a reported metric to the model's schedule (on its leader: the updates it decides
+        from now on use what the schedule says); True if it changed the lr."""
+        with self._schedule_lock:
             return self._schedule.observe(name, value)
 
     def read_weights(self, fn: Callable[[int, dict[str, torch.Tensor]], T]) -> T:

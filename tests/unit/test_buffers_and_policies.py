@@ -32,7 +32,7 @@ def test_a_push_lands_in_a_pooled_buffer_that_comes_back_after_its_update():
     buffers["default"].fill_(1.0)
     state.stage("a", {"default": buffers["default"]}, buffers)
     assert free(state) == 0  # held while staged
-    state.apply(Decision(1, ("a",), (1.0,)))
+    state.apply(Decision(1, ("a",), (1.0,), lrs=state.lrs_at(1)))
     assert free(state) == 1 and state.buffers.take() is not None
     assert torch.equal(state.snapshot()[1]["default"], torch.full((6,), -0.01))
 
@@ -59,8 +59,8 @@ def test_buffers_come_back_once_whatever_happens_to_the_push(how):
         elif how == "broken":
             state.mark_broken("a test")
         else:  # the update is applied, then the same decision arrives again
-            state.apply(Decision(1, ("a",), (1.0,)))
-            state.apply(Decision(1, ("a",), (1.0,)))
+            state.apply(Decision(1, ("a",), (1.0,), lrs=state.lrs_at(1)))
+            state.apply(Decision(1, ("a",), (1.0,), lrs=state.lrs_at(1)))
     assert free(state) == 1
     state.discard("a")  # nothing more to give back
     assert free(state) == 1
@@ -71,7 +71,7 @@ def test_a_sync_round_sums_in_a_pooled_buffer_and_returns_every_one():
     for push in ("a", "b"):
         buffers = state.buffers.take()
         state.stage(push, {"default": torch.full((6,), 2.0)}, buffers)
-    state.apply(Decision(1, ("a", "b"), (0.5, 0.5)))
+    state.apply(Decision(1, ("a", "b"), (0.5, 0.5), lrs=state.lrs_at(1)))
     assert free(state) == 2  # the pool keeps two; the round's sum went back too
     assert torch.equal(state.snapshot()[1]["default"], torch.full((6,), -0.02))
 

@@ -57,7 +57,7 @@ def trained_shards(count: int, steps: int = 3, config=None) -> list[ShardState]:
             shard.stage(f"p{step}", {n: grads[n][a:b] for n, (a, b) in ranges.items()})
             from optserve.server.shard.sequencer import Decision
 
-            shard.apply(Decision(step + 1, (f"p{step}",), (1.0,)))
+            shard.apply(Decision(step + 1, (f"p{step}",), (1.0,), lrs=shard.lrs_at(step + 1)))
     return shards
 
 

@@ -86,7 +86,7 @@ def test_a_failed_update_marks_the_shard_broken_until_a_restore():
     state.stage("a", {"default": torch.ones(6)})
     # The leader decided a round of two pushes, but "b" never reached this shard.
     with pytest.raises(Unavailable, match="no longer matches"):
-        state.apply(Decision(2, ("a", "b"), (0.5, 0.5)))
+        state.apply(Decision(2, ("a", "b"), (0.5, 0.5), lrs=state.lrs_at(2)))
     assert state.broken and state.info()["broken"]
     for call in (
         lambda: state.stage("c", {"default": torch.ones(6)}),
@@ -125,7 +125,7 @@ def test_an_update_decided_before_a_restore_does_not_apply_after_it():
 
     def waiter():
         try:
-            box["v"] = state.apply(Decision(2, ("late",), (1.0,)), timeout=30)
+            box["v"] = state.apply(Decision(2, ("late",), (1.0,), lrs=state.lrs_at(2)), timeout=30)
         except Exception as exc:  # noqa: BLE001
             box["error"] = exc
 
@@ -138,5 +138,5 @@ def test_an_update_decided_before_a_restore_does_not_apply_after_it():
     epoch, _ = state.stage("stale", {"default": torch.ones(6)})
     state.load_state_dict({**saved, "version": 1})  # a restore after it was staged
     with pytest.raises(Aborted, match="restored"):
-        state.apply(Decision(2, ("stale",), (1.0,)), timeout=30, epoch=epoch)
+        state.apply(Decision(2, ("stale",), (1.0,), lrs=state.lrs_at(2)), timeout=30, epoch=epoch)
     assert state.broken is None

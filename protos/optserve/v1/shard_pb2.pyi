@@ -102,10 +102,18 @@ class SequenceRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., push_id: _Optional[str] = ..., shard: _Optional[int] = ..., header: _Optional[_Union[PushHeader, _Mapping]] = ..., refuse: _Optional[str] = ..., refuse_code: _Optional[int] = ..., refuse_kind: _Optional[str] = ..., grad_sumsq: _Optional[float] = ..., grad_nonfinite: _Optional[int] = ...) -> None: ...
 
 class SequenceDecision(_message.Message):
-    __slots__ = ("error", "error_code", "error_kind", "version", "members", "weights", "lr_scale", "staleness")
+    __slots__ = ("error", "error_code", "error_kind", "lrs", "version", "members", "weights", "lr_scale", "staleness")
+    class LrsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
+    LRS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -114,9 +122,10 @@ class SequenceDecision(_message.Message):
     error: str
     error_code: int
     error_kind: str
+    lrs: _containers.ScalarMap[str, float]
     version: int
     members: _containers.RepeatedScalarFieldContainer[str]
     weights: _containers.RepeatedScalarFieldContainer[float]
     lr_scale: float
     staleness: int
-    def __init__(self, error: _Optional[str] = ..., error_code: _Optional[int] = ..., error_kind: _Optional[str] = ..., version: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., lr_scale: _Optional[float] = ..., staleness: _Optional[int] = ...) -> None: ...
+    def __init__(self, error: _Optional[str] = ..., error_code: _Optional[int] = ..., error_kind: _Optional[str] = ..., lrs: _Optional[_Mapping[str, float]] = ..., version: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., lr_scale: _Optional[float] = ..., staleness: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,200 @@
+"""One push through one shard: stage → decide → apply. No gRPC, no Ray.
+
+Every shard of a model runs the same three steps for a push:
+
+1. **stage** its slice of the gradient (`ShardState.stage`: shape, dtype, non-finite values
+   counted; the slice waits in a pooled buffer);
+2. **decide**: ask the model's leader (shard 0), which orders the push among all others and
+   answers every shard with the same `Decision`: the version it produces, the pushes combined
+   into it and their weights (clip and skip included), the learning rate of each group from the
+   model's one schedule, and the staleness scale. The leader decides once; nothing re-decides;
+3. **apply** exactly that decision (`ShardState.apply`), in version order.
+
+A shard that refuses its slice (bad input, or a stream that broke off) tells the leader, which
+refuses the push on every shard at once. A shard that loses the leader's answer cannot know
+whether its peers applied the push, so it marks itself broken (the coordinator then restores
+the model from its newest checkpoint).
+
+`Leader` is what a shard asks: the leader shard's own `Sequencer` (`LocalLeader`) or, on the
+other shards, the leader over the network (the gRPC service supplies that one).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from optserve.common.errors import (
+    Aborted,
+    DeadlineExceeded,
+    InvalidArgument,
+    OptserveError,
+    Unavailable,
+)
+from optserve.server.shard.sequencer import Decision, GradStats, Sequencer
+from optserve.server.shard.state import ShardState
+
+log = logging.getLogger(__name__)
+# The longest a push may wait for its decision: a sync round, or the other shards' slices.
+SEQUENCE_WAIT_S = 24 * 3600.0
+# Tries of a non-leader shard to get its decision when the leader is briefly unreachable.
+SEQUENCE_ATTEMPTS = 6
+
+
+@dataclass(frozen=True)
+class PushCall:
+    """What a push says about itself (its header), checked at the edge."""
+
+    push_id: str
+    based_on: int  # the model version its gradient was computed on
+    trainer: str = ""
+    peer: str = ""
+
+
+class Leader(Protocol):
+    """The model's one decision point, as one shard sees it."""
+
+    def decide(self, shard: int, push: PushCall, stats: GradStats) -> Decision: ...
+
+    def refuse(self, shard: int, push: PushCall, error: OptserveError) -> None: ...
+
+    @property
+    def remote(self) -> bool:
+        """True when the answer travels over the network (and may be lost on the way)."""
+        ...
+
+
+class LocalLeader:
+    """The leader shard asking its own sequencer."""
+
+    remote = False
+
+    def __init__(self, sequencer: Sequencer) -> None:
+        self.sequencer = sequencer
+
+    def decide(self, shard: int, push: PushCall, stats: GradStats) -> Decision:
+        return self.sequencer.submit(
+            push.push_id, shard, push.based_on, push.trainer, SEQUENCE_WAIT_S, stats
+        )
+
+    def refuse(self, shard: int, push: PushCall, error: OptserveError) -> None:
+        self.sequencer.refuse(push.push_id, shard, error)
+
+
+class PushObserver(Protocol):
+    """What the pipeline reports (the shard's metrics)."""
+
+    def arrived(self, trainer: str, peer: str, based_on: int) -> None: ...
+
+    def decided(self, trainer: str, peer: str, staleness: int, applied: bool) -> None: ...
+
+    def waited(self, seconds: float) -> None: ...
+
+
+class PushPipeline:
+    """Stage, decide, apply: one shard's part of every push to its model."""
+
+    def __init__(
+        self,
+        state: ShardState,
+        observer: PushObserver,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.state = state
+        self.observer = observer
+        self.leader: Leader | None = None
+        self._sleep = sleep
+
+    def push(
+        self, push: PushCall, receive: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    ) -> tuple[Decision, int]:
+        """Run one push: `receive(buffers)` fills this shard's gradient slices (from the wire)
+        into pooled buffers and returns them. Returns the decision and the shard's version
+        after applying it; a refused push raises its error, and nothing is applied."""
+        self.observer.arrived(push.trainer, push.peer, push.based_on)
+        push = self._with_id(push)
+        epoch, stats = self._stage(push, receive)
+        staged_at = time.perf_counter()
+        decision = self._decide(push, stats)
+        self.observer.waited(time.perf_counter() - staged_at)
+        applied = decision.error is None
+        self.observer.decided(push.trainer, push.peer, decision.staleness, applied)
+        if decision.error is not None:
+            self.state.discard(push.push_id)
+            raise decision.error
+        version = self.state.apply(decision, epoch=epoch)  # a failure marks the shard broken
+        return decision, version
+
+    def _with_id(self, push: PushCall) -> PushCall:
+        if push.push_id:
+            return push
+        sequencer = getattr(self.leader, "sequencer", None)
+        if sequencer is None or sequencer.num_shards != 1:
+            raise InvalidArgument("a push to a model with several shards needs a push_id")
+        return PushCall(uuid.uuid4().hex, push.based_on, push.trainer, push.peer)
+
+    def _stage(
+        self, push: PushCall, receive: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    ) -> tuple[int, GradStats]:
+        try:
+            buffers = self.state.buffers.take()
+            try:
+                grads = receive(buffers)
+            except BaseException:
+                self.state.buffers.give(buffers)
+                raise
+            return self.state.stage(push.push_id, grads, buffers)
+        except OptserveError as exc:  # refuse the push on every shard now, not at a timeout
+            self.observer.decided(push.trainer, push.peer, 0, applied=False)
+            self._refuse(push, exc)
+            raise
+        except Exception:  # the stream broke off (the trainer went away): the same, at once
+            self._refuse(push, Aborted("the push stream broke off before its end"))
+            raise
+
+    def _decide(self, push: PushCall, stats: GradStats) -> Decision:
+        leader = self.leader
+        try:
+            if leader is None:
+                raise Unavailable("this shard does not know its model's leader yet")
+            return self._ask(leader, push, stats)
+        except OptserveError as exc:
+            lost = leader is not None and leader.remote
+            if not lost or not isinstance(exc, Unavailable | DeadlineExceeded):
+                self.state.discard(push.push_id)  # refused before any decision: nothing applied
+                self.observer.decided(push.trainer, push.peer, 0, applied=False)
+                raise
+            # The leader may have decided this push and the other shards applied it.
+            self.state.mark_broken(f"lost the leader's decision on push {push.push_id}: {exc}")
+            raise Unavailable(
+                f"shard {self.state.index} lost its leader ({exc}); the server brings the "
+                "model back from its newest checkpoint: pull, then go on"
+            ) from None
+
+    def _ask(self, leader: Leader, push: PushCall, stats: GradStats) -> Decision:
+        if not leader.remote:
+            return leader.decide(self.state.index, push, stats)
+        # Asking again is safe: the leader answers a repeated question with the same decision.
+        for attempt in range(SEQUENCE_ATTEMPTS):
+            try:
+                return leader.decide(self.state.index, push, stats)
+            except (Unavailable, DeadlineExceeded):
+                if attempt == SEQUENCE_ATTEMPTS - 1:
+                    raise
+                self._sleep(min(0.2 * 2**attempt, 5.0))
+        raise AssertionError("unreachable")
+
+    def _refuse(self, push: PushCall, error: OptserveError) -> None:
+        """Best effort: tell the leader this shard refused its slice of the push."""
+        if self.leader is None:
+            return
+        try:
+            self.leader.refuse(self.state.index, push, error)
+        except Exception:  # noqa: BLE001 - the push then times out on the other shards
+            log.warning("could not tell the leader that push %s was refused", push.push_id)
