@@ -1,8 +1,8 @@
-"""The Shard gRPC service: push and pull of one shard's slice. Decodes and encodes; no math.
+"""The Shard gRPC service: push, pull and load of one shard's slice. Decodes and encodes.
 
-A push is staged here, ordered by the model's leader shard (server/shard/sequencer.py) and then
-applied; every shard of the model gets the same decision, so they apply the same updates in the
-same order. The leader serves `Sequence` to the other shards of its model.
+A push's frames go to the shard's pipeline (server/shard/pipeline.py: stage → decide → apply);
+this module supplies the pipeline's remote leader (`RemoteLeader`: the Sequence RPC of the
+model's leader shard) and serves `Sequence` to the other shards when it is the leader.
 """
 
 from __future__ import annotations
