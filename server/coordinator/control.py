@@ -14,16 +14,24 @@ the shards that had applied it answer from memory, the others apply it, all at v
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import ray
 
-from optserve.common.errors import FailedPrecondition
-from optserve.server.coordinator.catalogue import ModelRecord
+from optserve.common.config import (
+    RuleConfig,
+    optimizer_config_json,
+    parse_schedule_config,
+    schedule_config_json,
+    with_overrides,
+)
+from optserve.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from optserve.server.coordinator.catalogue import ModelRecord, group_config
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -130,3 +138,97 @@ def replay(record: ModelRecord, paused: dict[str, Any]) -> None:
 
 def audit_entry(caller: str, action: str, old: Any, new: Any) -> dict[str, Any]:
     return {"time": time.time(), "caller": caller, "action": action, "old": old, "new": new}
+
+
+# How long a control change waits for the model's previous change or checkpoint to end.
+CONTROL_WAIT_S = 60.0
+
+
+class ControlChanges:
+    """The control changes of `Coordinator` (whose catalogue and records these use): swap the
+    optimizer, change hyperparameters or the schedule, each at one version on every shard;
+    report a metric to the model's leader."""
+
+    @contextlib.contextmanager
+    def _controlling(self, record: ModelRecord) -> Iterator[None]:
+        """The model's control lock, or UNAVAILABLE after CONTROL_WAIT_S (another change or a
+        checkpoint holds it): nothing applied, safe to try again."""
+        if not record.control_lock.acquire(timeout=CONTROL_WAIT_S):
+            raise Unavailable(
+                f"model {record.name!r} is busy with another change or a checkpoint; nothing "
+                "was applied; try again"
+            )
+        try:
+            yield
+        finally:
+            record.control_lock.release()
+
+    def set_optimizer(
+        self, name: str, optimizer: RuleConfig, policy: str, caller: str = ""
+    ) -> tuple[int, dict[str, Any]]:
+        """Swap every group's rule on every shard at one version; return it and the report."""
+        if policy not in ("migrate", "reset"):
+            raise InvalidArgument(f"policy must be 'migrate' or 'reset', got {policy!r}")
+        record = self.get(name)
+        with self._controlling(record):  # read, apply and record the config as one step
+            configs, ignored = {}, {}
+            for group, overrides in record.overrides.items():
+                config, ignored[group] = group_config(optimizer, overrides)
+                configs[group] = optimizer_config_json(config)
+            new = json.loads(optimizer_config_json(optimizer))
+            op = new_op(
+                "set_optimizer", {"configs": configs, "policy": policy}, entry={"optimizer": new},
+                history={"audit": audit_entry(caller, "set_optimizer",
+                                                      record.entry.optimizer,
+                                                      {**new, "policy": policy})},
+            )  # fmt: skip
+            version, reports = run(record, op)
+        log.info("set_optimizer on model %s at version %d by %s", name, version, caller)
+        return version, {
+            "groups": reports[0],
+            "shards": len(reports),
+            "overrides_not_applicable": {g: keys for g, keys in ignored.items() if keys},
+        }
+
+    def set_hyperparameters(
+        self, name: str, changes: Mapping[str, Any], caller: str = ""
+    ) -> tuple[int, dict[str, Any]]:
+        """Change some hyperparameters of the current rule (state kept: policy migrate)."""
+        if not changes:
+            raise InvalidArgument("no hyperparameters to change")
+        record = self.get(name)
+        with self._controlling(record):  # no other change between reading the config and applying
+            merged = with_overrides(record.optimizer, changes)
+            return self.set_optimizer(name, merged, "migrate", caller)
+
+    def set_schedule(self, name: str, schedule: Any, caller: str = "") -> int:
+        record = self.get(name)
+        config = json.loads(schedule_config_json(parse_schedule_config(schedule)))
+        with self._controlling(record):
+            op = new_op(
+                "set_schedule", {"schedule": json.dumps(config)}, entry={"schedule": config},
+                history={"audit": audit_entry(caller, "set_schedule",
+                                                      record.entry.schedule, config)},
+            )  # fmt: skip
+            version, _ = run(record, op)
+        log.info("set_schedule on model %s at version %d by %s", name, version, caller)
+        return version
+
+    def report_metric(
+        self, name: str, metric: str, value: float, step: int | None, caller: str = ""
+    ) -> tuple[int, bool]:
+        """Feed a metric to the model's one schedule, on its leader, without pausing the model;
+        return the last version decided and whether the lr changed."""
+        if not metric or len(metric) > 128:
+            raise InvalidArgument(f"metric name must have 1-128 characters, got {metric[:40]!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise InvalidArgument(f"metric {metric!r} must be finite, got {value}")
+        record = self.get(name)
+        if record.initializing or not record.actors:
+            raise Unavailable(f"model {name!r} is not ready yet")
+        leader = record.actors[0]
+        try:
+            return ray.get(leader.report_metric.remote(metric, value, step, time.time()),
+                           timeout=60)  # fmt: skip
+        except ray.exceptions.RayActorError:
+            raise Unavailable(f"model {name!r}: its leader shard is down; retry") from None

@@ -10,13 +10,11 @@ coordinator that comes back adopts them (server/coordinator/recovery.py).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
-import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -33,7 +31,6 @@ from optserve.common.config import (
 from optserve.common.errors import (
     Aborted,
     AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -41,21 +38,20 @@ from optserve.common.errors import (
 )
 from optserve.common.layout import GroupLayout
 from optserve.common.results import Status
-from optserve.server.coordinator import checkpoints, control, recovery
+from optserve.server.coordinator import checkpoints, recovery
 from optserve.server.coordinator.catalogue import (
     MODEL_NAME,
     GroupSpec,
     Limits,
     ModelEntry,
     ModelRecord,
-    check_model_name,
     derive_max_model_bytes,
     entry_layout,
     group_config,
-    layouts_of,
     plan_groups,
     validate_params,
 )
+from optserve.server.coordinator.control import ControlChanges
 from optserve.server.coordinator.launch import (
     Placement,
     ShardProcess,
@@ -63,10 +59,11 @@ from optserve.server.coordinator.launch import (
     launch_shards,
     stop_shards,
 )
+from optserve.server.coordinator.persistence import Persistence
 from optserve.server.edge.tokens import EdgeConfig
 from optserve.server.metrics import CoordinatorMetrics
 from optserve.server.shard.actor import SHARD_THREADS
-from optserve.server.store.manifest import Checkpoint, Store
+from optserve.server.store.manifest import Store
 
 __all__ = [
     "MODEL_NAME",
@@ -81,11 +78,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-# How long a control change waits for the model's previous change or checkpoint to end.
-CONTROL_WAIT_S = 60.0
 
 
-class Coordinator:
+class Coordinator(ControlChanges, Persistence):
     """`service` names this coordinator's shard actors (its actor's name): with `adopt`, the
     running shards of that name are adopted at start. `checkpoint_policy` is the periodic
     policy of models that set none (default with a checkpoint directory: every 10 minutes)."""
@@ -345,92 +340,6 @@ class Coordinator:
             stop_shards(record.actors, record.placement_group, grace_s)
         self.metrics.stop()
 
-    # ---- control changes ---------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _controlling(self, record: ModelRecord) -> Iterator[None]:
-        """The model's control lock, or UNAVAILABLE after CONTROL_WAIT_S (another change or a
-        checkpoint holds it): nothing applied, safe to try again."""
-        if not record.control_lock.acquire(timeout=CONTROL_WAIT_S):
-            raise Unavailable(
-                f"model {record.name!r} is busy with another change or a checkpoint; nothing "
-                "was applied; try again"
-            )
-        try:
-            yield
-        finally:
-            record.control_lock.release()
-
-    def set_optimizer(
-        self, name: str, optimizer: RuleConfig, policy: str, caller: str = ""
-    ) -> tuple[int, dict[str, Any]]:
-        """Swap every group's rule on every shard at one version; return it and the report."""
-        if policy not in ("migrate", "reset"):
-            raise InvalidArgument(f"policy must be 'migrate' or 'reset', got {policy!r}")
-        record = self.get(name)
-        with self._controlling(record):  # read, apply and record the config as one step
-            configs, ignored = {}, {}
-            for group, overrides in record.overrides.items():
-                config, ignored[group] = group_config(optimizer, overrides)
-                configs[group] = optimizer_config_json(config)
-            new = json.loads(optimizer_config_json(optimizer))
-            op = control.new_op(
-                "set_optimizer", {"configs": configs, "policy": policy}, entry={"optimizer": new},
-                history={"audit": control.audit_entry(caller, "set_optimizer",
-                                                      record.entry.optimizer,
-                                                      {**new, "policy": policy})},
-            )  # fmt: skip
-            version, reports = control.run(record, op)
-        log.info("set_optimizer on model %s at version %d by %s", name, version, caller)
-        return version, {
-            "groups": reports[0],
-            "shards": len(reports),
-            "overrides_not_applicable": {g: keys for g, keys in ignored.items() if keys},
-        }
-
-    def set_hyperparameters(
-        self, name: str, changes: Mapping[str, Any], caller: str = ""
-    ) -> tuple[int, dict[str, Any]]:
-        """Change some hyperparameters of the current rule (state kept: policy migrate)."""
-        if not changes:
-            raise InvalidArgument("no hyperparameters to change")
-        record = self.get(name)
-        with self._controlling(record):  # no other change between reading the config and applying
-            merged = with_overrides(record.optimizer, changes)
-            return self.set_optimizer(name, merged, "migrate", caller)
-
-    def set_schedule(self, name: str, schedule: Any, caller: str = "") -> int:
-        record = self.get(name)
-        config = json.loads(schedule_config_json(parse_schedule_config(schedule)))
-        with self._controlling(record):
-            op = control.new_op(
-                "set_schedule", {"schedule": json.dumps(config)}, entry={"schedule": config},
-                history={"audit": control.audit_entry(caller, "set_schedule",
-                                                      record.entry.schedule, config)},
-            )  # fmt: skip
-            version, _ = control.run(record, op)
-        log.info("set_schedule on model %s at version %d by %s", name, version, caller)
-        return version
-
-    def report_metric(
-        self, name: str, metric: str, value: float, step: int | None, caller: str = ""
-    ) -> tuple[int, bool]:
-        """Feed a metric to the model's one schedule, on its leader, without pausing the model;
-        return the last version decided and whether the lr changed."""
-        if not metric or len(metric) > 128:
-            raise InvalidArgument(f"metric name must have 1-128 characters, got {metric[:40]!r}")
-        if value != value or value in (float("inf"), float("-inf")):
-            raise InvalidArgument(f"metric {metric!r} must be finite, got {value}")
-        record = self.get(name)
-        if record.initializing or not record.actors:
-            raise Unavailable(f"model {name!r} is not ready yet")
-        leader = record.actors[0]
-        try:
-            return ray.get(leader.report_metric.remote(metric, value, step, time.time()),
-                           timeout=60)  # fmt: skip
-        except ray.exceptions.RayActorError:
-            raise Unavailable(f"model {name!r}: its leader shard is down; retry") from None
-
     # ---- status ------------------------------------------------------------------------------
 
     def status(self, name: str, recent: int = 50) -> Status:
@@ -460,149 +369,3 @@ class Coordinator:
             since = None if version is None else version - (last[0] if last else 0)
             out.append((record.name, since, last[1] if last else None))
         return out
-
-    # ---- checkpoints ---------------------------------------------------------------------------
-
-    def _store(self) -> Store:
-        if self.store is None:
-            raise FailedPrecondition(
-                "this server has no checkpoint directory; start it with --checkpoint-dir"
-            )
-        return self.store
-
-    def checkpoint(
-        self, name: str, caller: str = "", snapshot: str | None = None
-    ) -> dict[str, Any]:
-        """Snapshot every shard at one version into the store; keep the newest
-        `keep_checkpoints`. Each shard writes its own file; the manifest comes last."""
-        store = self._store()
-        record = self.get(name)
-        policy = checkpoints.effective_policy(record.entry.checkpoint_policy, self.default_policy)
-        snapshot = snapshot or policy.get("snapshot", "pause")
-        with record.checkpoint_lock:
-            done = checkpoints.take(record, store, self._meta(record), caller, snapshot)
-        store.prune(name, self.keep_checkpoints)
-        self.metrics.checkpoint_seconds.labels(name).observe(done["seconds"])
-        return {**done, "uri": f"{store.root}/{name}"}
-
-    @staticmethod
-    def _meta(record: ModelRecord) -> dict[str, Any]:
-        entry = record.entry
-        return {
-            "model": entry.model, "params": entry.params, "groups": entry.groups,
-            "overrides": entry.overrides, "optimizer": entry.optimizer, "mode": entry.mode,
-            "run_id": entry.run_id, "checkpoint_policy": dict(entry.checkpoint_policy),
-            "num_shards": len(record.actors), "service": entry.service,
-        }  # fmt: skip
-
-    def list_checkpoints(self, name: str) -> list[dict[str, Any]]:
-        check_model_name(name)
-        return self._store().list(name)
-
-    def restore(
-        self,
-        name: str,
-        checkpoint: str | None = None,
-        num_shards: int = 0,
-        caller: str = "",
-        replace: ModelRecord | None = None,
-    ) -> ModelRecord:
-        """Bring a model back from a checkpoint, onto `num_shards` shards (default: as many as
-        it runs on now, or as it ran on when checkpointed). A running model is replaced only
-        once the checkpoint has been read, verified and loaded into new shards; without a
-        name, a checkpoint whose files turn out damaged gives way to the next newest."""
-        check_model_name(name)
-        store = self._store()
-        candidates = store.candidates(name, checkpoint, replace.run_id if replace else None)
-        with self._lock:
-            old = self._models.get(name)
-        reserved = old is None and replace is None
-        if reserved:
-            self.reserve(name)  # a CreateModel of the same name must not race this restore
-        history = None
-        if replace is not None:  # a recovery keeps the live history, while the leader answers
-            history = recovery.live_history(replace)
-            # The dead run's shards hold resources (a GPU each, maybe) the new ones need.
-            stop_shards(replace.actors, replace.placement_group, 1.0)
-        try:
-            failure: FailedPrecondition | None = None
-            for candidate in candidates:
-                try:
-                    ckpt = store.read_manifest(name, candidate)
-                    return self._restore(ckpt, old, num_shards, caller, replace, history)
-                except FailedPrecondition as exc:  # damaged: the next newest, unless named
-                    if checkpoint is not None:
-                        raise
-                    log.warning("checkpoint %s/%s cannot be restored: %s", name, candidate, exc)
-                    failure = failure or exc
-            assert failure is not None
-            raise failure
-        finally:
-            if reserved:
-                self.release(name)
-
-    def _restore(
-        self,
-        ckpt: Checkpoint,
-        old: ModelRecord | None,
-        num_shards: int,
-        caller: str,
-        replace: ModelRecord | None,
-        live_history: dict[str, list] | None,
-    ) -> ModelRecord:
-        name = ckpt.model
-        num_shards = num_shards or (len(old.actors) if old else ckpt.num_shards)
-        self._check_num_shards(num_shards)
-        history = {k: list(v) for k, v in (live_history or {}).items()} or {
-            "audit": list(ckpt.audit),
-            "metrics": list(ckpt.metrics),
-        }
-        current = old if old is not None else replace
-        entry = self._new_entry(
-            name, layouts_of(ckpt.params, ckpt.groups), ckpt.overrides,
-            ckpt.optimizer, ckpt.schedule, ckpt.mode,
-            dict(current.entry.checkpoint_policy if current else ckpt.checkpoint_policy),
-            num_shards, run_id=ckpt.run_id,
-            replaces=current.entry.launch if current is not None else None,
-        )  # fmt: skip
-        configs = {g: _parse_config(c) for g, c in ckpt.group_configs.items()}
-        record = self._start(entry, entry.layouts(), history, configs)
-        store = self._store()
-        try:
-            plan = checkpoints.restore_plan(store, ckpt)
-            read = ray.get([a.restore_checkpoint.remote(plan) for a in record.actors],
-                           timeout=checkpoints.WRITE_TIMEOUT_S)  # fmt: skip
-            done = {"checkpoint": ckpt.name, "shards": num_shards, "bytes": ckpt.bytes,
-                    "allocate_s": round(max(r["allocate_s"] for r in read), 3),
-                    "read_s": round(max(r["read_s"] for r in read), 3)}  # fmt: skip
-            entry = {**control.audit_entry(caller, "restore", None, done), "version": ckpt.version}
-            ray.get(record.actors[0].record_history.remote([entry], []), timeout=60)
-        except BaseException:
-            stop_shards(record.actors, record.placement_group, 1.0)
-            raise
-        record.last_checkpoint = (ckpt.version, ckpt.created)
-        record.last_version = ckpt.version
-        self._commit(record)
-        # Only over the model as it was when this began: dropped, created again or restored
-        # meanwhile, it stays as it is now.
-        if not self.register(record, replacing=replace if replace is not None else old):
-            stop_shards(record.actors, record.placement_group, 1.0)
-            raise Aborted(f"model {name!r} changed while it was being restored")
-        if old is not None and old is not replace:
-            stop_shards(old.actors, old.placement_group, 1.0)
-        log.info("restored %s at version %d on %d shard(s): %.1f MB read in %.2f s", name,
-                 ckpt.version, num_shards, ckpt.bytes / 1e6, done["read_s"])  # fmt: skip
-        return record
-
-    def checkpoint_policy(self, policy: Mapping[str, Any] | None) -> dict[str, Any]:
-        """A model's own periodic-checkpoint policy, validated ({}: the server's default)."""
-        checked = checkpoints.check_policy(policy)
-        if checked.get("enabled", True) and ({"every_versions", "every_s"} & set(checked)):
-            self._store()
-        return checked
-
-
-def _parse_config(config: Mapping[str, Any]) -> RuleConfig:
-    from optserve.common.config import parse_optimizer_config
-
-    return parse_optimizer_config(dict(config))

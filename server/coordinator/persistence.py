@@ -1,0 +1,168 @@
+"""The coordinator's checkpoints and restores: the store, the manifest a checkpoint ends with,
+and bringing a model back from one onto new shards. Mixed into `Coordinator`, whose catalogue,
+limits and locks these use; the shards write and read the bytes (server/shard/checkpoint.py)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import ray
+
+from optserve.common.config import RuleConfig
+from optserve.common.errors import Aborted, FailedPrecondition
+from optserve.server.coordinator import checkpoints, control, recovery
+from optserve.server.coordinator.catalogue import ModelRecord, check_model_name, layouts_of
+from optserve.server.coordinator.launch import stop_shards
+from optserve.server.store.manifest import Checkpoint, Store
+
+log = logging.getLogger(__name__)
+
+
+class Persistence:
+    """Checkpoint and restore, for `Coordinator`."""
+
+    def _store(self) -> Store:
+        if self.store is None:
+            raise FailedPrecondition(
+                "this server has no checkpoint directory; start it with --checkpoint-dir"
+            )
+        return self.store
+
+    def checkpoint(
+        self, name: str, caller: str = "", snapshot: str | None = None
+    ) -> dict[str, Any]:
+        """Snapshot every shard at one version into the store; keep the newest
+        `keep_checkpoints`. Each shard writes its own file; the manifest comes last."""
+        store = self._store()
+        record = self.get(name)
+        policy = checkpoints.effective_policy(record.entry.checkpoint_policy, self.default_policy)
+        snapshot = snapshot or policy.get("snapshot", "pause")
+        with record.checkpoint_lock:
+            done = checkpoints.take(record, store, self._meta(record), caller, snapshot)
+        store.prune(name, self.keep_checkpoints)
+        self.metrics.checkpoint_seconds.labels(name).observe(done["seconds"])
+        return {**done, "uri": f"{store.root}/{name}"}
+
+    @staticmethod
+    def _meta(record: ModelRecord) -> dict[str, Any]:
+        entry = record.entry
+        return {
+            "model": entry.model, "params": entry.params, "groups": entry.groups,
+            "overrides": entry.overrides, "optimizer": entry.optimizer, "mode": entry.mode,
+            "run_id": entry.run_id, "checkpoint_policy": dict(entry.checkpoint_policy),
+            "num_shards": len(record.actors), "service": entry.service,
+        }  # fmt: skip
+
+    def list_checkpoints(self, name: str) -> list[dict[str, Any]]:
+        check_model_name(name)
+        return self._store().list(name)
+
+    def restore(
+        self,
+        name: str,
+        checkpoint: str | None = None,
+        num_shards: int = 0,
+        caller: str = "",
+        replace: ModelRecord | None = None,
+    ) -> ModelRecord:
+        """Bring a model back from a checkpoint, onto `num_shards` shards (default: as many as
+        it runs on now, or as it ran on when checkpointed). A running model is replaced only
+        once the checkpoint has been read, verified and loaded into new shards; without a
+        name, a checkpoint whose files turn out damaged gives way to the next newest."""
+        check_model_name(name)
+        store = self._store()
+        candidates = store.candidates(name, checkpoint, replace.run_id if replace else None)
+        with self._lock:
+            old = self._models.get(name)
+        reserved = old is None and replace is None
+        if reserved:
+            self.reserve(name)  # a CreateModel of the same name must not race this restore
+        history = None
+        if replace is not None:  # a recovery keeps the live history, while the leader answers
+            history = recovery.live_history(replace)
+            # The dead run's shards hold resources (a GPU each, maybe) the new ones need.
+            stop_shards(replace.actors, replace.placement_group, 1.0)
+        try:
+            failure: FailedPrecondition | None = None
+            for candidate in candidates:
+                try:
+                    ckpt = store.read_manifest(name, candidate)
+                    return self._restore(ckpt, old, num_shards, caller, replace, history)
+                except FailedPrecondition as exc:  # damaged: the next newest, unless named
+                    if checkpoint is not None:
+                        raise
+                    log.warning("checkpoint %s/%s cannot be restored: %s", name, candidate, exc)
+                    failure = failure or exc
+            assert failure is not None
+            raise failure
+        finally:
+            if reserved:
+                self.release(name)
+
+    def _restore(
+        self,
+        ckpt: Checkpoint,
+        old: ModelRecord | None,
+        num_shards: int,
+        caller: str,
+        replace: ModelRecord | None,
+        live_history: dict[str, list] | None,
+    ) -> ModelRecord:
+        name = ckpt.model
+        num_shards = num_shards or (len(old.actors) if old else ckpt.num_shards)
+        self._check_num_shards(num_shards)
+        history = {k: list(v) for k, v in (live_history or {}).items()} or {
+            "audit": list(ckpt.audit),
+            "metrics": list(ckpt.metrics),
+        }
+        current = old if old is not None else replace
+        entry = self._new_entry(
+            name, layouts_of(ckpt.params, ckpt.groups), ckpt.overrides,
+            ckpt.optimizer, ckpt.schedule, ckpt.mode,
+            dict(current.entry.checkpoint_policy if current else ckpt.checkpoint_policy),
+            num_shards, run_id=ckpt.run_id,
+            replaces=current.entry.launch if current is not None else None,
+        )  # fmt: skip
+        configs = {g: parse_rule_config(c) for g, c in ckpt.group_configs.items()}
+        record = self._start(entry, entry.layouts(), history, configs)
+        store = self._store()
+        try:
+            plan = checkpoints.restore_plan(store, ckpt)
+            read = ray.get([a.restore_checkpoint.remote(plan) for a in record.actors],
+                           timeout=checkpoints.WRITE_TIMEOUT_S)  # fmt: skip
+            done = {"checkpoint": ckpt.name, "shards": num_shards, "bytes": ckpt.bytes,
+                    "allocate_s": round(max(r["allocate_s"] for r in read), 3),
+                    "read_s": round(max(r["read_s"] for r in read), 3)}  # fmt: skip
+            entry = {**control.audit_entry(caller, "restore", None, done), "version": ckpt.version}
+            ray.get(record.actors[0].record_history.remote([entry], []), timeout=60)
+        except BaseException:
+            stop_shards(record.actors, record.placement_group, 1.0)
+            raise
+        record.last_checkpoint = (ckpt.version, ckpt.created)
+        record.last_version = ckpt.version
+        self._commit(record)
+        # Only over the model as it was when this began: dropped, created again or restored
+        # meanwhile, it stays as it is now.
+        if not self.register(record, replacing=replace if replace is not None else old):
+            stop_shards(record.actors, record.placement_group, 1.0)
+            raise Aborted(f"model {name!r} changed while it was being restored")
+        if old is not None and old is not replace:
+            stop_shards(old.actors, old.placement_group, 1.0)
+        log.info("restored %s at version %d on %d shard(s): %.1f MB read in %.2f s", name,
+                 ckpt.version, num_shards, ckpt.bytes / 1e6, done["read_s"])  # fmt: skip
+        return record
+
+    def checkpoint_policy(self, policy: Mapping[str, Any] | None) -> dict[str, Any]:
+        """A model's own periodic-checkpoint policy, validated ({}: the server's default)."""
+        checked = checkpoints.check_policy(policy)
+        if checked.get("enabled", True) and ({"every_versions", "every_s"} & set(checked)):
+            self._store()
+        return checked
+
+
+def parse_rule_config(config: Mapping[str, Any]) -> RuleConfig:
+    from optserve.common.config import parse_optimizer_config
+
+    return parse_optimizer_config(dict(config))
