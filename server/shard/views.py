@@ -1,0 +1,140 @@
+"""What a shard shows of its state without changing it: weights for a pull, everything for a
+checkpoint, a digest, its status. Mixed into `ShardState`, whose lock and buffers these read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from optserve.common.config import (
+    optimizer_config_json,
+    schedule_config_json,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class CheckpointView:
+    """A shard's state at a checkpoint's version: live tensors (valid while the model is
+    held at that version) and everything else as plain values."""
+
+    version: int
+    tensors: dict[str, torch.Tensor]  # "<group>/weights", "<group>/state/<key>"
+    scalars: dict[str, dict[str, Any]]
+    configs: dict[str, str]
+    schedule: str
+    schedule_state: dict[str, Any]
+
+
+class StateViews:
+    """The reads of `ShardState`."""
+
+    def read_weights(self, fn: Callable[[int, dict[str, torch.Tensor]], T]) -> T:
+        """Run `fn(version, per-group weights)` while no update can change them.
+
+        `fn` must copy what it keeps and must be quick: pushes wait meanwhile."""
+        with self._lock:
+            self._check_sound()
+            return fn(self.version, {name: g.weights for name, g in self._groups.items()})
+
+    def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """A consistent copy of (version, per-group weights) on the CPU."""
+        with self._lock:
+            return self.version, {
+                name: g.weights.detach().to("cpu", copy=True) for name, g in self._groups.items()
+            }
+
+    def checkpoint_view(self, at_version: int) -> CheckpointView:
+        """Everything a checkpoint holds, once this shard is at `at_version`: the live weight
+        and state tensors (no copy: the caller keeps the model at that version while it
+        reads them) and the scalars, configs and schedule state."""
+        with self._at(at_version):
+            tensors: dict[str, torch.Tensor] = {}
+            scalars: dict[str, dict[str, Any]] = {}
+            for name, group in self._groups.items():
+                tensors[f"{name}/weights"] = group.weights
+                scalars[name] = {}
+                for key, value in sorted(group.state.items()):
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"{name}/state/{key}"] = value
+                    else:
+                        scalars[name][key] = value
+            return CheckpointView(
+                version=self.version,
+                tensors=tensors,
+                scalars=scalars,
+                configs={name: optimizer_config_json(g.config) for name, g in self._groups.items()},
+                schedule=schedule_config_json(self._schedule_config),
+                schedule_state=self._schedule.state_dict(),
+            )
+
+    def health(self) -> dict[str, Any]:
+        """What the coordinator's watch needs: version, broken (why, or None), ready."""
+        with self._lock:
+            return {"version": self.version, "broken": self.broken, "ready": self.ready}
+
+    def state_dict(self, at_version: int | None = None) -> dict[str, Any]:
+        """A consistent copy of everything: version, weights, rule state, schedule state
+        (at version `at_version`, a checkpoint's boundary, when given)."""
+        with self._at(at_version):
+            return {
+                "version": self.version,
+                "schedule": schedule_config_json(self._schedule_config),
+                "schedule_state": self._schedule.state_dict(),
+                "groups": {
+                    name: {"weights": g.weights.detach().to("cpu", copy=True), **g.state_dict()}
+                    for name, g in self._groups.items()
+                },
+            }
+
+    def digest(self) -> str:
+        """SHA-256 of the version, weights, every state buffer and scalar, configs and schedule
+        state: equal digests mean nothing changed (what a refused request must leave)."""
+        digest = hashlib.sha256()
+
+        def feed(key: str, value: Any) -> None:
+            if isinstance(value, torch.Tensor):
+                flat = value.detach().to("cpu").contiguous().reshape(-1)
+                digest.update(f"{key}:{flat.dtype}:".encode())
+                digest.update(flat.view(torch.uint8).numpy().tobytes())
+            elif isinstance(value, Mapping):
+                for k in sorted(value, key=str):
+                    feed(f"{key}/{k}", value[k])
+            else:
+                digest.update(f"{key}={value!r};".encode())
+
+        with self._lock:
+            feed("", self.state_dict())  # configs included
+        return digest.hexdigest()
+
+    def info(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "model": self.model,
+                "index": self.index,
+                "version": self.version,
+                "device": str(self.device),
+                "broken": self.broken,
+                "staged": len(self._staged),
+                "schedule": schedule_config_json(self._schedule_config),
+                "schedule_state": self._schedule.state_dict(),
+                "ready": self.ready,
+                "groups": {name: self._describe(name) for name in self._plans},
+            }
+
+    def _describe(self, group: str) -> dict[str, Any]:
+        engine = self._groups.get(group)
+        if engine is not None:
+            return {**engine.describe(), "lr": self.lr(group)}
+        config = self._plans[group].config
+        return {"rule": config.name, "config": json.loads(optimizer_config_json(config)),
+                "numel": self._plans[group].length, "path": "none", "scalars": {},
+                "lr": self.lr(group)}  # fmt: skip
