@@ -63,6 +63,12 @@ def _is_ams(config: Any) -> bool:
     )
 
 
+def _identity(config: Any) -> tuple[str, bool]:
+    """What a rule is, whatever it is called: `amsgrad` is `adam` with `amsgrad: true`, one rule
+    spelled two ways, so the two migrate alike (and AdaBound with `amsbound` likewise)."""
+    return ("adam" if config.name == "amsgrad" else config.name, _is_ams(config))
+
+
 @dataclass
 class _Estimates:
     step: int = 0
@@ -123,7 +129,8 @@ def migrate(
 def _migrate_inner(src: Any, old: State, dst: Any, new: State, report: MigrationReport) -> None:
     est = _estimates(src, old)
     t = est.step
-    if dst.name == src.name and not (dst.name in ADAM_FAMILY and src.betas != dst.betas):
+    same_rule = _identity(dst) == _identity(src)
+    if same_rule and not (dst.name in ADAM_FAMILY and src.betas != dst.betas):
         _carry_same_rule(src, old, dst, new, report)
     elif dst.name in ADAM_FAMILY:
         _into_adam_family(src, old, dst, new, report, est)

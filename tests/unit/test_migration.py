@@ -231,3 +231,43 @@ def test_momentum_or_dampening_of_one_or_more_migrates_without_dividing_by_zero(
             assert torch.isfinite(value).all(), key
     eng.step(grads(1, seed=1)[0], 1e-3)
     assert torch.isfinite(eng.weights).all()
+
+
+RULE_NAMES = ["sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adabound",
+              "radam", "ranger"]  # fmt: skip
+
+
+def _trained_and_migrated(source: dict, target: dict):
+    from optserve.common.config import parse_optimizer_config
+    from optserve.server.engine import build_rule
+    from optserve.server.engine.migration import migrate
+
+    torch.manual_seed(0)
+    weights = torch.randn(8)
+    rule = build_rule(parse_optimizer_config(source))
+    state = rule.init_state(weights)
+    for _ in range(3):
+        rule.apply(weights, torch.randn(8), state, 0.01)
+    new, report = migrate(rule, state, build_rule(parse_optimizer_config(target)), weights,
+                          "migrate")  # fmt: skip
+    actions = {key: action for key, (action, _) in report.entries.items()}
+    return new, actions
+
+
+@pytest.mark.parametrize("other", RULE_NAMES)
+def test_amsgrad_and_adam_with_amsgrad_are_one_rule_in_migration(other):
+    """`amsgrad` is `adam` with `amsgrad: true`: to and from every rule they migrate alike."""
+    for pair in (
+        ({"name": "adam", "amsgrad": True}, {"name": other}),
+        ({"name": other}, {"name": "adam", "amsgrad": True}),
+    ):
+        spelled = [{"name": "amsgrad"} if p.get("amsgrad") else p for p in pair]
+        state_a, actions_a = _trained_and_migrated(*pair)
+        state_b, actions_b = _trained_and_migrated(*spelled)
+        assert actions_a == actions_b, (pair, actions_a, actions_b)
+        assert set(state_a) == set(state_b)
+        for key, value in state_a.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, state_b[key]), key
+            else:
+                assert value == state_b[key], key
