@@ -19,11 +19,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from tqdm import tqdm
 
-from optserve.client import ParameterServerClient
+from optserve.client import MigrationReport, ParameterServerClient
 from optserve.common.auth import TOKEN_ENV
 from optserve.common.config import parse_optimizer_config
 from optserve.common.errors import NotFound, OptserveError
@@ -134,7 +134,7 @@ class _Swapper(threading.Thread):
         self.address, self.target, self.at_version = address, target, at_version
         self.label = label
         self.stop = threading.Event()
-        self.report: dict[str, Any] | None = None
+        self.report: MigrationReport | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -152,10 +152,10 @@ class _Swapper(threading.Thread):
             self.error = exc
             return
         if self.report is not None:
-            keys = self.report["groups"]["default"]["keys"]
-            said = "; ".join(f"{k} {v['action']}" for k, v in keys.items())
-            source = self.report["groups"]["default"]["source"]
-            print(f"[demo] at model version {self.report['version']}: optimizer swapped "
+            group = self.report.groups["default"]
+            said = "; ".join(f"{k} {v.action}" for k, v in group.keys.items())
+            source = group.source
+            print(f"[demo] at model version {self.report.version}: optimizer swapped "
                   f"{source} -> {self.label} (migrate: {said})", flush=True)  # fmt: skip
 
 
@@ -218,11 +218,11 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"server ready at {service.address} ({time.perf_counter() - started:.1f}s)", flush=True
         )
-        swap_report = _train(args, service.address, epochs, optimizer.model_dump_json())
-        if swap_report is None:
+        trained, swap = _train(args, service.address, epochs, optimizer.model_dump_json())
+        if not trained:
             return 1
         run = _Run(args, epochs, optimizer.model_dump_json(), checkpoints, started)
-        run.finish(service.address, swap_report or None)
+        run.finish(service.address, swap)
         return 0
     finally:
         if service is not None:
@@ -247,9 +247,11 @@ def _start(args: argparse.Namespace, checkpoints: Path):
     )
 
 
-def _train(args: argparse.Namespace, address: str, epochs: int, optimizer: str) -> dict | None:
-    """Run the trainer processes to the end, swapping the optimizer on the way. The swap's
-    report ({} without a swap), or None when a trainer or the swap failed (said why)."""
+def _train(
+    args: argparse.Namespace, address: str, epochs: int, optimizer: str
+) -> tuple[bool, MigrationReport | None]:
+    """Run the trainer processes to the end, swapping the optimizer on the way: whether all
+    went well (if not, it says why) and the swap's report (None without a swap)."""
     commands = [
         _trainer_command(address, rank, args, epochs, optimizer) for rank in range(args.trainers)
     ]
@@ -273,11 +275,11 @@ def _train(args: argparse.Namespace, address: str, epochs: int, optimizer: str) 
             swapper.join(timeout=60)
     if swapper is not None and swapper.error is not None:
         print(f"optserve demo: the optimizer swap failed: {swapper.error}", file=sys.stderr)
-        return None
+        return False, None
     if failed:
         print(f"optserve demo: trainer(s) {failed} failed", file=sys.stderr)
-        return None
-    return (swapper.report or {}) if swapper is not None else {}
+        return False, None
+    return True, swapper.report if swapper is not None else None
 
 
 class _Run:
@@ -290,7 +292,7 @@ class _Run:
         self.args, self.epochs, self.optimizer = args, epochs, optimizer
         self.checkpoints, self.started = checkpoints, started
 
-    def finish(self, address: str, swap: dict | None) -> None:
+    def finish(self, address: str, swap: MigrationReport | None) -> None:
         plot_path = self.checkpoints.parent / f"{MODEL}.png"
         with ParameterServerClient(address) as client:
             weights, version = client.pull(MODEL)
@@ -306,8 +308,8 @@ class _Run:
             f"(model version {version}, {elapsed:.1f}s in all)",
             flush=True,
         )
-        print(f"checkpoint: {self.checkpoints / MODEL / saved['name']} (version "
-              f"{saved['version']}: weights, optimizer state, schedule, metrics)")  # fmt: skip
+        print(f"checkpoint: {self.checkpoints / MODEL / saved.name} (version "
+              f"{saved.version}: weights, optimizer state, schedule, metrics)")  # fmt: skip
         print(f"plot:       {plot_path} ({drawn})")
         _next_steps(self.checkpoints)
         if self.args.report:
@@ -318,14 +320,14 @@ class _Run:
                 "trainers": self.args.trainers,
                 "seconds": elapsed,
                 "optimizer": json.loads(self.optimizer),
-                "checkpoint": {"dir": str(self.checkpoints), **saved},
+                "checkpoint": {"dir": str(self.checkpoints), **saved.to_dict()},
                 "plot": str(plot_path),
                 "swap": None
-                if not swap
+                if swap is None
                 else {
-                    "version": swap["version"],
-                    "to": swap["optimizer"],
-                    "keys": swap["groups"]["default"]["keys"],
+                    "version": swap.version,
+                    "to": swap.optimizer,
+                    "keys": swap.groups["default"].to_dict()["keys"],
                 },
             }
             Path(self.args.report).write_text(json.dumps(report, indent=2) + "\n")
