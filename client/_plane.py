@@ -4,15 +4,17 @@ stubs, and pushing gradient slices to and pulling weight slices from every shard
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 import torch
 
+from optserve.client._auth import ChannelSecurity
 from optserve.common.codec import (
     GRADIENT_WIRE_DTYPES,
     MAX_MESSAGE_BYTES,
@@ -165,6 +167,25 @@ def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 class Transfers:
     """Pushes and pulls, straight to and from every shard of a model. Mixed into
     `ParameterServerClient`, which holds the connections, the layouts and the buffers."""
+
+    # What they use, set by ParameterServerClient (declared for the type checker).
+    timeout_s: float
+    chunk_bytes: int
+    _security: ChannelSecurity
+    _lock: threading.Lock
+    _shard_channels: dict[str, tuple[grpc.Channel, DataPlane]]
+    _versions: dict[str, int]
+    _pool: ThreadPoolExecutor | None
+    _metadata: tuple[tuple[str, str], ...]
+    _buffers: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]]
+
+    if TYPE_CHECKING:
+
+        def _with_layout(self, model: str, fn: Callable[[ModelInfo], T]) -> T: ...
+
+        def _layout(self, model: str) -> ModelInfo: ...
+
+        def _forget_layout(self, model: str) -> None: ...
 
     def push(
         self,
@@ -325,7 +346,8 @@ class Transfers:
         assembler = TensorAssembler(expected, what="weights", out=out)
         version = None
         try:
-            for reply in stream:  # read by parse_pull_response
+            # Read by parse_pull_response: PullHeaders, RawChunks, or the error in a frame.
+            for reply in cast(Iterator[Any], stream):
                 if isinstance(reply, OptserveError):
                     raise reply
                 if isinstance(reply, shard_pb2.PullHeader):

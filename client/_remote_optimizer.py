@@ -24,6 +24,7 @@ from optserve.common.errors import (
     PushRefused,
     Unavailable,
 )
+from optserve.common.results import MigrationReport, Status
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,7 +35,7 @@ def _mode(mode: str | Mapping[str, Any] | None, trainers: int | None) -> Any:
     `trainers` (sync: pushes per round)."""
     if mode is None and trainers is None:
         return None
-    config = dict(mode) if isinstance(mode, Mapping) else {"mode": mode or "sync"}
+    config: dict[str, Any] = dict(mode) if isinstance(mode, Mapping) else {"mode": mode or "sync"}
     if trainers is not None:
         config["trainers"] = trainers
     return parse_mode_config(config)
@@ -238,15 +239,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def set_optimizer(
         self, config: str | Mapping[str, Any] | RuleConfig, policy: str = "migrate"
-    ) -> dict[str, Any]:
+    ) -> MigrationReport:
         """Swap the model's optimizer on the server; see ParameterServerClient.set_optimizer."""
         return self.client.set_optimizer(self.model, config, policy)
 
-    def set_hyperparameters(self, **changes: Any) -> dict[str, Any]:
+    def set_hyperparameters(self, **changes: Any) -> MigrationReport:
         """Change some hyperparameters of the current rule (its state is kept)."""
         return self.client.set_hyperparameters(self.model, **changes)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         """The run as the server sees it; see ParameterServerClient.status."""
         return self.client.status(self.model)
 

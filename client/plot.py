@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from optserve.common.results import Status
+
 # Metric names drawn in the validation panel; every other metric is a training metric.
 VALIDATION_PREFIXES = ("val", "valid", "test", "eval")
 # Audit actions that get a marker.
@@ -73,7 +75,7 @@ def _marker_label(entry: Mapping[str, Any]) -> str:
     return f"{after}: {', '.join(changed)}" if changed else after
 
 
-def run_series(status: Mapping[str, Any]) -> RunSeries:
+def run_series(status: Status | Mapping[str, Any]) -> RunSeries:
     metrics = list(status.get("metrics", []))
     by_step = bool(metrics) and all(m.get("step") is not None for m in metrics)
     series = RunSeries(str(status.get("model", "")), "step" if by_step else "model version")
@@ -104,7 +106,9 @@ def run_series(status: Mapping[str, Any]) -> RunSeries:
     return series
 
 
-def plot_run(status: Mapping[str, Any], path: str, title: str | None = None) -> dict[str, Any]:
+def plot_run(
+    status: Status | Mapping[str, Any], path: str, title: str | None = None
+) -> dict[str, Any]:
     """Write the run's PNG to `path`; return what it drew (also stored in the PNG)."""
     try:
         import matplotlib

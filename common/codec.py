@@ -16,11 +16,15 @@ import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from optserve.common.errors import InvalidArgument, ResourceExhausted
 from optserve.v1 import tensor_pb2
+
+if TYPE_CHECKING:  # the wire builds on this module
+    from optserve.common.wire import RawChunk
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian machine runs torch wheels today
     raise ImportError("optserve's wire format is little-endian; this machine is big-endian")
@@ -31,13 +35,13 @@ MAX_CHUNK_BYTES = 4 << 20
 # Largest gRPC message either side accepts: one chunk plus headroom for the other fields.
 MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + (64 << 10)
 
-DTYPE_TO_WIRE: dict[torch.dtype, int] = {
+DTYPE_TO_WIRE: dict[torch.dtype, tensor_pb2.DType] = {
     torch.float32: tensor_pb2.DTYPE_FLOAT32,
     torch.float16: tensor_pb2.DTYPE_FLOAT16,
     torch.bfloat16: tensor_pb2.DTYPE_BFLOAT16,
     torch.float64: tensor_pb2.DTYPE_FLOAT64,
 }
-WIRE_TO_DTYPE: dict[int, torch.dtype] = {v: k for k, v in DTYPE_TO_WIRE.items()}
+WIRE_TO_DTYPE: dict[int, torch.dtype] = {int(v): k for k, v in DTYPE_TO_WIRE.items()}
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float32: "float32",
     torch.float16: "float16",
@@ -50,7 +54,7 @@ GRADIENT_WIRE_DTYPES: frozenset[torch.dtype] = frozenset(
 )
 
 
-def wire_dtype(dtype: torch.dtype) -> int:
+def wire_dtype(dtype: torch.dtype) -> tensor_pb2.DType:
     try:
         return DTYPE_TO_WIRE[dtype]
     except KeyError:
@@ -74,10 +78,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES.get(dtype, str(dtype))
 
 
-def _byte_view(tensor: torch.Tensor) -> memoryview:
+def byte_view(tensor: torch.Tensor) -> memoryview:
     """A flat memoryview of a contiguous CPU tensor's bytes (no copy)."""
-    flat = tensor.reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 def wire_view(tensor: torch.Tensor, chunk_bytes: int) -> tuple[torch.Tensor, memoryview]:
@@ -88,7 +91,7 @@ def wire_view(tensor: torch.Tensor, chunk_bytes: int) -> tuple[torch.Tensor, mem
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    return t, _byte_view(t)
+    return t, byte_view(t)
 
 
 def encode_tensor(
@@ -152,7 +155,7 @@ class TensorAssembler:
     out: Mapping[str, torch.Tensor] | None = None
     _partials: dict[str, _Partial] = field(default_factory=dict)
 
-    def add(self, chunk: tensor_pb2.TensorChunk) -> None:
+    def add(self, chunk: tensor_pb2.TensorChunk | RawChunk) -> None:
         data = chunk.data  # each read of a bytes field copies it: read it once
         if len(data) > self.max_chunk_bytes:
             raise ResourceExhausted(
@@ -174,7 +177,7 @@ class TensorAssembler:
         partial.view[partial.received : end] = data
         partial.received = end
 
-    def _start(self, chunk: tensor_pb2.TensorChunk) -> _Partial:
+    def _start(self, chunk: tensor_pb2.TensorChunk | RawChunk) -> _Partial:
         spec = self.expected.get(chunk.name)
         if spec is None:
             known = ", ".join(repr(n) for n in list(self.expected)[:10])
@@ -205,9 +208,11 @@ class TensorAssembler:
             tensor = target.reshape(-1)
         else:
             tensor = torch.empty(spec.numel, dtype=dtype)
-        return _Partial(tensor=tensor, view=_byte_view(tensor))
+        return _Partial(tensor=tensor, view=byte_view(tensor))
 
-    def _check_continuation(self, chunk: tensor_pb2.TensorChunk, partial: _Partial) -> None:
+    def _check_continuation(
+        self, chunk: tensor_pb2.TensorChunk | RawChunk, partial: _Partial
+    ) -> None:
         if partial.complete:
             raise InvalidArgument(f"{self.what} {chunk.name!r} was sent twice")
         if chunk.offset != partial.received:

@@ -7,6 +7,8 @@ class, so `except optserve.client.NotFound` works whichever side found the probl
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 
@@ -152,5 +154,8 @@ def from_rpc_error(error: grpc.RpcError) -> OptserveError:
     details = error.details() if hasattr(error, "details") else str(error)
     kind = ""
     if hasattr(error, "trailing_metadata"):
-        kind = dict(error.trailing_metadata() or ()).get(KIND_METADATA, "")
+        metadata: Any = error.trailing_metadata() or ()  # (key, value) pairs
+        for key, value in metadata:
+            if key == KIND_METADATA:
+                kind = value.decode() if isinstance(value, bytes) else str(value)
     return error_for_status(code, details or code.name, kind)

@@ -122,7 +122,7 @@ def start_service(
     # On this process's node (a cluster's head node, where `optserve serve` runs): the node a
     # load balancer or Kubernetes Service sends the coordinator's port to.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor = (
+    actor: Any = (  # a Ray actor handle (Ray's stubs cannot type its methods' .remote)
         ray.remote(CoordinatorActor)
         # Restarted by Ray whenever its process dies; it then adopts its models' shards.
         .options(

@@ -149,6 +149,9 @@ class ControlChanges:
     optimizer, change hyperparameters or the schedule, each at one version on every shard;
     report a metric to the model's leader."""
 
+    # The catalogue's lookup, from Coordinator (declared for the type checker).
+    get: Callable[..., ModelRecord]
+
     @contextlib.contextmanager
     def _controlling(self, record: ModelRecord) -> Iterator[None]:
         """The model's control lock, or UNAVAILABLE after CONTROL_WAIT_S (another change or a

@@ -24,7 +24,7 @@ import secrets
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -49,9 +49,10 @@ GROUP_PREFIX = "optserve-pg"
 # Status and metrics scrapes ("observe") answer while a control call holds the shard's thread;
 # collecting a checkpoint's report waits on its own thread, and so do the leader's pause and
 # resume of updates (ShardActor).
-_ShardActor = ray.remote(concurrency_groups={"observe": 2, "checkpoint": 1, "leader": 4})(
-    ShardActor
-)
+# (Ray's type stubs do not know `ray.remote`'s keyword-only form.)
+_ShardActor: Any = cast(Any, ray.remote)(
+    concurrency_groups={"observe": 2, "checkpoint": 1, "leader": 4}
+)(ShardActor)
 
 
 def shard_name(service: str, model: str, launch: str, index: int) -> str:

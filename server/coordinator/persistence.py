@@ -5,7 +5,8 @@ limits and locks these use; the shards write and read the bytes (server/shard/ch
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
@@ -13,8 +14,14 @@ import ray
 from optserve.common.config import RuleConfig
 from optserve.common.errors import Aborted, FailedPrecondition
 from optserve.server.coordinator import checkpoints, control, recovery
-from optserve.server.coordinator.catalogue import ModelRecord, check_model_name, layouts_of
+from optserve.server.coordinator.catalogue import (
+    ModelEntry,
+    ModelRecord,
+    check_model_name,
+    layouts_of,
+)
 from optserve.server.coordinator.launch import stop_shards
+from optserve.server.metrics import CoordinatorMetrics
 from optserve.server.store.manifest import Checkpoint, Store
 
 log = logging.getLogger(__name__)
@@ -22,6 +29,22 @@ log = logging.getLogger(__name__)
 
 class Persistence:
     """Checkpoint and restore, for `Coordinator`."""
+
+    # What they use, set by Coordinator (declared for the type checker).
+    store: Store | None
+    keep_checkpoints: int
+    default_policy: dict[str, Any]
+    metrics: CoordinatorMetrics
+    _lock: threading.Lock
+    _models: dict[str, ModelRecord]
+    get: Callable[..., ModelRecord]
+    reserve: Callable[[str], None]
+    release: Callable[[str], None]
+    register: Callable[..., bool]
+    _check_num_shards: Callable[[int], None]
+    _new_entry: Callable[..., ModelEntry]
+    _start: Callable[..., ModelRecord]
+    _commit: Callable[[ModelRecord], None]
 
     def _store(self) -> Store:
         if self.store is None:
@@ -135,8 +158,8 @@ class Persistence:
             done = {"checkpoint": ckpt.name, "shards": num_shards, "bytes": ckpt.bytes,
                     "allocate_s": round(max(r["allocate_s"] for r in read), 3),
                     "read_s": round(max(r["read_s"] for r in read), 3)}  # fmt: skip
-            entry = {**control.audit_entry(caller, "restore", None, done), "version": ckpt.version}
-            ray.get(record.actors[0].record_history.remote([entry], []), timeout=60)
+            audit = {**control.audit_entry(caller, "restore", None, done), "version": ckpt.version}
+            ray.get(record.actors[0].record_history.remote([audit], []), timeout=60)
         except BaseException:
             stop_shards(record.actors, record.placement_group, 1.0)
             raise

@@ -180,14 +180,16 @@ def _guarded(
 ) -> grpc.RpcMethodHandler:
     """`handler` with its behavior run only if the call is allowed, with the principal set."""
     gate = _Gate(method, principal, denial, streams, model_of, peek, on_error)
-    handler = handler._replace(request_deserializer=_safe(handler.request_deserializer))
-    if handler.unary_unary is not None:
-        return handler._replace(unary_unary=gate.unary_in(handler.unary_unary))
-    if handler.unary_stream is not None:
-        return handler._replace(unary_stream=gate.unary_in_stream_out(handler.unary_stream))
-    if handler.stream_unary is not None:
-        return handler._replace(stream_unary=gate.stream_in(handler.stream_unary, False))
-    return handler._replace(stream_stream=gate.stream_in(handler.stream_stream, True))
+    # grpc's handlers are namedtuples (its type stubs describe only the abstract class).
+    h: Any = handler
+    h = h._replace(request_deserializer=_safe(h.request_deserializer))
+    if h.unary_unary is not None:
+        return h._replace(unary_unary=gate.unary_in(h.unary_unary))
+    if h.unary_stream is not None:
+        return h._replace(unary_stream=gate.unary_in_stream_out(h.unary_stream))
+    if h.stream_unary is not None:
+        return h._replace(stream_unary=gate.stream_in(h.stream_unary, False))
+    return h._replace(stream_stream=gate.stream_in(h.stream_stream, True))
 
 
 @dataclass(frozen=True)
@@ -293,7 +295,7 @@ def _report_error(
     context: grpc.ServicerContext, method: str, on_error: Callable[[str, grpc.StatusCode], None]
 ) -> None:
     """At the end of a call: report its status if it is an error."""
-    code = context.code()
+    code = context.code()  # type: ignore[attr-defined]  # grpc >= 1.38 has it; the stubs not
     if code is not None and code != grpc.StatusCode.OK:
         try:
             on_error(method, code)

@@ -196,18 +196,19 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     @stream_errors
     def PushPull(
         self, request_iterator: Iterator[shard_pb2.PushRequest], context: grpc.ServicerContext
-    ) -> Iterator[shard_pb2.PullResponse]:
+    ) -> Iterator[bytes]:
         _, _, header = self._push(request_iterator, context.peer())
         yield from self._weights(header.pull_dtype)
 
     @stream_errors
     def Pull(
         self, request: shard_pb2.PullRequest, context: grpc.ServicerContext
-    ) -> Iterator[shard_pb2.PullResponse]:
+    ) -> Iterator[bytes]:
         self._check_model(request.model)
         yield from self._weights(request.dtype)
 
-    def _weights(self, wire_dtype: int) -> Iterator[shard_pb2.PullResponse]:
+    def _weights(self, wire_dtype: int) -> Iterator[bytes]:
+        """The shard's weights as serialized PullResponse frames (a header, then chunks)."""
         dtype = (
             torch.float32 if wire_dtype == tensor_pb2.DTYPE_UNSPECIFIED else torch_dtype(wire_dtype)
         )

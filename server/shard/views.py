@@ -3,19 +3,20 @@ checkpoint, a digest, its status. Mixed into `ShardState`, whose lock and buffer
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from optserve.common.config import (
-    optimizer_config_json,
-    schedule_config_json,
-)
+from optserve.common.config import optimizer_config_json, schedule_config_json
+from optserve.server.engine.group import GroupEngine
+from optserve.server.engine.schedules import Schedule
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,6 +37,28 @@ class CheckpointView:
 
 class StateViews:
     """The reads of `ShardState`."""
+
+    # What they read, set by ShardState (declared for the type checker).
+    model: str
+    index: int
+    version: int
+    device: torch.device
+    broken: str | None
+    ready: bool
+    _lock: threading.RLock
+    _groups: dict[str, GroupEngine]
+    _plans: dict[str, Any]
+    _schedule: Schedule
+    _schedule_config: Any
+    _staged: dict[str, dict[str, torch.Tensor]]
+
+    if TYPE_CHECKING:
+
+        def _at(self, at_version: int | None) -> contextlib.AbstractContextManager[None]: ...
+
+        def _check_sound(self) -> None: ...
+
+        def lr(self, group: str) -> float: ...
 
     def read_weights(self, fn: Callable[[int, dict[str, torch.Tensor]], T]) -> T:
         """Run `fn(version, per-group weights)` while no update can change them.

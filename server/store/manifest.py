@@ -31,6 +31,7 @@ checkpoints. `<root>/<model>/dropped.json` marks a model dropped at that time.
 
 from __future__ import annotations
 
+import builtins
 import json
 import posixpath
 import re
@@ -239,7 +240,7 @@ class Store:
                               "run": run})  # fmt: skip
         return sorted(found, key=lambda c: c["name"])
 
-    def _entries(self, model: str) -> list[tuple[str, bool]]:
+    def _entries(self, model: str) -> builtins.list[tuple[str, bool]]:
         """(name, has a manifest) of every checkpoint directory of a model."""
         try:
             entries = self.fs.ls(self._dir(model), detail=False)
@@ -267,7 +268,7 @@ class Store:
         found = self.list(model)
         return not found or dropped >= found[-1]["time"]
 
-    def models(self) -> list[str]:
+    def models(self) -> builtins.list[str]:
         """Models with at least one complete checkpoint."""
         try:
             entries = self.fs.ls(self._base, detail=False)
@@ -276,7 +277,9 @@ class Store:
         names = [posixpath.basename(e.rstrip("/")) for e in entries]
         return sorted(n for n in names if self.list(n))
 
-    def candidates(self, model: str, name: str | None = None, run: str | None = None) -> list[str]:
+    def candidates(
+        self, model: str, name: str | None = None, run: str | None = None
+    ) -> builtins.list[str]:
         """Checkpoint names to restore from, in order of preference: `name` alone if given,
         else every complete one (of run `run` if given), newest first."""
         available = [c for c in self.list(model) if run is None or c["run"] == run]
@@ -326,7 +329,7 @@ class Store:
         _check_coverage(ckpt, where)
         return ckpt
 
-    def prune(self, model: str, keep: int) -> list[str]:
+    def prune(self, model: str, keep: int) -> builtins.list[str]:
         """Delete all but the newest `keep` complete checkpoints, and abandoned partial ones;
         return the names deleted."""
         if keep < 1:

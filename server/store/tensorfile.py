@@ -35,10 +35,11 @@ import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
+from optserve.common.codec import byte_view
 from optserve.common.errors import FailedPrecondition
 
 # 16 MiB: a few hundred digests for a shard's gigabytes, and little to read beyond a range.
@@ -109,7 +110,12 @@ class FileEntry:
         )
 
 
-def open_file(fs: Any, path: str, mode: str, direct: bool = False) -> tuple[BinaryIO, bool]:
+# An open binary file: a local one (unbuffered, maybe direct) or an fsspec one. Both read
+# into a buffer (`readinto`), which typing's BinaryIO does not declare.
+BinaryFile = Any
+
+
+def open_file(fs: Any, path: str, mode: str, direct: bool = False) -> tuple[BinaryFile, bool]:
     """`fs.open`; a local file is opened unbuffered (reads land in place), and with `direct`
     around the page cache where its filesystem allows. Returns the file and whether it is
     direct ("rb" or "wb" only)."""
@@ -144,11 +150,6 @@ def aligned_empty(
     return base[skip : skip + numel]
 
 
-def _byte_view(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-
-
 def _round_up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
@@ -179,7 +180,7 @@ def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) ->
 
 
 def write_tensors(
-    out: BinaryIO,
+    out: BinaryFile,
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
@@ -207,9 +208,9 @@ def write_tensors(
         if isinstance(source, torch.Tensor):
             target[:n].copy_(source)
         else:
-            _byte_view(target)[:n] = source
+            byte_view(target)[:n] = source
         target[n:length].zero_()
-        return _byte_view(target)[:length]
+        return byte_view(target)[:length]
 
     with ThreadPoolExecutor(1, thread_name_prefix="optserve-hash") as hasher:
 
@@ -231,7 +232,7 @@ def write_tensors(
             flat = tensor.detach().reshape(-1)
             nbytes = flat.numel() * flat.element_size()
             raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
-            data = _byte_view(flat) if flat.device.type == "cpu" and not direct else None
+            data = byte_view(flat) if flat.device.type == "cpu" and not direct else None
             digests = []
             for start, end in _blocks(nbytes, block_bytes):
                 if data is not None:
@@ -249,14 +250,14 @@ def write_tensors(
     return FileEntry(position, file_hash.hexdigest(), block_bytes, entries)
 
 
-def _write_all(out: BinaryIO, view: memoryview) -> None:
+def _write_all(out: BinaryFile, view: memoryview) -> None:
     written = 0
     while written < len(view):
         n = out.write(view[written:])
         written += len(view) - written if n is None else n
 
 
-def sync(out: BinaryIO) -> None:
+def sync(out: BinaryFile) -> None:
     """Flush a written file to stable storage where it is a local file (fsspec stores commit
     on close)."""
     out.flush()
@@ -267,7 +268,7 @@ def sync(out: BinaryIO) -> None:
     os.fsync(fileno)
 
 
-def _read_exactly(f: BinaryIO, view: memoryview, what: str) -> None:
+def _read_exactly(f: BinaryFile, view: memoryview, what: str) -> None:
     got = 0
     while got < len(view):
         n = f.readinto(view[got:])
@@ -276,26 +277,26 @@ def _read_exactly(f: BinaryIO, view: memoryview, what: str) -> None:
         got += n
 
 
-def read_header(f: BinaryIO, what: str) -> tuple[int, dict[str, Any]]:
+def read_header(f: BinaryFile, what: str) -> tuple[int, dict[str, Any]]:
     """The data's start offset and the header of a safetensors file (read in whole ALIGN
     pieces from an aligned buffer, so a direct file reads it too)."""
     f.seek(0)
     first = aligned_empty(ALIGN, torch.uint8)
-    got = f.readinto(_byte_view(first))
+    got = f.readinto(byte_view(first))
     if got is None or got < 8:
         raise FailedPrecondition(f"{what} ends early (no header)")
-    (length,) = struct.unpack("<Q", bytes(_byte_view(first)[:8]))
+    (length,) = struct.unpack("<Q", bytes(byte_view(first)[:8]))
     if length > MAX_HEADER_BYTES:
         raise FailedPrecondition(f"{what} has a header of {length} bytes; not a checkpoint file")
     if 8 + length > got:
         whole = aligned_empty(_round_up(8 + length), torch.uint8)
         f.seek(0)
-        got = f.readinto(_byte_view(whole)) or 0
+        got = f.readinto(byte_view(whole)) or 0
         if got < 8 + length:
             raise FailedPrecondition(f"{what} ends early (in its header)")
         first = whole
     try:
-        header = json.loads(bytes(_byte_view(first)[8 : 8 + length]).decode())
+        header = json.loads(bytes(byte_view(first)[8 : 8 + length]).decode())
     except (UnicodeDecodeError, ValueError) as exc:
         raise FailedPrecondition(f"{what} has a malformed header: {exc}") from None
     if not isinstance(header, dict):
@@ -315,7 +316,7 @@ class RangeRead:
 
 
 def read_ranges(
-    f: BinaryIO,
+    f: BinaryFile,
     entries: Mapping[str, TensorEntry],
     block_bytes: int,
     reads: Sequence[RangeRead],
@@ -358,7 +359,7 @@ def read_ranges(
                 )
             want_a, want_b = read.start * item, read.end * item
             on_cpu = read.out.device.type == "cpu"
-            out_bytes = _byte_view(read.out) if on_cpu else None
+            out_bytes = byte_view(read.out) if on_cpu else None
             base = read.out.data_ptr() if on_cpu else 0
             total = entry.numel * item
             for index in range(want_a // block_bytes, -(-want_b // block_bytes)):
@@ -377,7 +378,7 @@ def read_ranges(
                     if len(scratch) <= turn:
                         scratch.append(aligned_empty(_round_up(block_bytes), torch.uint8))
                     buffer = scratch[turn]
-                    view = _byte_view(buffer)[: _round_up(b - a) if direct else b - a]
+                    view = byte_view(buffer)[: _round_up(b - a) if direct else b - a]
                     finish = _copier(buffer, a, b, want_a, want_b, read.out)
                 f.seek(entry.offset + a)
                 _read_exactly(f, view, what)
@@ -421,7 +422,7 @@ def _check_header_entry(
 
 
 def scan_file(
-    f: BinaryIO, sha256: str, reads: Sequence[RangeRead], what: str, chunk_bytes: int = 16 << 20
+    f: BinaryFile, sha256: str, reads: Sequence[RangeRead], what: str, chunk_bytes: int = 16 << 20
 ) -> None:
     """Read a whole safetensors file once, copying the ranges in `reads` out of it as they
     pass, and check the file's SHA-256 (for files without block digests: the first checkpoint
