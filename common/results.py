@@ -8,6 +8,7 @@ server adds are kept (`extra="allow"`), so an older client reads a newer server'
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -33,8 +34,26 @@ class Result(BaseModel):
     def __contains__(self, key: object) -> bool:
         return key in self._keys()
 
+    def __eq__(self, other: object) -> bool:
+        # Equal to a dict of the same values, as 0.1's answers were dicts.
+        if isinstance(other, Mapping):
+            return self.to_dict() == {k: _plain(v) for k, v in other.items()}
+        return super().__eq__(other)
+
+    __hash__ = BaseModel.__hash__
+
     def _keys(self) -> set[str]:
         return set(type(self).model_fields) | set(self.model_extra or {})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Result):
+        return value.to_dict()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 # ---- a swap's report -------------------------------------------------------------------------

@@ -227,8 +227,8 @@ class ControlChanges:
         if value != value or value in (float("inf"), float("-inf")):
             raise InvalidArgument(f"metric {metric!r} must be finite, got {value}")
         record = self.get(name)
-        if record.initializing or not record.actors:
-            raise Unavailable(f"model {name!r} is not ready yet")
+        if not record.actors:
+            raise Unavailable(f"model {name!r} has no shards yet")
         leader = record.actors[0]
         try:
             return ray.get(leader.report_metric.remote(metric, value, step, time.time()),

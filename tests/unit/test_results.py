@@ -48,6 +48,9 @@ def test_answers_still_read_by_key_as_0_1_dicts_did():
     assert status.get("nothing", "default") == "default" and "shards" in status
     with pytest.raises(KeyError):
         status["nothing"]
+    assert status == STATUS and status["groups"] == STATUS["groups"]
+    assert status.groups["default"] == STATUS["groups"]["default"]
+    assert status != {**STATUS, "version": 8}
 
 
 def test_fields_a_newer_server_adds_are_kept():
