@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -388,23 +387,6 @@ class ShardState(StateViews):
             self.version += 1
             self._cv.notify_all()
             return self.version
-
-    def apply_push(self, grads: Mapping[str, torch.Tensor], based_on: int) -> tuple[int, int]:
-        """Apply one push at once (a model with one shard, async, no bound); return (new
-        version, staleness)."""
-        push_id = uuid.uuid4().hex
-        with self._cv:
-            if based_on > self.version:
-                raise InvalidArgument(
-                    f"gradient claims model version {based_on}, "
-                    f"but model {self.model!r} is at version {self.version}"
-                )
-            self.stage(push_id, {name: g.clone() for name, g in grads.items()})
-            staleness = self.version - based_on
-            decision = Decision(
-                self.version + 1, (push_id,), (1.0,), lrs=self.lrs_at(self.version + 1)
-            )
-            return self.apply(decision), staleness
 
     @contextlib.contextmanager
     def _at(self, at_version: int | None) -> Iterator[None]:

@@ -11,6 +11,7 @@ from optserve.common.config import parse_optimizer_config, parse_schedule_config
 from optserve.common.errors import InvalidArgument
 from optserve.server.engine.schedules import build_schedule
 from optserve.server.shard.state import GroupInit, ShardState
+from tests.helpers.shard import push
 
 BASE_LR = 0.1
 STEPS = 100
@@ -93,7 +94,7 @@ def test_updates_under_a_schedule_match_torch(case, rule):
         param.grad = grad.clone()
         torch_opt.step()
         scheduler.step()
-        shard.apply_push({"default": grad}, shard.version)
+        push(shard, {"default": grad}, shard.version)
     _, weights = shard.snapshot()
     assert torch.allclose(weights["default"], param.detach(), rtol=1e-5, atol=1e-6)
 

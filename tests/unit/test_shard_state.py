@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from optserve.common.config import AdamConfig
-from optserve.common.errors import InvalidArgument
+from optserve.common.errors import InvalidArgument, ModelRestored
 from optserve.server.shard.state import GroupInit, ShardState
+from tests.helpers.shard import push
 
 
 def make_state():
@@ -20,31 +21,31 @@ def opt_state(state):
 
 def test_push_updates_weights_state_and_version():
     state = make_state()
-    version, staleness = state.apply_push({"default": torch.ones(6)}, based_on=0)
+    version, staleness = push(state, {"default": torch.ones(6)}, based_on=0)
     assert (version, staleness) == (1, 0)
     _, weights = state.snapshot()
     assert torch.allclose(weights["default"], torch.arange(6.0) - 0.1)
     assert opt_state(state)["step"] == 1
-    version, staleness = state.apply_push({"default": torch.ones(6, dtype=torch.bfloat16)}, 0)
+    version, staleness = push(state, {"default": torch.ones(6, dtype=torch.bfloat16)}, 0)
     assert (version, staleness) == (2, 1)
 
 
 @pytest.mark.parametrize(
-    "grad, based_on, message",
+    "grad, based_on, error, message",
     [
-        (torch.tensor([0.0, float("nan"), 0, 0, 0, 0]), 0, "NaN"),
-        (torch.tensor([0.0, 0, float("inf"), 0, 0, 0]), 0, "NaN/Inf"),
-        (torch.ones(5), 0, "elements"),
-        (torch.ones(6), 3, "version"),
+        (torch.tensor([0.0, float("nan"), 0, 0, 0, 0]), 0, InvalidArgument, "NaN"),
+        (torch.tensor([0.0, 0, float("inf"), 0, 0, 0]), 0, InvalidArgument, "NaN/Inf"),
+        (torch.ones(5), 0, InvalidArgument, "elements"),
+        (torch.ones(6), 3, ModelRestored, "version"),  # from the future: a restore went back
     ],
 )
-def test_refused_push_changes_nothing(grad, based_on, message):
+def test_refused_push_changes_nothing(grad, based_on, error, message):
     state = make_state()
-    state.apply_push({"default": torch.ones(6)}, 0)
+    push(state, {"default": torch.ones(6)}, 0)
     before_version, before_weights = state.snapshot()
     before_state = opt_state(state)
-    with pytest.raises(InvalidArgument, match=message):
-        state.apply_push({"default": grad}, based_on)
+    with pytest.raises(error, match=message):
+        push(state, {"default": grad}, based_on)
     version, weights = state.snapshot()
     after_state = opt_state(state)
     assert version == before_version
@@ -66,13 +67,13 @@ def test_state_dict_round_trips_into_a_fresh_shard():
     a.set_schedule({"name": "plateau", "rule": "newbob"})
     for value in (1.0, 2.0):
         a.report_metric("val_loss", value)
-    a.apply_push({"default": torch.ones(6)}, 0)
+    push(a, {"default": torch.ones(6)}, 0)
     b = ShardState("m", 0, {"default": GroupInit(torch.zeros(6), AdamConfig(lr=0.5))})
     b.load_state_dict(a.state_dict())
     assert b.version == 1 and b.lr("default") == a.lr("default") == 0.05
     for _ in range(3):
-        a.apply_push({"default": torch.ones(6)}, 1)
-        b.apply_push({"default": torch.ones(6)}, 1)
+        push(a, {"default": torch.ones(6)}, 1)
+        push(b, {"default": torch.ones(6)}, 1)
     assert torch.equal(a.snapshot()[1]["default"], b.snapshot()[1]["default"])
 
 
@@ -81,7 +82,7 @@ def test_a_failed_update_marks_the_shard_broken_until_a_restore():
     from optserve.server.shard.sequencer import Decision
 
     state = make_state()
-    state.apply_push({"default": torch.ones(6)}, 0)
+    push(state, {"default": torch.ones(6)}, 0)
     saved = state.state_dict()
     state.stage("a", {"default": torch.ones(6)})
     # The leader decided a round of two pushes, but "b" never reached this shard.
@@ -97,7 +98,7 @@ def test_a_failed_update_marks_the_shard_broken_until_a_restore():
             call()
     state.load_state_dict(saved)
     assert state.broken is None and state.version == 1
-    assert state.apply_push({"default": torch.ones(6)}, 1) == (2, 0)
+    assert push(state, {"default": torch.ones(6)}, 1) == (2, 0)
 
 
 def test_staged_pushes_are_bounded():
@@ -131,7 +132,7 @@ def test_an_update_decided_before_a_restore_does_not_apply_after_it():
 
     thread = threading.Thread(target=waiter)
     thread.start()  # waits for version 1
-    state.apply_push({"default": torch.ones(6)}, 0)  # version 1: the waiter goes next
+    push(state, {"default": torch.ones(6)}, 0)  # version 1: the waiter goes next
     thread.join()
     assert box.get("v") == 2  # without a restore, it applies in order
     state.load_state_dict(saved)
