@@ -49,29 +49,7 @@ def model_status(
                 }
                 for group, info in first["groups"].items()
             },
-            "shards": [
-                {
-                    "index": s["index"],
-                    "address": s["address"],
-                    "node_id": s.get("node_id"),
-                    "device": s["device"],
-                    "version": s["version"],
-                    "ready": s.get("ready", True),
-                    # Why the shard no longer matches the others (None: it does); the coordinator
-                    # restores the model from its newest checkpoint when one breaks.
-                    "broken": s.get("broken"),
-                    "groups": {
-                        g: {
-                            "rule": i["rule"],
-                            "path": i["path"],
-                            "numel": i["numel"],
-                            "state": i["scalars"],
-                        }
-                        for g, i in s["groups"].items()
-                    },  # fmt: skip
-                }
-                for s in shards
-            ],
+            "shards": [_shard_status(s) for s in shards],
             "metrics": history["metrics"],
             "audit": history["audit"],
             # How much history the server keeps, and how much of it this answer shows.
@@ -83,6 +61,30 @@ def model_status(
             },
         }
     )
+
+
+def _shard_status(s: Mapping[str, Any]) -> dict[str, Any]:
+    """One shard as status shows it."""
+    return {
+        "index": s["index"],
+        "address": s["address"],
+        "node_id": s.get("node_id"),
+        "device": s["device"],
+        "version": s["version"],
+        "ready": s.get("ready", True),
+        # Why the shard no longer matches the others (None: it does); the coordinator
+        # restores the model from its newest checkpoint when one breaks.
+        "broken": s.get("broken"),
+        "groups": {
+            g: {
+                "rule": i["rule"],
+                "path": i["path"],
+                "numel": i["numel"],
+                "state": i["scalars"],
+            }
+            for g, i in s["groups"].items()
+        },  # fmt: skip
+    }
 
 
 def checkpoint_status(

@@ -127,13 +127,20 @@ class ShardActor:
             self._metric_history.extend(history.get("metrics", []))
         self._secret = secret
         self._edge = edge or EdgeConfig()
+        self._serve(host, sequencer, ray_service)
+
+    def _serve(self, host: str, sequencer: Sequencer | None, ray_service: str | None) -> None:
+        """The shard's metrics and its gRPC data plane, started."""
+        model, index = self._state.model, self._state.index
         # With `ray_service`, its series go to Ray's metrics too, tagged with that service.
         self._metrics = ShardMetrics(model, index, ray_service=ray_service)
         self._metrics.watch_health(self._state.health)
         self._state.update_timer = self._metrics.update_timer
         if sequencer is not None:
             self._metrics.lead(self._leader_view)
-        self._service = ShardService(self._state, sequencer, secret=secret, metrics=self._metrics)
+        self._service = ShardService(
+            self._state, sequencer, secret=self._secret, metrics=self._metrics
+        )
         self._leader_channel: grpc.Channel | None = None
         self._server = create_server(
             format_address(host, 0),
