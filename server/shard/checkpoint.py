@@ -27,17 +27,16 @@ import torch
 from optserve.common.config import parse_optimizer_config
 from optserve.common.errors import FailedPrecondition, NotFound
 from optserve.server.shard.memory import mapped_empty
-from optserve.server.shard.state import GroupValues, ShardState
+from optserve.server.shard.state import ShardState
+from optserve.server.shard.views import GroupValues
+from optserve.server.store.files import ALIGN, open_file, sync
 from optserve.server.store.manifest import Source
 from optserve.server.store.tensorfile import (
-    ALIGN,
     DEFAULT_BLOCK_BYTES,
     RangeRead,
-    open_file,
     read_header,
     read_ranges,
     scan_file,
-    sync,
     write_tensors,
 )
 

@@ -35,7 +35,7 @@ from optserve.server.engine.migration import Policy
 from optserve.server.engine.schedules import Schedule, build_schedule
 from optserve.server.shard.memory import BufferPool
 from optserve.server.shard.sequencer import Decision, GradStats
-from optserve.server.shard.views import StateViews
+from optserve.server.shard.views import GroupValues, StateViews
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,16 +64,6 @@ class GroupInit:
         if self.numel is None:
             raise ValueError("a GroupInit needs weights or numel")
         return self.numel
-
-
-@dataclass
-class GroupValues:
-    """One group's values as a restore reads them: weights and state tensors on the shard's
-    device (taken over, not copied), and the group's config."""
-
-    weights: torch.Tensor
-    config: RuleConfig
-    state: dict[str, Any]
 
 
 class ShardState(StateViews):

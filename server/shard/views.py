@@ -1,5 +1,6 @@
 """What a shard shows of its state without changing it: weights for a pull, everything for a
-checkpoint, a digest, its status. Mixed into `ShardState`, whose lock and buffers these read."""
+checkpoint (`CheckpointView`; a restore brings `GroupValues` back), a digest, its status.
+Mixed into `ShardState`, whose lock and buffers these read."""
 
 from __future__ import annotations
 
@@ -14,12 +15,22 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from optserve.common.config import optimizer_config_json, schedule_config_json
+from optserve.common.config import RuleConfig, optimizer_config_json, schedule_config_json
 from optserve.server.engine.group import GroupEngine
 from optserve.server.engine.schedules import Schedule
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+@dataclass
+class GroupValues:
+    """One group's values as a restore reads them: weights and state tensors on the shard's
+    device (taken over, not copied), and the group's config."""
+
+    weights: torch.Tensor
+    config: RuleConfig
+    state: dict[str, Any]
 
 
 @dataclass

@@ -43,7 +43,8 @@ from typing import Any
 import fsspec
 
 from optserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from optserve.server.store.tensorfile import FileEntry, open_file, sync
+from optserve.server.store.files import open_file, sync
+from optserve.server.store.tensorfile import FileEntry
 
 FORMAT = "optserve-checkpoint/2"
 FORMAT_1 = "optserve-checkpoint/1"

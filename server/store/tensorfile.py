@@ -27,10 +27,8 @@ between tensors; readers skip the fillers).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,11 +39,17 @@ import torch
 
 from optserve.common.codec import byte_view
 from optserve.common.errors import FailedPrecondition
+from optserve.server.store.files import (
+    ALIGN,
+    BinaryFile,
+    aligned_empty,
+    read_exactly,
+    write_all,
+)
 
 # 16 MiB: a few hundred digests for a shard's gigabytes, and little to read beyond a range.
 DEFAULT_BLOCK_BYTES = 16 << 20
-# Alignment of every tensor's data (and of direct I/O: offsets, lengths and memory).
-ALIGN = 4096
+# Fillers that put every tensor's data on an ALIGN boundary (files.py: direct I/O's).
 PAD_PREFIX = "__pad__/"
 MAX_HEADER_BYTES = 100 << 20  # what safetensors itself accepts
 DTYPES: dict[torch.dtype, str] = {
@@ -108,46 +112,6 @@ class FileEntry:
             int(value["block_bytes"]),
             {str(n): TensorEntry.from_dict(t) for n, t in value["tensors"].items()},
         )
-
-
-# An open binary file: a local one (unbuffered, maybe direct) or an fsspec one. Both read
-# into a buffer (`readinto`), which typing's BinaryIO does not declare.
-BinaryFile = Any
-
-
-def open_file(fs: Any, path: str, mode: str, direct: bool = False) -> tuple[BinaryFile, bool]:
-    """`fs.open`; a local file is opened unbuffered (reads land in place), and with `direct`
-    around the page cache where its filesystem allows. Returns the file and whether it is
-    direct ("rb" or "wb" only)."""
-    if not _is_local(fs):
-        return fs.open(path, mode), False
-    flags = os.O_RDONLY if mode == "rb" else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    if direct and hasattr(os, "O_DIRECT"):
-        try:
-            return open(os.open(path, flags | os.O_DIRECT, 0o644), mode, buffering=0), True
-        except OSError as exc:  # e.g. tmpfs: no direct I/O
-            if exc.errno != errno.EINVAL:
-                raise
-    return open(os.open(path, flags, 0o644), mode, buffering=0), False
-
-
-def _is_local(fs: Any) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
-
-
-def aligned_empty(
-    numel: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> torch.Tensor:
-    """An uninitialised 1-D tensor whose data starts on an ALIGN boundary (on the CPU), so
-    direct reads can land in it."""
-    if torch.device(device).type != "cpu":
-        return torch.empty(numel, dtype=dtype, device=device)
-    item = torch.empty((), dtype=dtype).element_size()
-    base = torch.empty(numel + ALIGN // item, dtype=dtype)
-    skip = (-base.data_ptr() % ALIGN) // item
-    return base[skip : skip + numel]
 
 
 def _round_up(n: int) -> int:
@@ -223,7 +187,7 @@ def write_tensors(
                 return None if tensor_bytes is None else _sha256(view[:tensor_bytes])
 
             pending = hasher.submit(digest)
-            _write_all(out, view)
+            write_all(out, view)
             return pending
 
         write(stage(memoryview(head), len(head)) if direct else memoryview(head), None).result()
@@ -248,33 +212,6 @@ def write_tensors(
                                         tuple(digests))  # fmt: skip
             position += nbytes + pad
     return FileEntry(position, file_hash.hexdigest(), block_bytes, entries)
-
-
-def _write_all(out: BinaryFile, view: memoryview) -> None:
-    written = 0
-    while written < len(view):
-        n = out.write(view[written:])
-        written += len(view) - written if n is None else n
-
-
-def sync(out: BinaryFile) -> None:
-    """Flush a written file to stable storage where it is a local file (fsspec stores commit
-    on close)."""
-    out.flush()
-    try:
-        fileno = out.fileno()
-    except (AttributeError, OSError, ValueError):
-        return
-    os.fsync(fileno)
-
-
-def _read_exactly(f: BinaryFile, view: memoryview, what: str) -> None:
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            raise FailedPrecondition(f"{what} ends early ({got} of {len(view)} bytes)")
-        got += n
 
 
 def read_header(f: BinaryFile, what: str) -> tuple[int, dict[str, Any]]:
@@ -381,7 +318,7 @@ def read_ranges(
                     view = byte_view(buffer)[: _round_up(b - a) if direct else b - a]
                     finish = _copier(buffer, a, b, want_a, want_b, read.out)
                 f.seek(entry.offset + a)
-                _read_exactly(f, view, what)
+                read_exactly(f, view, what)
                 settle()  # the previous block's digest, computed while this one was read
                 pending = (hasher.submit(_sha256, view[: b - a]), entry.blocks[index], finish)
         settle()

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from optserve.common.errors import FailedPrecondition
-from optserve.server.store import tensorfile
+from optserve.server.store import files, tensorfile
 from optserve.server.store.tensorfile import RangeRead, read_ranges, scan_file, write_tensors
 
 
@@ -54,8 +54,8 @@ def test_the_library_reads_what_is_written(tmp_path):
     first = data[weights.offset : weights.offset + 256]
     assert weights.blocks[0] == hashlib.sha256(first).hexdigest()
     assert entry.tensors["a/state/empty"].blocks == ()
-    assert all(t.offset % tensorfile.ALIGN == 0 for t in entry.tensors.values())
-    assert len(data) % tensorfile.ALIGN == 0
+    assert all(t.offset % files.ALIGN == 0 for t in entry.tensors.values())
+    assert len(data) % files.ALIGN == 0
 
 
 @settings(max_examples=60, deadline=None)
@@ -152,20 +152,20 @@ def test_local_files_go_around_the_page_cache_and_read_back_the_same(tmp_path, d
     ts["c/weights"] = torch.randn(5000)  # several blocks, the last one partial
     fs = fsspec.filesystem("file")
     path = str(tmp_path / "x.safetensors")
-    f, used = tensorfile.open_file(fs, path, "wb", direct)
+    f, used = files.open_file(fs, path, "wb", direct)
     with f:
         entry = write_tensors(f, ts, {"m": "1"}, block_bytes=8192, direct=used)
-        tensorfile.sync(f)
+        files.sync(f)
     data = (tmp_path / "x.safetensors").read_bytes()
     assert entry.sha256 == hashlib.sha256(data).hexdigest()
     assert entry == write(ts, 8192, {"m": "1"})[1]  # the same file as a buffered write
     reads = [
-        RangeRead("c/weights", 0, 5000, tensorfile.aligned_empty(5000)),  # in place, aligned
+        RangeRead("c/weights", 0, 5000, files.aligned_empty(5000)),  # in place, aligned
         RangeRead("c/weights", 1001, 4321, torch.empty(3320)),  # misaligned: via scratch
         RangeRead("a/weights", 3, 997, torch.empty(994)),
         RangeRead("b/weights", 0, 33, torch.empty(33, dtype=torch.float64)),
     ]
-    f, used_read = tensorfile.open_file(fs, path, "rb", direct)
+    f, used_read = files.open_file(fs, path, "rb", direct)
     with f:
         read_ranges(f, entry.tensors, 8192, reads, "x", direct=used_read)
     for read in reads:
