@@ -45,8 +45,8 @@ def new_op(
     entry: dict[str, Any] | None = None,
     history: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A control change: `history` is {"audit": entry} or {"metric": entry} (each without its
-    version, filled in with the boundary's)."""
+    """A control change: `history` is {"audit": entry} (without its version, filled in with the
+    boundary's)."""
     return {"op_id": uuid.uuid4().hex, "kind": kind, "args": args, "entry": entry or {},
             "history": history or {}}  # fmt: skip
 

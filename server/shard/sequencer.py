@@ -118,7 +118,7 @@ class Sequencer:
         self._round_trainers: set[str] = set()
         self._round_opened = 0.0
         self._log: collections.deque[dict[str, Any]] = collections.deque(maxlen=log_size)
-        # A control change (optimizer swap, new hyperparameters, schedule, metric) in progress:
+        # A control change (optimizer swap, new hyperparameters, schedule) in progress:
         # no update is decided while it is, so it lands between two versions on every shard.
         self._paused_by: str | None = None
         self._paused_until = 0.0
