@@ -12,6 +12,7 @@ import collections
 import json
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import threading
@@ -100,49 +101,36 @@ def _server_pids(service, model: str) -> dict[str, int]:
     return pids
 
 
-def _start_trainers(address: str, model: str, tmp_path: Path) -> list[subprocess.Popen]:
-    procs = []
-    for k in range(TRAINERS):
-        stderr = open(tmp_path / f"trainer{k}.stderr", "w")  # noqa: SIM115 - closed by Popen's owner
-        args = ["--address", address, "--model", model, "--trainer", f"t{k}"]
-        args += ["--pushes", str(PUSHES), "--seed", str(k)]
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(TRAINER), *args],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-            )
+def _start_trainers(address: str, model: str, tmp_path: Path) -> subprocess.Popen:
+    """The launcher of the TRAINERS trainer processes (tests/helpers/load_trainer.py)."""
+    args = ["--address", address, "--model", model, "--trainers", str(TRAINERS)]
+    args += ["--pushes", str(PUSHES), "--seed", "0", "--out-dir", str(tmp_path)]
+    with open(tmp_path / "trainers.stderr", "w") as stderr:  # the child holds its own descriptor
+        return subprocess.Popen(
+            [sys.executable, str(TRAINER), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,  # its trainers share its process group, killed together
         )
-        stderr.close()  # the child holds its own descriptor
-    return procs
 
 
-def _stderr_of(tmp_path: Path, k: int) -> str:
-    return (tmp_path / f"trainer{k}.stderr").read_text()[-3000:]
+def _stderr_of(tmp_path: Path) -> str:
+    return (tmp_path / "trainers.stderr").read_text()[-3000:]
 
 
-def _await_ready(procs: list[subprocess.Popen], tmp_path: Path) -> None:
-    """Wait until every trainer printed `ready` (connected, layout known, torch imported)."""
-    waiting = set(range(len(procs)))
-    deadline = time.monotonic() + READY_TIMEOUT_S
+def _await_ready(launcher: subprocess.Popen, tmp_path: Path) -> None:
+    """Wait until the launcher printed `ready`: every trainer connected and knows the layout."""
     with selectors.DefaultSelector() as selector:
-        for k, proc in enumerate(procs):
-            selector.register(proc.stdout, selectors.EVENT_READ, k)
-        while waiting:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"trainers {sorted(waiting)} not ready after {READY_TIMEOUT_S:.0f} s")
-            for key, _ in selector.select(left):
-                k = key.data
-                line = key.fileobj.readline()
-                if line.strip() != "ready":
-                    pytest.fail(
-                        f"trainer {k} said {line!r} before ready:\n{_stderr_of(tmp_path, k)}"
-                    )
-                selector.unregister(key.fileobj)
-                waiting.discard(k)
+        selector.register(launcher.stdout, selectors.EVENT_READ)
+        if not selector.select(READY_TIMEOUT_S):
+            pytest.fail(
+                f"trainers not ready after {READY_TIMEOUT_S:.0f} s:\n{_stderr_of(tmp_path)}"
+            )
+    line = launcher.stdout.readline()
+    if line.strip() != "ready":
+        pytest.fail(f"the launcher said {line!r} before ready:\n{_stderr_of(tmp_path)}")
 
 
 def _figures(samples: list[dict], end: dict, hwm: dict[str, int]) -> dict[str, dict[str, int]]:
@@ -177,30 +165,23 @@ def test_sixteen_async_trainers_push_without_errors_or_memory_growth(
     assert len(shards) == 2
     pids = _server_pids(service, model_name)
     sampler = _RssSampler(pids, shards[0])
-    procs = _start_trainers(service.address, model_name, tmp_path)
+    launcher = _start_trainers(service.address, model_name, tmp_path)
     try:
-        _await_ready(procs, tmp_path)
+        _await_ready(launcher, tmp_path)
         sampler.sample()  # before the first push
         sampler.start()
         go = time.monotonic()
-        reports = []
-        for proc in procs:
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-        for k, proc in enumerate(procs):
-            left = max(1.0, go + RUN_TIMEOUT_S - time.monotonic())
-            out, _ = proc.communicate(timeout=left)
-            assert proc.returncode == 0, f"trainer {k} exited {proc.returncode}:\n" + _stderr_of(
-                tmp_path, k
-            )
-            reports.append(json.loads(out.strip().splitlines()[-1]))
+        launcher.stdin.write("go\n")
+        launcher.stdin.flush()
+        launcher.communicate(timeout=RUN_TIMEOUT_S)
         pushing_s = time.monotonic() - go
+        assert launcher.returncode == 0, f"trainers failed:\n{_stderr_of(tmp_path)}"
+        reports = [json.loads((tmp_path / f"t{k}.json").read_text()) for k in range(TRAINERS)]
     finally:
         sampler.stop()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait(timeout=30)
     assert sampler.error is None, f"sampling failed: {sampler.error!r}"
     sampler.sample()  # after the last push
     end = sampler.samples[-1]
