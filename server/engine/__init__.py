@@ -7,13 +7,13 @@ from optserve.server.engine.adabound import AdaBound
 from optserve.server.engine.adadelta import Adadelta
 from optserve.server.engine.adagrad import Adagrad
 from optserve.server.engine.adam import Adam
-from optserve.server.engine.base import Rule, Scalars, State, TensorViews
+from optserve.server.engine.base import ElementwiseRule, Rule, State, TensorViews
 from optserve.server.engine.lookahead import Lookahead, ranger
 from optserve.server.engine.radam import RAdam
 from optserve.server.engine.rmsprop import RMSprop
 from optserve.server.engine.sgd import SGD
 
-_RULES: dict[str, type[Rule]] = {
+_RULES: dict[str, type[ElementwiseRule]] = {
     "sgd": SGD,
     "adagrad": Adagrad,
     "rmsprop": RMSprop,
@@ -36,4 +36,4 @@ def build_rule(config: RuleConfig) -> Rule:
     return rule
 
 
-__all__ = ["Lookahead", "Rule", "Scalars", "State", "TensorViews", "build_rule"]
+__all__ = ["ElementwiseRule", "Lookahead", "Rule", "State", "TensorViews", "build_rule"]

@@ -15,14 +15,28 @@ State: `exp_avg`, `exp_avg_sq` (+ `max_exp_avg_sq`), `step`, `base_lr`.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from optserve.common.config import AdaBoundConfig
-from optserve.server.engine.base import Rule, Scalars, State
+from optserve.server.engine import ops
+from optserve.server.engine.base import ElementwiseRule, State
 
 
-class AdaBound(Rule[AdaBoundConfig]):
+class AdaBoundScalars(NamedTuple):
+    step_size: float  # gamma sqrt(bc2) / bc1
+    lower_bound: float
+    upper_bound: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decay: bool
+    amsbound: bool
+
+
+class AdaBound(ElementwiseRule[AdaBoundConfig, AdaBoundScalars]):
     name = "adabound"
 
     def init_state(self, weights: torch.Tensor) -> State:
@@ -36,7 +50,7 @@ class AdaBound(Rule[AdaBoundConfig]):
             state["max_exp_avg_sq"] = torch.zeros_like(weights)
         return state
 
-    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> Scalars:
+    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> AdaBoundScalars:
         cfg = self.config
         beta1, beta2 = cfg.betas
         if state["base_lr"] == 0:  # built with lr 0: the first real lr becomes the base
@@ -46,27 +60,34 @@ class AdaBound(Rule[AdaBoundConfig]):
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         final_lr = cfg.final_lr * lr / state["base_lr"] if state["base_lr"] else 0.0
-        return {
-            "step_size": lr * math.sqrt(bias_correction2) / bias_correction1,
-            "lower_bound": final_lr * (1 - 1 / (cfg.gamma * step + 1)),
-            "upper_bound": final_lr * (1 + 1 / (cfg.gamma * step)),
-        }
+        return AdaBoundScalars(
+            step_size=lr * math.sqrt(bias_correction2) / bias_correction1,
+            lower_bound=final_lr * (1 - 1 / (cfg.gamma * step + 1)),
+            upper_bound=final_lr * (1 + 1 / (cfg.gamma * step)),
+            beta1=beta1, beta2=beta2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            decay=cfg.weight_decay != 0, amsbound=cfg.amsbound,
+        )  # fmt: skip
 
-    def update(self, weights: torch.Tensor, grad: torch.Tensor, state: State, s: Scalars) -> None:
-        cfg = self.config
-        beta1, beta2 = cfg.betas
+    @staticmethod
+    def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: AdaBoundScalars) -> None:
         g = grad
-        if cfg.weight_decay != 0:
-            g = g.add(weights, alpha=cfg.weight_decay)
+        if s.decay:
+            g = ops.add(g, weights, s.weight_decay)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        if cfg.amsbound:
+        ops.add_(exp_avg.mul_(s.beta1), g, 1 - s.beta1)
+        ops.addcmul_(exp_avg_sq.mul_(s.beta2), g, g, 1 - s.beta2)
+        if s.amsbound:
             max_exp_avg_sq = state["max_exp_avg_sq"]
             torch.max(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-            denom = max_exp_avg_sq.sqrt().add_(cfg.eps)
+            denom = max_exp_avg_sq.sqrt().add_(s.eps)
         else:
-            denom = exp_avg_sq.sqrt().add_(cfg.eps)
-        step_size = torch.full_like(denom, s["step_size"])
-        step_size.div_(denom).clamp_(s["lower_bound"], s["upper_bound"]).mul_(exp_avg)
+            denom = exp_avg_sq.sqrt().add_(s.eps)
+        # The authors' full_like(denom, step_size).div_(denom).clamp_(lower, upper), spelled with
+        # 0-dim tensors: the same bits, and compiling does not specialise on the values.
+        one = denom.new_ones(())
+        step_size = (one * s.step_size).div(denom)
+        step_size = torch.minimum(
+            torch.maximum(step_size, one * s.lower_bound), one * s.upper_bound
+        )
+        step_size.mul_(exp_avg)
         weights.add_(-step_size)

@@ -11,13 +11,25 @@ State: `square_avg` (Q), `acc_delta` (D), `step` (counted, unused).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from optserve.common.config import AdadeltaConfig
-from optserve.server.engine.base import Rule, Scalars, State, maybe_maximize
+from optserve.server.engine import ops
+from optserve.server.engine.base import ElementwiseRule, State
 
 
-class Adadelta(Rule[AdadeltaConfig]):
+class AdadeltaScalars(NamedTuple):
+    lr: float
+    rho: float
+    eps: float
+    weight_decay: float
+    maximize: bool
+    decay: bool
+
+
+class Adadelta(ElementwiseRule[AdadeltaConfig, AdadeltaScalars]):
     name = "adadelta"
 
     def init_state(self, weights: torch.Tensor) -> State:
@@ -27,19 +39,22 @@ class Adadelta(Rule[AdadeltaConfig]):
             "acc_delta": torch.zeros_like(weights),
         }
 
-    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> Scalars:
-        state["step"] += 1
-        return {"lr": lr}
-
-    def update(self, weights: torch.Tensor, grad: torch.Tensor, state: State, s: Scalars) -> None:
+    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> AdadeltaScalars:
         cfg = self.config
-        g = maybe_maximize(grad, cfg.maximize)
-        if cfg.weight_decay != 0:
-            g = g.add(weights, alpha=cfg.weight_decay)
+        state["step"] += 1
+        return AdadeltaScalars(
+            lr, cfg.rho, cfg.eps, cfg.weight_decay, cfg.maximize, cfg.weight_decay != 0
+        )
+
+    @staticmethod
+    def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: AdadeltaScalars) -> None:
+        g = -grad if s.maximize else grad
+        if s.decay:
+            g = ops.add(g, weights, s.weight_decay)
         square_avg, acc_delta = state["square_avg"], state["acc_delta"]
-        square_avg.mul_(cfg.rho).addcmul_(g, g, value=1 - cfg.rho)
-        std = square_avg.add(cfg.eps).sqrt_()
-        delta = acc_delta.add(cfg.eps).sqrt_()
+        ops.addcmul_(square_avg.mul_(s.rho), g, g, 1 - s.rho)
+        std = square_avg.add(s.eps).sqrt_()
+        delta = acc_delta.add(s.eps).sqrt_()
         delta.div_(std).mul_(g)
-        acc_delta.mul_(cfg.rho).addcmul_(delta, delta, value=1 - cfg.rho)
-        weights.add_(delta, alpha=-s["lr"])
+        ops.addcmul_(acc_delta.mul_(s.rho), delta, delta, 1 - s.rho)
+        ops.add_(weights, delta, -s.lr)

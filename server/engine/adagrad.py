@@ -10,13 +10,24 @@ State: `sum` (starts at initial_accumulator_value), `step`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from optserve.common.config import AdagradConfig
-from optserve.server.engine.base import Rule, Scalars, State, maybe_maximize
+from optserve.server.engine import ops
+from optserve.server.engine.base import ElementwiseRule, State
 
 
-class Adagrad(Rule[AdagradConfig]):
+class AdagradScalars(NamedTuple):
+    clr: float  # gamma_t, the decayed learning rate
+    eps: float
+    weight_decay: float
+    maximize: bool
+    decay: bool
+
+
+class Adagrad(ElementwiseRule[AdagradConfig, AdagradScalars]):
     name = "adagrad"
 
     def init_state(self, weights: torch.Tensor) -> State:
@@ -25,16 +36,18 @@ class Adagrad(Rule[AdagradConfig]):
             "sum": torch.full_like(weights, self.config.initial_accumulator_value),
         }
 
-    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> Scalars:
-        state["step"] += 1
-        return {"clr": lr / (1 + (float(state["step"]) - 1) * self.config.lr_decay)}
-
-    def update(self, weights: torch.Tensor, grad: torch.Tensor, state: State, s: Scalars) -> None:
+    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> AdagradScalars:
         cfg = self.config
-        g = maybe_maximize(grad, cfg.maximize)
-        if cfg.weight_decay != 0:
-            g = g.add(weights, alpha=cfg.weight_decay)
+        state["step"] += 1
+        clr = lr / (1 + (float(state["step"]) - 1) * cfg.lr_decay)
+        return AdagradScalars(clr, cfg.eps, cfg.weight_decay, cfg.maximize, cfg.weight_decay != 0)
+
+    @staticmethod
+    def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: AdagradScalars) -> None:
+        g = -grad if s.maximize else grad
+        if s.decay:
+            g = ops.add(g, weights, s.weight_decay)
         state_sum = state["sum"]
-        state_sum.addcmul_(g, g, value=1)
-        std = state_sum.sqrt().add_(cfg.eps)
-        weights.addcdiv_(g, std, value=-s["clr"])
+        ops.addcmul_(state_sum, g, g, 1)
+        std = state_sum.sqrt().add_(s.eps)
+        ops.addcdiv_(weights, g, std, -s.clr)

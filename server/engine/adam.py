@@ -14,22 +14,36 @@ State: `exp_avg` (M), `exp_avg_sq` (V), `max_exp_avg_sq` (AMSGrad only), `step` 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from optserve.common.config import AdamConfig, AdamWConfig, AMSGradConfig
-from optserve.server.engine.base import Rule, Scalars, State, maybe_maximize
+from optserve.server.engine import ops
+from optserve.server.engine.base import ElementwiseRule, State
 
 
-class Adam(Rule[AdamConfig | AdamWConfig | AMSGradConfig]):
+class AdamScalars(NamedTuple):
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    step_size: float  # gamma / bc1
+    bias_correction2_sqrt: float
+    maximize: bool
+    l2: bool  # Adam's coupled decay (weight_decay != 0)
+    decoupled: bool  # AdamW's decay (weight_decay != 0)
+    amsgrad: bool
+
+
+def is_amsgrad(config: AdamConfig | AdamWConfig | AMSGradConfig) -> bool:
+    """`amsgrad` is `adam` with `amsgrad: true`: one rule spelled two ways."""
+    return config.name == "amsgrad" or bool(getattr(config, "amsgrad", False))
+
+
+class Adam(ElementwiseRule[AdamConfig | AdamWConfig | AMSGradConfig, AdamScalars]):
     name = "adam"
-
-    @property
-    def amsgrad(self) -> bool:
-        return self.config.name == "amsgrad" or bool(getattr(self.config, "amsgrad", False))
-
-    @property
-    def decoupled(self) -> bool:
-        return self.config.name == "adamw"
 
     def init_state(self, weights: torch.Tensor) -> State:
         state: State = {
@@ -37,38 +51,38 @@ class Adam(Rule[AdamConfig | AdamWConfig | AMSGradConfig]):
             "exp_avg": torch.zeros_like(weights),
             "exp_avg_sq": torch.zeros_like(weights),
         }
-        if self.amsgrad:
+        if is_amsgrad(self.config):
             state["max_exp_avg_sq"] = torch.zeros_like(weights)
         return state
 
-    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> Scalars:
-        beta1, beta2 = self.config.betas
+    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> AdamScalars:
+        cfg = self.config
+        beta1, beta2 = cfg.betas
         state["step"] += 1
         step = float(state["step"])
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
-        return {
-            "lr": lr,
-            "step_size": lr / bias_correction1,
-            "bias_correction2_sqrt": bias_correction2**0.5,
-        }
+        decays, decoupled = cfg.weight_decay != 0, cfg.name == "adamw"
+        return AdamScalars(
+            lr, beta1, beta2, cfg.eps, cfg.weight_decay, lr / bias_correction1,
+            bias_correction2**0.5, cfg.maximize, decays and not decoupled, decays and decoupled,
+            is_amsgrad(cfg),
+        )  # fmt: skip
 
-    def update(self, weights: torch.Tensor, grad: torch.Tensor, state: State, s: Scalars) -> None:
-        cfg = self.config
-        beta1, beta2 = cfg.betas
-        g = maybe_maximize(grad, cfg.maximize)
-        if cfg.weight_decay != 0:
-            if self.decoupled:
-                weights.mul_(1 - s["lr"] * cfg.weight_decay)
-            else:
-                g = g.add(weights, alpha=cfg.weight_decay)
+    @staticmethod
+    def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: AdamScalars) -> None:
+        g = -grad if s.maximize else grad
+        if s.decoupled:
+            weights.mul_(1 - s.lr * s.weight_decay)
+        if s.l2:
+            g = ops.add(g, weights, s.weight_decay)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        if self.amsgrad:
+        ops.lerp_(exp_avg, g, 1 - s.beta1)
+        ops.addcmul_(exp_avg_sq.mul_(s.beta2), g, g, 1 - s.beta2)
+        if s.amsgrad:
             max_exp_avg_sq = state["max_exp_avg_sq"]
             torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-            denom = (max_exp_avg_sq.sqrt() / s["bias_correction2_sqrt"]).add_(cfg.eps)
+            denom = (max_exp_avg_sq.sqrt() / s.bias_correction2_sqrt).add_(s.eps)
         else:
-            denom = (exp_avg_sq.sqrt() / s["bias_correction2_sqrt"]).add_(cfg.eps)
-        weights.addcdiv_(exp_avg, denom, value=-s["step_size"])
+            denom = (exp_avg_sq.sqrt() / s.bias_correction2_sqrt).add_(s.eps)
+        ops.addcdiv_(weights, exp_avg, denom, -s.step_size)

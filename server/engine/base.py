@@ -2,12 +2,23 @@
 
 A step is split in two, as optax splits state from update:
 
-* `prepare(state, lr)` advances the rule's counters and computes the step's scalars (bias
-  corrections, bounds, the rectification term, whether Lookahead syncs) once per step;
-* `update(weights, grad, state, scalars)` is purely element-wise and in place.
+* `prepare(state, lr, weights)` advances the rule's counters and returns the step's *named
+  scalars*, a NamedTuple of every number the update reads (hyperparameters, bias corrections,
+  bounds, the rectification term) and the booleans that choose its structure;
+* `update(weights, grad, state, scalars)` is the rule's maths, written once: purely element-wise,
+  in place, and a function of its arguments only (a static method, no `self`).
 
-Because `update` is element-wise, running it on consecutive slices of a flat buffer gives exactly
-the result of running it on the whole buffer; the chunked fast path relies on that.
+That one definition serves every path that is not torch's own fused kernel:
+
+* reference: `update` on the whole buffer, op for op the oracle's single-tensor path, so it is
+  bit-exact with it;
+* chunked: `update` on consecutive slices (it is element-wise, so the result is identical);
+* compiled: `torch.compile(update)` (engine/compiled.py). Floats in the scalars are inputs of the
+  compiled code (dynamo does not specialise on them), so a new lr or bias correction at every
+  step compiles nothing; booleans are structure, and a kernel is compiled for each combination.
+
+Lookahead is not an element-wise rule: it wraps one and acts after the inner step
+(engine/lookahead.py).
 """
 
 from __future__ import annotations
@@ -20,25 +31,17 @@ import torch
 from pydantic import BaseModel
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
+ScalarsT = TypeVar("ScalarsT", bound=tuple[Any, ...])
 
 # A rule's state for one flat buffer: tensors named with torch.optim's keys, plus scalars
 # (counters are Python ints here; torch keeps `step` as a 0-dim float32 tensor).
 State = dict[str, Any]
-Scalars = dict[str, Any]
 # (offset, shape) of each parameter tensor lying wholly inside a flat buffer.
 TensorViews = Sequence[tuple[int, tuple[int, ...]]]
 
 
-def maybe_maximize(grad: torch.Tensor, maximize: bool) -> torch.Tensor:
-    return -grad if maximize else grad
-
-
 class Rule(ABC, Generic[ConfigT]):
-    """An element-wise update rule applied to one flat fp32 buffer.
-
-    Subclasses follow the oracle's readable single-tensor path exactly (same operations in the
-    same order), so a flat buffer gets bit-for-bit the per-parameter result (spec section 4).
-    """
+    """What the engine steps: a rule's state and its reference step on one flat buffer."""
 
     name: ClassVar[str]
 
@@ -49,22 +52,38 @@ class Rule(ABC, Generic[ConfigT]):
     def init_state(self, weights: torch.Tensor) -> State:
         """The state a fresh oracle optimizer would start from for these weights."""
 
-    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> Scalars:
-        """Advance counters, create lazily made state, and compute this step's scalars.
-
-        Called once per step with the whole buffer; `update` may then run slice by slice.
-        """
-        return {"lr": lr}
-
     @abstractmethod
-    def update(
-        self, weights: torch.Tensor, grad: torch.Tensor, state: State, scalars: Scalars
-    ) -> None:
-        """The element-wise part of the step, in place on `weights` and the state tensors."""
+    def apply(self, weights: torch.Tensor, grad: torch.Tensor, state: State, lr: float) -> None:
+        """One whole step: the readable reference path."""
 
     def preprocess(self, grad: torch.Tensor, views: TensorViews) -> None:
         """Per-tensor work on the gradient before the step (gradient centralization)."""
 
+
+class ElementwiseRule(Rule[ConfigT], Generic[ConfigT, ScalarsT]):
+    """An element-wise update rule applied to one flat buffer.
+
+    Subclasses follow the oracle's readable single-tensor path exactly (same operations in the
+    same order), so a flat buffer gets bit-for-bit the per-parameter result (spec section 4).
+    """
+
+    # Booleans of the scalars that may change from one step to the next (RAdam's rectification,
+    # SGD's first step): the compiled path compiles every combination before it is used.
+    step_flags: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> ScalarsT:
+        """Advance counters, create lazily made state, and return this step's named scalars.
+
+        Called once per step with the whole buffer; `update` may then run slice by slice.
+        """
+
+    @staticmethod
+    @abstractmethod
+    def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: ScalarsT) -> None:
+        """The element-wise part of the step, in place on `weights` and the state tensors.
+
+        It reads nothing but its arguments, so that `torch.compile` can compile it as it is."""
+
     def apply(self, weights: torch.Tensor, grad: torch.Tensor, state: State, lr: float) -> None:
-        """One whole step: the readable reference path."""
         self.update(weights, grad, state, self.prepare(state, lr, weights))

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from optserve.server.engine.base import Rule, State
-from optserve.server.engine.lookahead import Lookahead
+from optserve.server.engine.adam import is_amsgrad
+from optserve.server.engine.base import ElementwiseRule, State
 
 _FUSED_RULES = ("sgd", "adam", "adamw", "amsgrad", "adagrad")
 _TORCH_KEYS = frozenset(
@@ -23,10 +23,10 @@ _TORCH_KEYS = frozenset(
 )
 
 
-def fused_available(rule: Rule, device: torch.device) -> bool:
-    """Whether torch has a fused kernel for this rule here (a Lookahead wrapper: pass its inner
-    rule; the engine runs the slow-weight sync itself)."""
-    if isinstance(rule, Lookahead) or rule.config.name not in _FUSED_RULES:
+def fused_available(rule: ElementwiseRule, device: torch.device) -> bool:
+    """Whether torch has a fused kernel for this rule here (with Lookahead: for its inner rule;
+    the engine runs the slow-weight sync itself)."""
+    if rule.config.name not in _FUSED_RULES:
         return False
     if rule.config.name == "adagrad" and device.type != "cpu":
         return False  # torch's fused Adagrad is documented for CPU; CUDA support is unverified
@@ -38,7 +38,7 @@ def fused_available(rule: Rule, device: torch.device) -> bool:
 class FusedStep:
     """Runs one rule's fused torch kernel on a flat buffer and the engine's state."""
 
-    def __init__(self, rule: Rule, weights: torch.Tensor) -> None:
+    def __init__(self, rule: ElementwiseRule, weights: torch.Tensor) -> None:
         cfg = rule.config
         self.name = cfg.name
         self.param = torch.nn.Parameter(weights, requires_grad=False)  # aliases the buffer
@@ -59,7 +59,7 @@ class FusedStep:
             self.optimizer = optimizer_cls(
                 [self.param], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                 weight_decay=cfg.weight_decay, maximize=cfg.maximize,
-                amsgrad=cfg.name == "amsgrad" or cfg.amsgrad, fused=True,
+                amsgrad=is_amsgrad(cfg), fused=True,
             )  # fmt: skip
 
     def step(self, grad: torch.Tensor, state: State, lr: float) -> None:

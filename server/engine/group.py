@@ -3,28 +3,31 @@
 Paths, all tested against the readable reference (`Rule.apply` on the whole buffer):
 
 * fused: torch's fused kernel where torch has one for the rule and device (engine/fused.py);
-* compiled: the rule's kernel compiled by inductor (engine/compiled.py), for the other rules on
-  buffers of at least COMPILE_MIN_ELEMENTS; compiled in the background, and used once ready;
+* compiled: the rule's own `update` compiled by inductor (engine/compiled.py), for the other
+  rules on buffers of at least COMPILE_MIN_ELEMENTS; compiled in the background, and used from
+  the step after it is ready;
 * chunked: the rule's element-wise `update` run slice by slice, so each slice's temporaries
   stay in cache (CPU); bit-identical to the reference, since every element sees the same ops;
 * reference: `update` on the whole buffer (also what other devices use).
 
-A Lookahead wrapper runs its inner rule on the inner rule's fast path and syncs the slow weights
-itself. OPTSERVE_COMPILE=off in the environment turns the compiled path off.
+The path is chosen once, when the rule is set (and changes once more when a kernel finishes
+compiling), not on every step. Every path steps the inner rule; Lookahead then acts in one
+place, `Lookahead.after_step`. OPTSERVE_COMPILE=off in the environment turns compiling off.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 
 from optserve.common.config import RuleConfig, optimizer_config_json, parse_optimizer_config
 from optserve.server.engine import build_rule
-from optserve.server.engine.base import Rule, State, TensorViews
-from optserve.server.engine.compiled import CompiledStep, compiled_available
+from optserve.server.engine.base import ElementwiseRule, Rule, State, TensorViews
+from optserve.server.engine.compiled import CompiledStep
 from optserve.server.engine.fused import FusedStep, fused_available
 from optserve.server.engine.lookahead import Lookahead
 from optserve.server.engine.migration import MigrationReport, Policy, migrate
@@ -36,6 +39,7 @@ CHUNK_ELEMENTS = 1 << 18
 # would not pay for itself; tests' small models stay on the eager paths.
 COMPILE_MIN_ELEMENTS = 1 << 20
 Path = Literal["fast", "reference"]
+StepFn = Callable[[torch.Tensor, float], None]
 
 
 class GroupEngine:
@@ -54,6 +58,13 @@ class GroupEngine:
         self.weights = weights
         self.views = tuple(views)
         self.path = path
+        numel = weights.numel()
+        whole = weights.device.type != "cpu" or numel <= CHUNK_ELEMENTS
+        self._parts = (
+            [slice(0, numel)]
+            if whole
+            else [slice(a, min(a + CHUNK_ELEMENTS, numel)) for a in range(0, numel, CHUNK_ELEMENTS)]
+        )
         self._set_rule(config)
         if state is None:
             self.state: State = self.rule.init_state(weights)
@@ -62,36 +73,40 @@ class GroupEngine:
             self.state = dict(state)
 
     def _set_rule(self, config: RuleConfig) -> None:
+        """Build the rule and choose its path, once."""
         self.config = config
         self.rule: Rule = build_rule(config)
         self._lookahead = self.rule if isinstance(self.rule, Lookahead) else None
-        base = self._lookahead.inner if self._lookahead is not None else self.rule
+        inner = self._lookahead.inner if self._lookahead is not None else self.rule
+        assert isinstance(inner, ElementwiseRule)
+        self._inner: ElementwiseRule = inner
         self._fused: FusedStep | None = None
         self._compiled: CompiledStep | None = None
+        eager = ("chunked", self._step_chunked) if len(self._parts) > 1 else None
+        self._current: tuple[str, StepFn] = eager or ("reference", self._step_reference)
         if self.path == "reference":
-            return
-        if fused_available(base, self.weights.device):
-            self._fused = FusedStep(base, self.weights)
-        elif compiled_available(base) and self._compile_wanted():
-            self._compiled = CompiledStep(base, self.weights)
+            self._current = ("reference", self._step_reference)
+        elif fused_available(inner, self.weights.device):
+            self._fused = FusedStep(inner, self.weights)
+            self._current = ("fused", self._step_fused)
+        elif self._compile_wanted():
+            self._compiled = CompiledStep(inner, self.weights, None, self._compiled_ready)
+            self._compiled.start()  # only now: it may be ready at once (a warm cache)
 
     def _compile_wanted(self) -> bool:
         if os.environ.get("OPTSERVE_COMPILE", "auto").lower() in ("off", "0", "false", "no"):
             return False
         return self.weights.numel() >= COMPILE_MIN_ELEMENTS
 
+    def _compiled_ready(self, compiled: CompiledStep) -> None:
+        """From the compiling thread: take the kernel, unless the rule changed meanwhile."""
+        if compiled is self._compiled:
+            self._current = ("compiled", self._step_compiled)
+
     @property
     def fast_path(self) -> str:
         """Which path the next step takes: fused, compiled, chunked or reference."""
-        if self.path == "reference":
-            return "reference"
-        if self._fused is not None:
-            return "fused"
-        if self._compiled is not None and self._compiled.ready:
-            return "compiled"
-        if self.weights.device.type == "cpu" and self.weights.numel() > CHUNK_ELEMENTS:
-            return "chunked"
-        return "reference"
+        return self._current[0]
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
         """Block until a compile in progress ended; True if the compiled path is in use."""
@@ -100,45 +115,31 @@ class GroupEngine:
     def step(self, grad: torch.Tensor, lr: float) -> None:
         """Apply one update with gradient `grad` (fp32, same length; may be modified)."""
         self.rule.preprocess(grad, self.views)
-        path = self.fast_path
-        if path == "fused":
-            assert self._fused is not None
-            sync = self._lookahead is not None and self._lookahead.tick(self.state)
-            self._fused.step(grad, self.state, lr)
-            if sync:
-                self._sync()
-        elif path == "compiled":
-            assert self._compiled is not None
-            scalars = self.rule.prepare(self.state, lr, self.weights)
-            self._compiled.step(self.weights, grad, self.state, scalars)
-            if scalars.get("lookahead_sync"):
-                self._sync()
-        elif path == "chunked":
-            self._chunked(grad, lr)
-        else:
-            self.rule.apply(self.weights, grad, self.state, lr)
+        self._current[1](grad, lr)
+        if self._lookahead is not None:
+            self._lookahead.after_step(self.weights, self.state, self._parts)
 
-    def _slices(self) -> list[slice]:
-        numel = self.weights.numel()
-        if self.weights.device.type != "cpu":
-            return [slice(0, numel)]
-        return [slice(a, min(a + CHUNK_ELEMENTS, numel)) for a in range(0, numel, CHUNK_ELEMENTS)]
+    def _step_reference(self, grad: torch.Tensor, lr: float) -> None:
+        self._inner.apply(self.weights, grad, self.state, lr)
 
-    def _sync(self) -> None:
-        """Lookahead's slow-weight sync after a fused or compiled inner step."""
-        assert self._lookahead is not None
-        slow = self.state["slow_buffer"]
-        for part in self._slices():
-            self._lookahead.sync(self.weights[part], {"slow_buffer": slow[part]})
+    def _step_fused(self, grad: torch.Tensor, lr: float) -> None:
+        assert self._fused is not None
+        self._fused.step(grad, self.state, lr)
 
-    def _chunked(self, grad: torch.Tensor, lr: float) -> None:
-        scalars = self.rule.prepare(self.state, lr, self.weights)
+    def _step_compiled(self, grad: torch.Tensor, lr: float) -> None:
+        assert self._compiled is not None
+        scalars = self._inner.prepare(self.state, lr, self.weights)
+        self._compiled.step(self.weights, grad, self.state, scalars)
+
+    def _step_chunked(self, grad: torch.Tensor, lr: float) -> None:
+        inner = self._inner
+        scalars = inner.prepare(self.state, lr, self.weights)
         tensor_keys = [k for k, v in self.state.items() if isinstance(v, torch.Tensor)]
-        for part in self._slices():
+        for part in self._parts:
             chunk = dict(self.state)
             for key in tensor_keys:
                 chunk[key] = self.state[key][part]
-            self.rule.update(self.weights[part], grad[part], chunk, scalars)
+            inner.update(self.weights[part], grad[part], chunk, scalars)
 
     def set_optimizer(self, config: RuleConfig, policy: Policy) -> MigrationReport:
         """Switch rules, moving the state by `policy` (spec section 5)."""

@@ -18,18 +18,22 @@ of the flat buffer, never on the flat buffer itself (spec section 4).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 
 from optserve.common.config import LookaheadConfig, RangerConfig
-from optserve.server.engine.base import Rule, Scalars, State, TensorViews
+from optserve.server.engine.base import ElementwiseRule, Rule, State, TensorViews
 from optserve.server.engine.radam import RAdam
 
 
 class Lookahead(Rule):
+    """Lookahead around an element-wise rule. Every path steps the inner rule its own way (fused,
+    compiled, chunked, reference) and then calls `after_step`: the one place Lookahead acts."""
+
     name = "lookahead"
 
-    def __init__(self, inner: Rule, lookahead: LookaheadConfig) -> None:
+    def __init__(self, inner: ElementwiseRule, lookahead: LookaheadConfig) -> None:
         super().__init__(inner.config)
         self.inner = inner
         self.k = lookahead.k
@@ -38,27 +42,25 @@ class Lookahead(Rule):
     def init_state(self, weights: torch.Tensor) -> State:
         return {**self.inner.init_state(weights), "slow_buffer": weights.clone(), "counter": 0}
 
-    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> Scalars:
-        return {**self.inner.prepare(state, lr, weights), "lookahead_sync": self.tick(state)}
+    def apply(self, weights: torch.Tensor, grad: torch.Tensor, state: State, lr: float) -> None:
+        self.inner.apply(weights, grad, state, lr)
+        self.after_step(weights, state)
 
-    def tick(self, state: State) -> bool:
-        """Count one step; True when this step ends with a sync of the slow weights."""
+    def after_step(
+        self, weights: torch.Tensor, state: State, parts: Iterable[slice] = (slice(None),)
+    ) -> None:
+        """Count the inner step; every k-th, phi <- phi + alpha (theta - phi) and theta <- phi.
+
+        The sync is element-wise, so it runs on `parts` (slices of the buffer) one by one."""
         state["counter"] += 1
-        sync = state["counter"] >= self.k
-        if sync:
-            state["counter"] = 0
-        return sync
-
-    def sync(self, weights: torch.Tensor, state: State) -> None:
-        """phi <- phi + alpha (theta - phi); theta <- phi (element-wise, so slices may sync)."""
+        if state["counter"] < self.k:
+            return
+        state["counter"] = 0
         slow = state["slow_buffer"]
-        slow.add_(weights - slow, alpha=self.alpha)
-        weights.copy_(slow)
-
-    def update(self, weights: torch.Tensor, grad: torch.Tensor, state: State, s: Scalars) -> None:
-        self.inner.update(weights, grad, state, s)
-        if s["lookahead_sync"]:
-            self.sync(weights, state)
+        for part in parts:
+            phi = slow[part]
+            phi.add_(weights[part] - phi, alpha=self.alpha)
+            weights[part].copy_(phi)
 
     def preprocess(self, grad: torch.Tensor, views: TensorViews) -> None:
         self.inner.preprocess(grad, views)

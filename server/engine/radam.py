@@ -13,14 +13,33 @@ State: `exp_avg`, `exp_avg_sq`, `step`. The threshold is 5 (torch); Ranger expos
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from optserve.common.config import RAdamConfig, RangerConfig
-from optserve.server.engine.base import Rule, Scalars, State, maybe_maximize
+from optserve.server.engine import ops
+from optserve.server.engine.base import ElementwiseRule, State
 
 
-class RAdam(Rule[RAdamConfig | RangerConfig]):
+class RAdamScalars(NamedTuple):
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    bias_correction1: float
+    bias_correction2: float
+    rect: float  # r_t (0 while not rectified)
+    maximize: bool
+    l2: bool
+    decoupled: bool
+    rectified: bool  # rho_t > threshold: changes once, early in a run
+
+
+class RAdam(ElementwiseRule[RAdamConfig | RangerConfig, RAdamScalars]):
     name = "radam"
+    step_flags = ("rectified",)
 
     @property
     def decoupled(self) -> bool:
@@ -39,42 +58,41 @@ class RAdam(Rule[RAdamConfig | RangerConfig]):
             "exp_avg_sq": torch.zeros_like(weights),
         }
 
-    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> Scalars:
-        beta1, beta2 = self.config.betas
+    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> RAdamScalars:
+        cfg = self.config
+        beta1, beta2 = cfg.betas
         state["step"] += 1
         step = float(state["step"])
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         rho_inf = 2 / (1 - beta2) - 1
         rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
-        rect = None
-        if rho_t > self.threshold:
+        rectified = rho_t > self.threshold
+        rect = 0.0
+        if rectified:
             rect = (
                 (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
             ) ** 0.5
-        return {
-            "lr": lr,
-            "bias_correction1": bias_correction1,
-            "bias_correction2": bias_correction2,
-            "rect": rect,
-        }
+        decays = cfg.weight_decay != 0
+        return RAdamScalars(
+            lr, beta1, beta2, cfg.eps, cfg.weight_decay, bias_correction1, bias_correction2, rect,
+            bool(getattr(cfg, "maximize", False)), decays and not self.decoupled,
+            decays and self.decoupled, rectified,
+        )  # fmt: skip
 
-    def update(self, weights: torch.Tensor, grad: torch.Tensor, state: State, s: Scalars) -> None:
-        cfg = self.config
-        beta1, beta2 = cfg.betas
-        lr = s["lr"]
-        g = maybe_maximize(grad, getattr(cfg, "maximize", False))
-        if cfg.weight_decay != 0:
-            if self.decoupled:
-                weights.mul_(1 - lr * cfg.weight_decay)
-            else:
-                g = g.add(weights, alpha=cfg.weight_decay)
+    @staticmethod
+    def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: RAdamScalars) -> None:
+        g = -grad if s.maximize else grad
+        if s.decoupled:
+            weights.mul_(1 - s.lr * s.weight_decay)
+        if s.l2:
+            g = ops.add(g, weights, s.weight_decay)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bias_corrected_exp_avg = exp_avg / s["bias_correction1"]
-        if s["rect"] is not None:
-            adaptive_lr = (s["bias_correction2"] ** 0.5) / exp_avg_sq.sqrt().add_(cfg.eps)
-            weights.add_(bias_corrected_exp_avg * lr * adaptive_lr * s["rect"], alpha=-1.0)
+        ops.lerp_(exp_avg, g, 1 - s.beta1)
+        ops.addcmul_(exp_avg_sq.mul_(s.beta2), g, g, 1 - s.beta2)
+        bias_corrected_exp_avg = exp_avg / s.bias_correction1
+        if s.rectified:
+            adaptive_lr = (s.bias_correction2**0.5) / exp_avg_sq.sqrt().add_(s.eps)
+            ops.add_(weights, bias_corrected_exp_avg * s.lr * adaptive_lr * s.rect, -1.0)
         else:
-            weights.add_(bias_corrected_exp_avg * lr, alpha=-1.0)
+            ops.add_(weights, bias_corrected_exp_avg * s.lr, -1.0)

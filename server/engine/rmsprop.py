@@ -13,13 +13,28 @@ unused). RMSprop's `momentum_buffer` is scale-free, unlike SGD's (spec 1.5 note 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from optserve.common.config import RMSpropConfig
-from optserve.server.engine.base import Rule, Scalars, State, maybe_maximize
+from optserve.server.engine import ops
+from optserve.server.engine.base import ElementwiseRule, State
 
 
-class RMSprop(Rule[RMSpropConfig]):
+class RMSpropScalars(NamedTuple):
+    lr: float
+    alpha: float
+    eps: float
+    momentum: float
+    weight_decay: float
+    maximize: bool
+    decay: bool
+    centered: bool
+    has_momentum: bool  # momentum > 0
+
+
+class RMSprop(ElementwiseRule[RMSpropConfig, RMSpropScalars]):
     name = "rmsprop"
 
     def init_state(self, weights: torch.Tensor) -> State:
@@ -30,27 +45,31 @@ class RMSprop(Rule[RMSpropConfig]):
             state["grad_avg"] = torch.zeros_like(weights)
         return state
 
-    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> Scalars:
-        state["step"] += 1
-        return {"lr": lr}
-
-    def update(self, weights: torch.Tensor, grad: torch.Tensor, state: State, s: Scalars) -> None:
+    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> RMSpropScalars:
         cfg = self.config
-        g = maybe_maximize(grad, cfg.maximize)
-        if cfg.weight_decay != 0:
-            g = g.add(weights, alpha=cfg.weight_decay)
+        state["step"] += 1
+        return RMSpropScalars(
+            lr, cfg.alpha, cfg.eps, cfg.momentum, cfg.weight_decay, cfg.maximize,
+            cfg.weight_decay != 0, cfg.centered, cfg.momentum > 0,
+        )  # fmt: skip
+
+    @staticmethod
+    def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: RMSpropScalars) -> None:
+        g = -grad if s.maximize else grad
+        if s.decay:
+            g = ops.add(g, weights, s.weight_decay)
         square_avg = state["square_avg"]
-        square_avg.mul_(cfg.alpha).addcmul_(g, g, value=1 - cfg.alpha)
-        if cfg.centered:
+        ops.addcmul_(square_avg.mul_(s.alpha), g, g, 1 - s.alpha)
+        if s.centered:
             grad_avg = state["grad_avg"]
-            grad_avg.lerp_(g, 1 - cfg.alpha)
-            avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+            ops.lerp_(grad_avg, g, 1 - s.alpha)
+            avg = ops.addcmul(square_avg, grad_avg, grad_avg, -1).sqrt_()
         else:
             avg = square_avg.sqrt()
-        avg = avg.add_(cfg.eps)
-        if cfg.momentum > 0:
+        avg = avg.add_(s.eps)
+        if s.has_momentum:
             buf = state["momentum_buffer"]
-            buf.mul_(cfg.momentum).addcdiv_(g, avg)
-            weights.add_(buf, alpha=-s["lr"])
+            buf.mul_(s.momentum).addcdiv_(g, avg)
+            ops.add_(weights, buf, -s.lr)
         else:
-            weights.addcdiv_(g, avg, value=-s["lr"])
+            ops.addcdiv_(weights, g, avg, -s.lr)

@@ -12,36 +12,56 @@ the whole accumulated history when gamma changes, since B is kept in gradient un
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from optserve.common.config import SGDConfig
-from optserve.server.engine.base import Rule, Scalars, State, maybe_maximize
+from optserve.server.engine import ops
+from optserve.server.engine.base import ElementwiseRule, State
 
 
-class SGD(Rule[SGDConfig]):
+class SGDScalars(NamedTuple):
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    maximize: bool
+    nesterov: bool
+    has_momentum: bool  # momentum != 0
+    decay: bool  # weight_decay != 0
+    first: bool  # the buffer is created by this step
+
+
+class SGD(ElementwiseRule[SGDConfig, SGDScalars]):
     name = "sgd"
+    step_flags = ("first",)
 
     def init_state(self, weights: torch.Tensor) -> State:
         return {}
 
-    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> Scalars:
-        first = self.config.momentum != 0 and "momentum_buffer" not in state
+    def prepare(self, state: State, lr: float, weights: torch.Tensor) -> SGDScalars:
+        cfg = self.config
+        first = cfg.momentum != 0 and "momentum_buffer" not in state
         if first:
             # torch creates the buffer at the first step as a copy of g (undamped); it is
             # allocated here and filled by `update`, so slices can be updated independently.
             state["momentum_buffer"] = torch.empty_like(weights)
-        return {"lr": lr, "first": first}
+        return SGDScalars(
+            lr, cfg.momentum, cfg.dampening, cfg.weight_decay, cfg.maximize, cfg.nesterov,
+            cfg.momentum != 0, cfg.weight_decay != 0, first,
+        )  # fmt: skip
 
-    def update(self, weights: torch.Tensor, grad: torch.Tensor, state: State, s: Scalars) -> None:
-        cfg = self.config
-        d_p = maybe_maximize(grad, cfg.maximize)
-        if cfg.weight_decay != 0:
-            d_p = d_p.add(weights, alpha=cfg.weight_decay)
-        if cfg.momentum != 0:
+    @staticmethod
+    def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: SGDScalars) -> None:
+        d_p = -grad if s.maximize else grad
+        if s.decay:
+            d_p = ops.add(d_p, weights, s.weight_decay)
+        if s.has_momentum:
             buf = state["momentum_buffer"]
-            if s["first"]:
+            if s.first:
                 buf.copy_(d_p)
             else:
-                buf.mul_(cfg.momentum).add_(d_p, alpha=1 - cfg.dampening)
-            d_p = d_p.add(buf, alpha=cfg.momentum) if cfg.nesterov else buf
-        weights.add_(d_p, alpha=-s["lr"])
+                ops.add_(buf.mul_(s.momentum), d_p, 1 - s.dampening)
+            d_p = ops.add(d_p, buf, s.momentum) if s.nesterov else buf
+        ops.add_(weights, d_p, -s.lr)
