@@ -106,8 +106,13 @@ def test_the_quickstart_runs_as_written(tmp_path):
                 assert "momentum_buffer" in result.stdout
         # The checkpoint the CLI block asked for is on disk, under --checkpoint-dir.
         assert list((tmp_path / "checkpoints" / "quickstart").glob("*/manifest.json"))
-    finally:
+        # "Ctrl-C stops it": cleanly (test_cli.py stops a server with SIGTERM).
         server.send_signal(signal.SIGINT)
+        read_until(server, r"stopped in", 120)
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGINT)
         try:
             server.wait(timeout=120)
         except subprocess.TimeoutExpired:
