@@ -21,7 +21,9 @@ import torch
 
 from optserve.common.config import AdaBoundConfig
 from optserve.server.engine import ops
-from optserve.server.engine.base import ElementwiseRule, State
+from optserve.server.engine.adam import AdamFamily
+from optserve.server.engine.base import State
+from optserve.server.engine.estimates import Estimates, MigrationReport
 
 
 class AdaBoundScalars(NamedTuple):
@@ -36,8 +38,23 @@ class AdaBoundScalars(NamedTuple):
     amsbound: bool
 
 
-class AdaBound(ElementwiseRule[AdaBoundConfig, AdaBoundScalars]):
+class AdaBound(AdamFamily[AdaBoundConfig, AdaBoundScalars]):
     name = "adabound"
+
+    def identity(self) -> tuple[str, bool]:
+        return ("adabound", self.config.amsbound)
+
+    def estimates(self, state: State) -> Estimates:
+        est = super().estimates(state)
+        est.shared["base_lr"] = state["base_lr"]
+        est.note = "; AdaBound's limit is lr = final_lr * (1 - beta1) (C1')"
+        return est
+
+    def seed(self, new: State, est: Estimates, report: MigrationReport) -> None:
+        super().seed(new, est, report)
+        if est.s_hat is not None and "base_lr" in est.shared:
+            new["base_lr"] = est.shared["base_lr"]
+            report.set("base_lr", "kept", "AdaBound's bound scale")
 
     def init_state(self, weights: torch.Tensor) -> State:
         state: State = {

@@ -18,6 +18,8 @@ import torch
 from optserve.common.config import AdadeltaConfig
 from optserve.server.engine import ops
 from optserve.server.engine.base import ElementwiseRule, State
+from optserve.server.engine.estimates import Estimates, MigrationReport
+from optserve.server.engine.rmsprop import seed_square_average, square_average_estimates
 
 
 class AdadeltaScalars(NamedTuple):
@@ -38,6 +40,13 @@ class Adadelta(ElementwiseRule[AdadeltaConfig, AdadeltaScalars]):
             "square_avg": torch.zeros_like(weights),
             "acc_delta": torch.zeros_like(weights),
         }
+
+    def estimates(self, state: State) -> Estimates:
+        return square_average_estimates("adadelta", state, self.config.rho)
+
+    def seed(self, new: State, est: Estimates, report: MigrationReport) -> None:
+        if seed_square_average(new, est, report):
+            report.set("acc_delta", "fresh", "no counterpart anywhere (C8)")
 
     def prepare(self, state: State, lr: float, weights: torch.Tensor) -> AdadeltaScalars:
         cfg = self.config

@@ -17,6 +17,7 @@ import torch
 from optserve.common.config import AdagradConfig
 from optserve.server.engine import ops
 from optserve.server.engine.base import ElementwiseRule, State
+from optserve.server.engine.estimates import Estimates, MigrationReport
 
 
 class AdagradScalars(NamedTuple):
@@ -35,6 +36,21 @@ class Adagrad(ElementwiseRule[AdagradConfig, AdagradScalars]):
             "step": 0,
             "sum": torch.full_like(weights, self.config.initial_accumulator_value),
         }
+
+    def estimates(self, state: State) -> Estimates:
+        t = int(state["step"])
+        est = Estimates("adagrad", t)
+        if t > 0:  # S = S0 + sum of g^2
+            est.s_hat = (state["sum"] - self.config.initial_accumulator_value) / t
+        return est
+
+    def seed(self, new: State, est: Estimates, report: MigrationReport) -> None:
+        if est.s_hat is None:
+            return
+        t = new["step"] = est.step
+        new["sum"] = self.config.initial_accumulator_value + t * est.s_hat
+        report.set("sum", "converted", f"S0 + n * s_hat with n = {t} (C5)")
+        report.set("step", "converted", f"age of the second-moment estimate ({t})")
 
     def prepare(self, state: State, lr: float, weights: torch.Tensor) -> AdagradScalars:
         cfg = self.config

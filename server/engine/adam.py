@@ -14,13 +14,27 @@ State: `exp_avg` (M), `exp_avg_sq` (V), `max_exp_avg_sq` (AMSGrad only), `step` 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-from optserve.common.config import AdamConfig, AdamWConfig, AMSGradConfig
+from optserve.common.config import (
+    AdaBoundConfig,
+    AdamConfig,
+    AdamWConfig,
+    AMSGradConfig,
+    RAdamConfig,
+    RangerConfig,
+)
 from optserve.server.engine import ops
 from optserve.server.engine.base import ElementwiseRule, State
+from optserve.server.engine.estimates import Ema, Estimates, MigrationReport
+
+FamilyConfigT = TypeVar(
+    "FamilyConfigT",
+    bound=AdamConfig | AdamWConfig | AMSGradConfig | AdaBoundConfig | RAdamConfig | RangerConfig,
+)
+ScalarsT = TypeVar("ScalarsT", bound=tuple[Any, ...])
 
 
 class AdamScalars(NamedTuple):
@@ -42,8 +56,70 @@ def is_amsgrad(config: AdamConfig | AdamWConfig | AMSGradConfig) -> bool:
     return config.name == "amsgrad" or bool(getattr(config, "amsgrad", False))
 
 
-class Adam(ElementwiseRule[AdamConfig | AdamWConfig | AMSGradConfig, AdamScalars]):
+class AdamFamily(ElementwiseRule[FamilyConfigT, ScalarsT]):
+    """Adam, AdamW, AMSGrad, AdaBound, RAdam and Ranger's RAdam keep the same moments: M and V,
+    EMAs of g and g^2 with decays beta1 and beta2, and their shared counter t."""
+
+    def estimates(self, state: State) -> Estimates:
+        t = int(state["step"])
+        if t == 0:
+            return Estimates(self.config.name, moments_counter=True)
+        beta1, beta2 = self.config.betas
+        shared = {"max_exp_avg_sq": state["max_exp_avg_sq"]} if "max_exp_avg_sq" in state else {}
+        return Estimates(
+            self.config.name, t, first=Ema(state["exp_avg"], beta1, t),
+            second=Ema(state["exp_avg_sq"], beta2, t), shared=shared, moments_counter=True,
+        )  # fmt: skip
+
+    def seed(self, new: State, est: Estimates, report: MigrationReport) -> None:
+        if est.s_hat is None:
+            return  # C9: a first moment without a second moment is unsafe; start fresh
+        beta1, beta2 = self.config.betas
+        t = new["step"] = est.step
+        if est.moments_counter:
+            report.set("step", "kept", "the moments' shared counter")
+        else:
+            report.set("step", "converted", f"age of the second-moment estimate ({t})")
+        if est.second is not None:
+            new["exp_avg_sq"], action, why = est.second.as_decay(beta2)
+            report.set("exp_avg_sq", action, why)
+        else:
+            new["exp_avg_sq"] = est.s_hat * (1 - beta2**t)
+            report.set("exp_avg_sq", "converted", "V := s_hat (1 - beta2^t) (C4)")
+        if est.first is not None:
+            new["exp_avg"], action, why = est.first.as_decay(beta1)
+            report.set("exp_avg", action, why)
+        elif est.g_hat is not None:
+            new["exp_avg"] = est.g_hat * (1 - beta1**t)
+            report.set("exp_avg", "converted", "M := g_hat (1 - beta1^t) (C7)")
+        else:
+            report.set("exp_avg", "fresh", "no first-moment estimate; M warms up by itself (C9)")
+        if "max_exp_avg_sq" not in new:
+            return
+        if "max_exp_avg_sq" in est.shared:
+            new["max_exp_avg_sq"] = est.shared["max_exp_avg_sq"].clone()
+            report.set("max_exp_avg_sq", "kept", "same running maximum")
+        else:
+            new["max_exp_avg_sq"] = new["exp_avg_sq"].clone()
+            report.set("max_exp_avg_sq", "converted", "Vmax := V, as if switched on now (C6)")
+
+    def retune(
+        self, old: ElementwiseRule, state: State, new: State, report: MigrationReport
+    ) -> None:
+        if getattr(old.config, "betas", None) != self.config.betas:
+            self.seed(new, old.estimates(state), report)  # the moments change meaning (C4)
+        else:
+            super().retune(old, state, new, report)
+
+
+class Adam(AdamFamily[AdamConfig | AdamWConfig | AMSGradConfig, AdamScalars]):
     name = "adam"
+
+    def identity(self) -> tuple[str, bool]:
+        return (
+            "adam" if self.config.name == "amsgrad" else self.config.name,
+            is_amsgrad(self.config),
+        )
 
     def init_state(self, weights: torch.Tensor) -> State:
         state: State = {

@@ -28,9 +28,11 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
-from pydantic import BaseModel
 
-ConfigT = TypeVar("ConfigT", bound=BaseModel)
+from optserve.common.config import RuleConfig
+from optserve.server.engine.estimates import Estimates, MigrationReport
+
+ConfigT = TypeVar("ConfigT", bound=RuleConfig)
 ScalarsT = TypeVar("ScalarsT", bound=tuple[Any, ...])
 
 # A rule's state for one flat buffer: tensors named with torch.optim's keys, plus scalars
@@ -87,3 +89,32 @@ class ElementwiseRule(Rule[ConfigT], Generic[ConfigT, ScalarsT]):
 
     def apply(self, weights: torch.Tensor, grad: torch.Tensor, state: State, lr: float) -> None:
         self.update(weights, grad, state, self.prepare(state, lr, weights))
+
+    # ---- migration (spec section 5): what the state holds, and how to start from it ----------
+
+    def identity(self) -> tuple[str, bool]:
+        """What the rule is, whatever it is called: rules of one identity carry their state
+        (`retune`); between identities it goes through `estimates` and `seed`."""
+        return (self.config.name, False)
+
+    def estimates(self, state: State) -> Estimates:
+        """What this rule's state says about the gradient's moments."""
+        return Estimates(self.config.name, int(state.get("step", 0)))
+
+    def seed(self, new: State, est: Estimates, report: MigrationReport) -> None:
+        """Fill this rule's fresh state `new` from another rule's estimates, reporting every key
+        it sets. By default nothing carries over: the rule starts fresh."""
+
+    def retune(
+        self, old: ElementwiseRule, state: State, new: State, report: MigrationReport
+    ) -> None:
+        """The same rule with other hyperparameters: by default every key carries as it is."""
+        for key in list(new):
+            if key in state:
+                value = state[key]
+                new[key] = value.clone() if isinstance(value, torch.Tensor) else value
+                report.set(key, "kept", "same rule")
+
+    def lazy_keys(self) -> tuple[str, ...]:
+        """State keys the rule creates at its first step rather than in `init_state`."""
+        return ()

@@ -24,6 +24,7 @@ import torch
 
 from optserve.common.config import LookaheadConfig, RangerConfig
 from optserve.server.engine.base import ElementwiseRule, Rule, State, TensorViews
+from optserve.server.engine.estimates import MigrationReport
 from optserve.server.engine.radam import RAdam
 
 
@@ -33,11 +34,15 @@ class Lookahead(Rule):
 
     name = "lookahead"
 
-    def __init__(self, inner: ElementwiseRule, lookahead: LookaheadConfig) -> None:
+    def __init__(
+        self, inner: ElementwiseRule, lookahead: LookaheadConfig, on_inner_step: bool = False
+    ) -> None:
+        """`on_inner_step`: sync when the inner rule's own step is a multiple of k (Ranger)."""
         super().__init__(inner.config)
         self.inner = inner
         self.k = lookahead.k
         self.alpha = lookahead.alpha
+        self.on_inner_step = on_inner_step
 
     def init_state(self, weights: torch.Tensor) -> State:
         return {**self.inner.init_state(weights), "slow_buffer": weights.clone(), "counter": 0}
@@ -65,6 +70,22 @@ class Lookahead(Rule):
     def preprocess(self, grad: torch.Tensor, views: TensorViews) -> None:
         self.inner.preprocess(grad, views)
 
+    def seed(self, source: Rule, state: State, new: State, report: MigrationReport) -> None:
+        """Entering or staying in Lookahead (C11): phi and the position in the slow cycle."""
+        if isinstance(source, Lookahead):
+            new["slow_buffer"] = state["slow_buffer"].clone()
+            report.set("slow_buffer", "kept", "Lookahead to Lookahead carries phi (C11)")
+        else:  # init_state made phi a copy of the current weights
+            report.set("slow_buffer", "converted", "phi := the current weights (C11)")
+        if self.on_inner_step:
+            new["counter"] = int(new.get("step", 0)) % self.k
+            report.set("counter", "converted", "Ranger syncs when RAdam's t is a multiple of k")
+        elif isinstance(source, Lookahead):
+            new["counter"] = int(state["counter"]) % self.k
+            report.set("counter", "kept", "position in the slow cycle (C11)")
+        else:
+            report.set("counter", "fresh", "a new slow cycle starts now (C11)")
+
 
 class RangerRAdam(RAdam):
     """RAdam with Ranger's gradient centralization in front."""
@@ -82,4 +103,5 @@ class RangerRAdam(RAdam):
 
 
 def ranger(config: RangerConfig) -> Lookahead:
-    return Lookahead(RangerRAdam(config), LookaheadConfig(k=config.k, alpha=config.alpha))
+    lookahead = LookaheadConfig(k=config.k, alpha=config.alpha)
+    return Lookahead(RangerRAdam(config), lookahead, on_inner_step=True)

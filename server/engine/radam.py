@@ -19,7 +19,8 @@ import torch
 
 from optserve.common.config import RAdamConfig, RangerConfig
 from optserve.server.engine import ops
-from optserve.server.engine.base import ElementwiseRule, State
+from optserve.server.engine.adam import AdamFamily
+from optserve.server.engine.base import State
 
 
 class RAdamScalars(NamedTuple):
@@ -37,7 +38,7 @@ class RAdamScalars(NamedTuple):
     rectified: bool  # rho_t > threshold: changes once, early in a run
 
 
-class RAdam(ElementwiseRule[RAdamConfig | RangerConfig, RAdamScalars]):
+class RAdam(AdamFamily[RAdamConfig | RangerConfig, RAdamScalars]):
     name = "radam"
     step_flags = ("rectified",)
 

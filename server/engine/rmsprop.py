@@ -20,6 +20,29 @@ import torch
 from optserve.common.config import RMSpropConfig
 from optserve.server.engine import ops
 from optserve.server.engine.base import ElementwiseRule, State
+from optserve.server.engine.estimates import Ema, Estimates, MigrationReport
+
+
+def square_average_estimates(name: str, state: State, beta: float) -> Estimates:
+    """RMSprop's and AdaDelta's Q: an un-corrected EMA of g^2 that the two share verbatim."""
+    t = int(state["step"])
+    second = Ema(state["square_avg"], beta, t) if t > 0 else None
+    return Estimates(name, t, second=second, shared={"square_avg": state["square_avg"]})
+
+
+def seed_square_average(new: State, est: Estimates, report: MigrationReport) -> bool:
+    """Q (and the counter) from another rule; False if it holds no second moment."""
+    if "square_avg" in est.shared:
+        new["square_avg"] = est.shared["square_avg"].clone()
+        report.set("square_avg", "kept", "the same un-corrected EMA of g^2")
+    elif est.s_hat is not None:
+        new["square_avg"] = est.s_hat.clone()
+        report.set("square_avg", "converted", "Q := s_hat, bias-corrected (C3)")
+    else:
+        return False
+    new["step"] = est.step
+    report.set("step", "converted", f"age of the second-moment estimate ({est.step})")
+    return True
 
 
 class RMSpropScalars(NamedTuple):
@@ -44,6 +67,33 @@ class RMSprop(ElementwiseRule[RMSpropConfig, RMSpropScalars]):
         if self.config.centered:
             state["grad_avg"] = torch.zeros_like(weights)
         return state
+
+    def estimates(self, state: State) -> Estimates:
+        cfg = self.config
+        est = square_average_estimates("rmsprop", state, cfg.alpha)
+        if est.step > 0 and "grad_avg" in state:
+            est.first = Ema(state["grad_avg"], cfg.alpha, est.step)
+            est.g_hat = est.first.hat
+        elif est.step > 0 and "momentum_buffer" in state:  # Bn holds steps g / (sqrt(Q) + eps)
+            denom = state["square_avg"].sqrt().add_(cfg.eps)
+            est.g_hat = (1 - cfg.momentum) * state["momentum_buffer"] * denom
+        return est
+
+    def seed(self, new: State, est: Estimates, report: MigrationReport) -> None:
+        cfg = self.config
+        if not seed_square_average(new, est, report) or est.g_hat is None:
+            return
+        if cfg.centered:
+            # The two estimates come from EMAs of different horizons, so g_hat^2 may exceed Q
+            # locally; centered RMSprop takes sqrt(Q - G^2), so G is clipped to keep that >= 0.
+            bound = new["square_avg"].sqrt()
+            new["grad_avg"] = torch.maximum(torch.minimum(est.g_hat, bound), -bound)
+            report.set("grad_avg", "converted", "G := g_hat, clipped to |G| <= sqrt(Q) (C7)")
+        if cfg.momentum > 0:
+            denom = new["square_avg"].sqrt().add_(cfg.eps)
+            new["momentum_buffer"] = est.g_hat / ((1 - cfg.momentum) * denom)
+            why = "Bn := g_hat / ((1 - mu)(sqrt(Q) + eps)) (C7)"
+            report.set("momentum_buffer", "converted", why)
 
     def prepare(self, state: State, lr: float, weights: torch.Tensor) -> RMSpropScalars:
         cfg = self.config

@@ -19,6 +19,7 @@ import torch
 from optserve.common.config import SGDConfig
 from optserve.server.engine import ops
 from optserve.server.engine.base import ElementwiseRule, State
+from optserve.server.engine.estimates import Estimates, MigrationReport
 
 
 class SGDScalars(NamedTuple):
@@ -39,6 +40,53 @@ class SGD(ElementwiseRule[SGDConfig, SGDScalars]):
 
     def init_state(self, weights: torch.Tensor) -> State:
         return {}
+
+    def lazy_keys(self) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self.config.momentum != 0 else ()
+
+    def estimates(self, state: State) -> Estimates:
+        cfg = self.config
+        est = Estimates("sgd")
+        # (mu >= 1 or tau >= 1 accumulate without a stationary point: no estimate)
+        if "momentum_buffer" in state and 0 < cfg.momentum < 1 > cfg.dampening:
+            buf = state["momentum_buffer"]
+            est.g_hat = (1 - cfg.momentum) * buf / (1 - cfg.dampening)
+        return est
+
+    def seed(self, new: State, est: Estimates, report: MigrationReport) -> None:
+        mu, tau = self.config.momentum, self.config.dampening
+        if mu == 0:
+            return
+        if mu >= 1:
+            why = "momentum >= 1 has no stationary buffer to convert to"
+            report.set("momentum_buffer", "fresh", why)
+        elif est.first is not None and est.first.beta == mu and tau == 0:
+            new["momentum_buffer"] = est.first.value / (1 - mu)
+            why = "B := M / (1 - beta1), exact for mu = beta1 (C1)"
+            report.set("momentum_buffer", "converted", why + est.note)
+        elif est.g_hat is not None:
+            new["momentum_buffer"] = (1 - tau) * est.g_hat / (1 - mu)
+            why = "B := (1 - tau) g_hat / (1 - mu), stationary approximation (C1, C7)"
+            report.set("momentum_buffer", "converted", why + est.note)
+
+    def retune(
+        self, old: ElementwiseRule, state: State, new: State, report: MigrationReport
+    ) -> None:
+        """B is kept in gradient units scaled by 1 / (1 - mu): a new mu rescales it."""
+        if "momentum_buffer" not in state or self.config.momentum == 0:
+            return
+        old_mu, mu = old.config.momentum, self.config.momentum
+        buf = state["momentum_buffer"].clone()
+        if old_mu >= 1 or mu >= 1:  # no (1 - mu) scale to convert between
+            if old_mu != mu:
+                why = "momentum >= 1 has no stationary scale: B as is"
+                report.set("momentum_buffer", "kept", why)
+        elif old_mu != mu:
+            buf.mul_((1 - mu) / (1 - old_mu))
+            report.set("momentum_buffer", "converted", "B (1 - mu_new) / (1 - mu_old)")
+        else:
+            report.set("momentum_buffer", "kept", "momentum and Nesterov share B exactly")
+        new["momentum_buffer"] = buf
 
     def prepare(self, state: State, lr: float, weights: torch.Tensor) -> SGDScalars:
         cfg = self.config
