@@ -37,6 +37,19 @@ def staged(service, model):
     return [i["staged"] for i in ray.get([a.info.remote() for a in shard_actors(service, model)])]
 
 
+def wait_until_in_round(service, model, pushes, timeout_s=60.0):
+    """Until the leader's open sync round holds `pushes` pushes (its sequencer's own list)."""
+    (leader, *_) = shard_actors(service, model)
+
+    def in_round():
+        return ray.get(leader.__ray_call__.remote(lambda a: len(a._service.sequencer._round)))
+
+    deadline = time.monotonic() + timeout_s
+    while in_round() < pushes:
+        assert time.monotonic() < deadline, f"{in_round()} of {pushes} pushes in the round"
+        time.sleep(0.02)
+
+
 def wait_until_nothing_staged(service, model, timeout_s=10.0):
     deadline = time.monotonic() + timeout_s
     while any(staged(service, model)) and time.monotonic() < deadline:
@@ -354,25 +367,35 @@ def test_tls_clients_work_and_plaintext_clients_do_not(tls_service, model_name):
 def test_a_client_holding_too_many_streams_gets_resource_exhausted(tls_service, model_name):
     service, ca = tls_service
     with ParameterServerClient(service.address, tls_ca=ca) as client:
-        mode = {"mode": "sync", "trainers": 8, "round_timeout_s": 4.0}
+        # The round closes when eight trainers pushed; the timeout only bounds a failure.
+        mode = {"mode": "sync", "trainers": 8, "round_timeout_s": 120.0}
         client.create_model(model_name, {"w": torch.zeros(4)}, SGD, num_shards=1, mode=mode)
         client.pull(model_name)
+        ones = {"w": torch.ones(4)}
         # Four pushes wait in the round (the limit is 4 per client); a fifth is refused at once.
-        with ThreadPoolExecutor(4) as pool:
+        with (
+            ThreadPoolExecutor(8) as pool,
+            ParameterServerClient(service.address, tls_ca=ca) as other,
+        ):
             waiting = [
-                pool.submit(client.push, model_name, {"w": torch.ones(4)}, trainer=f"t{i}")
+                pool.submit(client.push, model_name, ones, trainer=f"t{i}") for i in range(4)
+            ]
+            wait_until_in_round(service, model_name, 4)
+            with pytest.raises(ResourceExhausted, match="max_streams_per_client"):
+                client.push(model_name, ones, trainer="t5")
+            # Another client has its own allowance: its four pushes complete the round.
+            waiting += [
+                pool.submit(other.push, model_name, ones, trainer=f"u{i}") for i in range(4)
+            ]
+            assert [f.result(timeout=60) for f in waiting] == [1] * 8
+            # The slots were given back: both clients hold four streams again, the next round.
+            assert client.pull(model_name)[1] == other.pull(model_name)[1] == 1
+            again = [
+                pool.submit(c.push, model_name, ones, trainer=f"{who}{i}")
+                for who, c in (("t", client), ("u", other))
                 for i in range(4)
             ]
-            time.sleep(1.0)
-            with pytest.raises(ResourceExhausted, match="max_streams_per_client"):
-                client.push(model_name, {"w": torch.ones(4)}, trainer="t5")
-            # Another client has its own allowance.
-            with ParameterServerClient(service.address, tls_ca=ca) as other:
-                assert other.describe_model(model_name).version == 0
-            assert [f.result(timeout=60) for f in waiting] == [1] * 4  # the round timed out
-        # The slots were given back.
-        client.pull(model_name)
-        assert client.push(model_name, {"w": torch.ones(4)}, trainer="t0") == 2
+            assert [f.result(timeout=60) for f in again] == [2] * 8
         client.drop_model(model_name)
 
 
