@@ -98,10 +98,12 @@ def test_checkpoint_restores_bit_identically_into_a_fresh_server(
             fresh.drop_model(model_name)
 
 
-@pytest.mark.parametrize("shards", [2, 3])
 def test_a_four_shard_checkpoint_restores_onto_fewer_shards(
-    service, second_service, client, model_name, shards
+    service, second_service, client, model_name
 ):
+    """Onto 3: every new shard's slice cuts across old ones. (The restore plan onto any
+    number, 4 -> 2 included, is checked without Ray in tests/unit/test_checkpoint_store.py.)"""
+    shards = 3
     config = {"name": "adam", "lr": 0.01, "lookahead": {"k": 2, "alpha": 0.5}}
     client.create_model(model_name, initial_weights(1), config, num_shards=4)
     for i in range(4):

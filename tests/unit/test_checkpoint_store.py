@@ -134,7 +134,7 @@ def store(request, tmp_path):
     return Store(f"memory://optserve-{uuid.uuid4().hex}")
 
 
-@pytest.mark.parametrize("before, after", [(2, 2), (2, 3), (3, 1), (1, 4)])
+@pytest.mark.parametrize("before, after", [(2, 2), (2, 3), (3, 1), (1, 4), (4, 2), (4, 3)])
 def test_restore_onto_any_number_of_shards_is_bit_identical(store, before, after):
     shards = trained_shards(before)
     ckpt = take(store, shards)
