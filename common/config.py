@@ -309,6 +309,10 @@ ScheduleConfig: TypeAlias = Annotated[
     Field(discriminator="name"),
 ]
 WarmupSchedule.model_rebuild()
+_SCHEDULE_TYPES = (
+    ConstantSchedule, StepSchedule, MultiStepSchedule, ExponentialSchedule, ReciprocalSchedule,
+    CosineSchedule, PlateauSchedule, WarmupSchedule,
+)  # fmt: skip
 SCHEDULE_NAMES = (
     "constant", "step", "multistep", "exponential", "reciprocal", "cosine", "plateau", "warmup",
 )  # fmt: skip
@@ -440,6 +444,8 @@ def parse_schedule_config(value: str | Mapping[str, Any] | BaseModel | None) -> 
     """Validate a schedule config (None means constant)."""
     if value is None or value == "":
         return ConstantSchedule()
+    if isinstance(value, _SCHEDULE_TYPES):
+        return value  # validated when it was made (the models are frozen)
     return _validate(_SCHEDULE, value, "schedule", SCHEDULE_NAMES)
 
 

@@ -9,20 +9,23 @@ model: the entry, the layout derived from it, and the handles of its shard actor
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from optserve.common.config import (
     RULE_CONFIGS,
+    ModeConfig,
     RangerConfig,
     RuleConfig,
+    ScheduleConfig,
     mode_config_json,
     optimizer_config_json,
     parse_mode_config,
@@ -34,6 +37,12 @@ from optserve.common.config import (
 from optserve.common.errors import InvalidArgument, ResourceExhausted
 from optserve.common.layout import DEFAULT_GROUP, GroupLayout, ShardSlice, plan_group
 
+# The entry's config fields and how their stored (JSON) form is read back.
+_CONFIGS = {
+    "optimizer": parse_optimizer_config,
+    "schedule": parse_schedule_config,
+    "mode": parse_mode_config,
+}
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_PARAM_NAME_CHARS = 512
 MAX_PARAM_DIMS = 16
@@ -83,13 +92,16 @@ class GroupSpec:
 
 @dataclass
 class ModelEntry:
-    """A model's catalogue entry: JSON-able, carried by every one of its shards.
+    """A model's catalogue entry, carried by every one of its shards.
 
     `launch` names one set of shard actors (a restore starts a new set); `run_id` names the
     model's life, kept through restores (checkpoint names carry it). A launch is `committed`
     once the coordinator has made it the model's current one; `replaces` names the launch it
     took over from (a restart stops that one if it still runs); `dropping` is set before a drop
-    stops the shards."""
+    stops the shards.
+
+    The configs are validated objects (parsed once, at the edge); `as_dict` is the JSON-able
+    form that is stored (checkpoint manifests) and `from_dict` reads it back."""
 
     model: str
     service: str
@@ -98,9 +110,9 @@ class ModelEntry:
     params: list[dict[str, Any]]  # {"name", "shape", "dtype"} in declaration order
     groups: list[dict[str, Any]]  # {"name", "params": [names in flat order]}
     overrides: dict[str, dict[str, Any]]
-    optimizer: dict[str, Any]
-    schedule: dict[str, Any]
-    mode: dict[str, Any]
+    optimizer: RuleConfig
+    schedule: ScheduleConfig
+    mode: ModeConfig
     # The model's own periodic-checkpoint policy ({}: the server's default).
     checkpoint_policy: dict[str, Any]
     num_shards: int
@@ -112,12 +124,22 @@ class ModelEntry:
     dropping: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        for key in _CONFIGS:
+            out[key] = out[key].model_dump(mode="json")
+        return copy.deepcopy(out)
 
     @classmethod
     def from_dict(cls, value: Mapping[str, Any]) -> ModelEntry:
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in value.items() if k in known})
+        fields = {k: v for k, v in value.items() if k in known}
+        for key, parse in _CONFIGS.items():
+            fields[key] = parse(fields[key])
+        return cls(**fields)
+
+    def with_changes(self, changes: Mapping[str, Any]) -> ModelEntry:
+        """This entry with some fields replaced (configs as objects or as their JSON form)."""
+        return ModelEntry.from_dict({**self.as_dict(), **changes})
 
     def layouts(self) -> list[GroupLayout]:
         return layouts_of(self.params, self.groups)
@@ -189,15 +211,15 @@ class ModelRecord:
 
     @property
     def optimizer(self) -> RuleConfig:
-        return parse_optimizer_config(self.entry.optimizer)
+        return self.entry.optimizer
 
     @property
-    def schedule(self) -> Any:
-        return parse_schedule_config(self.entry.schedule)
+    def schedule(self) -> ScheduleConfig:
+        return self.entry.schedule
 
     @property
-    def mode(self) -> Any:
-        return parse_mode_config(self.entry.mode)
+    def mode(self) -> ModeConfig:
+        return self.entry.mode
 
     @property
     def optimizer_json(self) -> str:

@@ -3,10 +3,13 @@
 A change is a plain dict, the same one the leader keeps and every shard applies:
 {"op_id", "kind": "set_optimizer" | "set_schedule" | "checkpoint",
 "args", "entry": changes to the model's catalogue entry, "history": what it adds to the
-model's history}. Running one: the model's leader stops deciding updates, names the boundary
-v (every update decided so far is at or below it) and keeps the change as its intent; every
-shard applies it once it reaches v (once: a shard remembers what it applied by op id); then the
-leader records it in the model's history and resumes. A coordinator that dies in between leaves
+model's history}. Configs in it are validated config objects (Ray pickles them); only the
+history, which checkpoints store, holds their JSON form.
+
+Running one: the model's leader stops deciding updates, names the boundary v (every update
+decided so far is at or below it) and keeps the change as its intent; every shard applies it
+once it reaches v (once: a shard remembers what it applied by op id); then the leader records
+it in the model's history and resumes. A coordinator that dies in between leaves
 the intent on the leader, and the coordinator that adopts the model runs it again (`replay`):
 the shards that had applied it answer from memory, the others apply it, all at v.
 """
@@ -14,7 +17,6 @@ the shards that had applied it answer from memory, the others apply it, all at v
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -22,14 +24,9 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import ray
+from pydantic import BaseModel
 
-from optserve.common.config import (
-    RuleConfig,
-    optimizer_config_json,
-    parse_schedule_config,
-    schedule_config_json,
-    with_overrides,
-)
+from optserve.common.config import RuleConfig, parse_schedule_config, with_overrides
 from optserve.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from optserve.server.coordinator.catalogue import ModelRecord, group_config
 
@@ -64,7 +61,7 @@ def run(record: ModelRecord, op: dict[str, Any], boundary: int | None = None) ->
         history = _history(op, boundary)
     finally:
         ray.get(leader.resume_updates.remote(op["op_id"], history), timeout=60)
-    record.entry.__dict__.update(op.get("entry", {}))
+    record.entry = record.entry.with_changes(op.get("entry", {}))
     return boundary, results
 
 
@@ -136,6 +133,11 @@ def replay(record: ModelRecord, paused: dict[str, Any]) -> None:
     run(record, op, boundary=int(paused["boundary"]))
 
 
+def _jsonable(config: BaseModel) -> dict[str, Any]:
+    """A config as the audit log keeps it (JSON-able: it is stored in checkpoints)."""
+    return config.model_dump(mode="json")
+
+
 def audit_entry(caller: str, action: str, old: Any, new: Any) -> dict[str, Any]:
     return {"time": time.time(), "caller": caller, "action": action, "old": old, "new": new}
 
@@ -176,14 +178,13 @@ class ControlChanges:
         with self._controlling(record):  # read, apply and record the config as one step
             configs, ignored = {}, {}
             for group, overrides in record.overrides.items():
-                config, ignored[group] = group_config(optimizer, overrides)
-                configs[group] = optimizer_config_json(config)
-            new = json.loads(optimizer_config_json(optimizer))
+                configs[group], ignored[group] = group_config(optimizer, overrides)
+            old, new = _jsonable(record.optimizer), _jsonable(optimizer)
             op = new_op(
-                "set_optimizer", {"configs": configs, "policy": policy}, entry={"optimizer": new},
-                history={"audit": audit_entry(caller, "set_optimizer",
-                                                      record.entry.optimizer,
-                                                      {**new, "policy": policy})},
+                "set_optimizer", {"configs": configs, "policy": policy},
+                entry={"optimizer": optimizer},
+                history={"audit": audit_entry(caller, "set_optimizer", old,
+                                              {**new, "policy": policy})},
             )  # fmt: skip
             version, reports = run(record, op)
         log.info("set_optimizer on model %s at version %d by %s", name, version, caller)
@@ -206,12 +207,12 @@ class ControlChanges:
 
     def set_schedule(self, name: str, schedule: Any, caller: str = "") -> int:
         record = self.get(name)
-        config = json.loads(schedule_config_json(parse_schedule_config(schedule)))
+        config = parse_schedule_config(schedule)
         with self._controlling(record):
             op = new_op(
-                "set_schedule", {"schedule": json.dumps(config)}, entry={"schedule": config},
+                "set_schedule", {"schedule": config}, entry={"schedule": config},
                 history={"audit": audit_entry(caller, "set_schedule",
-                                                      record.entry.schedule, config)},
+                                              _jsonable(record.schedule), _jsonable(config))},
             )  # fmt: skip
             version, _ = run(record, op)
         log.info("set_schedule on model %s at version %d by %s", name, version, caller)

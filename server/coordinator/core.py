@@ -10,7 +10,6 @@ coordinator that comes back adopts them (server/coordinator/recovery.py).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import uuid
@@ -21,11 +20,11 @@ import ray
 import torch
 
 from optserve.common.config import (
+    ModeConfig,
     RuleConfig,
-    optimizer_config_json,
+    ScheduleConfig,
     parse_mode_config,
     parse_schedule_config,
-    schedule_config_json,
     with_overrides,
 )
 from optserve.common.errors import (
@@ -237,9 +236,7 @@ class Coordinator(ControlChanges, Persistence):
                 f"<= {SHARD_THREADS // 2}"
             )
         entry = self._new_entry(
-            name, layouts, overrides, json.loads(optimizer_config_json(optimizer)),
-            json.loads(schedule_config_json(schedule_config)),
-            json.loads(optimizer_config_json(mode_config)), policy, num_shards,
+            name, layouts, overrides, optimizer, schedule_config, mode_config, policy, num_shards,
             run_id=uuid.uuid4().hex[:12],
         )  # fmt: skip
         record = self._start(entry, layouts, history={"audit": [], "metrics": []})
@@ -261,9 +258,9 @@ class Coordinator(ControlChanges, Persistence):
         name: str,
         layouts: list[GroupLayout],
         overrides: dict[str, dict[str, Any]],
-        optimizer: dict[str, Any],
-        schedule: dict[str, Any],
-        mode: dict[str, Any],
+        optimizer: RuleConfig,
+        schedule: ScheduleConfig,
+        mode: ModeConfig,
         policy: dict[str, Any],
         num_shards: int,
         run_id: str,

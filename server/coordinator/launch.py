@@ -18,7 +18,6 @@ of the model (a restore starts a new one).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import secrets
 from collections import defaultdict
@@ -30,7 +29,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from optserve.common.config import RuleConfig, optimizer_config_json
+from optserve.common.config import RuleConfig
 from optserve.common.errors import ResourceExhausted
 from optserve.common.layout import GroupLayout, ShardSlice, split_ranges
 from optserve.server.coordinator.catalogue import (
@@ -173,7 +172,7 @@ def _start_shard(
         g.name: {
             "numel": b - a,
             "range": [a, b],
-            "optimizer": optimizer_config_json(configs[g.name]),
+            "optimizer": configs[g.name],
             "views": tensor_views(g, a, b),
         }
         for g in layouts
@@ -190,8 +189,8 @@ def _start_shard(
             group, placement_group_bundle_index=s.index
         ),
     ).remote(
-        entry.model, s.index, plan, json.dumps(entry.schedule), process.host, entry.num_shards,
-        json.dumps(entry.mode), entry.device, secret, process.edge, process.ray_service,
+        entry.model, s.index, plan, entry.schedule, process.host, entry.num_shards, entry.mode,
+        entry.device, secret, process.edge, process.ray_service,
         entry.as_dict(), dict(history or {}) if s.index == 0 else None,
     )  # fmt: skip
 

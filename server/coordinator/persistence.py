@@ -11,7 +11,11 @@ from typing import Any
 
 import ray
 
-from optserve.common.config import RuleConfig
+from optserve.common.config import (
+    parse_mode_config,
+    parse_optimizer_config,
+    parse_schedule_config,
+)
 from optserve.common.errors import Aborted, FailedPrecondition
 from optserve.server.coordinator import checkpoints, control, recovery
 from optserve.server.coordinator.catalogue import (
@@ -70,12 +74,13 @@ class Persistence:
 
     @staticmethod
     def _meta(record: ModelRecord) -> dict[str, Any]:
-        entry = record.entry
+        entry = record.entry.as_dict()
         return {
-            "model": entry.model, "params": entry.params, "groups": entry.groups,
-            "overrides": entry.overrides, "optimizer": entry.optimizer, "mode": entry.mode,
-            "run_id": entry.run_id, "checkpoint_policy": dict(entry.checkpoint_policy),
-            "num_shards": len(record.actors), "service": entry.service,
+            "model": entry["model"], "params": entry["params"], "groups": entry["groups"],
+            "overrides": entry["overrides"], "optimizer": entry["optimizer"],
+            "mode": entry["mode"], "run_id": entry["run_id"],
+            "checkpoint_policy": entry["checkpoint_policy"], "num_shards": len(record.actors),
+            "service": entry["service"],
         }  # fmt: skip
 
     def list_checkpoints(self, name: str) -> list[dict[str, Any]]:
@@ -143,12 +148,13 @@ class Persistence:
         current = old if old is not None else replace
         entry = self._new_entry(
             name, layouts_of(ckpt.params, ckpt.groups), ckpt.overrides,
-            ckpt.optimizer, ckpt.schedule, ckpt.mode,
+            parse_optimizer_config(ckpt.optimizer), parse_schedule_config(ckpt.schedule),
+            parse_mode_config(ckpt.mode),
             dict(current.entry.checkpoint_policy if current else ckpt.checkpoint_policy),
             num_shards, run_id=ckpt.run_id,
             replaces=current.entry.launch if current is not None else None,
         )  # fmt: skip
-        configs = {g: parse_rule_config(c) for g, c in ckpt.group_configs.items()}
+        configs = {g: parse_optimizer_config(c) for g, c in ckpt.group_configs.items()}
         record = self._start(entry, entry.layouts(), history, configs)
         store = self._store()
         try:
@@ -183,9 +189,3 @@ class Persistence:
         if checked.get("enabled", True) and ({"every_versions", "every_s"} & set(checked)):
             self._store()
         return checked
-
-
-def parse_rule_config(config: Mapping[str, Any]) -> RuleConfig:
-    from optserve.common.config import parse_optimizer_config
-
-    return parse_optimizer_config(dict(config))

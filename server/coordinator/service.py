@@ -9,7 +9,12 @@ from typing import Any
 import grpc
 
 from optserve.common.codec import torch_dtype, wire_dtype
-from optserve.common.config import optimizer_config_json, parse_mode_config, parse_optimizer_config
+from optserve.common.config import (
+    optimizer_config_json,
+    parse_mode_config,
+    parse_optimizer_config,
+    parse_schedule_config,
+)
 from optserve.common.errors import InvalidArgument, ResourceExhausted
 from optserve.server.coordinator.catalogue import GroupSpec, ModelRecord
 from optserve.server.coordinator.core import Coordinator
@@ -113,7 +118,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             record = self._coordinator.create_model(
                 spec.name, params, optimizer, spec.num_shards, groups,
-                spec.schedule_json or None, mode, policy,
+                parse_schedule_config(spec.schedule_json or None), mode, policy,
             )  # fmt: skip
         finally:
             self._coordinator.release(spec.name)
@@ -162,7 +167,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         version, report = self._coordinator.set_hyperparameters(
             request.model, changes, caller_of(context)
         )
-        report["optimizer"] = self._coordinator.get(request.model).entry.optimizer
+        report["optimizer"] = self._coordinator.get(request.model).optimizer.model_dump(mode="json")
         return coordinator_pb2.SetOptimizerResponse(version=version, report_json=json.dumps(report))
 
     @unary_errors
@@ -170,7 +175,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.SetScheduleRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.SetScheduleResponse:
         version = self._coordinator.set_schedule(
-            request.model, request.schedule_json or None, caller_of(context)
+            request.model, parse_schedule_config(request.schedule_json or None), caller_of(context)
         )
         return coordinator_pb2.SetScheduleResponse(version=version)
 

@@ -28,9 +28,9 @@ def model_status(
             # Why the model is down for good (a shard died or broke, and no checkpoint could bring
             # it back), or None.
             "lost": record.lost,
-            "mode": record.entry.mode,
-            "optimizer": record.entry.optimizer,
-            "schedule": record.entry.schedule,
+            "mode": record.mode.model_dump(mode="json"),
+            "optimizer": record.optimizer.model_dump(mode="json"),
+            "schedule": record.schedule.model_dump(mode="json"),
             "schedule_state": first.get("schedule_state", {}),
             # Pushes the gradient policy skipped, zeroed, clipped or refused (since the shards
             # started: a restore starts them again).

@@ -15,8 +15,9 @@ from typing import Any
 import grpc
 import ray
 import torch
+from pydantic import BaseModel
 
-from optserve.common.config import parse_mode_config, parse_optimizer_config
+from optserve.common.config import AsyncMode, ModeConfig, ScheduleConfig
 from optserve.common.errors import InvalidArgument, from_rpc_error
 from optserve.server.edge.auth import EdgeGuard
 from optserve.server.edge.rpc import (
@@ -58,6 +59,15 @@ REMEMBERED_CONTROLS = 256
 HISTORY_LIMIT = 10_000
 
 
+def _jsonable(changes: dict[str, Any]) -> dict[str, Any]:
+    """Catalogue-entry changes as the shard keeps its entry: JSON-able (checkpoint files
+    carry it); configs arrive as validated objects."""
+    return {
+        key: value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        for key, value in changes.items()
+    }
+
+
 class ShardActor:
     """One shard of one model. Wrapped with `ray.remote` by the coordinator.
 
@@ -76,10 +86,10 @@ class ShardActor:
         model: str,
         index: int,
         groups: dict[str, dict[str, Any]],
-        schedule_json: str = "",
+        schedule: ScheduleConfig | None = None,
         host: str = "127.0.0.1",
         num_shards: int = 1,
-        mode_json: str = "",
+        mode: ModeConfig | None = None,
         device: str = "cpu",
         secret: str = "",
         edge: EdgeConfig | None = None,
@@ -92,18 +102,18 @@ class ShardActor:
             name: GroupInit(
                 weights=None,
                 numel=int(g["numel"]),
-                config=parse_optimizer_config(g["optimizer"]),
+                config=g["optimizer"],
                 views=tuple((int(o), tuple(s)) for o, s in g.get("views", ())),
             )
             for name, g in groups.items()
         }
         self._ranges = {name: (int(g["range"][0]), int(g["range"][1]))
                         for name, g in groups.items()}  # fmt: skip
-        mode = parse_mode_config(mode_json or None)
+        mode = mode if mode is not None else AsyncMode()
         # Room for every push of a sync round, or a burst of async pushes, waiting their turn.
         max_staged = max(64, 2 * getattr(mode, "trainers", 0))
         self._state = ShardState(
-            model, index, inits, schedule_json or None, device=device, max_staged=max_staged,
+            model, index, inits, schedule, device=device, max_staged=max_staged,
             gradients=mode.gradients,
         )  # fmt: skip
         self._checkpoints = ShardCheckpoints(self._state)
@@ -192,7 +202,7 @@ class ShardActor:
         return {**self._entry, "address": self._address, "index": self._state.index}
 
     def update_entry(self, changes: dict[str, Any]) -> None:
-        self._entry.update(changes)
+        self._entry.update(_jsonable(changes))
 
     @ray.method(concurrency_group="observe")
     def health(self) -> dict[str, Any]:
@@ -307,14 +317,13 @@ class ShardActor:
                 return self._controls[op_id]
             kind, args, at = op["kind"], op.get("args", {}), op.get("at_version")
             if kind == "set_optimizer":
-                configs = {g: parse_optimizer_config(c) for g, c in args["configs"].items()}
-                result: Any = self._state.set_optimizer(configs, args["policy"], at)
+                result: Any = self._state.set_optimizer(args["configs"], args["policy"], at)
             elif kind == "set_schedule":
                 self._state.set_schedule(args["schedule"], at)
                 result = None
             else:
                 raise InvalidArgument(f"unknown control change {kind!r}")
-            self._entry.update(op.get("entry", {}))
+            self._entry.update(_jsonable(op.get("entry", {})))
             self._controls[op_id] = result
             while len(self._controls) > REMEMBERED_CONTROLS:
                 self._controls.popitem(last=False)
