@@ -1,23 +1,36 @@
-"""`optserve status` and `optserve plot`, run as processes against the session's server."""
+"""`optserve status` and `optserve plot` against the session's server: once as a process, as a
+user runs it, and otherwise through the same `main` in this process (a new process imports
+torch, about 2 s on a 2-core machine, for each command)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
+from unittest import mock
 
 import torch
 from PIL import Image
 
+from optserve.server.cli import main
+
 OPTSERVE = [sys.executable, "-m", "optserve.server.cli"]
 
 
-def optserve(service, *args: str) -> subprocess.CompletedProcess:
+def optserve(service, *args: str, process: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "OPTSERVE_ADDRESS": service.address}  # the token: $OPTSERVE_TOKEN
-    result = subprocess.run(
-        [*OPTSERVE, *args], capture_output=True, text=True, timeout=120, env=env
-    )
+    if process:
+        result = subprocess.run(
+            [*OPTSERVE, *args], capture_output=True, text=True, timeout=120, env=env
+        )
+    else:
+        out, err = io.StringIO(), io.StringIO()
+        with mock.patch.dict(os.environ, env), redirect_stdout(out), redirect_stderr(err):
+            code = main(list(args))
+        result = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -42,7 +55,7 @@ def run_a_little(client, model_name):
 
 def test_status_lists_every_model_as_a_table_and_one_in_detail(service, client, model_name):
     version = run_a_little(client, model_name)
-    table = optserve(service, "status").stdout.splitlines()
+    table = optserve(service, "status", process=True).stdout.splitlines()
     header = table[0].split()
     assert header == ["MODEL", "VERSION", "RULE", "LR", "SCHEDULE", "MODE", "SHARDS", "TRAINERS",
                       "CHECKPOINT", "AT", "RISK"]  # fmt: skip
