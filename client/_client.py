@@ -22,7 +22,8 @@ import grpc
 import torch
 
 from optserve.client._auth import ChannelSecurity
-from optserve.client._plane import CHANNEL_OPTIONS, DataPlane, ModelInfo, Transfers, call
+from optserve.client._plane import Transfers
+from optserve.client._stubs import CHANNEL_OPTIONS, DataPlane, ModelInfo, call
 from optserve.common.codec import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,

@@ -1,36 +1,27 @@
-"""The data plane half of `ParameterServerClient`: a model's layout (`ModelInfo`), the shard
-stubs, and pushing gradient slices to and pulling weight slices from every shard in parallel."""
+"""The data plane half of `ParameterServerClient`: pushing gradient slices to and pulling
+weight slices from every shard in parallel (a model's layout and the shard stubs: _stubs.py)."""
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 import torch
 
 from optserve.client._auth import ChannelSecurity
+from optserve.client._stubs import CHANNEL_OPTIONS, DataPlane, ModelInfo, call
 from optserve.common.codec import (
     GRADIENT_WIRE_DTYPES,
-    MAX_MESSAGE_BYTES,
     TensorAssembler,
     count_nonfinite,
     dtype_name,
     expect_all,
-    torch_dtype,
 )
 from optserve.common.codec import wire_dtype as to_wire_dtype
-from optserve.common.config import (
-    RuleConfig,
-    parse_mode_config,
-    parse_optimizer_config,
-    parse_schedule_config,
-)
 from optserve.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -39,129 +30,17 @@ from optserve.common.errors import (
     from_rpc_error,
 )
 from optserve.common.layout import (
-    GroupLayout,
-    ParamSlot,
     ShardSlice,
     flatten_group,
-    plan_group,
     unflatten_group,
 )
-from optserve.common.wire import chunk_frames, header_frame, parse_frame, passthrough
-from optserve.v1 import coordinator_pb2, shard_pb2
+from optserve.common.wire import chunk_frames, header_frame
+from optserve.v1 import shard_pb2
 
 T = TypeVar("T")
 # Threads for calls to shards: every shard of a model is called at once, so this bounds
 # shards x concurrent calls through one client (the coordinator allows up to 256 shards).
 CLIENT_THREADS = 512
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the coordinator says about a model: parameters, layout, version, optimizer."""
-
-    name: str
-    groups: tuple[GroupLayout, ...]
-    shards: tuple[ShardSlice, ...]
-    version: int
-    optimizer: RuleConfig
-    schedule: Any = None
-    # Per group: its overrides, its effective optimizer config and its current lr.
-    group_configs: Mapping[str, dict[str, Any]] = field(default_factory=dict)
-    # How pushes become updates: AsyncMode or SyncMode (optserve.common.config).
-    mode: Any = None
-    # True while the shards wait for their initial values (the creator sends them).
-    initializing: bool = False
-
-    @property
-    def params(self) -> tuple[ParamSlot, ...]:
-        return tuple(p for g in self.groups for p in g.params)
-
-    @property
-    def numel(self) -> int:
-        return sum(g.numel for g in self.groups)
-
-    @classmethod
-    def from_proto(cls, info: coordinator_pb2.ModelInfo) -> ModelInfo:
-        specs = {p.name: (tuple(p.shape), torch_dtype(p.dtype)) for p in info.params}
-        groups = tuple(plan_group(g.name, [(n, *specs[n]) for n in g.params]) for g in info.groups)
-        shards = tuple(
-            ShardSlice(s.index, {r.group: (r.start, r.end) for r in s.ranges}, s.address)
-            for s in sorted(info.shards, key=lambda s: s.index)
-        )
-        return cls(
-            name=info.name,
-            groups=groups,
-            shards=shards,
-            version=info.version,
-            optimizer=parse_optimizer_config(info.optimizer_json),
-            schedule=parse_schedule_config(info.schedule_json or None),
-            mode=parse_mode_config(info.mode_json or None),
-            group_configs={
-                g.name: {
-                    "overrides": json.loads(g.overrides_json or "{}"),
-                    "optimizer": json.loads(g.optimizer_json) if g.optimizer_json else None,
-                    "lr": g.lr,
-                }
-                for g in info.groups
-            },
-            initializing=info.initializing,
-        )
-
-
-def parse_pull_response(data: bytes) -> Any:
-    """A PullResponse as a PullHeader or a RawChunk viewing `data`; a malformed one as its
-    InvalidArgument (raised by the reader, not inside gRPC's deserializer)."""
-    try:
-        return parse_frame(data, shard_pb2.PullHeader)
-    except InvalidArgument as exc:
-        return exc
-    except Exception as exc:  # noqa: BLE001
-        return InvalidArgument(f"malformed pull message: {exc}")
-
-
-@dataclass(frozen=True)
-class DataPlane:
-    push: grpc.StreamUnaryMultiCallable
-    push_pull: grpc.StreamStreamMultiCallable
-    pull: grpc.UnaryStreamMultiCallable
-    load: grpc.StreamUnaryMultiCallable
-
-    @classmethod
-    def open(cls, channel: grpc.Channel) -> DataPlane:
-        method = "/optserve.v1.Shard/"
-        return cls(
-            push=channel.stream_unary(
-                method + "Push",
-                request_serializer=passthrough,
-                response_deserializer=shard_pb2.PushResponse.FromString,
-            ),
-            push_pull=channel.stream_stream(
-                method + "PushPull",
-                request_serializer=passthrough,
-                response_deserializer=parse_pull_response,
-            ),
-            pull=channel.unary_stream(
-                method + "Pull",
-                request_serializer=shard_pb2.PullRequest.SerializeToString,
-                response_deserializer=parse_pull_response,
-            ),
-            load=channel.stream_unary(
-                method + "Load",
-                request_serializer=passthrough,
-                response_deserializer=shard_pb2.LoadResponse.FromString,
-            ),
-        )
-
-
-def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    try:
-        return fn(*args, **kwargs)
-    except grpc.RpcError as exc:
-        raise from_rpc_error(exc) from None
 
 
 class Transfers:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 from optserve.client._client import ParameterServerClient
-from optserve.client._plane import ModelInfo
+from optserve.client._stubs import ModelInfo
 from optserve.common.allocator import keep_step_buffers
 from optserve.common.codec import dtype_name
 from optserve.common.config import RuleConfig, parse_mode_config, parse_optimizer_config

@@ -66,7 +66,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import UnsatisfiedAssumption
 
 from optserve.client import ParameterServerClient
-from optserve.client._plane import ModelInfo, parse_pull_response
+from optserve.client._stubs import ModelInfo, parse_pull_response
 from optserve.common.codec import TensorAssembler, encode_tensor, expect_all, torch_dtype
 from optserve.common.config import (
     MODE_NAMES,
