@@ -57,6 +57,22 @@ T = TypeVar("T")
 LOAD_FLOOR_BYTES_PER_S = 50e6
 
 
+def _group_specs(groups: Mapping[str, Mapping[str, Any]]) -> list[coordinator_pb2.ParamGroupSpec]:
+    """`create_model`'s groups: {name: {"params": [names], <overrides>}} as the wire has them."""
+    specs = []
+    for group_name, body in groups.items():
+        overrides = dict(body)
+        names = overrides.pop("params", None)
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            raise InvalidArgument(f"group {group_name!r} needs a list of parameter names")
+        specs.append(
+            coordinator_pb2.ParamGroupSpec(
+                name=group_name, params=list(names), overrides_json=json.dumps(overrides)
+            )
+        )
+    return specs
+
+
 def _param_spec(name: str, tensor: torch.Tensor) -> coordinator_pb2.ParamSpec:
     if not isinstance(tensor, torch.Tensor):
         raise InvalidArgument(f"parameter {name!r} must be a tensor, got {type(tensor).__name__}")
@@ -160,23 +176,12 @@ class ParameterServerClient(Transfers):
         config = parse_optimizer_config(optimizer)
         schedule_config = parse_schedule_config(schedule)
         mode_config = parse_mode_config(mode)
-        group_specs = []
-        for group_name, body in (groups or {}).items():
-            body = dict(body)
-            names = body.pop("params", None)
-            if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
-                raise InvalidArgument(f"group {group_name!r} needs a list of parameter names")
-            group_specs.append(
-                coordinator_pb2.ParamGroupSpec(
-                    name=group_name, params=list(names), overrides_json=json.dumps(body)
-                )
-            )
         spec = coordinator_pb2.ModelSpec(
             name=model,
             params=[_param_spec(n, t) for n, t in named],
             optimizer_json=optimizer_config_json(config),
             num_shards=num_shards,
-            groups=group_specs,
+            groups=_group_specs(groups or {}),
             schedule_json=schedule_config_json(schedule_config),
             mode_json=mode_config_json(mode_config),
             checkpoint_json=json.dumps(dict(checkpoint)) if checkpoint else "",

@@ -122,27 +122,18 @@ def start_service(
     # On this process's node (a cluster's head node, where `optserve serve` runs): the node a
     # load balancer or Kubernetes Service sends the coordinator's port to.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    actor: Any = (  # a Ray actor handle (Ray's stubs cannot type its methods' .remote)
+    args = (
+        host, port, default_num_shards, limits, placement, checkpoint_dir, keep_checkpoints, edge,
+        metrics_port, metrics_host, name if ray_metrics else None, name, checkpoint_policy,
+    )  # fmt: skip
+    # Restarted by Ray whenever its process dies; it then adopts its models' shards. (A Ray actor
+    # handle: Ray's stubs cannot type its methods' .remote.)
+    actor: Any = (
         ray.remote(CoordinatorActor)
-        # Restarted by Ray whenever its process dies; it then adopts its models' shards.
         .options(
             name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, scheduling_strategy=here
         )
-        .remote(
-            host,
-            port,
-            default_num_shards,
-            limits,
-            placement,
-            checkpoint_dir,
-            keep_checkpoints,
-            edge,
-            metrics_port,
-            metrics_host,
-            name if ray_metrics else None,  # the `service` label of Ray's metrics
-            name,
-            checkpoint_policy,
-        )  # fmt: skip
+        .remote(*args)
     )
     try:
         address = ray.get(actor.address.remote(), timeout=300)

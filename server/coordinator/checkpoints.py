@@ -74,6 +74,28 @@ def is_due(policy: Mapping[str, Any], version: int, last: tuple[int, float]) -> 
     )
 
 
+def _begin_files(
+    record: ModelRecord, store: Store, name: str, snapshot: str, version: int
+) -> dict[str, Any]:
+    """Every shard starts writing its file of checkpoint `name` at `version` (held there);
+    return the model's history as the leader has it then."""
+    directory = store.prepare(record.name, name)
+    count = len(record.actors)
+    targets = [
+        WriteTarget(
+            root=store.root, directory=directory, file=shard_file_name(i, count),
+            checkpoint=name, snapshot=snapshot,  # type: ignore[arg-type]
+            metadata={"model": record.name, "version": str(version), "shard": str(i)},
+        )
+        for i in range(count)
+    ]  # fmt: skip
+    calls = [a.begin_checkpoint.remote(t, version) for a, t in zip(record.actors, targets,
+                                                                    strict=True)]  # fmt: skip
+    ray.get(calls, timeout=WRITE_TIMEOUT_S)
+    history: dict[str, Any] = ray.get(record.actors[0].history.remote(), timeout=60)
+    return history
+
+
 def take(
     record: ModelRecord,
     store: Store,
@@ -90,22 +112,8 @@ def take(
     names: dict[str, str] = {}
 
     def write(version: int) -> dict[str, Any]:
-        name = f"{int(created * 1000):013d}-{version:012d}-{record.run_id}"
-        names["name"] = name
-        directory = store.prepare(record.name, name)
-        count = len(record.actors)
-        targets = [
-            WriteTarget(
-                root=store.root, directory=directory, file=shard_file_name(i, count),
-                checkpoint=name, snapshot=snapshot,  # type: ignore[arg-type]
-                metadata={"model": record.name, "version": str(version), "shard": str(i)},
-            )
-            for i in range(count)
-        ]  # fmt: skip
-        calls = [a.begin_checkpoint.remote(t, version) for a, t in zip(record.actors, targets,
-                                                                        strict=True)]  # fmt: skip
-        ray.get(calls, timeout=WRITE_TIMEOUT_S)
-        return ray.get(record.actors[0].history.remote(), timeout=60)
+        names["name"] = f"{int(created * 1000):013d}-{version:012d}-{record.run_id}"
+        return _begin_files(record, store, names["name"], snapshot, version)
 
     paused = time.perf_counter()
     try:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from optserve.common.codec import GRADIENT_WIRE_DTYPES, Expected, count_nonfinite
+from optserve.common.codec import GRADIENT_WIRE_DTYPES, Expected
 from optserve.common.config import (
     GradientPolicy,
     RuleConfig,
@@ -33,6 +33,7 @@ from optserve.server.engine.base import TensorViews
 from optserve.server.engine.group import GroupEngine, Path
 from optserve.server.engine.migration import Policy
 from optserve.server.engine.schedules import Schedule, build_schedule
+from optserve.server.shard.gradients import checked_slice
 from optserve.server.shard.memory import BufferPool
 from optserve.server.shard.sequencer import Decision, GradStats
 from optserve.server.shard.views import GroupValues, StateViews
@@ -232,30 +233,12 @@ class ShardState(StateViews):
         with self._lock:
             self._check_sound()
         for name, length in self.lengths().items():
-            grad = grads[name].reshape(-1)
-            if buffers is not None and grad.numel() == length:
-                pooled = buffers[name]
-                if grad.data_ptr() != pooled.data_ptr():  # another dtype: converted into it
-                    pooled.copy_(grad)
-                grad = pooled
-            # The decoded gradient is ours: kept as it is when it is already fp32 here.
-            grad = grad.to(self.device, torch.float32)
-            if grad.numel() != length:
-                raise InvalidArgument(
-                    f"gradient for group {name!r} has {grad.numel()} elements; "
-                    f"this shard holds {length}"
-                )
-            bad = count_nonfinite(grad)
-            if bad and policy.nonfinite == "reject":
-                raise InvalidArgument(
-                    f"gradient for group {name!r} has {bad} NaN/Inf element(s); nothing was "
-                    "applied (the model's gradient policy rejects them)"
-                )
-            if bad and policy.nonfinite == "zero":
-                torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            pooled = buffers[name] if buffers is not None else None
+            grad, bad, square = checked_slice(
+                name, grads[name], length, policy, self.device, pooled
+            )
             nonfinite += bad
-            if policy.needs_norm and not (bad and policy.nonfinite == "skip"):
-                sumsq += float(torch.linalg.vector_norm(grad)) ** 2
+            sumsq += square
             prepared[name] = grad
         with self._cv:
             self._check_sound()
@@ -342,7 +325,6 @@ class ShardState(StateViews):
                 self._release(decision.members)
                 return self.version
             members = [self._unstage(m) for m in decision.members]
-            combined: dict[str, torch.Tensor] | None = None
             try:
                 if any(m is None for m in members):
                     raise RuntimeError(f"a push of version {decision.version} is not here")
@@ -350,33 +332,41 @@ class ShardState(StateViews):
                 used = [(m, w) for m, w in zip(members, decision.weights, strict=True) if w != 0]
                 timer = self.update_timer if used else None
                 started = timer.begin(self.device) if timer is not None else None
-                for name, group in self._groups.items():
-                    if not used:
-                        break
-                    if len(used) == 1:
-                        grad = used[0][0][name]  # type: ignore[index]
-                        if used[0][1] != 1.0:
-                            grad.mul_(used[0][1])  # clipped (the staged tensor is ours)
-                    else:  # a sync round: the weighted sum, in a pooled buffer on the CPU
-                        if self.device.type == "cpu":
-                            combined = combined or self.buffers.take()
-                            grad = combined[name].zero_()
-                        else:
-                            grad = torch.zeros_like(group.weights)
-                        for staged, weight in used:
-                            grad.add_(staged[name], alpha=weight)  # type: ignore[index]
-                    group.step(grad, decision.lrs[name] * decision.lr_scale)
+                if used:
+                    self._step_groups(used, decision)  # type: ignore[arg-type]
                 if timer is not None:
                     timer.end(started)  # never raises
             except Exception as exc:  # the peers applied this update: this shard cannot follow
                 self.mark_broken(f"update {decision.version} failed here: {exc!r}")
                 self._check_sound()
             finally:
-                self.buffers.give(combined)
                 self._release(decision.members)
             self.version += 1
             self._cv.notify_all()
             return self.version
+
+    def _step_groups(
+        self, used: Sequence[tuple[Mapping[str, torch.Tensor], float]], decision: Decision
+    ) -> None:
+        """Every group steps once, with its members' gradients weighted as decided."""
+        combined: dict[str, torch.Tensor] | None = None
+        try:
+            for name, group in self._groups.items():
+                if len(used) == 1:
+                    grad = used[0][0][name]
+                    if used[0][1] != 1.0:
+                        grad.mul_(used[0][1])  # clipped (the staged tensor is ours)
+                else:  # a sync round: the weighted sum, in a pooled buffer on the CPU
+                    if self.device.type == "cpu":
+                        combined = combined or self.buffers.take()
+                        grad = combined[name].zero_()
+                    else:
+                        grad = torch.zeros_like(group.weights)
+                    for staged, weight in used:
+                        grad.add_(staged[name], alpha=weight)
+                group.step(grad, decision.lrs[name] * decision.lr_scale)
+        finally:
+            self.buffers.give(combined)
 
     @contextlib.contextmanager
     def _at(self, at_version: int | None) -> Iterator[None]:

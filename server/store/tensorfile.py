@@ -143,6 +143,28 @@ def _header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) ->
     return struct.pack("<Q", len(text)) + text
 
 
+class _Staging:
+    """One aligned block that bytes pass through on their way to a direct file or off a
+    device; allocated on first use."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._block: torch.Tensor | None = None
+
+    def __call__(self, source: memoryview | torch.Tensor, length: int) -> memoryview:
+        """`source` copied into the block (zeros after it, up to `length`)."""
+        if self._block is None:
+            self._block = aligned_empty(_round_up(self._size), torch.uint8)
+        target = self._block
+        n = source.numel() if isinstance(source, torch.Tensor) else len(source)
+        if isinstance(source, torch.Tensor):
+            target[:n].copy_(source)
+        else:
+            byte_view(target)[:n] = source
+        target[n:length].zero_()
+        return byte_view(target)[:length]
+
+
 def write_tensors(
     out: BinaryFile,
     tensors: Mapping[str, torch.Tensor],
@@ -161,20 +183,7 @@ def write_tensors(
                          f"I/O), got {block_bytes}")  # fmt: skip
     head = _header(tensors, metadata or {})
     file_hash = hashlib.sha256()
-    staging: list[torch.Tensor] = []  # one block: each write is hashed before the next
-
-    def stage(source: memoryview | torch.Tensor, length: int) -> memoryview:
-        """`source` copied into the staging block (zeros after it, up to `length`)."""
-        if not staging:
-            staging.append(aligned_empty(_round_up(max(block_bytes, len(head))), torch.uint8))
-        target = staging[0]
-        n = source.numel() if isinstance(source, torch.Tensor) else len(source)
-        if isinstance(source, torch.Tensor):
-            target[:n].copy_(source)
-        else:
-            byte_view(target)[:n] = source
-        target[n:length].zero_()
-        return byte_view(target)[:length]
+    stage = _Staging(max(block_bytes, len(head)))  # one block: each write is hashed before the next
 
     with ThreadPoolExecutor(1, thread_name_prefix="optserve-hash") as hasher:
 
@@ -252,6 +261,28 @@ class RangeRead:
     out: torch.Tensor
 
 
+def _checked_entry(
+    entries: Mapping[str, TensorEntry],
+    header: Mapping[str, Any],
+    data_start: int,
+    read: RangeRead,
+    what: str,
+) -> TensorEntry:
+    """The writer's record of the tensor `read` reads, once the file's header, the range and the
+    destination all agree with it."""
+    entry = entries.get(read.name)
+    if entry is None:
+        raise FailedPrecondition(f"{what} has no tensor {read.name!r}")
+    _check_header_entry(header, data_start, read.name, entry, what)
+    if read.out.numel() != read.end - read.start or read.out.element_size() != entry.itemsize:
+        raise ValueError(f"destination of {read.name!r} does not fit its range")
+    if not 0 <= read.start <= read.end <= entry.numel:
+        raise FailedPrecondition(
+            f"{what}: {read.name!r} has no elements [{read.start}, {read.end})"
+        )
+    return entry
+
+
 def read_ranges(
     f: BinaryFile,
     entries: Mapping[str, TensorEntry],
@@ -283,17 +314,8 @@ def read_ranges(
             finish()
 
         for read in reads:
-            entry = entries.get(read.name)
-            if entry is None:
-                raise FailedPrecondition(f"{what} has no tensor {read.name!r}")
-            _check_header_entry(header, data_start, read.name, entry, what)
+            entry = _checked_entry(entries, header, data_start, read, what)
             item = entry.itemsize
-            if read.out.numel() != read.end - read.start or read.out.element_size() != item:
-                raise ValueError(f"destination of {read.name!r} does not fit its range")
-            if not 0 <= read.start <= read.end <= entry.numel:
-                raise FailedPrecondition(
-                    f"{what}: {read.name!r} has no elements [{read.start}, {read.end})"
-                )
             want_a, want_b = read.start * item, read.end * item
             on_cpu = read.out.device.type == "cpu"
             out_bytes = byte_view(read.out) if on_cpu else None
