@@ -87,9 +87,7 @@ class AdaBound(AdamFamily[AdaBoundConfig, AdaBoundScalars]):
 
     @staticmethod
     def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: AdaBoundScalars) -> None:
-        g = grad
-        if s.decay:
-            g = ops.add(g, weights, s.weight_decay)
+        g = ops.gradient(grad, weights, False, s.decay, s.weight_decay)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         ops.add_(exp_avg.mul_(s.beta1), g, 1 - s.beta1)
         ops.addcmul_(exp_avg_sq.mul_(s.beta2), g, g, 1 - s.beta2)

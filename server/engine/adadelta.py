@@ -57,9 +57,7 @@ class Adadelta(ElementwiseRule[AdadeltaConfig, AdadeltaScalars]):
 
     @staticmethod
     def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: AdadeltaScalars) -> None:
-        g = -grad if s.maximize else grad
-        if s.decay:
-            g = ops.add(g, weights, s.weight_decay)
+        g = ops.gradient(grad, weights, s.maximize, s.decay, s.weight_decay)
         square_avg, acc_delta = state["square_avg"], state["acc_delta"]
         ops.addcmul_(square_avg.mul_(s.rho), g, g, 1 - s.rho)
         std = square_avg.add(s.eps).sqrt_()

@@ -60,9 +60,7 @@ class Adagrad(ElementwiseRule[AdagradConfig, AdagradScalars]):
 
     @staticmethod
     def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: AdagradScalars) -> None:
-        g = -grad if s.maximize else grad
-        if s.decay:
-            g = ops.add(g, weights, s.weight_decay)
+        g = ops.gradient(grad, weights, s.maximize, s.decay, s.weight_decay)
         state_sum = state["sum"]
         ops.addcmul_(state_sum, g, g, 1)
         std = state_sum.sqrt().add_(s.eps)

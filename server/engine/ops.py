@@ -45,3 +45,12 @@ def addcmul_(a: Tensor, b: Tensor, c: Tensor, value: float) -> Tensor:
 def addcdiv_(a: Tensor, b: Tensor, c: Tensor, value: float) -> Tensor:
     """a <- a + value * b / c."""
     return a.add_(b / c * value) if is_compiling() else a.addcdiv_(b, c, value=value)
+
+
+def gradient(
+    grad: Tensor, weights: Tensor, maximize: bool, decay: bool, weight_decay: float
+) -> Tensor:
+    """The gradient a rule reads: negated to maximize, plus weight_decay * weights when it
+    decays by L2 (a new tensor then; `grad` itself otherwise)."""
+    g = -grad if maximize else grad
+    return add(g, weights, weight_decay) if decay else g

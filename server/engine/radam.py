@@ -83,11 +83,9 @@ class RAdam(AdamFamily[RAdamConfig | RangerConfig, RAdamScalars]):
 
     @staticmethod
     def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: RAdamScalars) -> None:
-        g = -grad if s.maximize else grad
         if s.decoupled:
             weights.mul_(1 - s.lr * s.weight_decay)
-        if s.l2:
-            g = ops.add(g, weights, s.weight_decay)
+        g = ops.gradient(grad, weights, s.maximize, s.l2, s.weight_decay)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         ops.lerp_(exp_avg, g, 1 - s.beta1)
         ops.addcmul_(exp_avg_sq.mul_(s.beta2), g, g, 1 - s.beta2)

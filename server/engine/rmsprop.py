@@ -105,9 +105,7 @@ class RMSprop(ElementwiseRule[RMSpropConfig, RMSpropScalars]):
 
     @staticmethod
     def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: RMSpropScalars) -> None:
-        g = -grad if s.maximize else grad
-        if s.decay:
-            g = ops.add(g, weights, s.weight_decay)
+        g = ops.gradient(grad, weights, s.maximize, s.decay, s.weight_decay)
         square_avg = state["square_avg"]
         ops.addcmul_(square_avg.mul_(s.alpha), g, g, 1 - s.alpha)
         if s.centered:

@@ -102,9 +102,7 @@ class SGD(ElementwiseRule[SGDConfig, SGDScalars]):
 
     @staticmethod
     def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: SGDScalars) -> None:
-        d_p = -grad if s.maximize else grad
-        if s.decay:
-            d_p = ops.add(d_p, weights, s.weight_decay)
+        d_p = ops.gradient(grad, weights, s.maximize, s.decay, s.weight_decay)
         if s.has_momentum:
             buf = state["momentum_buffer"]
             if s.first:
