@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from optserve.common.config import RuleConfig, parse_schedule_config, with_overrides
 from optserve.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from optserve.common.results import GroupMigration, MigrationReport
 from optserve.server.coordinator.catalogue import ModelRecord, group_config
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class ControlChanges:
 
     def set_optimizer(
         self, name: str, optimizer: RuleConfig, policy: str, caller: str = ""
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> MigrationReport:
         """Swap every group's rule on every shard at one version; return it and the report."""
         if policy not in ("migrate", "reset"):
             raise InvalidArgument(f"policy must be 'migrate' or 'reset', got {policy!r}")
@@ -188,15 +189,16 @@ class ControlChanges:
             )  # fmt: skip
             version, reports = run(record, op)
         log.info("set_optimizer on model %s at version %d by %s", name, version, caller)
-        return version, {
-            "groups": reports[0],
-            "shards": len(reports),
-            "overrides_not_applicable": {g: keys for g, keys in ignored.items() if keys},
-        }
+        return MigrationReport(
+            version=version, optimizer=new,
+            groups={g: GroupMigration.model_validate(r.as_dict()) for g, r in reports[0].items()},
+            shards=len(reports),
+            overrides_not_applicable={g: keys for g, keys in ignored.items() if keys},
+        )  # fmt: skip
 
     def set_hyperparameters(
         self, name: str, changes: Mapping[str, Any], caller: str = ""
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> MigrationReport:
         """Change some hyperparameters of the current rule (state kept: policy migrate)."""
         if not changes:
             raise InvalidArgument("no hyperparameters to change")

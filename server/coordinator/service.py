@@ -10,12 +10,12 @@ import grpc
 
 from optserve.common.codec import torch_dtype, wire_dtype
 from optserve.common.config import (
-    optimizer_config_json,
     parse_mode_config,
     parse_optimizer_config,
     parse_schedule_config,
 )
 from optserve.common.errors import InvalidArgument, ResourceExhausted
+from optserve.common.results import MigrationReport
 from optserve.server.coordinator.catalogue import GroupSpec, ModelRecord
 from optserve.server.coordinator.core import Coordinator
 from optserve.server.edge.auth import current_principal
@@ -35,6 +35,12 @@ def _json_object(text: str, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidArgument(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def _migration_response(report: MigrationReport) -> coordinator_pb2.SetOptimizerResponse:
+    return coordinator_pb2.SetOptimizerResponse(
+        version=report.version, report_json=report.model_dump_json(exclude={"version"})
+    )
 
 
 def model_info(
@@ -153,22 +159,18 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.SetOptimizerRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.SetOptimizerResponse:
         optimizer = parse_optimizer_config(request.optimizer_json)
-        version, report = self._coordinator.set_optimizer(
+        report = self._coordinator.set_optimizer(
             request.model, optimizer, request.policy or "migrate", caller_of(context)
         )
-        report["optimizer"] = json.loads(optimizer_config_json(optimizer))
-        return coordinator_pb2.SetOptimizerResponse(version=version, report_json=json.dumps(report))
+        return _migration_response(report)
 
     @unary_errors
     def SetHyperparameters(
         self, request: coordinator_pb2.SetHyperparametersRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.SetOptimizerResponse:
         changes = _json_object(request.changes_json, "hyperparameter changes")
-        version, report = self._coordinator.set_hyperparameters(
-            request.model, changes, caller_of(context)
-        )
-        report["optimizer"] = self._coordinator.get(request.model).optimizer.model_dump(mode="json")
-        return coordinator_pb2.SetOptimizerResponse(version=version, report_json=json.dumps(report))
+        report = self._coordinator.set_hyperparameters(request.model, changes, caller_of(context))
+        return _migration_response(report)
 
     @unary_errors
     def SetSchedule(

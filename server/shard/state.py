@@ -31,7 +31,7 @@ from optserve.common.errors import (
 )
 from optserve.server.engine.base import TensorViews
 from optserve.server.engine.group import GroupEngine, Path
-from optserve.server.engine.migration import Policy
+from optserve.server.engine.migration import MigrationReport, Policy
 from optserve.server.engine.schedules import Schedule, build_schedule
 from optserve.server.shard.gradients import checked_slice
 from optserve.server.shard.memory import BufferPool
@@ -385,13 +385,13 @@ class ShardState(StateViews):
 
     def set_optimizer(
         self, configs: Mapping[str, RuleConfig], policy: Policy, at_version: int | None = None
-    ) -> dict[str, Any]:
+    ) -> dict[str, MigrationReport]:
         """Swap every group's rule (state moved by `policy`); return the per-group reports."""
         if set(configs) != set(self._groups):
             raise InvalidArgument(f"need a config for each group {sorted(self._groups)}")
         with self._at(at_version):
             return {
-                name: self._groups[name].set_optimizer(configs[name], policy).as_dict()
+                name: self._groups[name].set_optimizer(configs[name], policy)
                 for name in self._groups
             }
 
