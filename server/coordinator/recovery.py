@@ -27,6 +27,7 @@ import ray
 from optserve.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
+    InvalidArgument,
     ResourceExhausted,
     Unavailable,
 )
@@ -225,8 +226,14 @@ def _entries(launches: Mapping[str, Mapping[int, Any]]) -> dict[str, tuple[Model
                 said[index] = ray.get(ref, timeout=HEALTH_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - dead or stuck: as good as missing
                 log.warning("shard %d of launch %s does not answer", index, launch)
-        if said:  # the leader's entry where it answers (the others carry the same)
-            found[launch] = (ModelEntry.from_dict(said.get(0) or next(iter(said.values()))), said)
+        if not said:
+            continue
+        try:  # the leader's entry where it answers (the others carry the same)
+            entry = ModelEntry.from_dict(said.get(0) or next(iter(said.values())))
+        except (InvalidArgument, KeyError, TypeError) as exc:  # from a version we cannot read
+            log.error("launch %s carries an entry this version cannot read: %s", launch, exc)
+            continue
+        found[launch] = (entry, said)
     return found
 
 

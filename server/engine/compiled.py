@@ -40,8 +40,15 @@ _COMPILED_LOCK = threading.Lock()
 WARM_UP_ELEMENTS = 4096
 
 
+# Compiled variants kept per update function: every boolean of a rule's scalars is structure,
+# and one process may serve many configs of a rule (dynamo's default is 8).
+RECOMPILE_LIMIT = 64
+
+
 def _compiled(fn: Callable[..., None]) -> Callable[..., None]:
     with _COMPILED_LOCK:
+        if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
         if fn not in _COMPILED:
             _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
         return _COMPILED[fn]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -65,6 +66,7 @@ class GroupEngine:
             if whole
             else [slice(a, min(a + CHUNK_ELEMENTS, numel)) for a in range(0, numel, CHUNK_ELEMENTS)]
         )
+        self._path_lock = threading.Lock()
         self._set_rule(config)
         if state is None:
             self.state: State = self.rule.init_state(weights)
@@ -72,8 +74,19 @@ class GroupEngine:
             self._check_state(config, state)
             self.state = dict(state)
 
+    def __getstate__(self) -> dict[str, Any]:  # a copy gets a lock of its own
+        return {k: v for k, v in self.__dict__.items() if k != "_path_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._path_lock = threading.Lock()
+
     def _set_rule(self, config: RuleConfig) -> None:
         """Build the rule and choose its path, once."""
+        with self._path_lock:  # a compile finishing now must not install the old kernel
+            self._choose(config)
+
+    def _choose(self, config: RuleConfig) -> None:
         self.config = config
         self.rule: Rule = build_rule(config)
         self._lookahead = self.rule if isinstance(self.rule, Lookahead) else None
@@ -100,8 +113,9 @@ class GroupEngine:
 
     def _compiled_ready(self, compiled: CompiledStep) -> None:
         """From the compiling thread: take the kernel, unless the rule changed meanwhile."""
-        if compiled is self._compiled:
-            self._current = ("compiled", self._step_compiled)
+        with self._path_lock:
+            if compiled is self._compiled:
+                self._current = ("compiled", self._step_compiled)
 
     @property
     def fast_path(self) -> str:
@@ -109,7 +123,8 @@ class GroupEngine:
         return self._current[0]
 
     def wait_compiled(self, timeout: float | None = None) -> bool:
-        """Block until a compile in progress ended; True if the compiled path is in use."""
+        """Block until a compile in progress ended; True if its kernel is ready (the next step
+        takes it)."""
         return self._compiled is not None and self._compiled.wait(timeout)
 
     def step(self, grad: torch.Tensor, lr: float) -> None:

@@ -12,7 +12,10 @@ ulp (spec section 2).
 from __future__ import annotations
 
 import torch
-from torch.compiler import is_compiling
+
+# Dynamo folds this to True while it traces and it is False everywhere else; not
+# `is_compiling`, which is True in every thread while any compile runs in the process.
+from torch.compiler import is_dynamo_compiling as is_compiling
 
 Tensor = torch.Tensor
 

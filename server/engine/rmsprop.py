@@ -74,7 +74,8 @@ class RMSprop(ElementwiseRule[RMSpropConfig, RMSpropScalars]):
         if est.step > 0 and "grad_avg" in state:
             est.first = Ema(state["grad_avg"], cfg.alpha, est.step)
             est.g_hat = est.first.hat
-        elif est.step > 0 and "momentum_buffer" in state:  # Bn holds steps g / (sqrt(Q) + eps)
+        elif est.step > 0 and "momentum_buffer" in state and cfg.momentum < 1:
+            # Bn holds steps g / (sqrt(Q) + eps) (mu >= 1 accumulates without a stationary point)
             denom = state["square_avg"].sqrt().add_(cfg.eps)
             est.g_hat = (1 - cfg.momentum) * state["momentum_buffer"] * denom
         return est
@@ -89,7 +90,10 @@ class RMSprop(ElementwiseRule[RMSpropConfig, RMSpropScalars]):
             bound = new["square_avg"].sqrt()
             new["grad_avg"] = torch.maximum(torch.minimum(est.g_hat, bound), -bound)
             report.set("grad_avg", "converted", "G := g_hat, clipped to |G| <= sqrt(Q) (C7)")
-        if cfg.momentum > 0:
+        if cfg.momentum >= 1:
+            why = "momentum >= 1 has no stationary buffer to convert to"
+            report.set("momentum_buffer", "fresh", why)
+        elif cfg.momentum > 0:
             denom = new["square_avg"].sqrt().add_(cfg.eps)
             new["momentum_buffer"] = est.g_hat / ((1 - cfg.momentum) * denom)
             why = "Bn := g_hat / ((1 - mu)(sqrt(Q) + eps)) (C7)"

@@ -34,6 +34,10 @@ class SGDScalars(NamedTuple):
     first: bool  # the buffer is created by this step
 
 
+def _scale(config: SGDConfig) -> tuple[float, float]:
+    return config.momentum, config.dampening
+
+
 class SGD(ElementwiseRule[SGDConfig, SGDScalars]):
     name = "sgd"
     step_flags = ("first",)
@@ -72,20 +76,19 @@ class SGD(ElementwiseRule[SGDConfig, SGDScalars]):
     def retune(
         self, old: ElementwiseRule, state: State, new: State, report: MigrationReport
     ) -> None:
-        """B is kept in gradient units scaled by 1 / (1 - mu): a new mu rescales it."""
+        """B is kept in gradient units scaled by (1 - tau) / (1 - mu): new ones rescale it."""
         if "momentum_buffer" not in state or self.config.momentum == 0:
             return
-        old_mu, mu = old.config.momentum, self.config.momentum
+        (old_mu, old_tau), (mu, tau) = _scale(old.config), _scale(self.config)
         buf = state["momentum_buffer"].clone()
-        if old_mu >= 1 or mu >= 1:  # no (1 - mu) scale to convert between
-            if old_mu != mu:
-                why = "momentum >= 1 has no stationary scale: B as is"
-                report.set("momentum_buffer", "kept", why)
-        elif old_mu != mu:
-            buf.mul_((1 - mu) / (1 - old_mu))
-            report.set("momentum_buffer", "converted", "B (1 - mu_new) / (1 - mu_old)")
-        else:
+        if (old_mu, old_tau) == (mu, tau):
             report.set("momentum_buffer", "kept", "momentum and Nesterov share B exactly")
+        elif max(old_mu, old_tau, mu, tau) >= 1:  # no stationary scale to convert between
+            report.set("momentum_buffer", "kept", "momentum or dampening >= 1: B as is")
+        else:
+            buf.mul_((1 - tau) * (1 - old_mu) / ((1 - old_tau) * (1 - mu)))
+            why = "B (1 - tau_new)(1 - mu_old) / ((1 - tau_old)(1 - mu_new))"
+            report.set("momentum_buffer", "converted", why)
         new["momentum_buffer"] = buf
 
     def prepare(self, state: State, lr: float, weights: torch.Tensor) -> SGDScalars:

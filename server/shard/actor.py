@@ -17,7 +17,7 @@ import ray
 import torch
 from pydantic import BaseModel
 
-from optserve.common.config import AsyncMode, ModeConfig, ScheduleConfig
+from optserve.common.config import AsyncMode, ModeConfig, ScheduleConfig, parse_optimizer_config
 from optserve.common.errors import InvalidArgument, from_rpc_error
 from optserve.server.edge.auth import EdgeGuard
 from optserve.server.edge.rpc import (
@@ -75,7 +75,8 @@ class ShardActor:
     the ShardState directly; Ray method calls are the coordinator's control plane.
 
     `groups` maps each group name to {"numel": length of this shard's slice, "range": [start,
-    end) of the group's elements, "optimizer": config JSON, "views": [(offset, shape), ...]}.
+    end) of the group's elements, "optimizer": its validated config, "views": [(offset, shape),
+    ...]}; `schedule` and `mode` are validated configs too (None: constant, async).
     The shard starts empty: its values arrive from the model's creator (Shard/Load) or from a
     checkpoint (`restore_checkpoint`). `entry` is the model's catalogue entry; `history` the
     leader's starting history ({"audit": [...], "metrics": [...]}).
@@ -102,7 +103,7 @@ class ShardActor:
             name: GroupInit(
                 weights=None,
                 numel=int(g["numel"]),
-                config=g["optimizer"],
+                config=parse_optimizer_config(g["optimizer"]),  # (a config passes as it is)
                 views=tuple((int(o), tuple(s)) for o, s in g.get("views", ())),
             )
             for name, g in groups.items()

@@ -130,3 +130,38 @@ def test_compiling_can_be_turned_off(compile_small, monkeypatch):
 def test_small_buffers_are_not_compiled():
     engine = GroupEngine("g", torch.zeros(NUMEL), parse_optimizer_config({"name": "radam"}))
     assert engine._compiled is None
+
+
+def test_eager_steps_stay_bit_exact_while_a_kernel_compiles_elsewhere():
+    """A compile in one thread must not change how another thread's eager steps round (ops.py
+    asks whether *this* frame is being traced, not whether a compile runs somewhere)."""
+    import threading
+
+    config = parse_optimizer_config({"name": "adadelta", "lr": 0.5, "weight_decay": 0.01})
+
+    rule = build_rule(config)
+    start, grad = seeded(NUMEL, 1, torch.float32), seeded(NUMEL, 2, torch.float32)
+
+    def eager_run():  # one step from the same start: any other rounding shows
+        weights = start.clone()
+        rule.apply(weights, grad.clone(), rule.init_state(weights), config.lr)
+        return weights
+
+    baseline = eager_run()
+    # a structure no other test compiles (maximize), so that this compile really traces
+    other = build_rule(
+        parse_optimizer_config({"name": "rmsprop", "centered": True, "maximize": True})
+    )
+    compiling = threading.Thread(
+        target=compiled.CompiledStep, args=(other, torch.zeros(NUMEL)), kwargs={"background": False}
+    )
+    compiling.start()
+    overlapped = runs = 0
+    while compiling.is_alive():
+        overlapped += torch.compiler.is_compiling()  # a compile session is open in the process
+        assert torch.equal(eager_run(), baseline)
+        runs += 1
+    compiling.join()
+    assert runs > 0
+    if not overlapped:
+        pytest.skip(f"the compile ended before an eager run overlapped it ({runs} runs)")
