@@ -318,7 +318,9 @@ class ShardActor:
                 return self._controls[op_id]
             kind, args, at = op["kind"], op.get("args", {}), op.get("at_version")
             if kind == "set_optimizer":
-                result: Any = self._state.set_optimizer(args["configs"], args["policy"], at)
+                # config objects, as the coordinator sends them (they pass as they are)
+                configs = {g: parse_optimizer_config(c) for g, c in args["configs"].items()}
+                result: Any = self._state.set_optimizer(configs, args["policy"], at)
             elif kind == "set_schedule":
                 self._state.set_schedule(args["schedule"], at)
                 result = None

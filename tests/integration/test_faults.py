@@ -168,10 +168,10 @@ def test_a_control_change_cut_short_by_a_crash_is_finished_on_every_shard(own_se
     leader, other = ray.get(svc.actor.shard_actors.remote("cut"))
     # What the coordinator does for a swap, stopped after the first shard applied it.
     sgd = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
-    config = parse_optimizer_config(sgd).model_dump_json()
+    config = parse_optimizer_config(sgd)
     op = control.new_op(
         "set_optimizer", {"configs": {"default": config}, "policy": "migrate"},
-        entry={"optimizer": parse_optimizer_config(sgd).model_dump(mode="json")},
+        entry={"optimizer": config},
         history={"audit": control.audit_entry("test", "set_optimizer", ADAM, sgd)},
     )  # fmt: skip
     boundary = ray.get(leader.pause_updates.remote(op["op_id"], op))
