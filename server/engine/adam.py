@@ -14,7 +14,7 @@ State: `exp_avg` (M), `exp_avg_sq` (V), `max_exp_avg_sq` (AMSGrad only), `step` 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -27,14 +27,13 @@ from optserve.common.config import (
     RangerConfig,
 )
 from optserve.server.engine import ops
-from optserve.server.engine.base import ElementwiseRule, State
+from optserve.server.engine.base import ElementwiseRule, ScalarsT, State
 from optserve.server.engine.estimates import Ema, Estimates, MigrationReport
 
 FamilyConfigT = TypeVar(
     "FamilyConfigT",
     bound=AdamConfig | AdamWConfig | AMSGradConfig | AdaBoundConfig | RAdamConfig | RangerConfig,
 )
-ScalarsT = TypeVar("ScalarsT", bound=tuple[Any, ...])
 
 
 class AdamScalars(NamedTuple):
