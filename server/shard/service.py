@@ -105,6 +105,11 @@ class RemoteLeader:
         ))  # fmt: skip
 
 
+def _pull_dtype(wire_dtype: int) -> torch.dtype:
+    """The dtype a pull asks its weights in (fp32 unless it says otherwise)."""
+    return torch.float32 if wire_dtype == tensor_pb2.DTYPE_UNSPECIFIED else torch_dtype(wire_dtype)
+
+
 class ShardService(shard_pb2_grpc.ShardServicer):
     """`sequencer` is set on the leader (shard 0); the others call `leader(request)` instead."""
 
@@ -174,17 +179,17 @@ class ShardService(shard_pb2_grpc.ShardServicer):
 
     def _push(
         self, request_iterator: Iterator[Any], peer: str = ""
-    ) -> tuple[Decision, int, shard_pb2.PushHeader]:
+    ) -> tuple[Decision, int, torch.dtype]:
+        """Run one push through the pipeline; also the dtype its pull half asks for."""
         header = self._header(request_iterator)
+        pull_dtype = _pull_dtype(header.pull_dtype)  # a bad one is refused before any staging
         push = PushCall(header.push_id, header.version, header.trainer, peer)
 
         def receive(buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            if header.pull_dtype != tensor_pb2.DTYPE_UNSPECIFIED:
-                torch_dtype(header.pull_dtype)  # refused now, not after the update
             return self._gradients(request_iterator, buffers)
 
         decision, version = self.pipeline.push(push, receive)
-        return decision, version, header
+        return decision, version, pull_dtype
 
     @unary_errors
     def Push(
@@ -197,21 +202,18 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     def PushPull(
         self, request_iterator: Iterator[shard_pb2.PushRequest], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        _, _, header = self._push(request_iterator, context.peer())
-        yield from self._weights(header.pull_dtype)
+        _, _, dtype = self._push(request_iterator, context.peer())
+        yield from self._weights(dtype)
 
     @stream_errors
     def Pull(
         self, request: shard_pb2.PullRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         self._check_model(request.model)
-        yield from self._weights(request.dtype)
+        yield from self._weights(_pull_dtype(request.dtype))
 
-    def _weights(self, wire_dtype: int) -> Iterator[bytes]:
+    def _weights(self, dtype: torch.dtype) -> Iterator[bytes]:
         """The shard's weights as serialized PullResponse frames (a header, then chunks)."""
-        dtype = (
-            torch.float32 if wire_dtype == tensor_pb2.DTYPE_UNSPECIFIED else torch_dtype(wire_dtype)
-        )
         # fp32: a snapshot into a pooled buffer (a quick copy under the shard's lock into
         # memory reused pull after pull), then framed lazily as the stream goes out.
         pool = self._state.buffers if dtype == torch.float32 else None
