@@ -10,6 +10,7 @@ model: the entry, the layout derived from it, and the handles of its shard actor
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import threading
@@ -138,8 +139,12 @@ class ModelEntry:
         return cls(**fields)
 
     def with_changes(self, changes: Mapping[str, Any]) -> ModelEntry:
-        """This entry with some fields replaced (configs as objects or as their JSON form)."""
-        return ModelEntry.from_dict({**self.as_dict(), **changes})
+        """This entry with some fields replaced (configs as objects, which pass as they are,
+        or in their JSON form)."""
+        fields = dict(changes)
+        for key in _CONFIGS.keys() & fields.keys():
+            fields[key] = _CONFIGS[key](fields[key])
+        return dataclasses.replace(self, **fields)
 
     def layouts(self) -> list[GroupLayout]:
         return layouts_of(self.params, self.groups)

@@ -172,7 +172,8 @@ class ControlChanges:
     def set_optimizer(
         self, name: str, optimizer: RuleConfig, policy: str, caller: str = ""
     ) -> MigrationReport:
-        """Swap every group's rule on every shard at one version; return it and the report."""
+        """Swap every group's rule on every shard at one version; the report says which version
+        and, per group, what became of every state key."""
         if policy not in ("migrate", "reset"):
             raise InvalidArgument(f"policy must be 'migrate' or 'reset', got {policy!r}")
         record = self.get(name)
