@@ -14,7 +14,7 @@ State: `exp_avg` (M), `exp_avg_sq` (V), `max_exp_avg_sq` (AMSGrad only), `step` 
 
 from __future__ import annotations
 
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -53,6 +53,21 @@ class AdamScalars(NamedTuple):
 def is_amsgrad(config: AdamConfig | AdamWConfig | AMSGradConfig) -> bool:
     """`amsgrad` is `adam` with `amsgrad: true`: one rule spelled two ways."""
     return config.name == "amsgrad" or bool(getattr(config, "amsgrad", False))
+
+
+def moments(
+    weights: torch.Tensor, grad: torch.Tensor, state: State, s: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first half of an Adam or RAdam step, as torch orders it: weight decay (decoupled,
+    or L2 into the gradient), then M and V updated in place; returns them. `s` has the fields
+    lr, beta1, beta2, weight_decay, maximize, l2 and decoupled."""
+    if s.decoupled:
+        weights.mul_(1 - s.lr * s.weight_decay)
+    g = ops.gradient(grad, weights, s.maximize, s.l2, s.weight_decay)
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    ops.lerp_(exp_avg, g, 1 - s.beta1)
+    ops.addcmul_(exp_avg_sq.mul_(s.beta2), g, g, 1 - s.beta2)
+    return exp_avg, exp_avg_sq
 
 
 class AdamFamily(ElementwiseRule[FamilyConfigT, ScalarsT]):
@@ -146,12 +161,7 @@ class Adam(AdamFamily[AdamConfig | AdamWConfig | AMSGradConfig, AdamScalars]):
 
     @staticmethod
     def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: AdamScalars) -> None:
-        if s.decoupled:
-            weights.mul_(1 - s.lr * s.weight_decay)
-        g = ops.gradient(grad, weights, s.maximize, s.l2, s.weight_decay)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        ops.lerp_(exp_avg, g, 1 - s.beta1)
-        ops.addcmul_(exp_avg_sq.mul_(s.beta2), g, g, 1 - s.beta2)
+        exp_avg, exp_avg_sq = moments(weights, grad, state, s)
         if s.amsgrad:
             max_exp_avg_sq = state["max_exp_avg_sq"]
             torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)

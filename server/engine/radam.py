@@ -19,7 +19,7 @@ import torch
 
 from optserve.common.config import RAdamConfig, RangerConfig
 from optserve.server.engine import ops
-from optserve.server.engine.adam import AdamFamily
+from optserve.server.engine.adam import AdamFamily, moments
 from optserve.server.engine.base import State
 
 
@@ -83,12 +83,7 @@ class RAdam(AdamFamily[RAdamConfig | RangerConfig, RAdamScalars]):
 
     @staticmethod
     def update(weights: torch.Tensor, grad: torch.Tensor, state: State, s: RAdamScalars) -> None:
-        if s.decoupled:
-            weights.mul_(1 - s.lr * s.weight_decay)
-        g = ops.gradient(grad, weights, s.maximize, s.l2, s.weight_decay)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        ops.lerp_(exp_avg, g, 1 - s.beta1)
-        ops.addcmul_(exp_avg_sq.mul_(s.beta2), g, g, 1 - s.beta2)
+        exp_avg, exp_avg_sq = moments(weights, grad, state, s)
         bias_corrected_exp_avg = exp_avg / s.bias_correction1
         if s.rectified:
             adaptive_lr = (s.bias_correction2**0.5) / exp_avg_sq.sqrt().add_(s.eps)
