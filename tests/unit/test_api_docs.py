@@ -3,14 +3,13 @@ every RPC, message, field and enum that the compiled (committed) descriptors hav
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 from optserve.v1 import coordinator_pb2, shard_pb2, tensor_pb2
+from tests.helpers.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "api.md"
@@ -18,13 +17,7 @@ MODULES = (coordinator_pb2, shard_pb2, tensor_pb2)
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location(
-        "gen_api_docs", ROOT / "scripts" / "gen_api_docs.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gen_api_docs"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gen_api_docs")
 
 
 def test_api_docs_are_committed_and_current():

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import ast
 import difflib
-import importlib.util
 import inspect
 import json
 import re
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ from optserve.server.cli import build_parser
 from optserve.server.engine import build_rule
 from optserve.server.engine.migration import migrate
 from optserve.server.engine.schedules import build_schedule
+from tests.helpers.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "optimizers.md"
@@ -43,13 +42,7 @@ ALL_HYPERPARAMETERS = {f for cls in RULE_CONFIGS.values() for f in cls.model_fie
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location(
-        "gen_optimizer_docs", ROOT / "scripts" / "gen_optimizer_docs.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gen_optimizer_docs"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gen_optimizer_docs")
 
 
 GEN = load_generator()

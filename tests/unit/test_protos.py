@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "protos" / "optserve" / "v1"
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts" / "gen_protos.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gen_protos"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gen_protos")
 
 
 def test_generated_code_is_committed_and_current(tmp_path):
