@@ -23,7 +23,7 @@ import torch
 
 from optserve.client._auth import ChannelSecurity
 from optserve.client._plane import Transfers
-from optserve.client._stubs import CHANNEL_OPTIONS, DataPlane, ModelInfo, call
+from optserve.client._stubs import CHANNEL_OPTIONS, DataPlane, ModelInfo, ModelSettings, call
 from optserve.common.codec import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
@@ -143,6 +143,8 @@ class ParameterServerClient(Transfers):
         )
         # (model, wire dtype) -> per-group receive buffers, for calls with reuse_buffers=True
         self._buffers: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
+        # model -> its settings, as its leader sent them with the last pull
+        self._settings: dict[str, ModelSettings] = {}
 
     # ---- control plane -------------------------------------------------------------------
 
@@ -273,13 +275,27 @@ class ParameterServerClient(Transfers):
             {**json.loads(reply.report_json), "version": reply.version}
         )
 
-    def set_hyperparameters(self, model: str, **changes: Any) -> MigrationReport:
+    def set_hyperparameters(
+        self,
+        model: str,
+        groups: Mapping[str, Mapping[str, Any]] | None = None,
+        policy: str = "migrate",
+        **changes: Any,
+    ) -> MigrationReport:
         """Change some hyperparameters of the model's rule, e.g. ``lr=0.01`` or
         ``betas=(0.9, 0.99)`` or ``lookahead={"k": 5, "alpha": 0.5}``; the state is kept.
-        Returns the report, as `set_optimizer` does; "version" is where the change took effect
-        (after that update, before the next, on every shard)."""
+        `groups` changes parameter groups' own overrides, ``{"head": {"lr": 0.1}}``, in the
+        same control change. `policy`: "migrate" converts the state as a same-rule swap does
+        (docs/optimizers.md), "keep" keeps it as it is (as torch does when a param group's
+        value changes), "reset" starts it fresh. Returns the report, as `set_optimizer` does;
+        "version" is where the change took effect (after that update, before the next, on every
+        shard). A change that changes nothing applies nothing: its report has no groups and
+        ``unchanged``."""
         request = coordinator_pb2.SetHyperparametersRequest(
-            model=model, changes_json=json.dumps(changes, default=_jsonable)
+            model=model,
+            changes_json=json.dumps(changes, default=_jsonable) if changes else "",
+            group_changes_json=json.dumps(dict(groups), default=_jsonable) if groups else "",
+            policy=policy,
         )
         reply = call(
             self._coordinator.SetHyperparameters,
@@ -326,14 +342,24 @@ class ParameterServerClient(Transfers):
         return [CheckpointInfo.model_validate(c) for c in json.loads(reply.checkpoints_json)]
 
     def restore(
-        self, model: str, checkpoint: str | None = None, *, num_shards: int = 0
+        self,
+        model: str,
+        checkpoint: str | None = None,
+        *,
+        num_shards: int = 0,
+        unless_current: bool = False,
     ) -> ModelInfo:
         """Bring the model back from a checkpoint (the newest unless named) onto `num_shards`
-        shards (default: as now). Trainers then get Aborted on their next push: pull, go on."""
+        shards (default: as now). Trainers then get Aborted on their next push: pull, go on.
+        `unless_current` (with a named checkpoint): leave a model that already holds exactly
+        that checkpoint's state (no update since it was written or restored) as it is."""
         reply = call(
             self._coordinator.Restore,
             coordinator_pb2.RestoreRequest(
-                model=model, checkpoint=checkpoint or "", num_shards=num_shards
+                model=model,
+                checkpoint=checkpoint or "",
+                num_shards=num_shards,
+                unless_current=unless_current,
             ),
             timeout=self.timeout_s,
             metadata=self._metadata,

@@ -13,7 +13,7 @@ import grpc
 import torch
 
 from optserve.client._auth import ChannelSecurity
-from optserve.client._stubs import CHANNEL_OPTIONS, DataPlane, ModelInfo, call
+from optserve.client._stubs import CHANNEL_OPTIONS, DataPlane, ModelInfo, ModelSettings, call
 from optserve.common.codec import (
     GRADIENT_WIRE_DTYPES,
     TensorAssembler,
@@ -57,6 +57,7 @@ class Transfers:
     _pool: ThreadPoolExecutor | None
     _metadata: tuple[tuple[str, str], ...]
     _buffers: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]]
+    _settings: dict[str, ModelSettings]
 
     if TYPE_CHECKING:
 
@@ -155,7 +156,7 @@ class Transfers:
 
             flat_out = self._receive_buffers(info, pull_dtype) if reuse_buffers else None
 
-            def push_pull_one(shard: ShardSlice) -> tuple[int, dict[str, torch.Tensor]]:
+            def push_pull_one(shard: ShardSlice) -> tuple[int, dict[str, torch.Tensor], Any]:
                 stream = self._data_plane(shard.address).push_pull(
                     requests(shard), timeout=deadline, metadata=self._metadata
                 )
@@ -184,7 +185,7 @@ class Transfers:
         def pull_all(info: ModelInfo) -> tuple[dict[str, torch.Tensor], int]:
             flat_out = self._receive_buffers(info, wire_dtype) if reuse_buffers else None
 
-            def pull_one(shard: ShardSlice) -> tuple[int, dict[str, torch.Tensor]]:
+            def pull_one(shard: ShardSlice) -> tuple[int, dict[str, torch.Tensor], Any]:
                 stream = self._data_plane(shard.address).pull(
                     request, timeout=self.timeout_s, metadata=self._metadata
                 )
@@ -196,6 +197,13 @@ class Transfers:
         with self._lock:
             self._versions[model] = version
         return weights, version
+
+    def settings(self, model: str) -> ModelSettings | None:
+        """The model's settings as its leader sent them with this client's last pull (or push
+        and pull) of it: each group's lr for the next update, each group's optimizer config and
+        the schedule. None before the first pull, or from a server that does not send them."""
+        with self._lock:
+            return self._settings.get(model)
 
     def _receive_buffers(self, info: ModelInfo, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """One flat receive buffer per group for this model and wire dtype, kept and reused."""
@@ -215,7 +223,9 @@ class Transfers:
         stream: Iterable[shard_pb2.PullResponse],
         wire_dtype: torch.dtype,
         flat_out: Mapping[str, torch.Tensor] | None = None,
-    ) -> tuple[int, dict[str, torch.Tensor]]:
+    ) -> tuple[int, dict[str, torch.Tensor], ModelSettings | None]:
+        """One shard's weight slices, its version, and the model's settings if it is the
+        leader (which sends them in its header)."""
         expected = expect_all(
             (g, (end - start,), (wire_dtype,)) for g, (start, end) in shard.ranges.items()
         )
@@ -224,6 +234,7 @@ class Transfers:
             out = {g: flat_out[g][start:end] for g, (start, end) in shard.ranges.items()}
         assembler = TensorAssembler(expected, what="weights", out=out)
         version = None
+        settings = None
         try:
             # Read by parse_pull_response: PullHeaders, RawChunks, or the error in a frame.
             for reply in cast(Iterator[Any], stream):
@@ -231,24 +242,31 @@ class Transfers:
                     raise reply
                 if isinstance(reply, shard_pb2.PullHeader):
                     version = reply.version
+                    if reply.settings_json:
+                        settings = ModelSettings.from_header(reply)
                 else:
                     assembler.add(reply)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         if version is None:
             raise OptserveError(f"shard {shard.index} sent no version header")
-        return version, assembler.finish()
+        return version, assembler.finish(), settings
 
-    @staticmethod
     def _join_weights(
+        self,
         info: ModelInfo,
-        results: list[tuple[int, dict[str, torch.Tensor]]],
+        results: list[tuple[int, dict[str, torch.Tensor], ModelSettings | None]],
         flat_out: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], int]:
-        """Per-parameter weights from every shard's slices; the version is the lowest seen."""
+        """Per-parameter weights from every shard's slices; the version is the lowest seen.
+        The settings the leader sent are kept (`settings`)."""
+        told = [s for _, _, s in results if s is not None]
+        if told:
+            with self._lock:
+                self._settings[info.name] = told[0]
         weights: dict[str, torch.Tensor] = {}
         for group in info.groups:
-            pieces = [parts[group.name] for _, parts in results if parts[group.name].numel()]
+            pieces = [parts[group.name] for _, parts, _ in results if parts[group.name].numel()]
             buffer = flat_out[group.name] if flat_out is not None else None
             if buffer is not None and all(
                 p.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
@@ -262,7 +280,7 @@ class Transfers:
             views = unflatten_group(group, flat)
             for slot in group.params:
                 weights[slot.name] = views[slot.name].to(slot.dtype)
-        return weights, min(v for v, _ in results)
+        return weights, min(v for v, _, _ in results)
 
     @staticmethod
     def _check_gradients(info: ModelInfo, grads: Mapping[str, torch.Tensor]) -> None:

@@ -7,20 +7,24 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import torch
 
 from optserve.client._client import ParameterServerClient
+from optserve.client._param_groups import GroupMirror, shown
 from optserve.client._stubs import ModelInfo
 from optserve.common.allocator import keep_step_buffers
 from optserve.common.codec import dtype_name
 from optserve.common.config import RuleConfig, parse_mode_config, parse_optimizer_config
 from optserve.common.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     PushRefused,
     Unavailable,
 )
@@ -32,13 +36,33 @@ T = TypeVar("T")
 
 def _mode(mode: str | Mapping[str, Any] | None, trainers: int | None) -> Any:
     """The mode config from RemoteOptimizer's `mode` ("sync", "async" or a config) and
-    `trainers` (sync: pushes per round)."""
+    `trainers` (sync: pushes per round; under torchrun, $WORLD_SIZE by default)."""
     if mode is None and trainers is None:
         return None
     config: dict[str, Any] = dict(mode) if isinstance(mode, Mapping) else {"mode": mode or "sync"}
     if trainers is not None:
         config["trainers"] = trainers
+    elif config.get("mode") == "sync" and "trainers" not in config and "WORLD_SIZE" in os.environ:
+        config["trainers"] = int(os.environ["WORLD_SIZE"])
     return parse_mode_config(config)
+
+
+def _default_trainer() -> str:
+    """This trainer's name: under torchrun its RANK, else host:pid:random."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return f"rank-{os.environ['RANK']}"
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _schedule_json(schedule: Any) -> str:
+    return schedule.model_dump_json() if hasattr(schedule, "model_dump_json") else str(schedule)
+
+
+def _is_constant(schedule: Any) -> bool:
+    if schedule is None:
+        return True
+    name = schedule.get("name") if isinstance(schedule, Mapping) else getattr(schedule, "name", "")
+    return name in ("", "constant")
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -52,10 +76,27 @@ class RemoteOptimizer(torch.optim.Optimizer):
     parameter without a gradient contributes zeros: the server updates its flat buffer as a
     whole, so weight decay and accumulated momentum still move it.
 
+    `param_groups` mirror the server: one group per server parameter group (its "name" key),
+    each with `lr` (the lr of the next update, the server's schedule applied) and every
+    hyperparameter of the rule (betas, eps, weight_decay, momentum, ...), refreshed by every
+    `step()` and `pull()`. A change made there (by the user, or by a torch, Hugging Face or
+    Lightning lr scheduler) is sent to the server by the next `step()`, before its push, as
+    one audited control change (`set_hyperparameters` with policy "keep": the state stays as
+    it is, as torch keeps it when a param group's value changes). A change of `lr` while the
+    model has a server-side schedule is refused (FailedPrecondition) unless
+    `override_schedule=True`, which drops the server's schedule (audited) and lets this
+    trainer's lr rule from then on.
+
     `mode="sync", trainers=N` makes each update the mean of one push from each of N trainers
-    (`step()` returns once the round is applied); the default is async. A push the server
-    refuses as stale or too late is dropped: `step()` loads the current weights instead and
-    counts it in `dropped_pushes`.
+    (`step()` returns once the round is applied); the default is async. Under torchrun,
+    `trainers` defaults to $WORLD_SIZE and the trainer's name to "rank-$RANK". A push the
+    server refuses as stale or too late is dropped: `step()` loads the current weights
+    instead and counts it in `dropped_pushes`.
+
+    `state_dict()` is a small record (address, model, version, and the name of a server
+    checkpoint written for it when the server has a checkpoint directory); `load_state_dict()`
+    of it brings the model back to that checkpoint, so that a framework's checkpoint resumes
+    weights and optimizer state of one version (see docs/operations.md, "Resuming").
 
     `token` is the bearer token for a server with authentication (default $OPTSERVE_TOKEN or
     the file named by $OPTSERVE_TOKEN_FILE); `tls_ca` a CA file (or PEM bytes) for a TLS server.
@@ -89,6 +130,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         token: str | None = None,
         tls_ca: str | bytes | None = None,
         tune_allocator: bool = True,
+        override_schedule: bool = False,
     ) -> None:
         if tune_allocator:
             keep_step_buffers()
@@ -114,18 +156,26 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self.model = model
         self.wire_dtype = wire_dtype
         # A sync round takes one push per trainer, so every trainer needs its own name.
-        self.trainer = trainer or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.trainer = trainer or _default_trainer()
         # Pushes the server refused (stale, too late for a sync round, the model restored or
         # briefly down): their gradients were dropped and the current weights loaded instead.
         self.dropped_pushes = 0
         # How long `step()` waits for a model that lost a shard to come back.
         self.recover_timeout_s = recover_timeout_s
+        # True: an lr set in param_groups replaces the server's schedule (else it is refused).
+        self.override_schedule = override_schedule
+        # Hyperparameter changes this trainer sent from its param groups.
+        self.control_changes = 0
+        self._mirror = GroupMirror()
+        # The server checkpoint the last state_dict() wrote: (name, version).
+        self._last_checkpoint: tuple[str, int] | None = None
         try:
             config = parse_optimizer_config(optimizer) if optimizer is not None else None
             mode_config = _mode(mode, trainers)
             self._create_options = {"schedule": schedule, "groups": groups, "mode": mode_config}
             info, created = self._attach(config)
             self._check_matches(info)
+            self._group_params(info)
             self.version = info.version
             if not created:  # its creator may still be sending the initial values: wait
                 self._wait_for_server()
@@ -172,19 +222,79 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     f"but {list(slot.shape)} {dtype_name(slot.dtype)} on the server"
                 )
 
+    def _group_params(self, info: ModelInfo) -> None:
+        """One torch param group per server group, showing its settings as `info` has them."""
+        by_name = dict(self._named)
+        self.param_groups = [
+            {"params": [by_name[p.name] for p in g.params], "name": g.name} for g in info.groups
+        ]
+        # A group with its own overrides takes a client's changes as overrides of its own.
+        self._overridden = {g for g, c in info.group_configs.items() if c.get("overrides")}
+        self._schedule: Any = info.schedule
+        told = {
+            g: shown(c["optimizer"] or info.optimizer.model_dump(mode="json"), c.get("lr"))
+            for g, c in info.group_configs.items()
+        }
+        self._mirror.write(self.param_groups, told)
+        self.defaults = shown(info.optimizer.model_dump(mode="json"), None)
+
+    def _refresh(self) -> None:
+        """Show in the param groups what the leader told with the last pull."""
+        settings = self.client.settings(self.model)
+        if settings is None:
+            return
+        self._schedule = settings.schedule
+        self._mirror.write(
+            self.param_groups,
+            {g: shown(c, settings.lrs.get(g)) for g, c in settings.groups.items()},
+        )
+
     @torch.no_grad()
     def _load_from_server(self) -> None:
         weights, self.version = self.client.pull(self.model, reuse_buffers=True)
         for name, param in self._named:
             param.copy_(weights[name])
+        self._refresh()
+
+    def _send_changes(self) -> None:
+        """Send what was changed in the param groups since the server last told them."""
+        changes = self._mirror.changes(self.param_groups)
+        if not changes:
+            return
+        if any("lr" in c for c in changes.values()) and not _is_constant(self._schedule):
+            if not self.override_schedule:
+                raise FailedPrecondition(
+                    f"model {self.model!r} follows a server-side lr schedule "
+                    f"({_schedule_json(self._schedule)}), and this trainer's param_groups "
+                    "changed lr (by hand or by an lr scheduler): the two would fight. Drop the "
+                    "server's schedule (set_schedule(None)), stop changing lr here, or pass "
+                    "RemoteOptimizer(override_schedule=True) to let this lr replace the schedule"
+                )
+            log.warning(
+                "model %r: this trainer's lr replaces the server's schedule %s "
+                "(override_schedule=True)",
+                self.model,
+                _schedule_json(self._schedule),
+            )
+            self.client.set_schedule(self.model, None)
+            self._schedule = None
+        (group, diff), *more = changes.items()
+        if not more and len(self.param_groups) == 1 and group not in self._overridden:
+            self.client.set_hyperparameters(self.model, policy="keep", **diff)
+        else:
+            self.client.set_hyperparameters(self.model, groups=changes, policy="keep")
+        self._mirror.sent(changes)
+        self.control_changes += 1
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Push every parameter's gradient, then load the updated weights."""
+        """Send the param groups' changes, if any; push every parameter's gradient; then load
+        the updated weights and the server's settings."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._send_changes()
         grads = {
             name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in self._named
         }
@@ -214,6 +324,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             return loss
         for name, param in self._named:
             param.copy_(weights[name])
+        self._refresh()
         return loss
 
     def _wait_for_server(self) -> None:
@@ -233,26 +344,119 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 delay = min(delay * 2, 5.0)
 
     def pull(self) -> int:
-        """Load the server's current weights into the parameters; return their version."""
+        """Load the server's current weights and settings; return the weights' version."""
         self._load_from_server()
         return self.version
+
+    # ---- resume: a framework's checkpoint holds this record ----------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """A small record for a framework's checkpoint: {"state": {}, "param_groups": [the
+        groups' settings, "params" as indices], "optserve": {"address", "model", "version",
+        "checkpoint", "trainer"}}. "checkpoint" names a server checkpoint written now, at
+        "version" (None when the server has no checkpoint directory, or the token may not
+        write one: the record then only says which version it was taken at)."""
+        record: dict[str, Any] = {
+            "address": self.client.address,
+            "model": self.model,
+            "version": self.version,
+            "checkpoint": None,
+            "trainer": self.trainer,
+        }
+        try:
+            record["checkpoint"], record["version"] = self._checkpoint_for_record()
+        except (FailedPrecondition, PermissionDenied) as exc:
+            log.warning(
+                "model %r: no server checkpoint for this state_dict (%s); a resume from it "
+                "cannot bring the optimizer state back to version %d",
+                self.model,
+                exc,
+                self.version,
+            )
+        index = 0
+        groups = []
+        for group in self.param_groups:
+            settings = {k: v for k, v in group.items() if k != "params"}
+            groups.append({**settings, "params": list(range(index, index + len(group["params"])))})
+            index += len(group["params"])
+        return {"state": {}, "param_groups": groups, "optserve": record}
+
+    def _checkpoint_for_record(self) -> tuple[str, int]:
+        """A server checkpoint of the model now: the one this optimizer wrote last if the model
+        has not moved since (Accelerate, under the HF Trainer, calls state_dict() and
+        load_state_dict() when it wraps an optimizer), else a new one."""
+        last = self._last_checkpoint
+        if last is not None and self.client.status(self.model, history=1).version == last[1]:
+            return last
+        written = self.client.checkpoint(self.model)
+        self._last_checkpoint = (written.name, written.version)
+        return self._last_checkpoint
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Resume from a `state_dict()` record: bring the server's model back to the record's
+        checkpoint (unless it already holds exactly that state, so that several trainers
+        resuming restore it once), then load the weights and settings it holds; the param
+        groups take the saved values, as torch's do (what differs from the server's, such as
+        an lr a scheduler set after the last step, goes with the next step). Without a
+        checkpoint in the record, the server's current state is kept: a warning says so when
+        it is at another version than the record."""
+        record = state_dict.get("optserve") if isinstance(state_dict, Mapping) else None
+        if not isinstance(record, Mapping):
+            raise InvalidArgument(
+                "not a RemoteOptimizer state_dict (it has no 'optserve' record); a torch "
+                "optimizer's state cannot be loaded into the server"
+            )
+        if record.get("model") != self.model:
+            raise InvalidArgument(
+                f"this state_dict is of model {record.get('model')!r}, not {self.model!r}"
+            )
+        if record.get("checkpoint"):
+            self.client.restore(self.model, record["checkpoint"], unless_current=True)
+        self._wait_for_server()
+        # As torch does: the groups' values as saved (an lr a scheduler set after the last
+        # step is in them, not yet on the server); the next step sends what differs.
+        saved = {g.get("name"): g for g in state_dict.get("param_groups") or ()
+                 if isinstance(g, Mapping)}  # fmt: skip
+        for group in self.param_groups:
+            values = saved.get(group["name"], {})
+            group.update({k: v for k, v in values.items() if k not in ("params", "name")})
+        if self.version != record.get("version"):
+            why = (
+                "the server has no checkpoint of that state (no checkpoint directory)"
+                if not record.get("checkpoint")
+                else "another trainer pushed after the restore"
+            )
+            warnings.warn(
+                f"model {self.model!r} resumed at the server's version {self.version}, not at "
+                f"the record's {record.get('version')}: {why}. The weights and optimizer state "
+                f"are the server's at version {self.version}; the parameters now hold them.",
+                stacklevel=2,
+            )
+
+    # ---- control ----------------------------------------------------------------------------
 
     def set_optimizer(
         self, config: str | Mapping[str, Any] | RuleConfig, policy: str = "migrate"
     ) -> MigrationReport:
         """Swap the model's optimizer on the server; see ParameterServerClient.set_optimizer."""
-        return self.client.set_optimizer(self.model, config, policy)
+        report = self.client.set_optimizer(self.model, config, policy)
+        self._group_params(self.client.describe_model(self.model))
+        return report
 
     def set_hyperparameters(self, **changes: Any) -> MigrationReport:
         """Change some hyperparameters of the current rule (its state is kept)."""
-        return self.client.set_hyperparameters(self.model, **changes)
+        report = self.client.set_hyperparameters(self.model, **changes)
+        self._group_params(self.client.describe_model(self.model))
+        return report
 
     def status(self) -> Status:
         """The run as the server sees it; see ParameterServerClient.status."""
         return self.client.status(self.model)
 
     def set_schedule(self, config: str | Mapping[str, Any] | None) -> int:
-        return self.client.set_schedule(self.model, config)
+        version = self.client.set_schedule(self.model, config)
+        self._group_params(self.client.describe_model(self.model))
+        return version
 
     def report_metric(self, name: str, value: float, step: int | None = None) -> bool:
         """Report a metric (see ParameterServerClient.report_metric). While the server's

@@ -83,6 +83,28 @@ class ModelInfo:
         )
 
 
+@dataclass(frozen=True)
+class ModelSettings:
+    """A model's settings after `version`, as its leader (shard 0) tells them in a pull's
+    header: each group's lr for the next update (its schedule applied), each group's optimizer
+    config with every hyperparameter filled in, and the schedule's config."""
+
+    version: int
+    lrs: Mapping[str, float]
+    groups: Mapping[str, dict[str, Any]]
+    schedule: dict[str, Any]
+
+    @classmethod
+    def from_header(cls, header: shard_pb2.PullHeader) -> ModelSettings:
+        told = json.loads(header.settings_json)
+        return cls(
+            version=header.version,
+            lrs=dict(header.lrs),
+            groups=dict(told.get("groups", {})),
+            schedule=dict(told.get("schedule") or {}),
+        )
+
+
 def parse_pull_response(data: bytes) -> Any:
     """A PullResponse as a PullHeader or a RawChunk viewing `data`; a malformed one as its
     InvalidArgument (raised by the reader, not inside gRPC's deserializer)."""

@@ -684,7 +684,12 @@ def rpc_statuses(policy: Policy, f: Facts) -> dict[str, list[tuple[str, str, str
         "Coordinator/DropModel": [lookup[0]],
         "Coordinator/SetOptimizer": [
             *control[:1],
-            ("INVALID_ARGUMENT", '`policy` other than `"migrate"`, `"reset"` or empty.', "Fix it."),
+            (
+                "INVALID_ARGUMENT",
+                '`policy` other than `"migrate"`, `"reset"`, `"keep"` or empty; `"keep"` with '
+                "another rule than the model's.",
+                "Fix it.",
+            ),
             *control[1:],
         ],
         "Coordinator/SetSchedule": control,
@@ -701,7 +706,10 @@ def rpc_statuses(policy: Policy, f: Facts) -> dict[str, list[tuple[str, str, str
         "Coordinator/SetHyperparameters": [
             (
                 "INVALID_ARGUMENT",
-                "No change asked for; an unknown parameter group or hyperparameter.",
+                "No change asked for; an unknown parameter group or hyperparameter; a value "
+                'the rule refuses; `policy` other than `"migrate"`, `"reset"`, `"keep"` or '
+                "empty. (A request whose values are all as they are already is answered at "
+                "once, with `unchanged` in its report, and changes nothing.)",
                 "Fix it.",
             ),
             *control,
@@ -734,7 +742,12 @@ def rpc_statuses(policy: Policy, f: Facts) -> dict[str, list[tuple[str, str, str
         ],
         "Coordinator/Restore": [
             store,
-            ("INVALID_ARGUMENT", "An invalid model name; `num_shards` out of range.", "Fix it."),
+            (
+                "INVALID_ARGUMENT",
+                "An invalid model name; `num_shards` out of range; `unless_current` without "
+                "`checkpoint`.",
+                "Fix it.",
+            ),
             (
                 "NOT_FOUND",
                 "The model has no (complete) checkpoint, or none of that name.",

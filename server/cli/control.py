@@ -53,7 +53,7 @@ def _add_set_optimizer(sub: argparse._SubParsersAction) -> None:
         "  optserve set-optimizer --model my-net --set lr=0.0003 --set betas='[0.9, 0.99]'\n",
     )
     set_optimizer.add_argument("config", nargs="?", default=None, help="optimizer config JSON")
-    set_optimizer.add_argument("--policy", default="migrate", choices=["migrate", "reset"])
+    set_optimizer.add_argument("--policy", default="migrate", choices=["migrate", "reset", "keep"])
     set_optimizer.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="change one hyperparameter of the current rule (VALUE as JSON); repeatable",

@@ -197,6 +197,17 @@ class ModelRecord:
     # Periodic checkpoints that failed in a row, and when the next may be tried (monotonic).
     checkpoint_failures: int = 0
     checkpoint_retry_at: float = 0.0
+    # Checkpoints this run wrote or was restored from at its newest such version: the model
+    # holds their state as long as its version has not moved past it.
+    same_as: dict[str, int] = field(default_factory=dict)
+
+    def holds(self, checkpoint: str, version: int) -> None:
+        """The model held `checkpoint`'s state at `version` (it wrote it or was restored)."""
+        newest = max(self.same_as.values(), default=-1)
+        if version > newest:
+            self.same_as = {}
+        if version >= newest:
+            self.same_as[checkpoint] = version
 
     @property
     def name(self) -> str:

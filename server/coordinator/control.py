@@ -139,6 +139,41 @@ def _jsonable(config: BaseModel) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
+def _check_policy(policy: str) -> None:
+    if policy not in ("migrate", "reset", "keep"):
+        raise InvalidArgument(f"policy must be 'migrate', 'reset' or 'keep', got {policy!r}")
+
+
+def _leader_version(record: ModelRecord) -> int:
+    """The last version the model's leader decided."""
+    return int(ray.get(record.actors[0].version.remote(), timeout=60))
+
+
+def _changed_overrides(
+    record: ModelRecord, optimizer: RuleConfig, group_changes: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The groups' overrides with `group_changes` merged in, each checked against the rule."""
+    unknown = sorted(set(group_changes) - set(record.overrides))
+    if unknown:
+        raise InvalidArgument(
+            f"model {record.name!r} has no parameter group(s) {unknown}; "
+            f"its groups are {sorted(record.overrides)}"
+        )
+    fields = set(type(optimizer).model_fields) - {"name"}
+    out = {}
+    for group, own in record.overrides.items():
+        asked = dict(group_changes.get(group) or {})
+        wrong = sorted(set(asked) - fields)
+        if wrong:
+            raise InvalidArgument(
+                f"group {group!r}: {optimizer.name!r} has no hyperparameter(s) {wrong}"
+            )
+        merged = {**own, **asked}
+        group_config(optimizer, merged)  # raises InvalidArgument on a bad value
+        out[group] = merged
+    return out
+
+
 def audit_entry(caller: str, action: str, old: Any, new: Any) -> dict[str, Any]:
     return {"time": time.time(), "caller": caller, "action": action, "old": old, "new": new}
 
@@ -174,39 +209,78 @@ class ControlChanges:
     ) -> MigrationReport:
         """Swap every group's rule on every shard at one version; the report says which version
         and, per group, what became of every state key."""
-        if policy not in ("migrate", "reset"):
-            raise InvalidArgument(f"policy must be 'migrate' or 'reset', got {policy!r}")
+        _check_policy(policy)
         record = self.get(name)
         with self._controlling(record):  # read, apply and record the config as one step
-            configs, ignored = {}, {}
-            for group, overrides in record.overrides.items():
-                configs[group], ignored[group] = group_config(optimizer, overrides)
+            if policy == "keep" and optimizer.name != record.optimizer.name:
+                raise InvalidArgument(
+                    f"policy 'keep' keeps state within one rule; {record.optimizer.name!r} -> "
+                    f"{optimizer.name!r} needs 'migrate' or 'reset'"
+                )
             old, new = _jsonable(record.optimizer), _jsonable(optimizer)
-            op = new_op(
-                "set_optimizer", {"configs": configs, "policy": policy},
-                entry={"optimizer": optimizer},
-                history={"audit": audit_entry(caller, "set_optimizer", old,
-                                              {**new, "policy": policy})},
-            )  # fmt: skip
-            version, reports = run(record, op)
-        log.info("set_optimizer on model %s at version %d by %s", name, version, caller)
+            audit = audit_entry(caller, "set_optimizer", old, {**new, "policy": policy})
+            return self._swap(record, optimizer, record.overrides, policy, audit, caller)
+
+    def _swap(
+        self,
+        record: ModelRecord,
+        optimizer: RuleConfig,
+        overrides: Mapping[str, Mapping[str, Any]],
+        policy: str,
+        audit: dict[str, Any],
+        caller: str,
+    ) -> MigrationReport:
+        """Run one swap to `optimizer` with the groups' `overrides` (the control lock held)."""
+        configs, ignored = {}, {}
+        for group, own in overrides.items():
+            configs[group], ignored[group] = group_config(optimizer, own)
+        op = new_op(
+            "set_optimizer", {"configs": configs, "policy": policy},
+            entry={"optimizer": optimizer, "overrides": {g: dict(o) for g, o in overrides.items()}},
+            history={"audit": audit},
+        )  # fmt: skip
+        version, reports = run(record, op)
+        log.info("%s on model %s at version %d by %s", audit["action"], record.name, version,
+                 caller)  # fmt: skip
         return MigrationReport(
-            version=version, optimizer=new,
+            version=version, optimizer=_jsonable(optimizer),
             groups={g: GroupMigration.model_validate(r.as_dict()) for g, r in reports[0].items()},
             shards=len(reports),
             overrides_not_applicable={g: keys for g, keys in ignored.items() if keys},
         )  # fmt: skip
 
     def set_hyperparameters(
-        self, name: str, changes: Mapping[str, Any], caller: str = ""
+        self,
+        name: str,
+        changes: Mapping[str, Any],
+        caller: str = "",
+        group_changes: Mapping[str, Mapping[str, Any]] | None = None,
+        policy: str = "migrate",
     ) -> MigrationReport:
-        """Change some hyperparameters of the current rule (state kept: policy migrate)."""
-        if not changes:
+        """Change some hyperparameters of the current rule, model-wide (`changes`) and in some
+        groups' own overrides (`group_changes`), in one control change; the state follows by
+        `policy` (migrate: converted as the spec says; keep: as it is, as torch does; reset).
+        A request that changes nothing applies nothing and is not audited."""
+        _check_policy(policy)
+        group_changes = group_changes or {}
+        if not changes and not any(group_changes.values()):
             raise InvalidArgument("no hyperparameters to change")
         record = self.get(name)
         with self._controlling(record):  # no other change between reading the config and applying
-            merged = with_overrides(record.optimizer, changes)
-            return self.set_optimizer(name, merged, "migrate", caller)
+            merged = with_overrides(record.optimizer, changes) if changes else record.optimizer
+            overrides = _changed_overrides(record, merged, group_changes)
+            if merged == record.optimizer and overrides == record.overrides:
+                return MigrationReport(
+                    version=_leader_version(record), optimizer=_jsonable(merged), groups={},
+                    shards=len(record.actors), unchanged=True,
+                )  # fmt: skip
+            # Audited as the swap it is (as 0.1 did): the configs before and after, and the
+            # groups' overrides when they change.
+            old, new = _jsonable(record.optimizer), {**_jsonable(merged), "policy": policy}
+            if overrides != record.overrides:
+                old, new = {**old, "overrides": record.overrides}, {**new, "overrides": overrides}
+            audit = audit_entry(caller, "set_optimizer", old, new)
+            return self._swap(record, merged, overrides, policy, audit, caller)
 
     def set_schedule(self, name: str, schedule: Any, caller: str = "") -> int:
         record = self.get(name)

@@ -31,6 +31,10 @@ from optserve.server.store.manifest import Checkpoint, Store
 log = logging.getLogger(__name__)
 
 
+def _leader_version(record: ModelRecord) -> int:
+    return int(ray.get(record.actors[0].version.remote(), timeout=60))
+
+
 class Persistence:
     """Checkpoint and restore, for `Coordinator`."""
 
@@ -68,6 +72,7 @@ class Persistence:
         snapshot = snapshot or policy.get("snapshot", "pause")
         with record.checkpoint_lock:
             done = checkpoints.take(record, store, self._meta(record), caller, snapshot)
+            record.holds(done["name"], done["version"])
         store.prune(name, self.keep_checkpoints)
         self.metrics.checkpoint_seconds.labels(name).observe(done["seconds"])
         return {**done, "uri": f"{store.root}/{name}"}
@@ -94,13 +99,23 @@ class Persistence:
         num_shards: int = 0,
         caller: str = "",
         replace: ModelRecord | None = None,
+        unless_current: bool = False,
     ) -> ModelRecord:
         """Bring a model back from a checkpoint, onto `num_shards` shards (default: as many as
         it runs on now, or as it ran on when checkpointed). A running model is replaced only
         once the checkpoint has been read, verified and loaded into new shards; without a
-        name, a checkpoint whose files turn out damaged gives way to the next newest."""
+        name, a checkpoint whose files turn out damaged gives way to the next newest.
+        `unless_current`: a running model that holds exactly the named checkpoint's state (no
+        update since this run wrote it or was restored from it) is left as it is."""
         check_model_name(name)
         store = self._store()
+        if unless_current and checkpoint is not None and replace is None:
+            with self._lock:
+                running = self._models.get(name)
+            held = running.same_as.get(checkpoint) if running is not None else None
+            if running is not None and held is not None and _leader_version(running) == held:
+                log.info("model %s already holds checkpoint %s: not restored", name, checkpoint)
+                return running
         candidates = store.candidates(name, checkpoint, replace.run_id if replace else None)
         with self._lock:
             old = self._models.get(name)
@@ -171,6 +186,7 @@ class Persistence:
             raise
         record.last_checkpoint = (ckpt.version, ckpt.created)
         record.last_version = ckpt.version
+        record.holds(ckpt.name, ckpt.version)
         self._commit(record)
         # Only over the model as it was when this began: dropped, created again or restored
         # meanwhile, it stays as it is now.

@@ -169,7 +169,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.SetHyperparametersRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.SetOptimizerResponse:
         changes = _json_object(request.changes_json, "hyperparameter changes")
-        report = self._coordinator.set_hyperparameters(request.model, changes, caller_of(context))
+        groups = _json_object(request.group_changes_json, "group hyperparameter changes")
+        for group, body in groups.items():
+            if not isinstance(body, dict):
+                raise InvalidArgument(f"the changes for group {group!r} must be a JSON object")
+        report = self._coordinator.set_hyperparameters(
+            request.model, changes, caller_of(context), groups, request.policy or "migrate"
+        )
         return _migration_response(report)
 
     @unary_errors
@@ -237,8 +243,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def Restore(
         self, request: coordinator_pb2.RestoreRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.ModelInfo:
+        if request.unless_current and not request.checkpoint:
+            raise InvalidArgument("unless_current needs a checkpoint name")
         record = self._coordinator.restore(
-            request.model, request.checkpoint or None, request.num_shards, caller_of(context)
+            request.model,
+            request.checkpoint or None,
+            request.num_shards,
+            caller_of(context),
+            unless_current=request.unless_current,
         )
         return model_info(record, self._coordinator.shard_info(record))
 

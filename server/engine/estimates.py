@@ -20,7 +20,9 @@ from typing import Any, Literal
 import torch
 
 Action = Literal["kept", "converted", "fresh", "dropped"]
-Policy = Literal["migrate", "reset"]
+# migrate: state converted as the spec says; reset: fresh; keep (the same rule only): every
+# state value as it is, as torch does when a param group's hyperparameter changes.
+Policy = Literal["migrate", "reset", "keep"]
 
 
 @dataclass

@@ -228,7 +228,11 @@ class ShardService(shard_pb2_grpc.ShardServicer):
 
         version, copies = self._state.read_weights(read)
         try:
-            yield header_frame(shard_pb2.PullHeader(version=version))
+            header = shard_pb2.PullHeader(version=version)
+            if self.sequencer is not None:  # the leader tells the model's settings
+                lrs, header.settings_json = self._state.settings(version)
+                header.lrs.update(lrs)
+            yield header_frame(header)
             for name, w in copies.items():
                 yield from chunk_frames(name, w)
         finally:

@@ -111,6 +111,7 @@ class ShardState(StateViews):
                 self._groups[name] = GroupEngine(name, flat, init.config, init.views, path)
         self._schedule_config = parse_schedule_config(schedule)
         self._schedule: Schedule = build_schedule(self._schedule_config)
+        self._settings_cache = None  # the configs a pull tells of, as JSON (views.settings)
         # Times each applied update (the shard's metrics; server/metrics.py UpdateTimer).
         self.update_timer: Any = None
 

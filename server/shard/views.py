@@ -62,6 +62,7 @@ class StateViews:
     _schedule: Schedule
     _schedule_config: Any
     _staged: dict[str, dict[str, torch.Tensor]]
+    _settings_cache: tuple[tuple[Any, ...], str] | None
 
     if TYPE_CHECKING:
 
@@ -70,6 +71,29 @@ class StateViews:
         def _check_sound(self) -> None: ...
 
         def lr(self, group: str) -> float: ...
+
+        def config(self, group: str) -> RuleConfig: ...
+
+        def lrs_at(self, version: int) -> dict[str, float]: ...
+
+    def settings(self, version: int) -> tuple[dict[str, float], str]:
+        """What a pull tells of the model's settings after `version` (from its leader, whose
+        schedule has seen every reported metric): each group's lr for the next update, and
+        {"groups": {group: config}, "schedule": config} as JSON (kept until a config changes)."""
+        lrs = self.lrs_at(version + 1)
+        key = (self._schedule_config, *(self.config(name) for name in self._plans))
+        cached = self._settings_cache
+        if (
+            cached is None
+            or len(cached[0]) != len(key)
+            or any(a is not b for a, b in zip(cached[0], key, strict=True))
+        ):
+            groups = {name: json.loads(optimizer_config_json(self.config(name)))
+                      for name in self._plans}  # fmt: skip
+            schedule = json.loads(schedule_config_json(self._schedule_config))
+            cached = (key, json.dumps({"groups": groups, "schedule": schedule}))
+            self._settings_cache = cached
+        return lrs, cached[1]
 
     def read_weights(self, fn: Callable[[int, dict[str, torch.Tensor]], T]) -> T:
         """Run `fn(version, per-group weights)` while no update can change them.

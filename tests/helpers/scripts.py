@@ -1,4 +1,5 @@
-"""Loading a script of `scripts/` as a module (they are files run by path, not a package)."""
+"""Loading a script of `scripts/` or `examples/` as a module (they are files run by path, not a
+package)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "scripts"
 
 
-def load_script(name: str) -> ModuleType:
-    """`scripts/<name>.py`, imported under `name`."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+def load_script(name: str, folder: Path = SCRIPTS) -> ModuleType:
+    """`scripts/<name>.py` (or `<folder>/<name>.py`), imported under `name`."""
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -188,12 +188,16 @@ class ReportMetricResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., lr_changed: _Optional[bool] = ...) -> None: ...
 
 class SetHyperparametersRequest(_message.Message):
-    __slots__ = ("model", "changes_json")
+    __slots__ = ("model", "changes_json", "group_changes_json", "policy")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CHANGES_JSON_FIELD_NUMBER: _ClassVar[int]
+    GROUP_CHANGES_JSON_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     model: str
     changes_json: str
-    def __init__(self, model: _Optional[str] = ..., changes_json: _Optional[str] = ...) -> None: ...
+    group_changes_json: str
+    policy: str
+    def __init__(self, model: _Optional[str] = ..., changes_json: _Optional[str] = ..., group_changes_json: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ("model", "history")
@@ -246,11 +250,13 @@ class ListCheckpointsResponse(_message.Message):
     def __init__(self, checkpoints_json: _Optional[str] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
-    __slots__ = ("model", "checkpoint", "num_shards")
+    __slots__ = ("model", "checkpoint", "num_shards", "unless_current")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    UNLESS_CURRENT_FIELD_NUMBER: _ClassVar[int]
     model: str
     checkpoint: str
     num_shards: int
-    def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ..., num_shards: _Optional[int] = ...) -> None: ...
+    unless_current: bool
+    def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ..., num_shards: _Optional[int] = ..., unless_current: _Optional[bool] = ...) -> None: ...

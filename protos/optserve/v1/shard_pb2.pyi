@@ -46,10 +46,21 @@ class PullRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "lrs", "settings_json")
+    class LrsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    LRS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
     version: int
-    def __init__(self, version: _Optional[int] = ...) -> None: ...
+    lrs: _containers.ScalarMap[str, float]
+    settings_json: str
+    def __init__(self, version: _Optional[int] = ..., lrs: _Optional[_Mapping[str, float]] = ..., settings_json: _Optional[str] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("header", "chunk")
