@@ -96,7 +96,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
     `state_dict()` is a small record (address, model, version, and the name of a server
     checkpoint written for it when the server has a checkpoint directory); `load_state_dict()`
     of it brings the model back to that checkpoint, so that a framework's checkpoint resumes
-    weights and optimizer state of one version (see docs/operations.md, "Resuming").
+    weights and optimizer state of one version (docs/frameworks.md).
 
     `token` is the bearer token for a server with authentication (default $OPTSERVE_TOKEN or
     the file named by $OPTSERVE_TOKEN_FILE); `tls_ca` a CA file (or PEM bytes) for a TLS server.
@@ -279,10 +279,19 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self.client.set_schedule(self.model, None)
             self._schedule = None
         (group, diff), *more = changes.items()
-        if not more and len(self.param_groups) == 1 and group not in self._overridden:
-            self.client.set_hyperparameters(self.model, policy="keep", **diff)
-        else:
-            self.client.set_hyperparameters(self.model, groups=changes, policy="keep")
+        try:
+            if not more and len(self.param_groups) == 1 and group not in self._overridden:
+                self.client.set_hyperparameters(self.model, policy="keep", **diff)
+            else:
+                self.client.set_hyperparameters(self.model, groups=changes, policy="keep")
+        except PermissionDenied as exc:
+            raise PermissionDenied(
+                f"{exc}. This trainer's param_groups changed {changes} (by hand or by an lr "
+                "scheduler), and sending a change needs a token that may change "
+                "hyperparameters (admin). With a trainer token, keep the lr constant here "
+                "(HF Trainer: lr_scheduler_type='constant') and give the model a server-side "
+                "schedule instead"
+            ) from None
         self._mirror.sent(changes)
         self.control_changes += 1
 

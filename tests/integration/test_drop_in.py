@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from optserve.client import FailedPrecondition, InvalidArgument, RemoteOptimizer
+from optserve.client import FailedPrecondition, InvalidArgument, PermissionDenied, RemoteOptimizer
 
 
 def _net(seed: int = 0) -> torch.nn.Module:
@@ -216,5 +216,68 @@ def test_state_dict_resumes_weights_and_state_of_one_version(service, model_name
         _close(net, straight_net)
         with pytest.raises(InvalidArgument, match="optserve"):
             opt.load_state_dict(straight.state_dict())
+    finally:
+        opt.close()
+
+
+def test_several_trainers_changing_lr(service, model_name, client):
+    """Last writer wins; an equal value from another trainer changes nothing; every trainer's
+    param groups show the server's value after its next step."""
+    from optserve.client import ParameterServerClient
+
+    nets = [_net(), _net()]
+    clients = [ParameterServerClient(service.address, caller=f"trainer-{i}") for i in range(2)]
+    a, b = (RemoteOptimizer(net.named_parameters(), client=c, model=model_name,
+                            optimizer={"name": "sgd", "lr": 0.1})
+            for net, c in zip(nets, clients, strict=True))  # fmt: skip
+    try:
+        batch = _batches(1)
+        a.param_groups[0]["lr"] = 0.05
+        _train(nets[0], a, None, batch)
+        b.param_groups[0]["lr"] = 0.05  # the same value: applied once
+        _train(nets[1], b, None, batch)
+        b.param_groups[0]["lr"] = 0.02
+        _train(nets[1], b, None, batch)
+        _train(nets[0], a, None, batch)
+        assert a.param_groups[0]["lr"] == b.param_groups[0]["lr"] == 0.02
+        changes = [e for e in client.status(model_name).audit if e.action == "set_optimizer"]
+        assert [(e.new["lr"], e.caller.split(" ")[2]) for e in changes] == [
+            (0.05, "trainer-0"), (0.02, "trainer-1")]  # fmt: skip
+    finally:
+        for opt in (a, b):
+            opt.close()
+        for c in clients:
+            c.close()
+
+
+def test_resume_without_a_server_checkpoint(service, model_name, caplog):
+    """A trainer token may not write checkpoints: the record names none, and a resume keeps the
+    server's state, loads its weights and says so."""
+    from tests.helpers import auth
+
+    net = _net()
+    admin = RemoteOptimizer(net.named_parameters(), address=service.address, model=model_name,
+                            optimizer={"name": "adam", "lr": 0.01})  # fmt: skip
+    admin.close()
+    opt = RemoteOptimizer(net.named_parameters(), address=service.address, model=model_name,
+                          token=auth.TRAINER)  # fmt: skip
+    try:
+        _train(net, opt, None, _batches(2))
+        with caplog.at_level("WARNING"):
+            saved = opt.state_dict()
+        assert saved["optserve"]["checkpoint"] is None and saved["optserve"]["version"] == 2
+        assert "no server checkpoint" in caplog.text
+        _train(net, opt, None, _batches(2))
+        other = _net(seed=3)
+        resumed = RemoteOptimizer(other.named_parameters(), address=service.address,
+                                  model=model_name, token=auth.TRAINER)  # fmt: skip
+        with pytest.warns(UserWarning, match="server's version 4, not at the record's 2"):
+            resumed.load_state_dict(saved)
+        _close(other, net, rel=0.0)
+        # A trainer token may not send hyperparameter changes either: a clear refusal.
+        resumed.param_groups[0]["lr"] = 0.5
+        with pytest.raises(PermissionDenied, match="lr_scheduler_type='constant'"):
+            _train(other, resumed, None, _batches(1))
+        resumed.close()
     finally:
         opt.close()

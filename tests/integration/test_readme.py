@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from optserve.client import NotFound
 from tests.integration.test_cli import read_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,3 +120,33 @@ def test_the_quickstart_runs_as_written(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.mark.slow
+def test_with_your_framework_runs_as_written(service, client, tmp_path):
+    """The README's framework examples, each in a new process against the session's server:
+    the HF Trainer and Lightning blocks run as written (the torchrun line is the command
+    tests/integration/test_torchrun.py runs)."""
+    section = blocks("With your framework")
+    assert [lang for lang, _ in section] == ["python", "python", "bash"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        for (_, code), model in zip(section[:2], ["hf-digits", "lightning-digits"], strict=True):
+            assert f'model="{model}"' in code
+            code = code.replace(ADDRESS, service.address)
+            result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                                    capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert result.returncode == 0, f"{code}\n{result.stdout}\n{result.stderr[-4000:]}"
+            said = result.stdout.strip().splitlines()[-1]
+            status = client.status(model)
+            if model == "hf-digits":
+                # the linear schedule's lr for step 60, and every step applied
+                assert said == f"{status.groups['default'].lr} 60"
+                assert status.groups["default"].lr == pytest.approx(3e-3 / 55)
+                assert (tmp_path / "hf-digits" / "checkpoint-30" / "optimizer.pt").is_file()
+            else:
+                assert float(said) == 0.005
+    finally:
+        for model in ("hf-digits", "lightning-digits"):
+            with contextlib.suppress(NotFound):
+                client.drop_model(model)

@@ -1,5 +1,6 @@
-"""examples/torchrun_train.py under a real torchrun: trainers from WORLD_SIZE, names from RANK,
-and sync updates equal to one process training on all ranks' batches."""
+"""examples/torchrun_train.py under a real torchrun, as the README runs it: trainers from
+WORLD_SIZE, names from RANK, and sync updates equal to one process training on all ranks'
+batches."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from tests.helpers.scripts import load_script
+from tests.integration.test_readme import ADDRESS, blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "torchrun_train.py"
@@ -22,9 +24,14 @@ EXAMPLE = ROOT / "examples" / "torchrun_train.py"
 def test_torchrun_ranks_are_the_sync_trainers(service, model_name, client, tmp_path):
     steps, batch, world = 6, 16, 2
     out = tmp_path / "weights.pt"
+    # The README's command, on the session's server, with a model, a size and an output of
+    # this test's own (torchrun as `python -m torch.distributed.run`: the same program).
+    (readme,) = [line for _, code in blocks("With your framework") for line in code.splitlines()
+                 if line.startswith("torchrun ")]  # fmt: skip
+    words = readme.replace(ADDRESS, service.address).split()
+    assert words[words.index("--nproc-per-node") + 1] == str(world)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={world}", str(EXAMPLE), "--address", service.address,
+        sys.executable, "-m", "torch.distributed.run", *words[1:],
         "--model", model_name, "--steps", str(steps), "--batch", str(batch), "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,

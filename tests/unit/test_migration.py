@@ -271,3 +271,42 @@ def test_amsgrad_and_adam_with_amsgrad_are_one_rule_in_migration(other):
                 assert torch.equal(value, state_b[key]), key
             else:
                 assert value == state_b[key], key
+
+
+@pytest.mark.parametrize(
+    ("config", "changes", "torch_cls"),
+    [
+        ({"name": "sgd", "lr": 0.01, "momentum": 0.9}, {"momentum": 0.5, "lr": 0.02},
+         torch.optim.SGD),
+        ({"name": "adam", "lr": 0.01}, {"betas": (0.8, 0.99), "eps": 1e-6}, torch.optim.Adam),
+    ],
+)  # fmt: skip
+def test_keep_changes_a_value_as_torch_does_when_a_param_group_changes(config, changes, torch_cls):
+    """Policy keep: the same state tensors, no conversion; the trajectory is torch's with the
+    param group edited mid-run."""
+    stream = grads(40)
+    eng = engine(config)
+    run(eng, stream[:20])
+    before = dict(eng.state)
+    new_config = parse_optimizer_config({**config, **changes})
+    report = eng.set_optimizer(new_config, "keep")
+    assert all(action == "kept" for action, _ in report.entries.values())
+    assert all(eng.state[k] is v for k, v in before.items() if isinstance(v, torch.Tensor))
+    run(eng, stream[20:])
+
+    w = torch.zeros(N, dtype=torch.float64, requires_grad=True)
+    opt = torch_cls([w], **{k: v for k, v in config.items() if k != "name"})
+    for i, g in enumerate(stream):
+        if i == 20:
+            opt.param_groups[0].update(changes)
+        w.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(eng.weights, w.detach(), rtol=0, atol=0)
+
+
+def test_keep_refuses_another_rule():
+    eng = engine({"name": "adam", "lr": 0.01})
+    run(eng, grads(2))
+    with pytest.raises(Exception, match="keep"):
+        eng.set_optimizer(parse_optimizer_config({"name": "sgd", "lr": 0.01}), "keep")
+    assert eng.config.name == "adam"
