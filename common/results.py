@@ -80,10 +80,18 @@ class MigrationReport(Result):
     change holds (after that update, before the next, on every shard), the optimizer now, and
     per group what became of every state key."""
 
+    # The version after which the change holds (the current one when `unchanged`).
     version: int
+    # The model-wide optimizer config now, every hyperparameter filled in.
     optimizer: dict[str, Any]
+    # Per parameter group, what became of each state key (empty when `unchanged`).
     groups: dict[str, GroupMigration]
+    # How many shards applied the change.
     shards: int
+    # Per group, overrides the new rule has no such hyperparameter for (kept, not applied).
+    overrides_not_applicable: dict[str, list[str]] = {}
+    # True when every value was already as asked: nothing was applied or audited.
+    unchanged: bool = False
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
