@@ -23,12 +23,19 @@ import torch
 
 from optserve.client._auth import ChannelSecurity
 from optserve.client._plane import Transfers
-from optserve.client._stubs import CHANNEL_OPTIONS, DataPlane, ModelInfo, ModelSettings, call
+from optserve.client._stubs import (
+    CHANNEL_OPTIONS,
+    DataPlane,
+    ModelInfo,
+    ModelSettings,
+    call,
+    group_specs,
+    param_spec,
+)
 from optserve.common.codec import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
 )
-from optserve.common.codec import wire_dtype as to_wire_dtype
 from optserve.common.config import (
     RuleConfig,
     mode_config_json,
@@ -55,32 +62,6 @@ from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2
 T = TypeVar("T")
 # The slowest rate a Load's deadline allows for on top of the client's timeout.
 LOAD_FLOOR_BYTES_PER_S = 50e6
-
-
-def _group_specs(groups: Mapping[str, Mapping[str, Any]]) -> list[coordinator_pb2.ParamGroupSpec]:
-    """`create_model`'s groups: {name: {"params": [names], <overrides>}} as the wire has them."""
-    specs = []
-    for group_name, body in groups.items():
-        overrides = dict(body)
-        names = overrides.pop("params", None)
-        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
-            raise InvalidArgument(f"group {group_name!r} needs a list of parameter names")
-        specs.append(
-            coordinator_pb2.ParamGroupSpec(
-                name=group_name, params=list(names), overrides_json=json.dumps(overrides)
-            )
-        )
-    return specs
-
-
-def _param_spec(name: str, tensor: torch.Tensor) -> coordinator_pb2.ParamSpec:
-    if not isinstance(tensor, torch.Tensor):
-        raise InvalidArgument(f"parameter {name!r} must be a tensor, got {type(tensor).__name__}")
-    try:
-        dtype = to_wire_dtype(tensor.dtype)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"parameter {name!r}: {exc}") from None
-    return coordinator_pb2.ParamSpec(name=name, dtype=dtype, shape=list(tensor.shape))
 
 
 def default_caller() -> str:
@@ -180,10 +161,10 @@ class ParameterServerClient(Transfers):
         mode_config = parse_mode_config(mode)
         spec = coordinator_pb2.ModelSpec(
             name=model,
-            params=[_param_spec(n, t) for n, t in named],
+            params=[param_spec(n, t) for n, t in named],
             optimizer_json=optimizer_config_json(config),
             num_shards=num_shards,
-            groups=_group_specs(groups or {}),
+            groups=group_specs(groups or {}),
             schedule_json=schedule_config_json(schedule_config),
             mode_json=mode_config_json(mode_config),
             checkpoint_json=json.dumps(dict(checkpoint)) if checkpoint else "",

@@ -231,8 +231,11 @@ class RemoteOptimizer(Resume, torch.optim.Optimizer):
         # A group with its own overrides takes a client's changes as overrides of its own.
         self._overridden = {g for g, c in info.group_configs.items() if c.get("overrides")}
         self._schedule: Any = info.schedule
-        told = {
-            g: shown(c["optimizer"] or info.optimizer.model_dump(mode="json"), c.get("lr"))
+        model_wide = info.optimizer.model_dump(mode="json")
+        told = {  # a group the shards did not describe yet: its config, its lr unscheduled
+            g: shown(c["optimizer"], c["lr"])
+            if c.get("optimizer")
+            else shown({**model_wide, **c.get("overrides", {})}, None)
             for g, c in info.group_configs.items()
         }
         self._mirror.write(self.param_groups, told)

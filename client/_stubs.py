@@ -1,6 +1,7 @@
 """What the client knows of a model and how it reaches a shard: the model's layout
-(`ModelInfo`, from the coordinator's answer) and the shard's data-plane stubs, which speak raw
-frames (common/wire.py)."""
+(`ModelInfo`, from the coordinator's answer), its settings as a pull tells them
+(`ModelSettings`), a new model's spec as CreateModel takes it, and the shard's data-plane stubs,
+which speak raw frames (common/wire.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+import torch
 
 from optserve.common.codec import MAX_MESSAGE_BYTES, torch_dtype
+from optserve.common.codec import wire_dtype as to_wire_dtype
 from optserve.common.config import (
     RuleConfig,
     parse_mode_config,
@@ -103,6 +106,32 @@ class ModelSettings:
             groups=dict(told.get("groups", {})),
             schedule=dict(told.get("schedule") or {}),
         )
+
+
+def group_specs(groups: Mapping[str, Mapping[str, Any]]) -> list[coordinator_pb2.ParamGroupSpec]:
+    """`create_model`'s groups: {name: {"params": [names], <overrides>}} as the wire has them."""
+    specs = []
+    for group_name, body in groups.items():
+        overrides = dict(body)
+        names = overrides.pop("params", None)
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            raise InvalidArgument(f"group {group_name!r} needs a list of parameter names")
+        specs.append(
+            coordinator_pb2.ParamGroupSpec(
+                name=group_name, params=list(names), overrides_json=json.dumps(overrides)
+            )
+        )
+    return specs
+
+
+def param_spec(name: str, tensor: torch.Tensor) -> coordinator_pb2.ParamSpec:
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidArgument(f"parameter {name!r} must be a tensor, got {type(tensor).__name__}")
+    try:
+        dtype = to_wire_dtype(tensor.dtype)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"parameter {name!r}: {exc}") from None
+    return coordinator_pb2.ParamSpec(name=name, dtype=dtype, shape=list(tensor.shape))
 
 
 def parse_pull_response(data: bytes) -> Any:
