@@ -208,11 +208,13 @@ _SCHEDULE: TypeAdapter[Any] = TypeAdapter(ScheduleConfig)
 class GradientPolicy(_Strict):
     """What the server does with each push's gradient before it becomes an update.
 
-    * `nonfinite`: a gradient with NaN or Inf elements is refused (``"reject"``, the default:
-      INVALID_ARGUMENT, nothing changes); or ``"skip"``: the push is accepted and takes its
-      version (the version advances by one, every shard stays in step) but the weights and all
-      optimizer state, step counters included, are left as they were; or ``"zero"``: the
-      non-finite elements are replaced by 0 and the rest is applied.
+    * `nonfinite`: a gradient with NaN or Inf elements, or whose sum of squares overflows
+      float32 (finite elements near 1e19 or more, which would make the optimizer state
+      infinite), is refused (``"reject"``, the default: INVALID_ARGUMENT, nothing changes);
+      or ``"skip"``: the push is accepted and takes its version (the version advances by one,
+      every shard stays in step) but the weights and all optimizer state, step counters
+      included, are left as they were; or ``"zero"``: the non-finite elements are replaced by
+      0 and the rest is applied.
     * `clip_norm`: each push's gradient is scaled so that its L2 norm over the whole model (all
       groups, all shards) is at most this, exactly as ``torch.nn.utils.clip_grad_norm_`` would
       on the trainer's full gradient. In sync mode each push is clipped before the round

@@ -2,12 +2,15 @@
 
 A slice that arrives is made this shard's fp32 tensor on its device (in a pooled buffer when
 the push brought one), its length checked, its NaN/Inf counted (refused, zeroed or left for the
-leader to skip the whole push, as the model's policy says) and its sum of squares taken when
-the policy clips by norm. The leader decides from every shard's counts (shard/sequencer.py);
-nothing after this checks the gradient again.
+leader to skip the whole push, as the model's policy says) and its sum of squares taken, in the
+same pass: under `reject` a slice whose squares overflow float32 is refused too, since its
+update would leave the optimizer state infinite. The leader decides from every shard's counts
+(shard/sequencer.py); nothing after this checks the gradient again.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,15 +40,25 @@ def checked_slice(
         raise InvalidArgument(
             f"gradient for group {name!r} has {grad.numel()} elements; this shard holds {length}"
         )
-    bad = count_nonfinite(grad)
+    # One pass: the sum of squares is finite only if every element is, and if no square
+    # overflows (a "finite" 3e38 that would make Adam's V infinite and freeze the model).
+    sumsq = float(torch.linalg.vector_norm(grad)) ** 2 if grad.numel() else 0.0
+    bad = 0 if math.isfinite(sumsq) else count_nonfinite(grad)
     if bad and policy.nonfinite == "reject":
         raise InvalidArgument(
             f"gradient for group {name!r} has {bad} NaN/Inf element(s); nothing was "
             "applied (the model's gradient policy rejects them)"
         )
+    if not bad and not math.isfinite(sumsq) and policy.nonfinite == "reject":
+        raise InvalidArgument(
+            f"gradient for group {name!r} has a sum of squares beyond float32 (elements near "
+            "or above 1e19): its update would make the optimizer state infinite; nothing was "
+            "applied (the model's gradient policy rejects non-finite gradients)"
+        )
     if bad and policy.nonfinite == "zero":
         torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
-    sumsq = 0.0
-    if policy.needs_norm and not (bad and policy.nonfinite == "skip"):
-        sumsq = float(torch.linalg.vector_norm(grad)) ** 2
+        if policy.needs_norm:
+            sumsq = float(torch.linalg.vector_norm(grad)) ** 2
+    if not policy.needs_norm or (bad and policy.nonfinite == "skip"):
+        sumsq = 0.0
     return grad, bad, sumsq

@@ -670,3 +670,20 @@ def test_a_replayed_push_is_applied_once(service, client, model_name):
         assert call(iter(frames), timeout=60).version == 1  # the same answer, not a second update
     assert fingerprint(service, model_name) == after_first
     assert staged(service, model_name) == [0]
+
+
+def test_a_finite_overflowing_gradient_cannot_freeze_an_adam_model(client, model_name):
+    """One push of 3e38 in every element (finite) used to make Adam's V infinite and freeze
+    the weights for good; it is refused on every shard, and training goes on."""
+    from optserve.common.errors import InvalidArgument
+
+    client.create_model(model_name, {"w": torch.ones(1000)}, {"name": "adam", "lr": 0.1},
+                        num_shards=2)  # fmt: skip
+    before, version = client.pull(model_name)
+    with pytest.raises(InvalidArgument, match="sum of squares"):
+        client.push(model_name, {"w": torch.full((1000,), 3e38)})
+    after, same = client.pull(model_name)
+    assert same == version and torch.equal(after["w"], before["w"])
+    client.push(model_name, {"w": torch.ones(1000)})
+    moved, _ = client.pull(model_name)
+    assert torch.allclose(moved["w"], before["w"] - 0.1)
