@@ -51,7 +51,7 @@ def _default_trainer() -> str:
     """This trainer's name: under torchrun its RANK, else host:pid:random."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return f"rank-{os.environ['RANK']}"
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 def _schedule_json(schedule: Any) -> str:

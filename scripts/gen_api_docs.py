@@ -351,6 +351,8 @@ class Facts:
     stage_timeout_s: float
     retain_decisions_s: float
     max_decisions: int
+    max_push_id_chars: int
+    max_trainer_chars: int
     max_staged: int
     creation_wait_s: float
     initial_values_timeout_s: float
@@ -380,7 +382,7 @@ class Facts:
         from optserve.common.config import SyncMode
         from optserve.server.coordinator import catalogue
         from optserve.server.edge import rpc
-        from optserve.server.shard import sequencer
+        from optserve.server.shard import pipeline, sequencer
         from optserve.server.shard.state import ShardState
 
         # The shards build their Sequencer with its default stage timeout; say so, or stop.
@@ -401,6 +403,8 @@ class Facts:
             stage_timeout_s=_default(sequencer.Sequencer, "stage_timeout_s"),
             retain_decisions_s=sequencer.RETAIN_DECISIONS_S,
             max_decisions=sequencer.MAX_DECISIONS,
+            max_push_id_chars=pipeline.MAX_PUSH_ID_CHARS,
+            max_trainer_chars=pipeline.MAX_TRAINER_CHARS,
             max_staged=_default(ShardState, "max_staged"),
             creation_wait_s=limits.creation_wait_s,
             initial_values_timeout_s=limits.initial_values_timeout_s,
@@ -596,11 +600,14 @@ def rpc_statuses(policy: Policy, f: Facts) -> dict[str, list[tuple[str, str, str
     push = [
         ("INVALID_ARGUMENT", "The stream does not start with a `PushHeader`, or carries anything "
          "but chunks after it; an empty `push_id` on a model of several shards; a `push_id` "
+         f"over {f.max_push_id_chars} or a `trainer` over {f.max_trainer_chars} characters; a "
+         "`push_id` "
          "this shard still holds from an earlier call (and that earlier push is then refused "
          "on every shard too); the same `push_id` with a different `version` or `trainer` on "
-         f"another shard; a gradient dtype other than {grads}; NaN/Inf in the gradient under "
-         "the mode's `nonfinite: \"reject\"`; a gradient norm above `max_push_norm`; an "
-         "unsupported `pull_dtype`. Refused on every shard; nothing applied.",
+         f"another shard; a gradient dtype other than {grads}; NaN/Inf in the gradient, or "
+         "a sum of squares beyond float32 (elements near 1e19 or more, finite but fatal to the "
+         "optimizer state), under the mode's `nonfinite: \"reject\"`; a gradient norm above "
+         "`max_push_norm`; an unsupported `pull_dtype`. Refused on every shard; nothing applied.",
          "Fix the push; send it again with a new `push_id`."),
         chunks,
         bad_model,

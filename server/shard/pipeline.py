@@ -43,6 +43,9 @@ from optserve.server.shard.state import ShardState
 log = logging.getLogger(__name__)
 # The longest a push may wait for its decision: a sync round, or the other shards' slices.
 SEQUENCE_WAIT_S = 24 * 3600.0
+# The longest push_id and trainer name a push may carry (the server keeps both for a while).
+MAX_PUSH_ID_CHARS = 64
+MAX_TRAINER_CHARS = 128
 # Tries of a non-leader shard to get its decision when the leader is briefly unreachable.
 SEQUENCE_ATTEMPTS = 6
 
@@ -132,6 +135,11 @@ class PushPipeline:
         return decision, version
 
     def _with_id(self, push: PushCall) -> PushCall:
+        # Both are kept (decisions for RETAIN_DECISIONS_S, trainers in status): bounded.
+        if len(push.push_id) > MAX_PUSH_ID_CHARS:
+            raise InvalidArgument(f"push_id has more than {MAX_PUSH_ID_CHARS} characters")
+        if len(push.trainer) > MAX_TRAINER_CHARS:
+            raise InvalidArgument(f"trainer has more than {MAX_TRAINER_CHARS} characters")
         if push.push_id:
             return push
         sequencer = getattr(self.leader, "sequencer", None)

@@ -155,3 +155,26 @@ def test_a_push_without_an_id_is_refused_on_a_model_of_several_shards():
     _, pipes, _ = two_shards()
     with pytest.raises(InvalidArgument, match="push_id"):
         pipes[0].push(PushCall("", 0), gradient([1.0, 1, 1]))
+
+
+def test_a_finite_gradient_whose_squares_overflow_is_refused_on_every_shard():
+    """3e38 in every element is finite, but Adam's V of it is not: under `reject` the push is
+    refused, nothing changes, and the next sound push still moves the weights."""
+    states, pipes, sequencer = two_shards()
+    results = push_on_both(pipes, "p1", 0, [gradient([1.0, 2, 3]), gradient([3e38] * 3)])
+    assert all(isinstance(r, InvalidArgument) for r in results), results
+    assert "sum of squares" in str(results[1])
+    assert sequencer.version == 0 and all(torch.equal(weights(s), torch.zeros(3)) for s in states)
+    push_on_both(pipes, "p2", 0, [gradient([1.0, 1, 1])] * 2)
+    assert all(s.version == 1 and weights(s).abs().sum() > 0 for s in states)
+
+
+def test_push_ids_and_trainer_names_are_bounded():
+    states, pipes, _ = two_shards()
+    with pytest.raises(InvalidArgument, match="push_id"):
+        pipes[0].push(PushCall("x" * 65, 0), gradient([1.0, 1, 1]))
+    with pytest.raises(InvalidArgument, match="trainer"):
+        pipes[0].push(PushCall("p", 0, "t" * 129), gradient([1.0, 1, 1]))
+    assert all(s.version == 0 for s in states)
+    results = push_on_both(pipes, "x" * 64, 0, [gradient([1.0, 1, 1])] * 2)  # at the bounds
+    assert all(not isinstance(r, Exception) for r in results), results
