@@ -228,6 +228,11 @@ class RemoteOptimizer(Resume, torch.optim.Optimizer):
         self.param_groups = [
             {"params": [by_name[p.name] for p in g.params], "name": g.name} for g in info.groups
         ]
+        self._show(info)
+
+    def _show(self, info: ModelInfo) -> None:
+        """Show the settings `info` has in the param groups (in place: keys of the user's or a
+        scheduler's own, such as "initial_lr", stay)."""
         # A group with its own overrides takes a client's changes as overrides of its own.
         self._overridden = {g for g, c in info.group_configs.items() if c.get("overrides")}
         self._schedule: Any = info.schedule
@@ -367,13 +372,13 @@ class RemoteOptimizer(Resume, torch.optim.Optimizer):
     ) -> MigrationReport:
         """Swap the model's optimizer on the server; see ParameterServerClient.set_optimizer."""
         report = self.client.set_optimizer(self.model, config, policy)
-        self._group_params(self.client.describe_model(self.model))
+        self._show(self.client.describe_model(self.model))
         return report
 
     def set_hyperparameters(self, **changes: Any) -> MigrationReport:
         """Change some hyperparameters of the current rule (its state is kept)."""
         report = self.client.set_hyperparameters(self.model, **changes)
-        self._group_params(self.client.describe_model(self.model))
+        self._show(self.client.describe_model(self.model))
         return report
 
     def status(self) -> Status:
@@ -382,7 +387,7 @@ class RemoteOptimizer(Resume, torch.optim.Optimizer):
 
     def set_schedule(self, config: str | Mapping[str, Any] | None) -> int:
         version = self.client.set_schedule(self.model, config)
-        self._group_params(self.client.describe_model(self.model))
+        self._show(self.client.describe_model(self.model))
         return version
 
     def report_metric(self, name: str, value: float, step: int | None = None) -> bool:

@@ -144,7 +144,7 @@ def _check_policy(policy: str) -> None:
         raise InvalidArgument(f"policy must be 'migrate', 'reset' or 'keep', got {policy!r}")
 
 
-def _leader_version(record: ModelRecord) -> int:
+def leader_version(record: ModelRecord) -> int:
     """The last version the model's leader decided."""
     return int(ray.get(record.actors[0].version.remote(), timeout=60))
 
@@ -271,7 +271,7 @@ class ControlChanges:
             overrides = _changed_overrides(record, merged, group_changes)
             if merged == record.optimizer and overrides == record.overrides:
                 return MigrationReport(
-                    version=_leader_version(record), optimizer=_jsonable(merged), groups={},
+                    version=leader_version(record), optimizer=_jsonable(merged), groups={},
                     shards=len(record.actors), unchanged=True,
                 )  # fmt: skip
             # Audited as the swap it is (as 0.1 did): the configs before and after, and the

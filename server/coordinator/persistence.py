@@ -31,10 +31,6 @@ from optserve.server.store.manifest import Checkpoint, Store
 log = logging.getLogger(__name__)
 
 
-def _leader_version(record: ModelRecord) -> int:
-    return int(ray.get(record.actors[0].version.remote(), timeout=60))
-
-
 class Persistence:
     """Checkpoint and restore, for `Coordinator`."""
 
@@ -113,7 +109,7 @@ class Persistence:
             with self._lock:
                 running = self._models.get(name)
             held = running.same_as.get(checkpoint) if running is not None else None
-            if running is not None and held is not None and _leader_version(running) == held:
+            if running is not None and held is not None and control.leader_version(running) == held:
                 log.info("model %s already holds checkpoint %s: not restored", name, checkpoint)
                 return running
         candidates = store.candidates(name, checkpoint, replace.run_id if replace else None)
