@@ -32,6 +32,7 @@ from optserve.server.metrics import ShardMetrics
 from optserve.server.shard.memory import mapped_empty
 from optserve.server.shard.pipeline import SEQUENCE_WAIT_S, LocalLeader, PushCall, PushPipeline
 from optserve.server.shard.sequencer import Decision, GradStats, Sequencer
+from optserve.server.shard.snapshots import PullSnapshots
 from optserve.server.shard.state import ShardState
 from optserve.v1 import shard_pb2, shard_pb2_grpc, tensor_pb2
 
@@ -126,6 +127,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self.sequencer = sequencer
         # Stage, decide, apply (server/shard/pipeline.py); the leader decides every push.
         self.pipeline = PushPipeline(state, self.metrics)
+        # What pulls read: one snapshot per version and dtype, shared while it is being sent.
+        self.snapshots = PullSnapshots(state.buffers)
         if sequencer is not None:
             self.pipeline.leader = LocalLeader(sequencer)
         elif leader is not None:
@@ -213,31 +216,20 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         yield from self._weights(_pull_dtype(request.dtype))
 
     def _weights(self, dtype: torch.dtype) -> Iterator[bytes]:
-        """The shard's weights as serialized PullResponse frames (a header, then chunks)."""
-        # fp32: a snapshot into a pooled buffer (a quick copy under the shard's lock into
-        # memory reused pull after pull), then framed lazily as the stream goes out.
-        pool = self._state.buffers if dtype == torch.float32 else None
-
-        def read(version: int, weights: dict[str, torch.Tensor]):
-            if pool is None:
-                return version, {n: w.to("cpu", dtype, copy=True) for n, w in weights.items()}
-            copies = pool.take()
-            for name, w in weights.items():
-                copies[name].copy_(w)
-            return version, copies
-
-        version, copies = self._state.read_weights(read)
+        """The shard's weights as serialized PullResponse frames (a header, then chunks),
+        framed lazily as the stream goes out from the version's one shared snapshot (taken by
+        the first pull of the version, under the shard's lock: server/shard/snapshots.py)."""
+        snapshot = self._state.pull_snapshot(self.snapshots, dtype)
         try:
-            header = shard_pb2.PullHeader(version=version)
+            header = shard_pb2.PullHeader(version=snapshot.version)
             if self.sequencer is not None:  # the leader tells the model's settings
-                lrs, header.settings_json = self._state.settings(version)
+                lrs, header.settings_json = self._state.settings(snapshot.version)
                 header.lrs.update(lrs)
             yield header_frame(header)
-            for name, w in copies.items():
+            for name, w in snapshot.tensors.items():
                 yield from chunk_frames(name, w)
         finally:
-            if pool is not None:
-                pool.give(copies)
+            self.snapshots.release(snapshot)
         # Counted once the whole slice went out (a pull cancelled midway counts nothing).
         itemsize = torch.empty((), dtype=dtype).element_size()
         self.metrics.sent_bytes.inc(itemsize * self._state.numel)

@@ -18,6 +18,7 @@ import torch
 from optserve.common.config import RuleConfig, optimizer_config_json, schedule_config_json
 from optserve.server.engine.group import GroupEngine
 from optserve.server.engine.schedules import Schedule
+from optserve.server.shard.snapshots import PullSnapshots, Snapshot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,6 +54,7 @@ class StateViews:
     model: str
     index: int
     version: int
+    _epoch: int
     device: torch.device
     broken: str | None
     ready: bool
@@ -102,6 +104,15 @@ class StateViews:
         with self._lock:
             self._check_sound()
             return fn(self.version, {name: g.weights for name, g in self._groups.items()})
+
+    def pull_snapshot(self, snapshots: PullSnapshots, dtype: torch.dtype) -> Snapshot:
+        """The weights a pull sends, in `dtype`: the snapshot of this version that pulls
+        already read, or one taken now (server/shard/snapshots.py). `snapshots.release` it
+        once sent."""
+        with self._lock:
+            self._check_sound()
+            weights = {name: g.weights for name, g in self._groups.items()}
+            return snapshots.acquire((self._epoch, self.version, dtype), weights)
 
     def snapshot(self) -> tuple[int, dict[str, torch.Tensor]]:
         """A consistent copy of (version, per-group weights) on the CPU."""
