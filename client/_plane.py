@@ -284,6 +284,10 @@ class Transfers:
 
     @staticmethod
     def _check_gradients(info: ModelInfo, grads: Mapping[str, torch.Tensor]) -> None:
+        if not isinstance(grads, Mapping):
+            raise InvalidArgument(
+                f"gradients must map parameter names to tensors, got {type(grads).__name__}"
+            )
         names = {p.name for p in info.params}
         policy = getattr(info.mode, "gradients", None)
         rejects_nonfinite = policy is None or policy.nonfinite == "reject"

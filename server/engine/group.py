@@ -129,10 +129,39 @@ class GroupEngine:
 
     def step(self, grad: torch.Tensor, lr: float) -> None:
         """Apply one update with gradient `grad` (fp32, same length; may be modified)."""
+        self.preprocess(grad)
+        self.step_preprocessed(grad, lr)
+
+    def preprocess(self, grad: torch.Tensor) -> None:
+        """The rule's per-tensor work on the gradient, in place (gradient centralization)."""
         self.rule.preprocess(grad, self.views)
+
+    def step_preprocessed(self, grad: torch.Tensor, lr: float) -> None:
+        """`step` for a gradient `preprocess` has seen."""
         self._current[1](grad, lr)
         if self._lookahead is not None:
             self._lookahead.after_step(self.weights, self.state, self._parts)
+
+    def stays_finite(self, grad: torch.Tensor, lr: float) -> bool:
+        """Whether `step_preprocessed(grad, lr)` would leave every weight and state element
+        finite. Computed with the rule's own update on copies, one slice at a time (memory: a
+        slice of each tensor), so nothing changes. Lookahead's sync is a convex combination of
+        finite values, so the inner step decides. Neither `grad` nor the state is modified."""
+        inner = self._inner
+        state = dict(self.state)  # `prepare` advances the copy's counters, not the model's
+        scalars = inner.prepare(state, lr, self.weights)
+        keys = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
+        numel = self.weights.numel()
+        for a in range(0, numel, CHUNK_ELEMENTS):
+            part = slice(a, min(a + CHUNK_ELEMENTS, numel))
+            chunk = dict(state)
+            for key in keys:
+                chunk[key] = state[key][part].clone()
+            weights = self.weights[part].clone()
+            inner.update(weights, grad[part].clone(), chunk, scalars)
+            if not all(bool(torch.isfinite(t).all()) for t in (weights, *(chunk[k] for k in keys))):
+                return False
+        return True
 
     def _step_reference(self, grad: torch.Tensor, lr: float) -> None:
         self._inner.apply(self.weights, grad, self.state, lr)

@@ -246,4 +246,8 @@ GRADIENT_EVENTS = {
     "zeroed_nonfinite": "zeroed",
     "clipped": "clipped",
     "refused_norm": "refused_norm",
+    # Updates computed on copies first (a gradient norm beyond VERIFY_ABOVE_NORM), and those
+    # refused because they would have left non-finite weights or state.
+    "verified": "verified",
+    "refused_nonfinite_update": "refused_nonfinite_update",
 }

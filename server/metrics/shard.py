@@ -268,7 +268,8 @@ class _StateCollector(Collector):
         yield trainers
         events = CounterMetricFamily(
             "optserve_gradient_events",
-            "What the gradient policy did: skipped, zeroed, clipped or refused pushes",
+            "What the gradient policy did: skipped, zeroed, clipped or refused pushes; updates "
+            "verified on copies, and refused for leaving non-finite values",
             labels=["model", "event"],
         )
         for event, count in sorted(state["gradient_counters"].items()):

@@ -28,7 +28,7 @@ def checked_slice(
     pooled: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int, float]:
     """Group `name`'s slice as this shard keeps it, its NaN/Inf count and its sum of squares
-    (0 when the policy needs no norm, or when a non-finite push will be skipped)."""
+    (0 when a non-finite push will be skipped; inf when the squares overflow float32)."""
     grad = grad.reshape(-1)
     if pooled is not None and grad.numel() == length:
         if grad.data_ptr() != pooled.data_ptr():  # another dtype: converted into it
@@ -57,8 +57,9 @@ def checked_slice(
         )
     if bad and policy.nonfinite == "zero":
         torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
-        if policy.needs_norm:
-            sumsq = float(torch.linalg.vector_norm(grad)) ** 2
-    if not policy.needs_norm or (bad and policy.nonfinite == "skip"):
+        sumsq = float(torch.linalg.vector_norm(grad)) ** 2
+    if bad and policy.nonfinite == "skip":
         sumsq = 0.0
+    # Whatever the policy, the leader judges the norm: far beyond training, the update is
+    # verified on copies before it is applied (shard/verdicts.py).
     return grad, bad, sumsq

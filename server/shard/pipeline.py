@@ -67,6 +67,11 @@ class Leader(Protocol):
 
     def refuse(self, shard: int, push: PushCall, error: OptserveError) -> None: ...
 
+    def verdict(self, shard: int, version: int, finite: bool) -> OptserveError | None:
+        """This shard computed the verified update making `version` on copies: whether its
+        slice stays finite. Returns every shard's verdict: None (apply) or the refusal."""
+        ...
+
     @property
     def remote(self) -> bool:
         """True when the answer travels over the network (and may be lost on the way)."""
@@ -88,6 +93,9 @@ class LocalLeader:
 
     def refuse(self, shard: int, push: PushCall, error: OptserveError) -> None:
         self.sequencer.refuse(push.push_id, shard, error)
+
+    def verdict(self, shard: int, version: int, finite: bool) -> OptserveError | None:
+        return self.sequencer.verdict(version, shard, finite)
 
 
 class PushObserver(Protocol):
@@ -131,8 +139,25 @@ class PushPipeline:
         if decision.error is not None:
             self.state.discard(push.push_id)
             raise decision.error
-        version = self.state.apply(decision, epoch=epoch)  # a failure marks the shard broken
+        # A failure marks the shard broken; a verified update the shards refused raises.
+        version = self.state.apply(decision, epoch=epoch, verdict=self._verdict_of(decision))
         return decision, version
+
+    def _verdict_of(self, decision: Decision) -> Callable[[bool], OptserveError | None]:
+        def verdict(finite: bool) -> OptserveError | None:
+            leader = self.leader
+            if leader is None:
+                raise Unavailable("this shard does not know its model's leader")
+            for attempt in range(SEQUENCE_ATTEMPTS):  # asking again gets the same answer
+                try:
+                    return leader.verdict(self.state.index, decision.version, finite)
+                except (Unavailable, DeadlineExceeded):
+                    if not leader.remote or attempt == SEQUENCE_ATTEMPTS - 1:
+                        raise
+                    self._sleep(min(0.2 * 2**attempt, 5.0))
+            raise AssertionError("unreachable")
+
+        return verdict
 
     def _with_id(self, push: PushCall) -> PushCall:
         # Both are kept (decisions for RETAIN_DECISIONS_S, trainers in status): bounded.

@@ -19,6 +19,8 @@ The mode's gradient policy is applied here too, because it needs the whole push:
 reports its slice's sum of squares and NaN/Inf count, and the leader decides once for all of
 them: skip a non-finite push (its update changes nothing), refuse one above `max_push_norm`, or
 scale it by `clip_norm / norm` (clip_grad_norm_'s coefficient) through the decision's weights.
+An update whose gradient norm is beyond VERIFY_ABOVE_NORM is decided with `verify`: the shards
+compute it on copies first and apply it only if it leaves every slice finite (shard/verdicts.py).
 
 Pure logic with threads and a clock: no Ray, no gRPC.
 """
@@ -44,12 +46,16 @@ from optserve.common.errors import (
     StalePush,
     Unavailable,
 )
+from optserve.server.shard.verdicts import VERDICT_WAIT_S, Verdicts
 
 log = logging.getLogger(__name__)
 
 # How long, and how many, decisions are kept for shards that ask again.
 RETAIN_DECISIONS_S = 600.0
 MAX_DECISIONS = 100_000
+# A push whose gradient norm is above this is verified before it is applied (no training step
+# produces one; one far above it can overflow the optimizer state while finite itself).
+VERIFY_ABOVE_NORM = 1e12
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,8 @@ class Decision:
     staleness: int = 0
     error: OptserveError | None = None
     lrs: Mapping[str, float] = field(default_factory=dict, hash=False)
+    # Compute on copies first, apply only if every shard's slice stays finite (verdicts.py).
+    verify: bool = False
 
 
 @dataclass
@@ -87,6 +95,7 @@ class _Pending:
     stats: dict[int, GradStats] = field(default_factory=dict)
     # The push's factor in its update once its gradient is judged: 0 skips it.
     factor: float = 1.0
+    verify: bool = False
 
 
 class Sequencer:
@@ -125,7 +134,9 @@ class Sequencer:
         self._deferred: list[tuple[str, _Pending]] = []
         # What the gradient policy did, for status.
         self._counters = {"skipped_nonfinite": 0, "zeroed_nonfinite": 0, "clipped": 0,
-                          "refused_norm": 0}  # fmt: skip
+                          "refused_norm": 0, "verified": 0,
+                          "refused_nonfinite_update": 0}  # fmt: skip
+        self._verdicts = Verdicts(num_shards, self._refused_update, clock)
 
     @property
     def version(self) -> int:
@@ -134,9 +145,26 @@ class Sequencer:
             return self._version
 
     def counters(self) -> dict[str, int]:
-        """Pushes the gradient policy skipped, zeroed, clipped or refused (by norm)."""
+        """Pushes the gradient policy skipped, zeroed, clipped or refused (by norm); updates
+        verified, and refused for leaving non-finite values."""
         with self._cv:
             return dict(self._counters)
+
+    def verdict(
+        self, version: int, shard: int, finite: bool, timeout: float = VERDICT_WAIT_S
+    ) -> OptserveError | None:
+        """Shard `shard` verified the update making `version`: block until it is settled;
+        None: apply it; an error: apply nothing (every shard gets the same answer)."""
+        return self._verdicts.report(version, shard, finite, timeout)
+
+    def _refused_update(self, version: int) -> None:
+        with self._cv:
+            self._counters["refused_nonfinite_update"] += 1
+            for entry in reversed(self._log):
+                if entry["version"] == version:
+                    entry["refused"] = "non-finite update"
+                    break
+        log.warning("update %d would leave non-finite values: refused on every shard", version)
 
     def log(self) -> list[dict[str, Any]]:
         """The decided updates, oldest first: version, pushes, trainers, staleness, lr scale."""
@@ -285,7 +313,8 @@ class Sequencer:
             self._version += 1
             self._record([push_id], [pending], scale)
             decision = Decision(self._version, (push_id,), (pending.factor,), scale, staleness,
-                                lrs=self._lrs_for(self._version))  # fmt: skip
+                                lrs=self._lrs_for(self._version),
+                                verify=pending.verify)  # fmt: skip
             self._decide(push_id, decision)
             return
         if staleness > 0:
@@ -319,8 +348,10 @@ class Sequencer:
         self._version += 1
         self._record(list(members), pendings, 1.0)
         lrs = self._lrs_for(self._version)
+        verify = any(p.verify for p in pendings)
         for push_id in members:
-            self._decide(push_id, Decision(self._version, members, weights, lrs=lrs))
+            self._decide(push_id, Decision(self._version, members, weights, lrs=lrs,
+                                           verify=verify))  # fmt: skip
         self._round.clear()
         self._round_trainers.clear()
 
@@ -338,8 +369,6 @@ class Sequencer:
             return None
         if nonfinite:
             self._counters["zeroed_nonfinite"] += 1
-        if not policy.needs_norm:
-            return None
         norm = math.sqrt(sum(s.sumsq for s in pending.stats.values()))
         if policy.max_push_norm is not None and not norm <= policy.max_push_norm:
             self._counters["refused_norm"] += 1
@@ -352,6 +381,9 @@ class Sequencer:
             pending.factor = min(1.0, policy.clip_norm / (norm + 1e-6))
             if pending.factor < 1.0:
                 self._counters["clipped"] += 1
+        # Far beyond any training step (or its squares overflow): computed on copies first.
+        pending.verify = pending.factor > 0 and not norm * pending.factor <= VERIFY_ABOVE_NORM
+        self._counters["verified"] += pending.verify
         return None
 
     def _record(self, members: list[str], pendings: list[_Pending], scale: float) -> None:

@@ -54,6 +54,7 @@ def decision_to_proto(decision: Decision) -> shard_pb2.SequenceDecision:
         lr_scale=decision.lr_scale,
         staleness=decision.staleness,
         lrs=dict(decision.lrs),
+        verify=decision.verify,
     )
 
 
@@ -73,6 +74,7 @@ def decision_from_proto(reply: shard_pb2.SequenceDecision) -> Decision:
         staleness=reply.staleness,
         error=error,
         lrs=dict(reply.lrs),
+        verify=reply.verify,
     )
 
 
@@ -98,6 +100,12 @@ class RemoteLeader:
     def decide(self, shard: int, push: PushCall, stats: GradStats) -> Decision:
         request = self._request(shard, push, grad_sumsq=stats.sumsq, grad_nonfinite=stats.nonfinite)
         return decision_from_proto(self.ask(request))
+
+    def verdict(self, shard: int, version: int, finite: bool) -> OptserveError | None:
+        request = shard_pb2.SequenceRequest(
+            model=self.model, shard=shard, verdict=True, verified_version=version, finite=finite
+        )
+        return decision_from_proto(self.ask(request)).error
 
     def refuse(self, shard: int, push: PushCall, error: OptserveError) -> None:
         self.ask(self._request(
@@ -272,6 +280,11 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             raise PermissionDenied("Sequence is for the model's own shards")
         if self.sequencer is None:
             raise InvalidArgument(f"shard {self._state.index} is not its model's leader")
+        if request.verdict:
+            refused = self.sequencer.verdict(
+                request.verified_version, request.shard, request.finite
+            )
+            return decision_to_proto(Decision(error=refused))
         if request.refuse:
             code = _status_code(request.refuse_code)
             self.sequencer.refuse(

@@ -26,6 +26,7 @@ from optserve.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     ModelRestored,
+    OptserveError,
     ResourceExhausted,
     Unavailable,
 )
@@ -36,12 +37,15 @@ from optserve.server.engine.schedules import Schedule, build_schedule
 from optserve.server.shard.gradients import checked_slice
 from optserve.server.shard.memory import BufferPool
 from optserve.server.shard.sequencer import Decision, GradStats
+from optserve.server.shard.updates import Verdict, step_groups
 from optserve.server.shard.views import GroupValues, StateViews
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 # How long a decided update waits for the updates before it to reach this shard.
 APPLY_TIMEOUT_S = 300.0
+# Versions whose update the shards' verdicts refused, kept for the rounds' other members.
+MAX_REFUSED = 1_000
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ class ShardState(StateViews):
         self._epoch = 0
         # Why this shard can no longer be trusted to match the model's other shards, if so.
         self.broken: str | None = None
+        self._refused: dict[int, OptserveError] = {}
         self._plans = dict(groups)
         self._path = path
         self.buffers = BufferPool({name: init.length for name, init in groups.items()})
@@ -299,12 +304,20 @@ class ShardState(StateViews):
             self._release([push_id])
 
     def apply(
-        self, decision: Decision, timeout: float = APPLY_TIMEOUT_S, epoch: int | None = None
+        self,
+        decision: Decision,
+        timeout: float = APPLY_TIMEOUT_S,
+        epoch: int | None = None,
+        verdict: Verdict | None = None,
     ) -> int:
         """Apply a decided update once this shard reaches the version before it; return the
         shard's version after it. Every member push of a sync round calls this with the same
         decision: the first applies the combined gradient, the others find it applied.
-        `epoch` is what `stage` returned: a restore since then refuses the update."""
+        `epoch` is what `stage` returned: a restore since then refuses the update.
+
+        A decision with `verify` is first computed on copies; `verdict(finite)` tells the
+        leader what this slice gave and returns the verdict of every shard: None, apply it; an
+        error, apply nothing (the version passes unchanged) and raise it."""
         with self._cv:
             epoch = self._epoch if epoch is None else epoch  # `stage` said which
             ready = self._cv.wait_for(
@@ -324,8 +337,12 @@ class ShardState(StateViews):
                 for member in decision.members:
                     self._unstage(member)
                 self._release(decision.members)
+                refused = self._refused.get(decision.version)
+                if refused is not None:
+                    raise refused
                 return self.version
             members = [self._unstage(m) for m in decision.members]
+            refused = None
             try:
                 if any(m is None for m in members):
                     raise RuntimeError(f"a push of version {decision.version} is not here")
@@ -334,7 +351,10 @@ class ShardState(StateViews):
                 timer = self.update_timer if used else None
                 started = timer.begin(self.device) if timer is not None else None
                 if used:
-                    self._step_groups(used, decision)  # type: ignore[arg-type]
+                    check = verdict if decision.verify else None
+                    refused = step_groups(
+                        self._groups, used, decision, self._pool_for_sums(), check
+                    )
                 if timer is not None:
                     timer.end(started)  # never raises
             except Exception as exc:  # the peers applied this update: this shard cannot follow
@@ -344,30 +364,16 @@ class ShardState(StateViews):
                 self._release(decision.members)
             self.version += 1
             self._cv.notify_all()
+            if refused is not None:  # for the round's other members too
+                self._refused[decision.version] = refused
+                while len(self._refused) > MAX_REFUSED:
+                    del self._refused[next(iter(self._refused))]
+                raise refused
             return self.version
 
-    def _step_groups(
-        self, used: Sequence[tuple[Mapping[str, torch.Tensor], float]], decision: Decision
-    ) -> None:
-        """Every group steps once, with its members' gradients weighted as decided."""
-        combined: dict[str, torch.Tensor] | None = None
-        try:
-            for name, group in self._groups.items():
-                if len(used) == 1:
-                    grad = used[0][0][name]
-                    if used[0][1] != 1.0:
-                        grad.mul_(used[0][1])  # clipped (the staged tensor is ours)
-                else:  # a sync round: the weighted sum, in a pooled buffer on the CPU
-                    if self.device.type == "cpu":
-                        combined = combined or self.buffers.take()
-                        grad = combined[name].zero_()
-                    else:
-                        grad = torch.zeros_like(group.weights)
-                    for staged, weight in used:
-                        grad.add_(staged[name], alpha=weight)
-                group.step(grad, decision.lrs[name] * decision.lr_scale)
-        finally:
-            self.buffers.give(combined)
+    def _pool_for_sums(self) -> BufferPool | None:
+        """Where a sync round's weighted sum goes: pooled buffers on the CPU."""
+        return self.buffers if self.device.type == "cpu" else None
 
     @contextlib.contextmanager
     def _at(self, at_version: int | None) -> Iterator[None]:

@@ -687,3 +687,44 @@ def test_a_finite_overflowing_gradient_cannot_freeze_an_adam_model(client, model
     client.push(model_name, {"w": torch.ones(1000)})
     moved, _ = client.pull(model_name)
     assert torch.allclose(moved["w"], before["w"] - 0.1)
+
+
+def test_an_update_that_would_overflow_the_state_is_refused_on_every_shard(client, model_name):
+    """AdaGrad's sum after two pushes of 1.5e19 (each finite, each square finite) would be
+    infinite, freezing the element for good. The leader has the update verified on copies; one
+    shard finds it non-finite, so no shard applies it; the version passes unchanged, the event
+    is counted, and training goes on."""
+    from optserve.common.errors import InvalidArgument
+
+    client.create_model(model_name, {"w": torch.ones(1000)}, {"name": "adagrad", "lr": 0.1},
+                        num_shards=2)  # fmt: skip
+    huge = torch.zeros(1000)
+    huge[-1] = 1.5e19  # in the second shard's slice
+    assert client.push(model_name, {"w": huge}) == 1  # verified and finite: applied
+    before, version = client.pull(model_name)
+    with pytest.raises(InvalidArgument, match="non-finite"):
+        client.push(model_name, {"w": huge})
+    after, now = client.pull(model_name)
+    assert now == version + 1 and torch.equal(after["w"], before["w"])
+    client.push(model_name, {"w": torch.ones(1000)})
+    moved, _ = client.pull(model_name)
+    assert torch.isfinite(moved["w"]).all() and not torch.equal(moved["w"][:-1], before["w"][:-1])
+    counters = client.status(model_name)["gradient_counters"]
+    assert counters["verified"] == 2 and counters["refused_nonfinite_update"] == 1
+
+
+def test_under_zero_a_gradient_whose_squares_overflow_cannot_freeze_adam(client, model_name):
+    """The `zero` policy lets a finite 3e38 through the shard (only NaN/Inf are its business);
+    Adam's V would be infinite: the verified update is refused, and nothing changes."""
+    from optserve.common.errors import InvalidArgument
+
+    mode = {"mode": "async", "gradients": {"nonfinite": "zero"}}
+    client.create_model(model_name, {"w": torch.ones(100)}, {"name": "adam", "lr": 0.1},
+                        mode=mode)  # fmt: skip
+    with pytest.raises(InvalidArgument, match="non-finite"):
+        client.push(model_name, {"w": torch.full((100,), 3e38)})
+    weights, version = client.pull(model_name)
+    assert version == 1 and torch.equal(weights["w"], torch.ones(100))
+    assert client.status(model_name)["groups"]["default"]["state"]["step"] == 0
+    client.push(model_name, {"w": torch.ones(100)})
+    assert torch.allclose(client.pull(model_name)[0]["w"], torch.full((100,), 0.9))

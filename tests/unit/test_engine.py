@@ -213,3 +213,23 @@ def test_adabound_defaults_are_the_authors():
             continue
         default = signature[field].default
         assert info.default == (tuple(default) if isinstance(default, tuple) else default), field
+
+
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_stays_finite_computes_on_copies_and_finds_an_overflowing_state(path):
+    """AdaGrad's sum after two gradients of 1.5e19 (each square finite) is infinite: found on
+    copies, slice by slice, with the model's weights and state untouched."""
+    n = CHUNK_ELEMENTS + 10  # two slices; the overflow is in the second
+    engine = GroupEngine("g", torch.ones(n), parse_optimizer_config({"name": "adagrad"}), path=path)
+    grad = torch.zeros(n)
+    grad[-1] = 1.5e19
+    assert engine.stays_finite(grad, 0.1)
+    engine.step(grad.clone(), 0.1)
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in engine.state.items()}
+    weights = engine.weights.clone()
+    assert not engine.stays_finite(grad, 0.1)
+    assert engine.stays_finite(torch.ones(n), 0.1)
+    assert torch.equal(engine.weights, weights) and engine.state["step"] == before["step"]
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(engine.state[key], value)

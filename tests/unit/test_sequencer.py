@@ -216,3 +216,35 @@ def test_sync_round_averages_over_the_pushes_not_skipped():
     assert by_member["pt1"] == 0.0
     assert by_member["pt0"] == pytest.approx(0.5)
     assert by_member["pt2"] == pytest.approx(0.5 * 2.0 / (4.0 + 1e-6))
+
+
+def test_a_gradient_beyond_training_is_decided_with_verify():
+    from optserve.server.shard.sequencer import VERIFY_ABOVE_NORM
+
+    seq = Sequencer(2, parse_mode_config(None))
+    normal = submit_stats(seq, "a", [GradStats(9.0), GradStats(16.0)])
+    assert normal.error is None and not normal.verify
+    huge = VERIFY_ABOVE_NORM**2
+    d = submit_stats(seq, "b", [GradStats(huge), GradStats(huge)], based_on=1)
+    assert d.error is None and d.verify and seq.counters()["verified"] == 1
+    # Squares beyond float64 too (a slice's sum of squares is inf): verified, not trusted.
+    assert submit_stats(seq, "c", [GradStats(float("inf")), GradStats(0.0)], based_on=2).verify
+    # Clipped to a small norm: nothing to verify.
+    clip = Sequencer(1, parse_mode_config({"mode": "async", "gradients": {"clip_norm": 1.0}}))
+    assert not submit_stats(clip, "d", [GradStats(huge)]).verify
+
+
+def test_verdicts_refuse_an_update_everywhere_if_one_shard_finds_it_non_finite():
+    seq = Sequencer(3, parse_mode_config(None))
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda s: seq.verdict(1, s, s != 1, 30), range(3)))
+    assert all(isinstance(a, InvalidArgument) and "non-finite" in str(a) for a in answers)
+    assert seq.counters()["refused_nonfinite_update"] == 1
+    assert seq.verdict(1, 0, True, 30) is not None  # asked again: the same answer
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(lambda s: seq.verdict(2, s, True, 30), range(3))) == [None] * 3
+    # A shard that never reports counts as not finite: nobody has applied anything yet.
+    assert isinstance(seq.verdict(3, 0, True, 0.05), InvalidArgument)
+    assert seq.counters()["refused_nonfinite_update"] == 2
+    with pytest.raises(InvalidArgument):
+        seq.verdict(4, 7, True, 1)

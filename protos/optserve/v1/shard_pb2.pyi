@@ -91,7 +91,7 @@ class LoadResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class SequenceRequest(_message.Message):
-    __slots__ = ("model", "push_id", "shard", "header", "refuse", "refuse_code", "refuse_kind", "grad_sumsq", "grad_nonfinite")
+    __slots__ = ("model", "push_id", "shard", "header", "refuse", "refuse_code", "refuse_kind", "grad_sumsq", "grad_nonfinite", "verdict", "verified_version", "finite")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PUSH_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,9 @@ class SequenceRequest(_message.Message):
     REFUSE_KIND_FIELD_NUMBER: _ClassVar[int]
     GRAD_SUMSQ_FIELD_NUMBER: _ClassVar[int]
     GRAD_NONFINITE_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINITE_FIELD_NUMBER: _ClassVar[int]
     model: str
     push_id: str
     shard: int
@@ -110,10 +113,13 @@ class SequenceRequest(_message.Message):
     refuse_kind: str
     grad_sumsq: float
     grad_nonfinite: int
-    def __init__(self, model: _Optional[str] = ..., push_id: _Optional[str] = ..., shard: _Optional[int] = ..., header: _Optional[_Union[PushHeader, _Mapping]] = ..., refuse: _Optional[str] = ..., refuse_code: _Optional[int] = ..., refuse_kind: _Optional[str] = ..., grad_sumsq: _Optional[float] = ..., grad_nonfinite: _Optional[int] = ...) -> None: ...
+    verdict: bool
+    verified_version: int
+    finite: bool
+    def __init__(self, model: _Optional[str] = ..., push_id: _Optional[str] = ..., shard: _Optional[int] = ..., header: _Optional[_Union[PushHeader, _Mapping]] = ..., refuse: _Optional[str] = ..., refuse_code: _Optional[int] = ..., refuse_kind: _Optional[str] = ..., grad_sumsq: _Optional[float] = ..., grad_nonfinite: _Optional[int] = ..., verdict: _Optional[bool] = ..., verified_version: _Optional[int] = ..., finite: _Optional[bool] = ...) -> None: ...
 
 class SequenceDecision(_message.Message):
-    __slots__ = ("error", "error_code", "error_kind", "lrs", "version", "members", "weights", "lr_scale", "staleness")
+    __slots__ = ("error", "error_code", "error_kind", "lrs", "version", "members", "weights", "lr_scale", "staleness", "verify")
     class LrsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +136,7 @@ class SequenceDecision(_message.Message):
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     LR_SCALE_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
     error: str
     error_code: int
     error_kind: str
@@ -139,4 +146,5 @@ class SequenceDecision(_message.Message):
     weights: _containers.RepeatedScalarFieldContainer[float]
     lr_scale: float
     staleness: int
-    def __init__(self, error: _Optional[str] = ..., error_code: _Optional[int] = ..., error_kind: _Optional[str] = ..., lrs: _Optional[_Mapping[str, float]] = ..., version: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., lr_scale: _Optional[float] = ..., staleness: _Optional[int] = ...) -> None: ...
+    verify: bool
+    def __init__(self, error: _Optional[str] = ..., error_code: _Optional[int] = ..., error_kind: _Optional[str] = ..., lrs: _Optional[_Mapping[str, float]] = ..., version: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., lr_scale: _Optional[float] = ..., staleness: _Optional[int] = ..., verify: _Optional[bool] = ...) -> None: ...
