@@ -197,6 +197,13 @@ class ModelRecord:
     # Periodic checkpoints that failed in a row, and when the next may be tried (monotonic).
     checkpoint_failures: int = 0
     checkpoint_retry_at: float = 0.0
+    # The newest failed checkpoint of this record: {"time", "reason", "error"} (for status).
+    last_checkpoint_failure: dict[str, Any] | None = None
+    # Bytes of this record's newest checkpoint (what the next one needs free in the store).
+    last_checkpoint_bytes: int = 0
+    # Set (under the coordinator's lock) when a drop begins: no checkpoint starts after it,
+    # and one in flight publishes no manifest (a restart must not bring the model back).
+    dropping: bool = False
     # Checkpoints this run wrote or was restored from at its newest such version: the model
     # holds their state as long as its version has not moved past it.
     same_as: dict[str, int] = field(default_factory=dict)

@@ -10,6 +10,7 @@ its own range (`restore_plan`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Mapping
@@ -17,7 +18,13 @@ from typing import Any
 
 import ray
 
-from optserve.common.errors import FailedPrecondition, InvalidArgument
+from optserve.common.errors import (
+    Aborted,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from optserve.server.coordinator import control
 from optserve.server.coordinator.catalogue import ModelRecord
 from optserve.server.shard.checkpoint import SNAPSHOTS, RestorePlan, WriteTarget
@@ -29,6 +36,21 @@ log = logging.getLogger(__name__)
 DEFAULT_EVERY_S = 600.0
 WRITE_TIMEOUT_S = 3600.0
 POLICY_KEYS = ("every_versions", "every_s", "enabled", "snapshot")
+
+
+class StoreFull(ResourceExhausted):
+    """The checkpoint store has less room than the checkpoint needs: found before training
+    is held, so a full disk costs no pause."""
+
+
+def check_room(record: ModelRecord, store: Store) -> None:
+    """Refuse a checkpoint a local store has no room for: as many bytes as the model's last
+    checkpoint took (or, before its first, its weights alone)."""
+    free = store.free_bytes()
+    needed = record.last_checkpoint_bytes or 4 * sum(g.numel for g in record.groups)
+    if free is not None and free < needed:
+        raise StoreFull(f"the checkpoint store {store.root} has {free:,} bytes free; a "
+                        f"checkpoint of model {record.name!r} needs about {needed:,}")  # fmt: skip
 
 
 def check_policy(policy: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -107,6 +129,7 @@ def take(
     `meta` holds the model-level fields of the manifest (layout, configs, policy)."""
     if snapshot not in SNAPSHOTS:
         raise InvalidArgument(f"snapshot must be one of {list(SNAPSHOTS)}, got {snapshot!r}")
+    check_room(record, store)
     started = time.perf_counter()
     created = time.time()
     names: dict[str, str] = {}
@@ -135,19 +158,56 @@ def take(
         )  # fmt: skip
         if ckpt.name != names["name"]:
             raise FailedPrecondition(f"checkpoint {names['name']} came back as {ckpt.name}")
+        if record.dropping:  # the model is being dropped: this checkpoint must not outlive it
+            raise Aborted(f"model {record.name!r} was dropped while it was being checkpointed")
         store.write_manifest(ckpt)
     except BaseException:
         if "name" in names:  # no manifest: nothing points at the files; take them away
-            store.remove(record.name, names["name"])
+            try:
+                store.remove(record.name, names["name"])
+            except Exception:  # noqa: BLE001 - the first failure is the one to tell; a
+                # later prune takes what is left
+                log.warning("could not remove the partial checkpoint %s/%s", record.name,
+                            names["name"], exc_info=True)  # fmt: skip
         raise
     ray.get(record.actors[0].record_history.remote([entry], []), timeout=60)
     record.last_checkpoint = (version, created)
+    record.last_checkpoint_bytes = ckpt.bytes
     record.last_version = max(record.last_version or 0, version)
     seconds = time.perf_counter() - started
     log.info("checkpoint %s/%s at version %d: %.1f MB in %.2f s (updates held %.2f s)",
              record.name, ckpt.name, version, ckpt.bytes / 1e6, seconds, pause_s)  # fmt: skip
     return {"name": ckpt.name, "version": version, "bytes": ckpt.bytes, "pause_s": pause_s,
             "seconds": seconds, "snapshot": snapshot}  # fmt: skip
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A checkpoint fault's reason, one of a few (a metric label): disk_full, io, timeout,
+    shard_down, dropped, error. A shard's error comes wrapped by Ray; its cause decides."""
+    cause = getattr(exc, "cause", None)
+    cause = cause if isinstance(cause, BaseException) else exc
+    if isinstance(cause, StoreFull) or (
+        isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+    ):
+        return "disk_full"
+    if isinstance(cause, Aborted) and "dropped" in str(cause):
+        return "dropped"
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return "shard_down"
+    if isinstance(exc, TimeoutError | DeadlineExceeded | ray.exceptions.GetTimeoutError):
+        return "timeout"
+    if isinstance(cause, OSError):
+        return "io"
+    return "error"
+
+
+def prune_quietly(store: Store, model: str, keep: int) -> None:
+    """Prune a model's checkpoints (the oldest past `keep`, and abandoned partial writes);
+    a store that fails here is logged, not raised: pruning is housekeeping."""
+    try:
+        store.prune(model, keep)
+    except Exception:  # noqa: BLE001
+        log.warning("could not prune the checkpoints of %s", model, exc_info=True)
 
 
 def restore_plan(store: Store, ckpt: Checkpoint) -> RestorePlan:

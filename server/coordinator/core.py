@@ -77,6 +77,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# How long a drop waits for a checkpoint of the model in flight to end.
+DROP_WAITS_FOR_CHECKPOINT_S = 30.0
 
 
 class Coordinator(ControlChanges, Persistence):
@@ -173,6 +175,8 @@ class Coordinator(ControlChanges, Persistence):
         absent or reserved); False if it changed meanwhile, or the server is stopping."""
         with self._lock:
             if self._stopping.is_set() or self._models.get(record.name) is not replacing:
+                return False
+            if replacing is not None and replacing.dropping:  # a drop wins over a restore
                 return False
             self._models[record.name] = record
             return True
@@ -307,20 +311,40 @@ class Coordinator(ControlChanges, Persistence):
             raise
 
     def drop_model(self, name: str, grace_s: float = 1.0) -> None:
+        """Drop a model: ordered with its checkpoints. From here no checkpoint of it starts,
+        and one in flight publishes no manifest; the store records the drop (so a restart
+        does not bring it back) before the model leaves the catalogue. A store that cannot
+        record it refuses the drop (UNAVAILABLE), and the model runs on."""
         with self._lock:
-            record = self._models.pop(name, None)
-        if record is None:
-            raise NotFound(f"unknown model {name!r}")
+            record = self._models.get(name)
+            if record is None or record.dropping:
+                raise NotFound(f"unknown model {name!r}")
+            record.dropping = True
+        # A checkpoint in flight sees the mark before its manifest; wait a while for it to end
+        # (past that, its manifest, if any, still predates the drop: it is not restored).
+        waited = record.checkpoint_lock.acquire(timeout=DROP_WAITS_FOR_CHECKPOINT_S)
+        try:
+            if self.store is not None:
+                try:
+                    self.store.mark_dropped(name)
+                except Exception as exc:  # noqa: BLE001 - refused: nothing has changed
+                    record.dropping = False
+                    self.metrics.checkpoint_failure(name, "drop_mark")
+                    raise Unavailable(
+                        f"model {name!r} was not dropped: the checkpoint store cannot record "
+                        f"the drop ({exc}), and a restart would bring the model back"
+                    ) from None
+            with self._lock:
+                if self._models.get(name) is record:
+                    del self._models[name]
+        finally:
+            if waited:
+                record.checkpoint_lock.release()
         self._drop(record, grace_s)
 
     def _drop(self, record: ModelRecord, grace_s: float) -> None:
-        # First the store (a restart must not restore it), then the shards (a coordinator that
-        # dies before they stop finishes the drop when it is back).
-        if self.store is not None:
-            try:
-                self.store.mark_dropped(record.name)
-            except Exception:  # noqa: BLE001
-                log.warning("could not mark %s dropped in the checkpoint store", record.name)
+        # The shards are marked (a coordinator that dies before they stop finishes the drop
+        # when it is back), then stopped.
         try:
             ray.get([a.update_entry.remote({"dropping": True}) for a in record.actors], timeout=30)
         except Exception:  # noqa: BLE001 - dead shards are dropped all the same

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,7 +17,14 @@ from optserve.common.config import (
     parse_optimizer_config,
     parse_schedule_config,
 )
-from optserve.common.errors import Aborted, FailedPrecondition
+from optserve.common.errors import (
+    Aborted,
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from optserve.server.coordinator import checkpoints, control, recovery
 from optserve.server.coordinator.catalogue import (
     ModelEntry,
@@ -66,12 +74,43 @@ class Persistence:
         record = self.get(name)
         policy = checkpoints.effective_policy(record.entry.checkpoint_policy, self.default_policy)
         snapshot = snapshot or policy.get("snapshot", "pause")
+        if record.dropping:  # a drop began: no checkpoint starts now
+            raise NotFound(f"unknown model {name!r}")
         with record.checkpoint_lock:
-            done = checkpoints.take(record, store, self._meta(record), caller, snapshot)
+            if record.dropping:  # ordered with the drop: nothing starts after it
+                raise NotFound(f"unknown model {name!r}")
+            try:
+                done = checkpoints.take(record, store, self._meta(record), caller, snapshot)
+            except Exception as exc:
+                told = self._checkpoint_failed(record, store, exc)
+                if told is None:
+                    raise
+                raise told from None
             record.holds(done["name"], done["version"])
-        store.prune(name, self.keep_checkpoints)
+            record.checkpoint_failures, record.checkpoint_retry_at = 0, 0.0
+        checkpoints.prune_quietly(store, name, self.keep_checkpoints)
         self.metrics.checkpoint_seconds.labels(name).observe(done["seconds"])
         return {**done, "uri": f"{store.root}/{name}"}
+
+    def _checkpoint_failed(
+        self, record: ModelRecord, store: Store, exc: Exception
+    ) -> Exception | None:
+        """Count a failed checkpoint, keep it for status, and clear what failed writes left.
+        Returns the error to answer with where the store failed (a shard's OSError would
+        otherwise travel as INTERNAL), None to answer with `exc` itself."""
+        reason = checkpoints.failure_reason(exc)
+        cause = getattr(exc, "cause", None) or exc
+        self.metrics.checkpoint_failure(record.name, reason)
+        record.last_checkpoint_failure = {"time": time.time(), "reason": reason,
+                                          "error": str(cause)[:500]}  # fmt: skip
+        log.warning("checkpoint of %s failed (%s): %s", record.name, reason, cause)
+        checkpoints.prune_quietly(store, record.name, self.keep_checkpoints)
+        what = f"the checkpoint of model {record.name!r} failed, and nothing was written"
+        if reason == "disk_full" and not isinstance(exc, ResourceExhausted):
+            return ResourceExhausted(f"{what}: the checkpoint store is full ({cause})")
+        if reason == "io":
+            return Unavailable(f"{what}: the checkpoint store failed ({cause})")
+        return None
 
     @staticmethod
     def _meta(record: ModelRecord) -> dict[str, Any]:
@@ -124,17 +163,21 @@ class Persistence:
             # The dead run's shards hold resources (a GPU each, maybe) the new ones need.
             stop_shards(replace.actors, replace.placement_group, 1.0)
         try:
-            failure: FailedPrecondition | None = None
+            failure: Exception | None = None
             for candidate in candidates:
                 try:
                     ckpt = store.read_manifest(name, candidate)
                     return self._restore(ckpt, old, num_shards, caller, replace, history)
-                except FailedPrecondition as exc:  # damaged: the next newest, unless named
-                    if checkpoint is not None:
-                        raise
-                    log.warning("checkpoint %s/%s cannot be restored: %s", name, candidate, exc)
+                except Exception as exc:  # broken, whatever the error: the next newest
+                    if checkpoint is not None or _may_pass(exc):
+                        raise  # named, or no fault of the checkpoint's (no room, a timeout)
+                    reason = type(getattr(exc, "cause", None) or exc).__name__
+                    self.metrics.checkpoint_fallback(name, reason)
+                    log.warning("checkpoint %s/%s cannot be restored (%s): %s; trying an "
+                                "older one", name, candidate, reason, exc)  # fmt: skip
                     failure = failure or exc
-            assert failure is not None
+            if failure is None:
+                raise FailedPrecondition(f"model {name!r} has no checkpoint to restore")
             raise failure
         finally:
             if reserved:
@@ -181,6 +224,7 @@ class Persistence:
             stop_shards(record.actors, record.placement_group, 1.0)
             raise
         record.last_checkpoint = (ckpt.version, ckpt.created)
+        record.last_checkpoint_bytes = ckpt.bytes
         record.last_version = ckpt.version
         record.holds(ckpt.name, ckpt.version)
         self._commit(record)
@@ -201,3 +245,14 @@ class Persistence:
         if checked.get("enabled", True) and ({"every_versions", "every_s"} & set(checked)):
             self._store()
         return checked
+
+
+def _may_pass(exc: BaseException) -> bool:
+    """Whether a restore failed for a reason that may pass and is no fault of the checkpoint
+    (no room for the shards, a node or shard down, a timeout, the model changed): that is
+    told, not answered by restoring an older checkpoint."""
+    if isinstance(exc, ResourceExhausted | Unavailable | DeadlineExceeded | Aborted):
+        return True
+    return isinstance(exc, ray.exceptions.RayError) and not isinstance(
+        exc, ray.exceptions.RayTaskError
+    )

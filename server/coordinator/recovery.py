@@ -50,8 +50,16 @@ HEALTH_TIMEOUT_S = 30.0
 # A recovery that fails for a passing reason is tried again: 6 times, after 5, 10, 20, ... s.
 RECOVERY_TRIES = 6
 RECOVERY_FIRST_WAIT_S = 5.0
-# A periodic checkpoint that fails waits 15 s, 30 s, ... up to this before the next try.
+# A periodic checkpoint that fails waits 15 s, 30 s, 60 s, ... up to 600 s before the next
+# try: a full disk costs one pause of training per wait, not one every half second.
+CHECKPOINT_RETRY_FIRST_S = 15.0
 CHECKPOINT_RETRY_MAX_S = 600.0
+
+
+def checkpoint_retry_wait_s(failures: int) -> float:
+    """How long a model's periodic checkpoints wait after `failures` failures in a row."""
+    exponent = min(max(failures - 1, 0), 32)
+    return min(CHECKPOINT_RETRY_MAX_S, CHECKPOINT_RETRY_FIRST_S * 2.0**exponent)
 
 
 def watch(coordinator: Coordinator, every_s: float = 1.0) -> None:
@@ -165,7 +173,7 @@ def periodic_checkpoints(coordinator: Coordinator) -> None:
     """Background: checkpoint each model whose policy says it is due."""
     while not coordinator._stopping.wait(0.5):
         for record in coordinator.records():
-            if record.lost is not None or record.initializing:
+            if record.lost is not None or record.initializing or record.dropping:
                 continue
             policy = checkpoints.effective_policy(
                 record.entry.checkpoint_policy, coordinator.default_policy
@@ -179,7 +187,7 @@ def periodic_checkpoints(coordinator: Coordinator) -> None:
                     record.checkpoint_failures = 0
             except Exception:  # noqa: BLE001 - a failed checkpoint is tried again, later
                 record.checkpoint_failures += 1
-                wait = min(CHECKPOINT_RETRY_MAX_S, 15.0 * 2 ** (record.checkpoint_failures - 1))
+                wait = checkpoint_retry_wait_s(record.checkpoint_failures)
                 record.checkpoint_retry_at = time.monotonic() + wait
                 log.warning("periodic checkpoint of %s failed (%d in a row); next try in %.0f s",
                             record.name, record.checkpoint_failures, wait,

@@ -103,4 +103,11 @@ def checkpoint_status(
         "last_time": last[1] if last else None,
         "age_s": time.time() - last[1] if last else None,
         "updates_at_risk": version - (last[0] if last else 0),
+        # Faults: periodic checkpoints failed in a row (0: the last one worked), when the next
+        # is tried, and the newest failure ({"time", "reason", "error"}, or None).
+        "failures_in_a_row": record.checkpoint_failures,
+        "next_try_in_s": max(0.0, record.checkpoint_retry_at - time.monotonic())
+        if record.checkpoint_failures
+        else None,
+        "last_failure": record.last_checkpoint_failure,
     }

@@ -73,11 +73,32 @@ class CoordinatorMetrics:
             buckets=CHECKPOINT_BUCKETS,
             ray=ray,
         )
+        self.checkpoint_failures = Series(
+            self.registry,
+            "optserve_checkpoint_failures",
+            "Checkpoint faults of a model, by reason: disk_full, io, timeout, shard_down, "
+            "dropped, drop_mark (a drop the store could not record), error",
+            ["model", "reason"],
+            ray=ray,
+        )
+        self.checkpoint_fallbacks = Series(
+            self.registry,
+            "optserve_checkpoint_fallbacks",
+            "Broken checkpoints a restore or recovery passed over for an older one, by reason",
+            ["model", "reason"],
+            ray=ray,
+        )
         self._shards = shards or list
         self._models = models or (lambda: 0)
         self._checkpoints = checkpoints or list
         self._server: Any = None
         self._publisher = RayPublisher(self._gauges, ray) if ray is not None else None
+
+    def checkpoint_failure(self, model: str, reason: str) -> None:
+        self.checkpoint_failures.labels(model, reason).inc()
+
+    def checkpoint_fallback(self, model: str, reason: str) -> None:
+        self.checkpoint_fallbacks.labels(model, reason).inc()
 
     def _gauges(self) -> list[Metric]:
         models = GaugeMetricFamily("optserve_models", "Models the server holds")

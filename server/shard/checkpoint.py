@@ -29,7 +29,7 @@ from optserve.common.errors import FailedPrecondition, NotFound
 from optserve.server.shard.memory import mapped_empty
 from optserve.server.shard.state import ShardState
 from optserve.server.shard.views import GroupValues
-from optserve.server.store.files import ALIGN, open_file, sync
+from optserve.server.store.files import ALIGN, open_file, sync, sync_directory
 from optserve.server.store.manifest import Source
 from optserve.server.store.tensorfile import (
     DEFAULT_BLOCK_BYTES,
@@ -153,6 +153,7 @@ class ShardCheckpoints:
             with f:
                 entry = write_tensors(f, tensors, target.metadata, target.block_bytes, direct)
                 sync(f)
+            sync_directory(fs, directory)  # its entry too, before it is reported written
             job.report = {
                 "version": view.version,
                 "file": target.file,

@@ -73,6 +73,18 @@ def sync(out: BinaryFile) -> None:
     os.fsync(fileno)
 
 
+def sync_directory(fs: Any, directory: str) -> None:
+    """Make the entries of a local directory (files made or renamed in it) durable; fsspec
+    stores have no such step."""
+    if not _is_local(fs):
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_exactly(f: BinaryFile, view: memoryview, what: str) -> None:
     got = 0
     while got < len(view):

@@ -35,6 +35,7 @@ import builtins
 import json
 import posixpath
 import re
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from typing import Any
 import fsspec
 
 from optserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from optserve.server.store.files import open_file, sync
+from optserve.server.store.files import open_file, sync, sync_directory
 from optserve.server.store.tensorfile import FileEntry
 
 FORMAT = "optserve-checkpoint/2"
@@ -203,6 +204,17 @@ class Store:
     def _dir(self, model: str, name: str = "") -> str:
         return self.path(posixpath.join(model, name) if name else model)
 
+    def free_bytes(self) -> int | None:
+        """Bytes free where a local store writes (None: not a local store, or unknown)."""
+        from fsspec.implementations.local import LocalFileSystem
+
+        if not isinstance(self.fs, LocalFileSystem):
+            return None
+        try:
+            return shutil.disk_usage(self._base).free
+        except OSError:
+            return None
+
     def prepare(self, model: str, name: str) -> str:
         """Make a checkpoint's directory; return it relative to the root."""
         self.fs.makedirs(self._dir(model, name), exist_ok=True)
@@ -212,14 +224,23 @@ class Store:
         """Make a checkpoint whose files are written complete: its manifest goes last,
         atomically (and durably, on a local disk). Returns its name."""
         directory = self._dir(ckpt.model, ckpt.name)
-        tmp = posixpath.join(directory, MANIFEST + ".tmp")
+        self._publish(directory, MANIFEST, json.dumps(ckpt.manifest(), indent=1, default=str))
+        return ckpt.name
+
+    def _publish(self, directory: str, name: str, text: str) -> None:
+        """Write `name` in `directory` atomically and durably: a temporary file, fsynced; the
+        directory fsynced (the shards' files and the temporary one are in it for good); the
+        rename; the directory and its parent fsynced again (the rename, and the directory's
+        own entry). fsspec stores commit each file whole on close, and have no fsync."""
+        tmp = posixpath.join(directory, name + ".tmp")
         f, _ = open_file(self.fs, tmp, "wb")
         with f:
-            f.write(json.dumps(ckpt.manifest(), indent=1, default=str).encode())
+            f.write(text.encode())
             sync(f)
-        self.fs.mv(tmp, posixpath.join(directory, MANIFEST))
-        _sync_directory(self.fs, directory)
-        return ckpt.name
+        sync_directory(self.fs, directory)
+        self.fs.mv(tmp, posixpath.join(directory, name))
+        sync_directory(self.fs, directory)
+        sync_directory(self.fs, posixpath.dirname(directory.rstrip("/")))
 
     def remove(self, model: str, name: str) -> None:
         """Delete a checkpoint (unlisted first: the manifest goes before the files)."""
@@ -257,15 +278,20 @@ class Store:
     def mark_dropped(self, model: str) -> None:
         """Note that the model was dropped now: a restart does not bring it back."""
         self.fs.makedirs(self._dir(model), exist_ok=True)
-        with self.fs.open(posixpath.join(self._dir(model), DROPPED), "w") as f:
-            f.write(json.dumps({"time": time.time()}))
+        self._publish(self._dir(model), DROPPED, json.dumps({"time": time.time()}))
 
     def dropped_after_last_checkpoint(self, model: str) -> bool:
+        """Whether the model was dropped after its newest checkpoint was taken. A drop mark
+        that cannot be read counts as a drop: a restart must never bring back a dropped
+        model (restoring it by name still can)."""
         path = posixpath.join(self._dir(model), DROPPED)
         if not self.fs.exists(path):
             return False
-        with self.fs.open(path, "r") as f:
-            dropped = json.loads(f.read()).get("time", 0)
+        try:
+            with self.fs.open(path, "r") as f:
+                dropped = float(json.loads(f.read())["time"])
+        except Exception:  # noqa: BLE001 - damaged: as good as dropped now
+            return True
         found = self.list(model)
         return not found or dropped >= found[-1]["time"]
 
@@ -323,11 +349,13 @@ class Store:
             ckpt.shards = [ShardFile.from_dict(s) for s in manifest.get("shards", [])]
             if ckpt.name != name:
                 raise ValueError(f"its contents say it is {ckpt.name}")
+            if ckpt.model != model:
+                raise FailedPrecondition(f"{where} holds model {ckpt.model!r}")
+            _check_coverage(ckpt, where)
+        except FailedPrecondition:
+            raise
         except Exception as exc:  # noqa: BLE001 - any malformed content is the same refusal
-            raise FailedPrecondition(f"{where} is malformed: {exc}") from None
-        if ckpt.model != model:
-            raise FailedPrecondition(f"{where} holds model {ckpt.model!r}")
-        _check_coverage(ckpt, where)
+            raise FailedPrecondition(f"{where} is malformed: {exc!r}") from None
         return ckpt
 
     def prune(self, model: str, keep: int) -> builtins.list[str]:
@@ -345,21 +373,6 @@ class Store:
         for name in doomed:
             self.remove(model, name)
         return doomed
-
-
-def _sync_directory(fs: Any, directory: str) -> None:
-    """Make a rename inside a local directory durable."""
-    import os
-
-    from fsspec.implementations.local import LocalFileSystem
-
-    if not isinstance(fs, LocalFileSystem):
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_coverage(ckpt: Checkpoint, where: str) -> None:
