@@ -18,6 +18,7 @@ from optserve.common.errors import InvalidArgument, ResourceExhausted
 from optserve.common.results import MigrationReport
 from optserve.server.coordinator.catalogue import GroupSpec, ModelRecord
 from optserve.server.coordinator.core import Coordinator
+from optserve.server.coordinator.status import as_seen_by
 from optserve.server.edge.auth import current_principal
 from optserve.server.edge.rpc import unary_errors
 from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -202,6 +203,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.StatusRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.StatusResponse:
         status = self._coordinator.status(request.model, recent=request.history or 50)
+        status = as_seen_by(status, current_principal())  # peers' addresses: admins only
         text = status.model_dump_json()
         while len(text) > MAX_STATUS_CHARS and (status.metrics or status.audit):
             # The most recent history that fits in one message (status.history says).

@@ -3,12 +3,17 @@ from the coordinator's record, every shard's info and the leader's history. Pure
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from optserve.common.results import Status
 from optserve.server.coordinator.catalogue import ModelRecord
+from optserve.server.edge.tokens import Principal
+
+# A gRPC peer address as the audit log's callers carry it: "ipv4:10.0.0.7:51234", "(ipv6:...)".
+_PEER = re.compile(r"\s*\(?\b(?:ipv4|ipv6|unix|unix-abstract):[^\s()]*\)?")
 
 
 def model_status(
@@ -61,6 +66,29 @@ def model_status(
             },
         }
     )
+
+
+def as_seen_by(status: Status, principal: Principal | None) -> Status:
+    """`status` as `principal` may see it: where trainers and callers connect from (their peer
+    addresses) is for admin tokens, and for everyone when auth is off (loopback development).
+    A trainer token sees every trainer's name and counts, never where the others are: peers
+    are blanked, a trainer known only by its address is shown as "anonymous-<n>", and the
+    audit log's callers lose their addresses."""
+    if principal is None or principal.role == "admin":
+        return status
+    trainers, anonymous = {}, 0
+    for name, trainer in status.trainers.items():
+        if name == trainer.peer:
+            anonymous += 1
+            name = f"anonymous-{anonymous}"
+        trainers[name] = trainer.model_copy(update={"peer": ""})
+    audit = [
+        entry.model_copy(update={"caller": _PEER.sub("", entry.caller) or "?"})
+        if entry.caller
+        else entry
+        for entry in status.audit
+    ]
+    return status.model_copy(update={"trainers": trainers, "audit": audit})
 
 
 def _shard_status(s: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ other shards, the leader over the network (the gRPC service supplies that one).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -46,8 +47,35 @@ SEQUENCE_WAIT_S = 24 * 3600.0
 # The longest push_id and trainer name a push may carry (the server keeps both for a while).
 MAX_PUSH_ID_CHARS = 64
 MAX_TRAINER_CHARS = 128
+# A token's name as the first part of its trainers' identities (longer ones are shortened).
+MAX_TOKEN_PART_CHARS = 128
+MAX_IDENTITY_CHARS = MAX_TOKEN_PART_CHARS + 1 + MAX_TRAINER_CHARS
 # Tries of a non-leader shard to get its decision when the leader is briefly unreachable.
 SEQUENCE_ATTEMPTS = 6
+
+
+def trainer_identity(said: str, token: str | None) -> str:
+    """Who a push comes from, as sync rounds and status count it: `said` is the trainer name
+    the push carries, `token` the name of the trainer token it came with (None: no auth, or an
+    admin token, which may speak for any trainer: it can drop the model anyway).
+
+    With a token the identity is ``"<token>"``, or ``"<token>/<said>"`` when the push names
+    itself: the name only tells apart processes of one token, and can never make a push count
+    as another token's. A ``%`` or ``/`` in the token's name is written ``%25`` or ``%2F``, so
+    the first ``/`` always ends the token's part; a part longer than MAX_TOKEN_PART_CHARS is
+    cut and ends with ``~`` and 16 hex digits of its SHA-256.
+
+    Every shard of a model derives the same identity from the same token, and non-leader shards
+    send it to the leader (the Sequence call's header), so the leader counts what they saw."""
+    if len(said) > MAX_TRAINER_CHARS:
+        raise InvalidArgument(f"trainer has more than {MAX_TRAINER_CHARS} characters")
+    if token is None:
+        return said
+    part = token.replace("%", "%25").replace("/", "%2F")
+    if len(part) > MAX_TOKEN_PART_CHARS:
+        digest = hashlib.sha256(token.encode()).hexdigest()[:16]
+        part = f"{part[: MAX_TOKEN_PART_CHARS - 17]}~{digest}"
+    return f"{part}/{said}" if said else part
 
 
 @dataclass(frozen=True)
@@ -128,8 +156,8 @@ class PushPipeline:
         """Run one push: `receive(buffers)` fills this shard's gradient slices (from the wire)
         into pooled buffers and returns them. Returns the decision and the shard's version
         after applying it; a refused push raises its error, and nothing is applied."""
+        push = self._with_id(push)  # bounded before anything keeps them
         self.observer.arrived(push.trainer, push.peer, push.based_on)
-        push = self._with_id(push)
         epoch, stats = self._stage(push, receive)
         staged_at = time.perf_counter()
         decision = self._decide(push, stats)
@@ -163,8 +191,8 @@ class PushPipeline:
         # Both are kept (decisions for RETAIN_DECISIONS_S, trainers in status): bounded.
         if len(push.push_id) > MAX_PUSH_ID_CHARS:
             raise InvalidArgument(f"push_id has more than {MAX_PUSH_ID_CHARS} characters")
-        if len(push.trainer) > MAX_TRAINER_CHARS:
-            raise InvalidArgument(f"trainer has more than {MAX_TRAINER_CHARS} characters")
+        if len(push.trainer) > MAX_IDENTITY_CHARS:  # trainer_identity's bound
+            raise InvalidArgument(f"trainer has more than {MAX_IDENTITY_CHARS} characters")
         if push.push_id:
             return push
         sequencer = getattr(self.leader, "sequencer", None)

@@ -27,10 +27,17 @@ from optserve.common.errors import (
     kind_of,
 )
 from optserve.common.wire import RawChunk, chunk_frames, header_frame, parse_frame, passthrough
+from optserve.server.edge.auth import current_principal
 from optserve.server.edge.rpc import stream_errors, unary_errors
 from optserve.server.metrics import ShardMetrics
 from optserve.server.shard.memory import mapped_empty
-from optserve.server.shard.pipeline import SEQUENCE_WAIT_S, LocalLeader, PushCall, PushPipeline
+from optserve.server.shard.pipeline import (
+    SEQUENCE_WAIT_S,
+    LocalLeader,
+    PushCall,
+    PushPipeline,
+    trainer_identity,
+)
 from optserve.server.shard.sequencer import Decision, GradStats, Sequencer
 from optserve.server.shard.snapshots import PullSnapshots
 from optserve.server.shard.state import ShardState
@@ -114,6 +121,15 @@ class RemoteLeader:
         ))  # fmt: skip
 
 
+def _identity(said: str) -> str:
+    """Who the push this handler serves comes from (pipeline.trainer_identity): with auth on,
+    its trainer token's name, and `said` (the push's trainer) only as a suffix after it."""
+    principal = current_principal()
+    if principal is None or principal.role == "admin":  # an admin may speak for anyone
+        return trainer_identity(said, None)
+    return trainer_identity(said, principal.name)
+
+
 def _pull_dtype(wire_dtype: int) -> torch.dtype:
     """The dtype a pull asks its weights in (fp32 unless it says otherwise)."""
     return torch.float32 if wire_dtype == tensor_pb2.DTYPE_UNSPECIFIED else torch_dtype(wire_dtype)
@@ -194,7 +210,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         """Run one push through the pipeline; also the dtype its pull half asks for."""
         header = self._header(request_iterator)
         pull_dtype = _pull_dtype(header.pull_dtype)  # a bad one is refused before any staging
-        push = PushCall(header.push_id, header.version, header.trainer, peer)
+        push = PushCall(header.push_id, header.version, _identity(header.trainer), peer)
 
         def receive(buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return self._gradients(request_iterator, buffers)
