@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 NAMESPACE = "optserve"
@@ -14,6 +16,10 @@ COORDINATOR_NAME = "optserve-coordinator"
 DEFAULT_OBJECT_STORE_BYTES = 512 << 20
 LOOPBACK = "127.0.0.1"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+# Ray's token authentication (Ray >= 2.52): the mode, and where a driver finds the token.
+RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
+RAY_AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
+RAY_AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 
 
 def keep_ray_on_loopback() -> None:
@@ -28,24 +34,20 @@ def keep_ray_on_loopback() -> None:
 
 def init_ray(
     *,
-    loopback: bool = True,
     num_cpus: int | None = None,
     object_store_memory: int | None = DEFAULT_OBJECT_STORE_BYTES,
     log_to_driver: bool = True,
 ) -> None:
     """Start an embedded local Ray (a no-op if this process already has one).
 
-    With `loopback` (the default) every node stays on 127.0.0.1; without it Ray advertises the
-    machine's address, which servers bound to a wildcard address then advertise to clients.
+    Every node stays on 127.0.0.1, whatever interface optserve itself serves on: Ray's own
+    ports (its GCS, and the Jobs API, which runs any code it is sent) never leave the machine.
     """
-    if loopback:
-        keep_ray_on_loopback()
+    keep_ray_on_loopback()
     import ray
 
     if ray.is_initialized():
         return
-    # In case `ray` was imported before the variable was set: pin this node to loopback.
-    extra: dict[str, Any] = {"_node_ip_address": LOOPBACK} if loopback else {}
     ray.init(
         address="local",
         namespace=NAMESPACE,
@@ -54,17 +56,66 @@ def init_ray(
         include_dashboard=False,
         log_to_driver=log_to_driver,
         logging_level=logging.WARNING,
-        **extra,
+        # In case `ray` was imported before the variable was set: pin this node to loopback.
+        _node_ip_address=LOOPBACK,
     )
 
 
 def connect_ray(address: str) -> None:
-    """Join an existing Ray cluster ("auto", "ray://host:10001", or a GCS "host:6379")."""
+    """Join an existing Ray cluster ("auto", "ray://host:10001", or a GCS "host:6379").
+
+    Raises `RayConnectError` when Ray cannot connect, saying what to set when the likely cause
+    is Ray's own token authentication."""
     import ray
 
     if ray.is_initialized():
         return
-    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    try:
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as exc:
+        raise RayConnectError(explain_ray_connect_error(exc, os.environ)) from exc
+
+
+class RayConnectError(RuntimeError):
+    """`connect_ray` could not join the cluster; the message says what to check."""
+
+
+def explain_ray_connect_error(exc: BaseException, environ: Mapping[str, str]) -> str:
+    """What to tell an operator whose `ray.init(address=...)` failed.
+
+    Ray 2.59 and later turn token authentication on for clusters started with `ray start`
+    (2.61: for every cluster). A driver without the token is refused with a bare "Failed to
+    connect to Ray cluster"; name the settings that give it one."""
+    text = str(exc) or type(exc).__name__
+    mode = environ.get(RAY_AUTH_MODE_ENV, "").strip().lower()
+    has_token = bool(environ.get(RAY_AUTH_TOKEN_ENV) or environ.get(RAY_AUTH_TOKEN_PATH_ENV))
+    looks_like_auth = (
+        "failed to connect to ray cluster" in text.lower()
+        or "authenticat" in text.lower()
+        or "unauthenticated" in text.lower()
+    )
+    if not looks_like_auth:
+        return f"cannot join the Ray cluster: {text}"
+    if mode != "token":
+        return (
+            f"cannot join the Ray cluster ({text}). If the cluster uses Ray's token "
+            f"authentication (on by default since Ray 2.59 for `ray start`), set "
+            f"{RAY_AUTH_MODE_ENV}=token and give Ray's token in a file: "
+            f"{RAY_AUTH_TOKEN_PATH_ENV}=/path/to/token (default ~/.ray/auth_token; "
+            f"{RAY_AUTH_TOKEN_ENV} also works, from a secret, never on a command line); "
+            "`ray get-auth-token` on the head node prints it"
+        )
+    if not has_token and not (Path.home() / ".ray" / "auth_token").exists():
+        return (
+            f"cannot join the Ray cluster ({text}). {RAY_AUTH_MODE_ENV}=token is set but no "
+            f"token was found: set {RAY_AUTH_TOKEN_PATH_ENV} to a file holding the cluster's "
+            f"token (or write it to ~/.ray/auth_token)"
+        )
+    return (
+        f"cannot join the Ray cluster ({text}). {RAY_AUTH_MODE_ENV}=token is set: check that "
+        f"the token ({RAY_AUTH_TOKEN_PATH_ENV}, {RAY_AUTH_TOKEN_ENV} or ~/.ray/auth_token) is "
+        "the cluster's, and that the address is right"
+    )
 
 
 @dataclass
@@ -99,13 +150,15 @@ def start_service(
     metrics_host: str | None = None,
     ray_metrics: bool = True,
     checkpoint_policy: dict[str, Any] | None = None,
+    metrics_token: str | None = None,
 ) -> Service:
     """Start the coordinator actor (Ray must be initialised) and wait until it serves.
 
     `edge` (an `optserve.server.edge.tokens.EdgeConfig`) holds the token table, TLS certificate and
     stream limit of every endpoint; None serves without authentication or TLS. `limits` (an
     `optserve.server.coordinator.core.Limits`) bounds model size and count. `metrics_port` serves
-    Prometheus metrics on `metrics_host` (default `host`; port 0: any free one; None: off).
+    Prometheus metrics on `metrics_host` (default 127.0.0.1, whatever `host` is; port 0: any
+    free one; None: off); with `metrics_token`, only scrapes that carry it as a bearer token.
     `ray_metrics` also records every series in Ray's metrics (`ray.util.metrics`), which each
     node's Ray metrics agent exports as `ray_optserve_*` (needs `ray[default]`), labelled
     `service` = `name`. `checkpoint_policy` is the periodic-checkpoint policy of models that
@@ -118,21 +171,34 @@ def start_service(
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from optserve.server.coordinator.actor import CoordinatorActor
+    from optserve.server.metrics.endpoint import METRICS_TOKEN_DIGEST_ENV, token_sha256
 
     # On this process's node (a cluster's head node, where `optserve serve` runs): the node a
     # load balancer or Kubernetes Service sends the coordinator's port to.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     args = (
         host, port, default_num_shards, limits, placement, checkpoint_dir, keep_checkpoints, edge,
-        metrics_port, metrics_host, name if ray_metrics else None, name, checkpoint_policy,
+        metrics_port, metrics_host or LOOPBACK, name if ray_metrics else None, name,
+        checkpoint_policy,
     )  # fmt: skip
+    options: dict[str, Any] = {}
+    if metrics_token is not None:
+        # The coordinator's metrics endpoint reads the digest from its environment (kept by Ray
+        # across restarts); the token itself never leaves this process.
+        digest = token_sha256(metrics_token)
+        options["runtime_env"] = {"env_vars": {METRICS_TOKEN_DIGEST_ENV: digest}}
     # Restarted by Ray whenever its process dies; it then adopts its models' shards. (A Ray actor
     # handle: Ray's stubs cannot type its methods' .remote.)
     actor: Any = (
         ray.remote(CoordinatorActor)
         .options(
-            name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, scheduling_strategy=here
-        )
+            name=name,
+            namespace=NAMESPACE,
+            num_cpus=0,
+            max_restarts=-1,
+            scheduling_strategy=here,
+            **options,
+        )  # fmt: skip
         .remote(*args)
     )
     try:

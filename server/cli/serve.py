@@ -10,6 +10,15 @@ import threading
 import time
 
 from optserve.server.cli.common import progress
+from optserve.server.cli.safety import (
+    WILDCARD_HOSTS,
+    check_exposure,
+    check_token_table,
+    is_loopback,
+    is_placeholder_token,
+    machine_address,
+)
+from optserve.server.edge.tokens import MIN_TOKEN_CHARS
 
 EXAMPLES_SERVE = """examples:
   optserve serve --tokens-file tokens.json    # embedded local Ray, gRPC on 127.0.0.1:50051
@@ -17,6 +26,12 @@ EXAMPLES_SERVE = """examples:
   optserve serve --ray-address auto --host 0.0.0.0 --shards 4 \\
       --tokens-file /etc/optserve/tokens.json \\
       --tls-cert server.pem --tls-key server-key.pem           # on a Ray cluster's head node
+  RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/etc/ray/auth_token \\
+      optserve serve --ray-address auto ...                  # a cluster with Ray's token auth
+
+Off loopback, serve refuses to start without TLS (--tls-cert/--tls-key) or with --no-auth,
+unless given --insecure. The embedded Ray always stays on 127.0.0.1, and so do the metrics
+unless --metrics-host says otherwise (--metrics-token-file then guards them).
 
 tokens.json:
   {"tokens": [{"name": "ops", "role": "admin", "token": "<32+ random characters>"},
@@ -137,6 +152,12 @@ def _edge_options(auth: argparse._ArgumentGroup) -> None:
         action="store_true",
         help="serve without authentication (anyone who reaches the port may do anything)",
     )
+    auth.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without TLS, or with --no-auth (tokens and weights "
+        "cross the network in clear, or anyone may change any model)",
+    )
     auth.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS only")
     auth.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     auth.add_argument(
@@ -171,7 +192,15 @@ def _metrics_options(metrics: argparse._ArgumentGroup) -> None:
         "0 = any free port, printed at start)",
     )
     metrics.add_argument(
-        "--metrics-host", default=None, help="interface the metrics bind (default: --host)"
+        "--metrics-host",
+        default=None,
+        help="interface the metrics bind (default 127.0.0.1, whatever --host is)",
+    )
+    metrics.add_argument(
+        "--metrics-token-file",
+        default=None,
+        help="file holding a token every scrape must send as 'Authorization: Bearer <token>' "
+        "(401 without it); advised with a non-loopback --metrics-host",
     )
     metrics.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
     metrics.add_argument(
@@ -184,22 +213,35 @@ def _metrics_options(metrics: argparse._ArgumentGroup) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from optserve.server.coordinator.core import Limits, Placement
-    from optserve.server.runtime import LOOPBACK_HOSTS, connect_ray, init_ray, start_service
+    from optserve.server.runtime import RayConnectError, connect_ray, init_ray, start_service
 
+    # Every refusal comes before anything starts.
     edge = _edge_config(args)
+    metrics_token = _metrics_token(args)
     limits = Limits(max_models=args.max_models, max_model_bytes=args.max_model_bytes)
     policy = _checkpoint_policy(args)
+    host = args.host
 
     if args.ray_address:
-        connect_ray(args.ray_address)
+        try:
+            connect_ray(args.ray_address)
+        except RayConnectError as exc:
+            print(f"optserve: {exc}", file=sys.stderr)
+            return 1
     else:
-        init_ray(loopback=args.host in LOOPBACK_HOSTS, num_cpus=args.num_cpus)
+        # The embedded Ray stays on 127.0.0.1, so a wildcard bind would advertise that to
+        # trainers: bind (and advertise) the machine's own address instead.
+        if host in WILDCARD_HOSTS:
+            host = machine_address()
+            print(f"optserve: the embedded Ray stays on 127.0.0.1; serving on {host} "
+                  f"(this machine's address) for --host {args.host}")  # fmt: skip
+        init_ray(num_cpus=args.num_cpus)
     import ray
 
     placement = Placement(cpus=args.shard_cpus, gpus=args.shard_gpus, strategy=args.placement)
     try:
         service = start_service(
-            host=args.host,
+            host=host,
             port=args.port,
             default_num_shards=args.shards,
             placement=placement,
@@ -211,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
             metrics_host=args.metrics_host,
             ray_metrics=not args.no_ray_metrics,
             checkpoint_policy=policy,
+            metrics_token=metrics_token,
         )
         _announce(service, args, policy)
     except RuntimeError as exc:
@@ -289,8 +332,8 @@ def _checkpoint_policy(args: argparse.Namespace) -> dict | None:
 def _edge_config(args: argparse.Namespace):
     """Tokens, TLS and limits from `serve`'s options and environment."""
     from optserve.server.edge.tokens import EdgeConfig, TokenTable
-    from optserve.server.runtime import LOOPBACK_HOSTS
 
+    check_token_table(args.tokens_file)
     tokens = TokenTable.from_environment(args.tokens_file)
     if tokens is None and not args.no_auth:
         raise SystemExit(
@@ -306,9 +349,9 @@ def _edge_config(args: argparse.Namespace):
         with open(path, "rb") as f:
             return f.read()
 
-    if args.no_auth and args.host not in LOOPBACK_HOSTS:
-        print(f"optserve: WARNING: serving on {args.host} without authentication: anyone who "
-              "can reach the port can change or drop models", file=sys.stderr)  # fmt: skip
+    tls = args.tls_cert is not None or args.tls_key is not None
+    for warning in check_exposure(args.host, tls, not args.no_auth, args.insecure):
+        print(f"optserve: {warning}", file=sys.stderr)
     return EdgeConfig(
         tokens=tokens,
         tls_cert=read(args.tls_cert),
@@ -316,3 +359,32 @@ def _edge_config(args: argparse.Namespace):
         tls_ca=read(args.tls_ca),
         max_streams_per_client=args.max_streams_per_client,
     )
+
+
+def _metrics_token(args: argparse.Namespace) -> str | None:
+    """The metrics endpoint's bearer token, from --metrics-token-file (never the command line);
+    a warning when the metrics leave loopback without one."""
+    metrics_host = args.metrics_host or "127.0.0.1"
+    if args.metrics_token_file is None:
+        if not args.no_metrics and not is_loopback(metrics_host):
+            print(f"optserve: WARNING: metrics on {metrics_host} without --metrics-token-file: "
+                  "anyone who reaches the port sees every model's name, lr and trainers",
+                  file=sys.stderr)  # fmt: skip
+        return None
+    try:
+        with open(args.metrics_token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise SystemExit(f"optserve serve: cannot read --metrics-token-file: {exc}") from None
+    if len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token:
+        raise SystemExit(
+            f"optserve serve: the metrics token ({args.metrics_token_file}) needs at least "
+            f"{MIN_TOKEN_CHARS} printable characters without spaces"
+        )
+    if is_placeholder_token(token):
+        raise SystemExit(
+            f"optserve serve: the metrics token ({args.metrics_token_file}) is a placeholder: "
+            "put a random one there, e.g. `python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'`"
+        )
+    return token

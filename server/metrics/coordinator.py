@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    start_http_server,
-)
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import (
     GaugeMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
 
+from optserve.server.metrics.endpoint import (
+    METRICS_TOKEN_DIGEST_ENV,
+    ScrapeCache,
+    serve_metrics,
+)
 from optserve.server.metrics.series import (
     CHECKPOINT_BUCKETS,
     SHARD_SCRAPE_TIMEOUT_S,
@@ -53,7 +56,8 @@ class CoordinatorMetrics:
 
     `shards()` returns the Ray handles of every model's shards, `models()` how many models
     the server holds. With `ray_service`, the coordinator's series are recorded in Ray's metrics
-    too, tagged with that service's name (each shard records its own)."""
+    too, tagged with that service's name (each shard records its own). A scrape asks the shards
+    at most about once a second (`ScrapeCache`); the coordinator's own series are always fresh."""
 
     def __init__(
         self,
@@ -92,6 +96,7 @@ class CoordinatorMetrics:
         self._models = models or (lambda: 0)
         self._checkpoints = checkpoints or list
         self._server: Any = None
+        self._scrape_cache = ScrapeCache(self._fan_out)
         self._publisher = RayPublisher(self._gauges, ray) if ray is not None else None
 
     def checkpoint_failure(self, model: str, reason: str) -> None:
@@ -121,11 +126,17 @@ class CoordinatorMetrics:
         return [models, at_risk, last]
 
     def collect(self) -> list[Metric]:
-        """Every family of the service, merged."""
+        """Every family of the service, merged (the shards' from the scrape cache)."""
+        families: list[Metric] = [*self._gauges(), *self.registry.collect()]
+        families.extend(self._scrape_cache.get(self._shards()))
+        return merge(families)
+
+    def _fan_out(self, handles: Sequence[Any]) -> list[Metric]:
+        """Every shard's families (one Ray call each; a shard that is late or dead is left out
+        of this scrape)."""
         import ray
 
-        families: list[Metric] = [*self._gauges(), *self.registry.collect()]
-        handles = self._shards()
+        families: list[Metric] = []
         refs = [actor.metrics.remote() for actor in handles]
         if refs:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=SHARD_SCRAPE_TIMEOUT_S)
@@ -140,11 +151,14 @@ class CoordinatorMetrics:
                 for ref in late:  # not left queued behind whatever holds the shard
                     with contextlib.suppress(Exception):
                         ray.cancel(ref)
-        return merge(families)
+        return families
 
-    def serve(self, host: str, port: int) -> int:
+    def serve(self, host: str, port: int, token_digest: str | None = None) -> int:
         """Serve the metrics at http://host:port/metrics (port 0: any free one); return the
-        port."""
+        port. With `token_digest` (the SHA-256 of a bearer token; default: the coordinator's
+        $OPTSERVE_METRICS_TOKEN_SHA256, which `start_service` sets), a scrape must carry that
+        token."""
+        token_digest = token_digest or os.environ.get(METRICS_TOKEN_DIGEST_ENV) or None
         outer = self
 
         class _Everything(Collector):
@@ -154,7 +168,7 @@ class CoordinatorMetrics:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Everything())
         try:
-            self._server, _ = start_http_server(port, addr=host.strip("[]"), registry=registry)
+            self._server = serve_metrics(registry, host, port, token_digest)
         except OSError as exc:
             raise RuntimeError(
                 f"cannot serve metrics on {host}:{port} ({exc}); pick another --metrics-port, "
