@@ -296,3 +296,89 @@ def test_order_is_by_time_and_runs_and_drops_are_told_apart(tmp_path):
     assert not store.dropped_after_last_checkpoint("m")
     store.mark_dropped("m")
     assert store.dropped_after_last_checkpoint("m") and store.models() == ["m"]
+
+
+def test_the_manifest_is_renamed_only_after_files_and_directory_are_fsynced(tmp_path, monkeypatch):
+    """Issue 17: a crash at any point leaves either no manifest or one whose files are on disk."""
+    store = Store(str(tmp_path / "ckpts"))
+    events: list[tuple[str, str]] = []
+    real_fsync, real_mv = os.fsync, store.fs.mv
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def mv(src, dst, **kwargs):
+        events.append(("rename", os.path.basename(dst)))
+        real_mv(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(store.fs, "mv", mv)
+    ckpt = take(store, trained_shards(2, steps=1))
+    directory = store.path(f"m/{ckpt.name}")
+    rename = events.index(("rename", MANIFEST))
+    before, after = events[:rename], events[rename + 1 :]
+    for shard in ckpt.shards:
+        assert ("fsync", f"{directory}/{shard.file}") in before
+    assert ("fsync", f"{directory}/{MANIFEST}.tmp") in before
+    assert before[-1] == ("fsync", directory)  # the files' entries, just before the rename
+    assert after == [("fsync", directory), ("fsync", store.path("m"))]
+
+
+def test_any_malformed_manifest_gives_way_to_an_older_checkpoint(store):
+    good = take(store, trained_shards(1, steps=1), created=1_700_000_001.0)
+    bad = take(store, trained_shards(1, steps=2), created=1_700_000_002.0)
+    path = f"{store.path(f'm/{bad.name}')}/{MANIFEST}"
+    manifest = json.loads(store.fs.cat_file(path))
+    for change in (
+        lambda b: b["groups"][0]["params"].append("nobody"),  # a KeyError inside
+        lambda b: b["params"][0].pop("shape"),
+        lambda b: b["shards"][0].update(ranges=None),
+        lambda b: b.update(groups=7),
+    ):
+        body = json.loads(json.dumps(manifest))
+        change(body)
+        store.fs.pipe_file(path, json.dumps(body).encode())
+        with pytest.raises(FailedPrecondition, match="malformed|cover"):
+            store.read("m", bad.name)
+        assert store.read("m").name == good.name
+
+
+def test_an_unreadable_drop_mark_still_counts_as_a_drop(tmp_path):
+    store = Store(str(tmp_path))
+    take(store, trained_shards(1, steps=1), created=time.time() - 10)
+    store.mark_dropped("m")
+    assert store.dropped_after_last_checkpoint("m")
+    assert not store.fs.exists(store.path("m/dropped.json.tmp"))
+    store.fs.pipe_file(store.path("m/dropped.json"), b"{half")
+    assert store.dropped_after_last_checkpoint("m")
+    take(store, trained_shards(1, steps=2))  # created again after the drop, and checkpointed
+    store.mark_dropped("m")
+    store.fs.pipe_file(store.path("m/dropped.json"), json.dumps({"time": 1.0}).encode())
+    assert not store.dropped_after_last_checkpoint("m")
+
+
+def test_periodic_checkpoint_retries_back_off_exponentially():
+    from optserve.server.coordinator.recovery import checkpoint_retry_wait_s
+
+    waits = [checkpoint_retry_wait_s(n) for n in range(1, 9)]
+    assert waits == [15, 30, 60, 120, 240, 480, 600, 600]
+    assert checkpoint_retry_wait_s(10_000) == 600
+
+
+def test_checkpoint_faults_have_a_reason():
+    import errno
+
+    import ray
+
+    from optserve.common.errors import Aborted
+    from optserve.server.coordinator.checkpoints import StoreFull, failure_reason
+
+    assert failure_reason(OSError(errno.ENOSPC, "full")) == "disk_full"
+    assert failure_reason(StoreFull("no room")) == "disk_full"
+    assert failure_reason(OSError(errno.EIO, "I/O")) == "io"
+    assert failure_reason(ray.exceptions.GetTimeoutError("late")) == "timeout"
+    assert failure_reason(Aborted("model 'm' was dropped while ...")) == "dropped"
+    assert failure_reason(ValueError("x")) == "error"
+    wrapped = ray.exceptions.RayTaskError("f", "tb", OSError(errno.ENOSPC, "full"))
+    assert failure_reason(wrapped.as_instanceof_cause()) == "disk_full"
