@@ -82,6 +82,9 @@ class CoordinatorActor:
             guard=EdgeGuard(
                 edge, model_of=model_of_request, on_error=self._coordinator.metrics.errors
             ),
+            # More than one address may hold (max_coordinator_calls_per_address): one trainer
+            # cannot take every thread of the front door.
+            max_workers=edge.coordinator_threads,
         )
         self._server.start()
         self._address = advertised_address(host, self._server.port)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -27,7 +28,12 @@ import ray
 from pydantic import BaseModel
 
 from optserve.common.config import RuleConfig, parse_schedule_config, with_overrides
-from optserve.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from optserve.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from optserve.common.results import GroupMigration, MigrationReport
 from optserve.server.coordinator.catalogue import ModelRecord, group_config
 
@@ -299,17 +305,67 @@ class ControlChanges:
         self, name: str, metric: str, value: float, step: int | None, caller: str = ""
     ) -> tuple[int, bool]:
         """Feed a metric to the model's one schedule, on its leader, without pausing the model;
-        return the last version decided and whether the lr changed."""
-        if not metric or len(metric) > 128:
-            raise InvalidArgument(f"metric name must have 1-128 characters, got {metric[:40]!r}")
+        return the last version decided and whether the lr changed.
+
+        A storm of reports cannot stall other calls: at most METRIC_CALLS_PER_MODEL wait on
+        one model's leader at once (more are RESOURCE_EXHAUSTED at once), each for at most
+        METRIC_WAIT_S (then UNAVAILABLE), on a thread of the leader's own."""
+        if not metric or len(metric) > MAX_METRIC_NAME_CHARS or not metric.isprintable():
+            raise InvalidArgument(
+                f"a metric name has 1-{MAX_METRIC_NAME_CHARS} printable characters, got "
+                f"{metric[:40]!r}"
+            )
         if value != value or value in (float("inf"), float("-inf")):
             raise InvalidArgument(f"metric {metric!r} must be finite, got {value}")
         record = self.get(name)
         if not record.actors:
             raise Unavailable(f"model {name!r} has no shards yet")
         leader = record.actors[0]
+        with _metric_calls.hold(name):
+            try:
+                return ray.get(leader.report_metric.remote(metric, value, step, time.time()),
+                               timeout=METRIC_WAIT_S)  # fmt: skip
+            except ray.exceptions.RayActorError:
+                raise Unavailable(f"model {name!r}: its leader shard is down; retry") from None
+            except ray.exceptions.GetTimeoutError:
+                raise Unavailable(
+                    f"model {name!r}: its leader did not take the metric within "
+                    f"{METRIC_WAIT_S:g} s; retry"
+                ) from None
+
+
+# A metric's name is kept in the model's history (and shown by status and plot).
+MAX_METRIC_NAME_CHARS = 128
+# ReportMetric calls of one model waiting on its leader at once, and how long each may wait.
+METRIC_CALLS_PER_MODEL = 32
+METRIC_WAIT_S = 20.0
+
+
+class _InFlight:
+    """Calls in flight per model, each model under the same cap; one more is refused."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, model: str) -> Iterator[None]:
+        with self._lock:
+            held = self._held.get(model, 0)
+            if held >= self.cap:
+                raise ResourceExhausted(
+                    f"model {model!r} already has {held} metric reports on their way to its "
+                    "leader; report less often, or retry shortly"
+                )
+            self._held[model] = held + 1
         try:
-            return ray.get(leader.report_metric.remote(metric, value, step, time.time()),
-                           timeout=60)  # fmt: skip
-        except ray.exceptions.RayActorError:
-            raise Unavailable(f"model {name!r}: its leader shard is down; retry") from None
+            yield
+        finally:
+            with self._lock:
+                left = self._held.pop(model) - 1
+                if left:
+                    self._held[model] = left
+
+
+_metric_calls = _InFlight(METRIC_CALLS_PER_MODEL)

@@ -39,6 +39,7 @@ from optserve.server.coordinator.catalogue import (
 )
 from optserve.server.edge.tokens import EdgeConfig
 from optserve.server.shard.actor import ShardActor
+from optserve.server.shard.service import shard_key
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,10 @@ SHARD_PREFIX = "optserve-shard"
 GROUP_PREFIX = "optserve-pg"
 # Status and metrics scrapes ("observe") answer while a control call holds the shard's thread;
 # collecting a checkpoint's report waits on its own thread, and so do the leader's pause and
-# resume of updates (ShardActor).
+# resume of updates (ShardActor); reported metrics have theirs too.
 # (Ray's type stubs do not know `ray.remote`'s keyword-only form.)
 _ShardActor: Any = cast(Any, ray.remote)(
-    concurrency_groups={"observe": 2, "checkpoint": 1, "leader": 4}
+    concurrency_groups={"observe": 2, "checkpoint": 1, "leader": 4, "metrics": 1}
 )(ShardActor)
 
 
@@ -119,7 +120,9 @@ def launch_shards(
     creator or a checkpoint); return them once each serves."""
     slices = split_ranges(layouts, entry.num_shards)
     check_gradient_centralization(configs, layouts, slices)
-    secret = secrets.token_hex(16)  # lets the model's shards, and only them, call Sequence
+    # Lets the model's shards, and only them, call Sequence: the leader holds it, each other
+    # shard only its own key (shard_key), bound to its index.
+    secret = secrets.token_hex(16)
     group = placement_group(
         [dict(bundle)] * entry.num_shards,
         strategy=placement.strategy,
@@ -190,7 +193,8 @@ def _start_shard(
         ),
     ).remote(
         entry.model, s.index, plan, entry.schedule, process.host, entry.num_shards, entry.mode,
-        entry.device, secret, process.edge, process.ray_service,
+        entry.device, secret if s.index == 0 else shard_key(secret, s.index), process.edge,
+        process.ray_service,
         entry.as_dict(), dict(history or {}) if s.index == 0 else None,
     )  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""Who may call what: bearer tokens with roles, model scopes, and a per-client stream limit.
+"""Who may call what: bearer tokens with roles, model scopes, and what one client may hold.
 
 Every RPC of the coordinator and of every shard passes `EdgeGuard`, a gRPC server interceptor:
 
@@ -6,10 +6,12 @@ Every RPC of the coordinator and of every shard passes `EdgeGuard`, a gRPC serve
   UNAUTHENTICATED; a token whose role does not cover the method gets PERMISSION_DENIED;
 * a token may be limited to named models (``fnmatch`` patterns): a call on any other model gets
   PERMISSION_DENIED, and `ListModels` shows only the models it covers;
-* each client connection may hold at most `max_streams_per_client` calls at once; one more gets
-  RESOURCE_EXHAUSTED (a client cannot starve the server's handler threads);
+* each client (its token, and its address whatever its tokens: never one connection) may hold
+  a bounded number of calls, and of pulls, at once, and send control calls at a bounded rate;
+  one more gets RESOURCE_EXHAUSTED (server/edge/limits.py), so that a client cannot starve the
+  server's handler threads; a stream that stops moving is cancelled (`StreamWatch`);
 * health checks (`grpc.health.v1`) are open, so load balancers and Kubernetes probes work;
-  `Shard/Sequence` is for a model's own shards and is checked by their shared secret instead.
+  `Shard/Sequence` is for a model's own shards: the leader checks each one's own key instead.
 
 The server keeps only SHA-256 digests of tokens; the token file may hold either. No Ray, no
 torch: the coordinator and shard actors each build one guard from an `EdgeConfig`.
@@ -19,23 +21,44 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from optserve.common.errors import InvalidArgument
-from optserve.server.edge.tokens import INTERNAL_METHODS, OPEN_METHODS, EdgeConfig, Principal
+from optserve.server.edge.limits import (
+    Allowance,
+    Client,
+    Hold,
+    RateLimit,
+    Refused,
+    StreamWatch,
+    _Watched,
+)
+from optserve.server.edge.tokens import (
+    CONTROL_METHODS,
+    INTERNAL_METHODS,
+    OPEN_METHODS,
+    PULL_METHODS,
+    EdgeConfig,
+    Principal,
+)
 
-_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
-    "optserve_principal", default=None
+_current: contextvars.ContextVar[tuple[Principal | None, Client | None]] = contextvars.ContextVar(
+    "optserve_caller", default=(None, None)
 )
 
 
 def current_principal() -> Principal | None:
-    return _current.get()
+    return _current.get()[0]
+
+
+def current_client() -> Client | None:
+    """The token and address of the call this thread serves (for allowances the services
+    charge themselves, such as staged push bytes)."""
+    return _current.get()[1]
 
 
 class _Denied(Exception):
@@ -55,26 +78,41 @@ def bearer_token(metadata: Any) -> str | None:
 
 
 @dataclass
-class _StreamCounter:
-    limit: int
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _active: dict[str, int] = field(default_factory=dict)
+class Limits:
+    """One endpoint's allowances: calls in flight, pulls in flight, the control-call rate, and
+    the watch on its streams."""
 
-    def acquire(self, client: str) -> bool:
-        with self._lock:
-            held = self._active.get(client, 0)
-            if held >= self.limit:
-                return False
-            self._active[client] = held + 1
-            return True
+    calls: Allowance
+    pulls: Allowance
+    rate: RateLimit
+    watch: StreamWatch
 
-    def release(self, client: str) -> None:
-        with self._lock:
-            held = self._active.get(client, 0) - 1
-            if held > 0:
-                self._active[client] = held
-            else:
-                self._active.pop(client, None)
+    @classmethod
+    def of(cls, config: EdgeConfig, coordinator: bool) -> Limits:
+        if coordinator:
+            calls = Allowance(
+                "calls in flight", config.max_coordinator_calls_per_client,
+                config.max_coordinator_calls_per_address, "max_coordinator_calls_per_client",
+            )  # fmt: skip
+        else:
+            calls = Allowance(
+                "calls in flight", config.max_streams_per_client,
+                config.max_streams_per_address, "max_streams_per_client",
+            )  # fmt: skip
+        pulls = Allowance(
+            "pulls in flight", config.max_pulls_per_client, config.max_pulls_per_address,
+            "max_pulls_per_client",
+        )  # fmt: skip
+        rate = RateLimit(config.control_calls_per_s, 2 * config.control_calls_per_s)
+        return cls(calls, pulls, rate, StreamWatch(config.stream_idle_s, config.max_stream_io_s))
+
+
+def staging_allowance(config: EdgeConfig) -> Allowance:
+    """Bytes of pushes one client may have staged on one shard."""
+    return Allowance(
+        "bytes of staged pushes", config.max_staged_bytes_per_client,
+        config.max_staged_bytes_per_address, "max_staged_bytes_per_client",
+    )  # fmt: skip
 
 
 ModelOf = Callable[[str, Any], str | None]
@@ -101,7 +139,7 @@ class EdgeGuard(grpc.ServerInterceptor):
 
         self.model_of = model_of
         self.peek = model is None  # the coordinator reads the model from the first message
-        self._streams = _StreamCounter(config.max_streams_per_client)
+        self.limits = Limits.of(config, coordinator=model is None)
 
     def intercept_service(
         self,
@@ -134,9 +172,9 @@ class EdgeGuard(grpc.ServerInterceptor):
                     )
         # A model's shards call their leader once per push in flight over one connection:
         # bounded by the shards' handler threads, not by a per-client allowance.
-        streams = None if method in INTERNAL_METHODS else self._streams
+        limits = None if method in INTERNAL_METHODS else self.limits
         return _guarded(
-            handler, method, principal, denial, streams, self.model_of, self.peek, self.on_error
+            handler, method, principal, denial, limits, self.model_of, self.peek, self.on_error
         )
 
 
@@ -173,13 +211,13 @@ def _guarded(
     method: str,
     principal: Principal | None,
     denial: _Denied | None,
-    streams: _StreamCounter | None,
+    limits: Limits | None,
     model_of: ModelOf | None,
     peek: bool,
     on_error: Callable[[str, grpc.StatusCode], None] | None = None,
 ) -> grpc.RpcMethodHandler:
     """`handler` with its behavior run only if the call is allowed, with the principal set."""
-    gate = _Gate(method, principal, denial, streams, model_of, peek, on_error)
+    gate = _Gate(method, principal, denial, limits, model_of, peek, on_error)
     # grpc's handlers are namedtuples (its type stubs describe only the abstract class).
     h: Any = handler
     h = h._replace(request_deserializer=_safe(h.request_deserializer))
@@ -199,33 +237,40 @@ class _Gate:
     method: str
     principal: Principal | None
     denial: _Denied | None
-    streams: _StreamCounter | None
+    limits: Limits | None
     model_of: ModelOf | None
     peek: bool
     on_error: Callable[[str, grpc.StatusCode], None] | None
 
+    def client(self, context: grpc.ServicerContext) -> Client:
+        return Client.of(self.principal.name if self.principal else None, context.peer())
+
     def admit(self, context: grpc.ServicerContext, first: Any) -> Callable[[], None]:
-        """Check the call; return its release (the stream slot it holds)."""
-        on_error, streams = self.on_error, self.streams
+        """Check the call; return its release (the allowances it holds)."""
+        on_error, limits = self.on_error, self.limits
         if on_error is not None:
             context.add_callback(lambda: _report_error(context, self.method, on_error))
         if self.denial is not None:
             context.abort(self.denial.code, self.denial.message)
-        client = context.peer()
-        if streams is not None and not streams.acquire(client):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this client already has {streams.limit} calls in flight here "
-                "(max_streams_per_client); wait for some to finish",
-            )
-        once = threading.Lock()  # released by the handler or by the end-of-call callback
+        holds: list[Hold] = []
 
-        def release() -> None:
-            if streams is not None and once.acquire(blocking=False):
-                streams.release(client)
+        def release() -> None:  # by the handler or by the end-of-call callback, once each
+            for hold in holds:
+                hold.release()
 
         if not context.add_callback(release):
             release()
+        if limits is not None:
+            client = self.client(context)
+            try:
+                if self.method in CONTROL_METHODS:
+                    limits.rate.check(client)
+                holds.append(limits.calls.acquire(client))
+                if self.method in PULL_METHODS:
+                    holds.append(limits.pulls.acquire(client))
+            except Refused as refused:
+                release()
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused.message)
         if isinstance(first, _Undecodable):
             release()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, first.message)
@@ -245,8 +290,18 @@ class _Gate:
                 f"token {self.principal.name!r} is not allowed to use model {model!r}",
             )
 
+    def watched(self, context: grpc.ServicerContext) -> _Watched | None:
+        """The call under the endpoint's stream watch, until it ends."""
+        if self.limits is None:
+            return None
+        watch = self.limits.watch
+        call = watch.watch(context, self.method)
+        if not context.add_callback(lambda: watch.forget(call)):
+            watch.forget(call)
+        return call
+
     def run(self, behavior: Callable[..., Any], request: Any, context: grpc.ServicerContext) -> Any:
-        token = _current.set(self.principal)
+        token = _current.set((self.principal, self.client(context)))
         try:
             return behavior(request, context)
         finally:
@@ -264,9 +319,11 @@ class _Gate:
 
     def unary_in_stream_out(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            call = self.watched(context)
             release = self.admit(context, request)
+            caller = (self.principal, self.client(context))
             try:
-                yield from _with_principal(self.principal, behavior(request, context))
+                yield from _with_caller(caller, behavior(request, context), call)
             finally:
                 release()
 
@@ -274,6 +331,8 @@ class _Gate:
 
     def stream_in(self, behavior: Callable[..., Any], streaming_out: bool) -> Callable[..., Any]:
         def wrapped(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            call = self.watched(context)
+            requests = _timed(requests, call)
             first = None
             if self.peek and self.denial is None and self.principal is not None and self.model_of:
                 first = next(requests, None)  # the header names the model
@@ -284,9 +343,8 @@ class _Gate:
                     return self.run(behavior, replay, context)
                 finally:
                     release()
-            return _release_after(
-                _with_principal(self.principal, behavior(replay, context)), release
-            )
+            caller = (self.principal, self.client(context))
+            return _release_after(_with_caller(caller, behavior(replay, context), call), release)
 
         return wrapped
 
@@ -315,14 +373,39 @@ def _release_after(replies: Iterator[Any], release: Callable[[], None]) -> Itera
         release()
 
 
-def _with_principal(principal: Principal | None, replies: Iterator[Any]) -> Iterator[Any]:
-    """Iterate a streaming handler with the principal set while its code runs."""
+def _with_caller(
+    caller: tuple[Principal | None, Client | None],
+    replies: Iterator[Any],
+    call: _Watched | None = None,
+) -> Iterator[Any]:
+    """Iterate a streaming handler with the caller set while its code runs; between a reply
+    and the next, the call waits for its client to take the reply (watched)."""
     while True:
-        token = _current.set(principal)
+        token = _current.set(caller)
         try:
             reply = next(replies)
         except StopIteration:
             return
         finally:
             _current.reset(token)
+        if call is not None:
+            call.waiting()
         yield reply
+        if call is not None:
+            call.moved()
+
+
+def _timed(requests: Iterator[Any], call: _Watched | None) -> Iterator[Any]:
+    """The request stream, with each wait for the client's next message watched."""
+    if call is None:
+        yield from requests
+        return
+    while True:
+        call.waiting()
+        try:
+            request = next(requests)
+        except StopIteration:
+            return
+        finally:
+            call.moved()
+        yield request

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from optserve.common.codec import MAX_MESSAGE_BYTES
 from optserve.common.errors import KIND_METADATA, OptserveError, Unavailable, kind_of
 from optserve.server.edge.auth import EdgeGuard
+from optserve.server.edge.tokens import EdgeConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class GrpcServer:
     port: int
     health: health.HealthServicer
     service_names: Sequence[str]
+    guard: EdgeGuard | None = None  # its allowances, for tests and metrics
 
     def start(self) -> None:
         self.server.start()
@@ -64,8 +66,9 @@ def create_server(
 
     `services` holds (add_XServicer_to_server, servicer, full service name) triples. Health
     checking (grpc.health.v1) and server reflection are added for all of them. `guard` checks
-    every call (tokens, roles, model scopes, streams per client) and, when its config has a
-    certificate, the port serves TLS only.
+    every call (tokens, roles, model scopes, what one client may hold) and, when its config has
+    a certificate, the port serves TLS only; its config's connection limits apply (defaults
+    without one). `max_workers` must exceed what one client may hold here.
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="optserve-grpc"),
@@ -74,6 +77,7 @@ def create_server(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
+            *connection_options(guard.config if guard is not None else EdgeConfig()),
         ],
     )
     names = []
@@ -94,7 +98,29 @@ def create_server(
         raise OSError(f"cannot bind a gRPC server to {address} (is the port in use?)") from exc
     if port == 0:
         raise OSError(f"cannot bind a gRPC server to {address} (is the port in use?)")
-    return GrpcServer(server, port, health_servicer, names)
+    return GrpcServer(server, port, health_servicer, names, guard)
+
+
+def connection_options(config: EdgeConfig) -> list[tuple[str, int]]:
+    """gRPC core's connection limits for a server: it pings a quiet client (and drops one that
+    does not answer), closes a connection idle for max_connection_idle_s, and asks a client to
+    reconnect after max_connection_age_s (its calls in flight get the grace to end). Clients
+    may ping every 10 s without data (more often is a strike; two strikes close the
+    connection)."""
+
+    def ms(seconds: float) -> int:
+        return min(int(seconds * 1000), 2**31 - 1)
+
+    return [
+        ("grpc.keepalive_time_ms", ms(config.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(config.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", ms(config.max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", ms(config.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(config.max_connection_age_grace_s)),
+    ]
 
 
 def _details(message: str) -> str:

@@ -48,8 +48,17 @@ TRAINER_METHODS = frozenset(
     }
 )
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
-# Authenticated by the model's shard secret (shard_service.SECRET_METADATA), not by a token.
+# Authenticated by the calling shard's own key (shard.service.shard_key), not by a token.
 INTERNAL_METHODS = frozenset({"/optserve.v1.Shard/Sequence"})
+# Rate limited per token and per address (control_calls_per_s): each one reaches the model's
+# shards through the coordinator.
+CONTROL_METHODS = frozenset(
+    f"/optserve.v1.Coordinator/{name}"
+    for name in ("ReportMetric", "SetOptimizer", "SetHyperparameters", "SetSchedule",
+                 "Checkpoint", "Restore", "CreateModel", "DropModel")
+)  # fmt: skip
+# Each reads the shard's whole slice: held under max_pulls_per_client.
+PULL_METHODS = frozenset({"/optserve.v1.Shard/Pull", "/optserve.v1.Shard/PushPull"})
 
 
 def token_digest(token: str) -> str:
@@ -159,6 +168,15 @@ def _entry_digest(entry: Mapping[str, Any], where: str) -> str:
     return digest.lower()
 
 
+_POSITIVE_LIMITS = (
+    "max_streams_per_client", "max_streams_per_address", "max_coordinator_calls_per_client",
+    "max_coordinator_calls_per_address", "max_pulls_per_client", "max_pulls_per_address",
+    "max_staged_bytes_per_client", "max_staged_bytes_per_address", "control_calls_per_s",
+    "keepalive_time_s", "keepalive_timeout_s", "max_connection_idle_s", "max_connection_age_s",
+    "max_connection_age_grace_s", "stream_idle_s", "max_stream_io_s",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class EdgeConfig:
     """What every endpoint of one optserve server enforces; passed to the coordinator actor and
@@ -172,13 +190,48 @@ class EdgeConfig:
     tls_cert: bytes | None = None
     tls_key: bytes | None = None
     tls_ca: bytes | None = None
-    max_streams_per_client: int = DEFAULT_MAX_STREAMS_PER_CLIENT
+    # What one client may hold (server/edge/limits.py): "per_client" is per token (per address
+    # with auth off), "per_address" per host whatever its tokens; never per connection.
+    max_streams_per_client: int = DEFAULT_MAX_STREAMS_PER_CLIENT  # calls in flight, a shard
+    max_streams_per_address: int = 256
+    max_coordinator_calls_per_client: int = 32  # calls in flight, the coordinator
+    max_coordinator_calls_per_address: int = 64
+    max_pulls_per_client: int = 32  # Pull and PushPull streams in flight, a shard
+    max_pulls_per_address: int = 128
+    max_staged_bytes_per_client: int = 4 << 30  # pushes' fp32 slices staged on a shard
+    max_staged_bytes_per_address: int = 16 << 30
+    control_calls_per_s: float = 100.0  # per token, bursts of twice that; an address 4x
+    # Connections and streams (server/edge/rpc.py): keepalive pings, idle and age limits, and
+    # how long a stream may wait on its client (stream_idle_s) or move in all.
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    max_connection_idle_s: float = 900.0
+    max_connection_age_s: float = 3600.0
+    # A push may wait a whole sync round (round_timeout_s, at most a day) on an old connection.
+    max_connection_age_grace_s: float = 90_000.0
+    stream_idle_s: float = 120.0
+    max_stream_io_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidArgument("TLS needs both a certificate and its key")
-        if self.max_streams_per_client < 1:
-            raise InvalidArgument("max_streams_per_client must be at least 1")
+        for name in _POSITIVE_LIMITS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise InvalidArgument(f"{name} must be a positive number, got {value!r}")
+        if self.max_coordinator_calls_per_address < self.max_coordinator_calls_per_client:
+            raise InvalidArgument(
+                "max_coordinator_calls_per_address must be at least "
+                "max_coordinator_calls_per_client"
+            )
+
+    @property
+    def coordinator_threads(self) -> int:
+        """The coordinator's handler threads: above what one address may hold, so that one
+        client can never take them all."""
+        return self.max_coordinator_calls_per_address + max(
+            16, self.max_coordinator_calls_per_client
+        )
 
     @property
     def tls(self) -> bool:

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from optserve.common.config import AsyncMode, ModeConfig, ScheduleConfig, parse_optimizer_config
 from optserve.common.errors import InvalidArgument, from_rpc_error
-from optserve.server.edge.auth import EdgeGuard
+from optserve.server.edge.auth import EdgeGuard, staging_allowance
 from optserve.server.edge.rpc import (
     CHANNEL_OPTIONS,
     advertised_address,
@@ -57,6 +57,8 @@ STATUS_TRAINERS = 1000
 REMEMBERED_CONTROLS = 256
 # How many audit entries and metric reports the leader keeps.
 HISTORY_LIMIT = 10_000
+# Distinct metric names one model keeps (ReportMetric).
+MAX_METRIC_NAMES = 64
 
 
 def _jsonable(changes: dict[str, Any]) -> dict[str, Any]:
@@ -136,6 +138,7 @@ class ShardActor:
         if sequencer is not None and history:
             self._audit.extend(history.get("audit", []))
             self._metric_history.extend(history.get("metrics", []))
+        self._metric_names = {m.get("name") for m in self._metric_history}
         self._secret = secret
         self._edge = edge or EdgeConfig()
         self._serve(host, sequencer, ray_service)
@@ -150,8 +153,9 @@ class ShardActor:
         if sequencer is not None:
             self._metrics.lead(self._leader_view)
         self._service = ShardService(
-            self._state, sequencer, secret=self._secret, metrics=self._metrics
-        )
+            self._state, sequencer, secret=self._secret, metrics=self._metrics,
+            staging=staging_allowance(self._edge),
+        )  # fmt: skip
         self._leader_channel: grpc.Channel | None = None
         self._server = create_server(
             format_address(host, 0),
@@ -332,13 +336,23 @@ class ShardActor:
                 self._controls.popitem(last=False)
             return result
 
+    @ray.method(concurrency_group="metrics")
     def report_metric(
         self, name: str, value: float, step: int | None, when: float
     ) -> tuple[int, bool]:
         """The leader's: feed a metric to the model's one schedule and keep it in the history.
         Nothing pauses: the updates the leader decides from now on carry the lr it gives.
-        Returns the last version decided and whether the lr changed."""
+        Returns the last version decided and whether the lr changed. A model keeps at most
+        MAX_METRIC_NAMES names (status and plots show each). On a thread of its own: a storm
+        of reports never delays a control change or a checkpoint."""
         sequencer = self._require_leader()
+        names = self._metric_names
+        if name not in names and len(names) >= MAX_METRIC_NAMES:
+            raise InvalidArgument(
+                f"model {self._state.model!r} already has {len(names)} metric names, the most "
+                f"it keeps; report under one of them"
+            )
+        names.add(name)
         changed = self._state.report_metric(name, value)
         version = sequencer.version
         self._metric_history.append({

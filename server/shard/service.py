@@ -21,13 +21,14 @@ from optserve.common.errors import (
     InvalidArgument,
     NotFound,
     OptserveError,
-    PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
     error_for_status,
     kind_of,
 )
 from optserve.common.wire import RawChunk, chunk_frames, header_frame, parse_frame, passthrough
-from optserve.server.edge.auth import current_principal
+from optserve.server.edge.auth import current_client, current_principal
+from optserve.server.edge.limits import Allowance, Hold, Refused
 from optserve.server.edge.rpc import stream_errors, unary_errors
 from optserve.server.metrics import ShardMetrics
 from optserve.server.shard.memory import mapped_empty
@@ -47,6 +48,14 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "optserve.v1.Shard"
 SECRET_METADATA = "x-optserve-shard-secret"
+# Every refused Sequence call hears the same: nothing about the model, the shard or the key.
+SEQUENCE_DENIED = "Sequence is only for a model's own shards"
+
+
+def shard_key(model_secret: str, index: int) -> str:
+    """Shard `index`'s own key for Sequence: HMAC-SHA256 of its index under the model's secret
+    (which only the leader holds). A shard can speak for itself, never for another shard."""
+    return hmac.new(model_secret.encode(), f"shard:{index}".encode(), "sha256").hexdigest()
 
 
 def decision_to_proto(decision: Decision) -> shard_pb2.SequenceDecision:
@@ -145,8 +154,11 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         leader: Callable[[shard_pb2.SequenceRequest], shard_pb2.SequenceDecision] | None = None,
         secret: str = "",
         metrics: ShardMetrics | None = None,
+        staging: Allowance | None = None,
     ) -> None:
         self._state = state
+        # Bytes of pushes each client has staged here (max_staged_bytes_per_client).
+        self.staging = staging
         self.metrics = metrics or ShardMetrics(state.model, state.index)
         self.sequencer = sequencer
         # Stage, decide, apply (server/shard/pipeline.py); the leader decides every push.
@@ -157,7 +169,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             self.pipeline.leader = LocalLeader(sequencer)
         elif leader is not None:
             self.use_leader(leader)
-        # Shared by a model's shards (from the coordinator): only they may call Sequence.
+        # The leader's: the model's secret, from which it checks each shard's own key (the
+        # others hold only their key, sent with their Sequence calls).
         self.secret = secret
 
     def use_leader(
@@ -211,12 +224,28 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         header = self._header(request_iterator)
         pull_dtype = _pull_dtype(header.pull_dtype)  # a bad one is refused before any staging
         push = PushCall(header.push_id, header.version, _identity(header.trainer), peer)
+        held = Hold()
 
         def receive(buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            nonlocal held
+            held = self._stage_allowance()  # refused here, the leader hears of it at once
             return self._gradients(request_iterator, buffers)
 
-        decision, version = self.pipeline.push(push, receive)
+        try:
+            decision, version = self.pipeline.push(push, receive)
+        finally:
+            held.release()  # decided (applied or refused) or discarded: nothing staged
         return decision, version, pull_dtype
+
+    def _stage_allowance(self) -> Hold:
+        """Charge the caller for the fp32 slice its push fills, or refuse the push."""
+        client = current_client()
+        if self.staging is None or client is None:
+            return Hold()
+        try:
+            return self.staging.acquire(client, 4 * self._state.numel)
+        except Refused as refused:
+            raise ResourceExhausted(refused.message) from None
 
     @unary_errors
     def Push(
@@ -288,14 +317,20 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     def Sequence(
         self, request: shard_pb2.SequenceRequest, context: grpc.ServicerContext
     ) -> shard_pb2.SequenceDecision:
-        self._check_model(request.model)
+        # The key first, before anything about the request is looked at or answered: a caller
+        # without it learns nothing (not whether the model is here, nor which shard leads).
         said = dict(context.invocation_metadata()).get(SECRET_METADATA, "")
-        if not said:
-            raise Unauthenticated("Sequence is for the model's own shards: no shard secret sent")
-        if not self.secret or not hmac.compare_digest(str(said), self.secret):
-            raise PermissionDenied("Sequence is for the model's own shards")
-        if self.sequencer is None:
-            raise InvalidArgument(f"shard {self._state.index} is not its model's leader")
+        said = said.decode(errors="replace") if isinstance(said, bytes) else str(said)
+        if (
+            self.sequencer is None
+            or not self.secret
+            or not said
+            or not hmac.compare_digest(
+                said.encode(), shard_key(self.secret, request.shard).encode()
+            )
+        ):
+            raise Unauthenticated(SEQUENCE_DENIED)
+        self._check_model(request.model)
         if request.verdict:
             refused = self.sequencer.verdict(
                 request.verified_version, request.shard, request.finite

@@ -329,12 +329,14 @@ def make_certificates():
 
 @pytest.fixture(scope="module")
 def tls_service(ray_session):
-    """A server with TLS on every endpoint, and a low stream limit per client."""
+    """A server with TLS on every endpoint, and low stream limits per token (4) and per
+    address (8)."""
     from optserve.server.runtime import start_service
 
     ca, cert, key = make_certificates()
     edge = auth.edge_config(tls_cert=cert, tls_key=key, tls_ca=ca)
-    edge = type(edge)(**{**edge.__dict__, "max_streams_per_client": 4})
+    edge = type(edge)(**{**edge.__dict__, "max_streams_per_client": 4,
+                         "max_streams_per_address": 8})  # fmt: skip
     svc = start_service(port=0, name="optserve-tls-test", edge=edge)
     yield svc, ca
     svc.stop(grace_s=1.0)
@@ -372,10 +374,12 @@ def test_a_client_holding_too_many_streams_gets_resource_exhausted(tls_service, 
         client.create_model(model_name, {"w": torch.zeros(4)}, SGD, num_shards=1, mode=mode)
         client.pull(model_name)
         ones = {"w": torch.ones(4)}
-        # Four pushes wait in the round (the limit is 4 per client); a fifth is refused at once.
+        # Four pushes wait in the round (the limit is 4 per token); a fifth is refused at once,
+        # even on a connection of its own: the limit is the token's, not the connection's.
         with (
             ThreadPoolExecutor(8) as pool,
-            ParameterServerClient(service.address, tls_ca=ca) as other,
+            ParameterServerClient(service.address, tls_ca=ca, token=auth.TRAINER) as other,
+            ParameterServerClient(service.address, tls_ca=ca) as same_token,
         ):
             waiting = [
                 pool.submit(client.push, model_name, ones, trainer=f"t{i}") for i in range(4)
@@ -383,7 +387,9 @@ def test_a_client_holding_too_many_streams_gets_resource_exhausted(tls_service, 
             wait_until_in_round(service, model_name, 4)
             with pytest.raises(ResourceExhausted, match="max_streams_per_client"):
                 client.push(model_name, ones, trainer="t5")
-            # Another client has its own allowance: its four pushes complete the round.
+            with pytest.raises(ResourceExhausted, match="max_streams_per_client"):
+                same_token.push(model_name, ones, trainer="t5")
+            # Another token has its own allowance: its four pushes complete the round.
             waiting += [
                 pool.submit(other.push, model_name, ones, trainer=f"u{i}") for i in range(4)
             ]
@@ -400,10 +406,14 @@ def test_a_client_holding_too_many_streams_gets_resource_exhausted(tls_service, 
 
 
 def test_the_stream_limit_is_per_client_not_on_the_shards_own_calls(tls_service, model_name):
-    """Six trainers in one sync round on two shards: the second shard asks the leader about all
-    six pushes at once over its one connection, more than a client's allowance of 4."""
+    """Six trainers (two tokens, three each) in one sync round on two shards: the second shard
+    asks the leader about all six pushes at once over its one connection, more than a token's
+    allowance of 4."""
     service, ca = tls_service
-    clients = [ParameterServerClient(service.address, tls_ca=ca) for _ in range(6)]
+    clients = [
+        ParameterServerClient(service.address, tls_ca=ca, token=token)
+        for token in (auth.ADMIN, auth.TRAINER) * 3
+    ]
     try:
         mode = {"mode": "sync", "trainers": 6, "round_timeout_s": 60.0}
         clients[0].create_model(model_name, {"w": torch.zeros(8)}, SGD, num_shards=2, mode=mode)
