@@ -547,10 +547,12 @@ def edge_statuses(policy: Policy) -> list[tuple[str, str, str]]:
         ("PERMISSION_DENIED", "The token's role does not cover the method (a trainer token on an "
          "admin method), or its `models` patterns do not cover the model.",
          "Use a token that covers the call."),
-        ("RESOURCE_EXHAUSTED", f"The client connection already has {policy.max_streams_per_client} "
-         "calls in flight on this endpoint (`max_streams_per_client`); or a message is over "
+        ("RESOURCE_EXHAUSTED", "The token (or the address) already holds all the calls, pulls "
+         "or staged push bytes it may hold on this endpoint (`max_streams_per_client`: "
+         f"{policy.max_streams_per_client} calls per token by default), or sends control calls "
+         "faster than `control_calls_per_s`; the message names the limit. Or a message is over "
          f"{byte_size(policy.max_message_bytes)} (gRPC's own check).",
-         "Wait for calls to finish; keep messages small."),
+         "Wait for calls to finish, slow down; keep messages small."),
         ("INVALID_ARGUMENT", "A request message that does not parse.", "Fix the encoding."),
         ("UNAVAILABLE", "The endpoint is unreachable or shutting down, or a shard actor behind "
          "it died or did not answer (the server brings it back).", "Retry with back-off."),
@@ -798,11 +800,11 @@ def rpc_statuses(policy: Policy, f: Facts) -> dict[str, list[tuple[str, str, str
             ),
         ],
         "Shard/Sequence": [
-            ("UNAUTHENTICATED", f"No `{f.secret_metadata}` metadata.", "Clients never call it."),
-            ("PERMISSION_DENIED", "The wrong shard secret.", "Clients never call it."),
             (
-                "INVALID_ARGUMENT",
-                "The shard asked is not its model's leader (shard 0).",
+                "UNAUTHENTICATED",
+                f"No `{f.secret_metadata}` metadata, a key that is not the "
+                "calling shard's own (each shard's is bound to its index), or a shard that is not "
+                "its model's leader: checked first, and always the same message.",
                 "Clients never call it.",
             ),
         ],
@@ -1218,9 +1220,13 @@ def render_intro(
         "A missing or unknown "
         "token gets `UNAUTHENTICATED`; a token whose role does not cover the method gets "
         "`PERMISSION_DENIED`, and so does a call about a model outside the token's `models` "
-        "patterns (`ListModels` lists only the models a token covers). Each client connection "
-        f"may have at most {policy.max_streams_per_client} calls in flight on one endpoint by "
-        "default (`max_streams_per_client`); one more gets `RESOURCE_EXHAUSTED`.",
+        "patterns (`ListModels` lists only the models a token covers). Each token may have at "
+        f"most {policy.max_streams_per_client} calls in flight on one shard endpoint by "
+        "default (`max_streams_per_client`), whatever connections it opens, and each address "
+        "has an allowance of its own; pulls in flight, staged push bytes and the rate of "
+        "control calls are bounded the same way. One more gets `RESOURCE_EXHAUSTED`. A stream "
+        "that waits on its client for too long (`stream_idle_s`, 120 s by default) is "
+        "cancelled (`CANCELLED`).",
         "",
         "A token has the role `trainer` or `admin`. An admin token may call every method. A "
         "trainer token may call only these:",
@@ -1232,7 +1238,7 @@ def render_intro(
         yield (
             "Shards call "
             + ", ".join(f"`{name}`" for name in internal)
-            + " on each other, authenticated by the model's shard secret instead of a token; "
+            + " on each other, authenticated by the calling shard's own key instead of a token; "
             "clients never call " + ("it." if len(internal) == 1 else "them.")
         )
         yield ""

@@ -100,8 +100,8 @@ class ShardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Sequence(self, request, context):
-        """Internal, shard to shard (callers must send the model's shard secret as the
-        "x-optserve-shard-secret" metadata): a shard that holds its slice of a push asks the
+        """Internal, shard to shard (callers send their own shard key, bound to their index, as the
+        "x-optserve-shard-secret" metadata; the leader checks it first): a shard that holds its slice of a push asks the
         model's leader shard (index 0) to order it. Answered once the leader has decided: every shard of the model
         gets the same decision, so all apply the same pushes in the same order, or none.
         """
