@@ -126,5 +126,8 @@ class _Server6(_Server):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    # A client that sends its request this slowly is dropped, its thread freed.
+    timeout = 10.0
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         """No line per scrape on stderr."""
