@@ -11,7 +11,12 @@ import torch
 
 from optserve.common.config import SGDConfig, parse_mode_config
 from optserve.common.errors import InvalidArgument, StalePush, Unavailable
-from optserve.server.shard.pipeline import LocalLeader, PushCall, PushPipeline
+from optserve.server.shard.pipeline import (
+    MAX_IDENTITY_CHARS,
+    LocalLeader,
+    PushCall,
+    PushPipeline,
+)
 from optserve.server.shard.sequencer import Sequencer
 from optserve.server.shard.state import GroupInit, ShardState
 
@@ -173,8 +178,8 @@ def test_push_ids_and_trainer_names_are_bounded():
     states, pipes, _ = two_shards()
     with pytest.raises(InvalidArgument, match="push_id"):
         pipes[0].push(PushCall("x" * 65, 0), gradient([1.0, 1, 1]))
-    with pytest.raises(InvalidArgument, match="trainer"):
-        pipes[0].push(PushCall("p", 0, "t" * 129), gradient([1.0, 1, 1]))
+    with pytest.raises(InvalidArgument, match="trainer"):  # what a push says: test_identity.py
+        pipes[0].push(PushCall("p", 0, "t" * (MAX_IDENTITY_CHARS + 1)), gradient([1.0, 1, 1]))
     assert all(s.version == 0 for s in states)
     results = push_on_both(pipes, "x" * 64, 0, [gradient([1.0, 1, 1])] * 2)  # at the bounds
     assert all(not isinstance(r, Exception) for r in results), results
