@@ -164,10 +164,13 @@ class Persistence:
             stop_shards(replace.actors, replace.placement_group, 1.0)
         try:
             failure: Exception | None = None
+            passed_over: list[dict[str, str]] = []  # told in the restore's audit entry
             for candidate in candidates:
                 try:
                     ckpt = store.read_manifest(name, candidate)
-                    return self._restore(ckpt, old, num_shards, caller, replace, history)
+                    return self._restore(
+                        ckpt, old, num_shards, caller, replace, history, passed_over
+                    )
                 except Exception as exc:  # broken, whatever the error: the next newest
                     if checkpoint is not None or _may_pass(exc):
                         raise  # named, or no fault of the checkpoint's (no room, a timeout)
@@ -175,6 +178,8 @@ class Persistence:
                     self.metrics.checkpoint_fallback(name, reason)
                     log.warning("checkpoint %s/%s cannot be restored (%s): %s; trying an "
                                 "older one", name, candidate, reason, exc)  # fmt: skip
+                    passed_over.append({"checkpoint": candidate, "reason": reason,
+                                        "error": str(exc)[:300]})  # fmt: skip
                     failure = failure or exc
             if failure is None:
                 raise FailedPrecondition(f"model {name!r} has no checkpoint to restore")
@@ -191,6 +196,7 @@ class Persistence:
         caller: str,
         replace: ModelRecord | None,
         live_history: dict[str, list] | None,
+        passed_over: list[dict[str, str]] | None = None,
     ) -> ModelRecord:
         name = ckpt.model
         num_shards = num_shards or (len(old.actors) if old else ckpt.num_shards)
@@ -218,6 +224,8 @@ class Persistence:
             done = {"checkpoint": ckpt.name, "shards": num_shards, "bytes": ckpt.bytes,
                     "allocate_s": round(max(r["allocate_s"] for r in read), 3),
                     "read_s": round(max(r["read_s"] for r in read), 3)}  # fmt: skip
+            if passed_over:  # newer checkpoints of the model that were broken
+                done["passed_over"] = list(passed_over)
             audit = {**control.audit_entry(caller, "restore", None, done), "version": ckpt.version}
             ray.get(record.actors[0].record_history.remote([audit], []), timeout=60)
         except BaseException:

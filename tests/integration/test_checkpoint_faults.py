@@ -199,6 +199,10 @@ def test_recovery_falls_back_past_any_broken_checkpoint(
 
     entry = wait_for("the model to come back", restored)
     assert entry["caller"] == "recovery" and entry["new"]["checkpoint"] == good["name"]
+    # The audit entry (shown by status) names each broken checkpoint passed over, and why.
+    passed = entry["new"]["passed_over"]
+    assert [p["checkpoint"] for p in passed] == [name for name, _ in reversed(broken)]
+    assert all(p["reason"] and p["error"] for p in passed)
     weights, version = client.pull(model_name)
     assert version == good["version"] == 1
     assert all(torch.equal(weights[n], at_good[n]) for n in SHAPES)
