@@ -168,6 +168,7 @@ class Persistence:
             for candidate in candidates:
                 try:
                     ckpt = store.read_manifest(name, candidate)
+                    store.check_files(ckpt)  # no shards are started for missing files
                     return self._restore(
                         ckpt, old, num_shards, caller, replace, history, passed_over
                     )

@@ -358,6 +358,22 @@ class Store:
             raise FailedPrecondition(f"{where} is malformed: {exc!r}") from None
         return ckpt
 
+    def check_files(self, ckpt: Checkpoint) -> None:
+        """Every file the checkpoint names is there at the size its writer reported: what
+        one look at each file shows, before shards are started to read them (their contents
+        are verified by the shards that read them)."""
+        for source in ckpt.sources():
+            where = f"checkpoint {ckpt.model}/{ckpt.name}: {posixpath.basename(source.path)}"
+            expected = source.entry.bytes if source.entry is not None else None
+            if expected is None:
+                expected = ckpt.files.get(TENSORS_1, {}).get("bytes")
+            try:
+                size = self.fs.size(self.path(source.path))
+            except (OSError, ValueError) as exc:
+                raise FailedPrecondition(f"{where} cannot be read: {exc}") from None
+            if expected is not None and size != int(expected):
+                raise FailedPrecondition(f"{where} has {size} bytes; its writer wrote {expected}")
+
     def prune(self, model: str, keep: int) -> builtins.list[str]:
         """Delete all but the newest `keep` complete checkpoints, and abandoned partial ones;
         return the names deleted."""

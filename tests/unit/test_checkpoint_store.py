@@ -382,3 +382,15 @@ def test_checkpoint_faults_have_a_reason():
     assert failure_reason(ValueError("x")) == "error"
     wrapped = ray.exceptions.RayTaskError("f", "tb", OSError(errno.ENOSPC, "full"))
     assert failure_reason(wrapped.as_instanceof_cause()) == "disk_full"
+
+
+def test_missing_or_truncated_files_are_seen_before_any_shard_starts(store):
+    ckpt = take(store, trained_shards(2, steps=1))
+    store.check_files(ckpt)  # sound
+    first, second = (store.path(s.path) for s in ckpt.sources())
+    store.fs.pipe_file(second, store.fs.cat_file(second)[:-10])
+    with pytest.raises(FailedPrecondition, match="its writer wrote"):
+        store.check_files(ckpt)
+    store.fs.rm(first)
+    with pytest.raises(FailedPrecondition, match="cannot be read"):
+        store.check_files(ckpt)
