@@ -239,9 +239,14 @@ class Persistence:
         self._commit(record)
         # Only over the model as it was when this began: dropped, created again or restored
         # meanwhile, it stays as it is now.
-        if not self.register(record, replacing=replace if replace is not None else old):
-            stop_shards(record.actors, record.placement_group, 1.0)
-            raise Aborted(f"model {name!r} changed while it was being restored")
+        with record.checkpoint_lock:  # a drop of the new record waits: its mark comes after
+            if not self.register(record, replacing=replace if replace is not None else old):
+                stop_shards(record.actors, record.placement_group, 1.0)
+                raise Aborted(f"model {name!r} changed while it was being restored")
+            try:  # restored after a drop: it runs again, and a restart must bring it back
+                store.clear_dropped(name)
+            except Exception:  # noqa: BLE001 - it runs; only a restart would miss it
+                log.warning("could not clear the drop mark of %s", name, exc_info=True)
         if old is not None and old is not replace:
             stop_shards(old.actors, old.placement_group, 1.0)
         log.info("restored %s at version %d on %d shard(s): %.1f MB read in %.2f s", name,

@@ -280,6 +280,13 @@ class Store:
         self.fs.makedirs(self._dir(model), exist_ok=True)
         self._publish(self._dir(model), DROPPED, json.dumps({"time": time.time()}))
 
+    def clear_dropped(self, model: str) -> None:
+        """Forget a drop: the model was restored since."""
+        path = posixpath.join(self._dir(model), DROPPED)
+        if self.fs.exists(path):
+            self.fs.rm(path)
+            sync_directory(self.fs, self._dir(model))
+
     def dropped_after_last_checkpoint(self, model: str) -> bool:
         """Whether the model was dropped after its newest checkpoint was taken. A drop mark
         that cannot be read counts as a drop: a restart must never bring back a dropped

@@ -272,7 +272,9 @@ def test_a_drop_waits_for_a_checkpoint_in_flight_which_then_publishes_nothing(
                  reason="dropped") == 1  # fmt: skip
 
 
-def test_a_drop_the_store_cannot_record_is_refused_and_changes_nothing(service, client, model_name):
+def test_a_drop_the_store_cannot_record_is_refused_and_changes_nothing(
+    service, client, model_name, checkpoint_dir
+):
     client.create_model(model_name, initial(), ADAM, checkpoint={"enabled": False})
     client.checkpoint(model_name)
 
@@ -292,3 +294,6 @@ def test_a_drop_the_store_cannot_record_is_refused_and_changes_nothing(service, 
     assert client.push(model_name, grads(0), version=0) == 1
     client.drop_model(model_name)
     assert model_name not in client.list_models()
+    assert Store(checkpoint_dir).dropped_after_last_checkpoint(model_name)
+    client.restore(model_name)  # the operator takes the drop back: a restart keeps it too
+    assert not Store(checkpoint_dir).dropped_after_last_checkpoint(model_name)
