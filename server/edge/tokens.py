@@ -5,6 +5,7 @@ per-client limits). `auth` enforces it on every call.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import hmac
@@ -224,6 +225,21 @@ class EdgeConfig:
                 "max_coordinator_calls_per_address must be at least "
                 "max_coordinator_calls_per_client"
             )
+
+    def fit_round(self, trainers: int, slice_bytes: int) -> EdgeConfig:
+        """This config for a shard of a sync model of `trainers` trainers: one token (and one
+        address) may always have a whole round's pushes staged and its pulls in flight (the
+        ranks of one job often share a token). Calls in flight stay as configured."""
+        if trainers <= 0:
+            return self
+        staged = trainers * slice_bytes
+        return dataclasses.replace(
+            self,
+            max_pulls_per_client=max(self.max_pulls_per_client, trainers),
+            max_pulls_per_address=max(self.max_pulls_per_address, trainers),
+            max_staged_bytes_per_client=max(self.max_staged_bytes_per_client, staged),
+            max_staged_bytes_per_address=max(self.max_staged_bytes_per_address, staged),
+        )
 
     @property
     def coordinator_threads(self) -> int:

@@ -140,7 +140,10 @@ class ShardActor:
             self._metric_history.extend(history.get("metrics", []))
         self._metric_names = {m.get("name") for m in self._metric_history}
         self._secret = secret
-        self._edge = edge or EdgeConfig()
+        # Allowances at least a sync round wide: one token may run all of a round's trainers.
+        self._edge = (edge or EdgeConfig()).fit_round(
+            getattr(mode, "trainers", 0), 4 * self._state.numel
+        )
         self._serve(host, sequencer, ray_service)
 
     def _serve(self, host: str, sequencer: Sequencer | None, ray_service: str | None) -> None:

@@ -46,6 +46,15 @@ def limited(ray_session):
     svc.stop(grace_s=1.0)
 
 
+@pytest.fixture(scope="module")
+def bystander(limited):
+    """A model of another tenant, for calls that must go through while one client misbehaves."""
+    name = scoped_name()
+    with ParameterServerClient(limited.address) as admin:
+        admin.create_model(name, {"w": torch.zeros(8)}, SGD)
+    return name
+
+
 def scoped_name():
     # "scoped-*": every test token may use it, the scoped ones too.
     return f"scoped-limits-{next(_names)}-{uuid.uuid4().hex[:6]}"
@@ -140,30 +149,35 @@ def test_pulls_in_flight_are_per_token_and_per_address_not_per_connection(limite
 
 def test_staged_push_bytes_are_charged_per_token_until_the_push_is_decided(limited):
     model = scoped_name()
-    mode = {"mode": "sync", "trainers": 2, "round_timeout_s": 120.0}
     with (
         ParameterServerClient(limited.address) as admin,
-        ParameterServerClient(limited.address) as admin_again,
         ParameterServerClient(limited.address, token=auth.TRAINER) as trainer,
-        ThreadPoolExecutor(2) as pool,
     ):
-        admin.create_model(model, {"w": torch.zeros(8)}, SGD, mode=mode)
+        info = admin.create_model(model, {"w": torch.zeros(8)}, SGD)
         (leader,) = shards(limited, model)
-        ones = {"w": torch.ones(8)}
-        first = pool.submit(admin.push, model, ones, trainer="a")
-        # Its slice (8 fp32 = 32 bytes) waits in the round, charged to the admin token.
-        wait_for(lambda: held(leader, "staging", "admin") == (32, 32), "the first push staged")
-        # A second push of the same token, on another connection, would stage 32 more bytes.
-        with pytest.raises(ResourceExhausted, match="max_staged_bytes_per_client"):
-            admin_again.push(model, {"w": torch.full((8,), 100.0)}, trainer="b")
-        # Another token's push has room (the address's 64 bytes) and completes the round.
-        second = pool.submit(trainer.push, model, ones, trainer="c")
-        assert first.result(timeout=60) == second.result(timeout=60) == 1
-        # Decided: the bytes are given back; the refused push counted for nothing.
+        release = threading.Event()
+        # A push of the admin token that has begun: its slice (8 fp32 = 32 bytes) is charged.
+        channel, held_open = open_stream(
+            info.shards[0].address, auth.ADMIN, "Push", header_then_wait(model, release)
+        )
+        try:
+            wait_for(lambda: held(leader, "staging", "admin") == (32, 32), "the push staged")
+            # Another push of the same token, on its own connection, would stage 32 more.
+            with pytest.raises(ResourceExhausted, match="max_staged_bytes_per_client"):
+                admin.push(model, {"w": torch.full((8,), 100.0)})
+            # Another token has room (the address has 64 bytes) and is applied.
+            assert trainer.push(model, {"w": torch.ones(8)}) == 1
+        finally:
+            release.set()  # the held push ends short: refused, and its bytes given back
+            with pytest.raises(grpc.RpcError):
+                held_open.result(timeout=60)
+            channel.close()
         wait_for(lambda: held(leader, "staging", "admin") == (0, 0), "the staged bytes freed")
+        assert held(leader, "staging", "trainer") == (0, 0)
+        # Only the trainer's push counted; the admin token pushes again.
         weights, version = admin.pull(model)
         assert version == 1 and torch.allclose(weights["w"], torch.full((8,), -0.1))
-        assert held(leader, "staging", "trainer") == (0, 0)
+        assert admin.push(model, {"w": torch.ones(8)}) == 2
 
 
 def test_a_push_stream_that_never_ends_is_cut(limited):
@@ -199,12 +213,13 @@ def test_a_push_stream_that_never_ends_is_cut(limited):
         assert client.push(model, {"w": torch.ones(1 << 12)}) == 1
 
 
-def test_a_report_metric_storm_does_not_block_another_models_control_calls(limited, tmp_path):
-    storm_model, other_model = scoped_name(), scoped_name()
+def test_a_report_metric_storm_does_not_block_another_models_control_calls(
+    limited, bystander, tmp_path
+):
+    storm_model, other_model = scoped_name(), bystander
     gate = str(tmp_path / "open")
     with ParameterServerClient(limited.address) as admin:
         admin.create_model(storm_model, {"w": torch.zeros(8)}, SGD)
-        admin.create_model(other_model, {"w": torch.zeros(8)}, SGD)
         (storm_leader,) = shards(limited, storm_model)
 
         def hold_metrics_thread(a, gate=gate):  # the storm's leader takes no metric for now
@@ -247,13 +262,12 @@ def test_a_report_metric_storm_does_not_block_another_models_control_calls(limit
         assert admin.pull(other_model)[1] == 0
 
 
-def test_control_calls_are_rate_limited_per_token(limited):
-    model = scoped_name()
+def test_control_calls_are_rate_limited_per_token(limited, bystander):
+    model = bystander
     with (
         ParameterServerClient(limited.address) as admin,
         ParameterServerClient(limited.address, token=auth.SCOPED_TRAINER) as trainer,
     ):
-        admin.create_model(model, {"w": torch.zeros(8)}, SGD)
         # 5 a second in bursts of 10: a tight loop is refused well before 200 calls.
         with pytest.raises(ResourceExhausted, match="control_calls_per_s"):
             for step in range(200):

@@ -142,3 +142,13 @@ def test_each_shard_has_its_own_key():
     assert len(keys) == 4
     assert shard_key("model-secret", 1) == shard_key("model-secret", 1)
     assert shard_key("other-secret", 1) not in keys
+
+
+def test_a_sync_shard_lets_one_token_hold_a_whole_round():
+    config = EdgeConfig(max_staged_bytes_per_client=100, max_pulls_per_client=2)
+    fitted = config.fit_round(trainers=8, slice_bytes=50)
+    assert fitted.max_staged_bytes_per_client == 400 and fitted.max_pulls_per_client == 8
+    assert fitted.max_staged_bytes_per_address >= 400 and fitted.max_pulls_per_address >= 8
+    assert fitted.max_streams_per_client == config.max_streams_per_client  # calls unchanged
+    assert config.fit_round(trainers=0, slice_bytes=50) is config  # async: as configured
+    assert config.fit_round(trainers=1, slice_bytes=50).max_staged_bytes_per_client == 100
