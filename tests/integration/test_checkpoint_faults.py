@@ -99,7 +99,14 @@ def test_a_full_disk_backs_off_leaves_nothing_and_is_counted(
                           ["failures_in_a_row"] and c)  # fmt: skip
     # It waits 15 s before the next try (not 0.5 s), then 30 s: the coordinator's computed
     # waits are read, no time is measured.
-    assert checkpoint["failures_in_a_row"] == 1 and 5 < checkpoint["next_try_in_s"] <= 15
+    assert checkpoint["failures_in_a_row"] == 1 and 0 < checkpoint["next_try_in_s"] <= 15
+
+    def scheduled_wait_s(coordinator):  # from the failure to the next try, as scheduled
+        record = coordinator.get(model_name)
+        now = time.monotonic(), time.time()
+        return record.checkpoint_retry_at - now[0] + now[1] - record.last_checkpoint_failure["time"]
+
+    assert 14.9 <= on_coordinator(service, scheduled_wait_s) < 16
     assert checkpoint["last_failure"]["reason"] == "disk_full"
     assert "No space left" in checkpoint["last_failure"]["error"]
     assert checkpoint_dirs(checkpoint_dir, model_name) == []  # the partial write is gone
@@ -111,7 +118,8 @@ def test_a_full_disk_backs_off_leaves_nothing_and_is_counted(
     checkpoint = wait_for("a second failure",
                           lambda: (c := client.status(model_name)["checkpoint"])
                           ["failures_in_a_row"] == 2 and c)  # fmt: skip
-    assert 15 < checkpoint["next_try_in_s"] <= 30
+    assert 0 < checkpoint["next_try_in_s"] <= 30
+    assert 29.9 <= on_coordinator(service, scheduled_wait_s) < 31
     # Asked for one, the admin hears what failed, with the right status; training goes on.
     with pytest.raises(ResourceExhausted, match="store is full"):
         client.checkpoint(model_name)
