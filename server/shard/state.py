@@ -344,10 +344,11 @@ class ShardState(StateViews):
             members = [self._unstage(m) for m in decision.members]
             refused = None
             try:
-                if any(m is None for m in members):
+                present = [m for m in members if m is not None]
+                if len(present) != len(members):
                     raise RuntimeError(f"a push of version {decision.version} is not here")
                 # Weight 0: skipped by the gradient policy; none left: only the version moves.
-                used = [(m, w) for m, w in zip(members, decision.weights, strict=True) if w != 0]
+                used = [(m, w) for m, w in zip(present, decision.weights, strict=True) if w != 0]
                 timer = self.update_timer if used else None
                 started = timer.begin(self.device) if timer is not None else None
                 if used:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from optserve.common.errors import InvalidArgument, OptserveError, Unavailable
+from optserve.common.errors import InvalidArgument, OptserveError
 
 # Verdicts kept for shards that ask again (a lost answer), newest last.
 MAX_VERDICTS = 1_000
@@ -92,7 +92,3 @@ class Verdicts:
         self._cv.notify_all()
         if not finite:
             self._on_refused(version)
-
-
-def unavailable_verdict(version: int, exc: Exception) -> OptserveError:
-    return Unavailable(f"lost the verdict on version {version}: {exc}")
