@@ -163,8 +163,8 @@ class TrainerStatus(Result):
 
 
 class CheckpointStatus(Result):
-    """The model's checkpoint policy, its newest checkpoint, and what losing a shard would cost
-    now: every update since that checkpoint (all of them if it has none)."""
+    """The model's checkpoint policy, its newest checkpoint, what losing a shard would cost now
+    (every update since that checkpoint, all of them if it has none), and its checkpoint faults."""
 
     policy: dict[str, Any]
     periodic: bool
@@ -172,6 +172,12 @@ class CheckpointStatus(Result):
     last_time: float | None = None
     age_s: float | None = None
     updates_at_risk: int
+    # Periodic checkpoints that failed in a row (0: the last one worked).
+    failures_in_a_row: int = 0
+    # Seconds until the next try after a failure (15 s, doubling up to 600 s); null without one.
+    next_try_in_s: float | None = None
+    # The newest failure: {"time": unix time, "reason": disk_full, io, timeout, ..., "error"}.
+    last_failure: dict[str, Any] | None = None
 
 
 class MetricEntry(Result):

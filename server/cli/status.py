@@ -113,6 +113,12 @@ def _print_model(status: dict) -> None:
             f"version {checkpoint['last_version']:,}, {ago(checkpoint['age_s'])}")  # fmt: skip
     print(f"checkpoint last {last}; policy {json.dumps(checkpoint['policy'])}; a lost shard "
           f"now costs {checkpoint['updates_at_risk']:,} update(s)")  # fmt: skip
+    failing = checkpoint.get("failures_in_a_row") or 0
+    if failing:
+        last_failure = checkpoint.get("last_failure") or {}
+        print(f"checkpoint FAILING: {failing} in a row, last {last_failure.get('reason', '?')}: "
+              f"{last_failure.get('error', '')}; next try in "
+              f"{checkpoint.get('next_try_in_s') or 0:.0f} s")  # fmt: skip
     print()
     print(table(
         ["GROUP", "PARAMS", "LR", "STATE", "OVERRIDES"],

@@ -17,6 +17,7 @@ series are recorded (a few microseconds each) but not exported.
 
 from optserve.server.metrics.coordinator import CoordinatorMetrics, merge
 from optserve.server.metrics.series import (
+    FAULT_SERIES,
     SERIES,
     STALENESS_BUCKETS,
     TRAINER_WINDOW_S,
@@ -27,6 +28,7 @@ from optserve.server.metrics.series import (
 from optserve.server.metrics.shard import ShardMetrics, Trainers, UpdateTimer
 
 __all__ = [
+    "FAULT_SERIES",
     "SERIES",
     "STALENESS_BUCKETS",
     "TRAINER_WINDOW_S",

@@ -38,10 +38,14 @@ SERIES = (
     "optserve_staleness",
     "optserve_errors_total",
     "optserve_checkpoint_seconds",
+    "optserve_checkpoint_failures_total",
+    "optserve_checkpoint_fallbacks_total",
     "optserve_shard_broken",
     "optserve_updates_since_checkpoint",
     "optserve_last_checkpoint_timestamp_seconds",
 )
+# Served once a fault happened (a labelled counter has no sample before its first event).
+FAULT_SERIES = ("optserve_checkpoint_failures_total", "optserve_checkpoint_fallbacks_total")
 # A trainer counts in `optserve_trainers` for this long after its last push.
 TRAINER_WINDOW_S = 300.0
 MAX_TRAINERS = 10_000
