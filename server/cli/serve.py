@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
 import threading
 import time
 
+from optserve.common.errors import InvalidArgument
 from optserve.server.cli.common import progress
 from optserve.server.cli.safety import (
     WILDCARD_HOSTS,
@@ -18,7 +20,20 @@ from optserve.server.cli.safety import (
     is_placeholder_token,
     machine_address,
 )
-from optserve.server.edge.tokens import MIN_TOKEN_CHARS
+from optserve.server.edge.tokens import MIN_TOKEN_CHARS, EdgeConfig
+
+# The limits of server/edge/limits.py a serve flag sets ("per token": per address without
+# auth; "per address": a host, whatever its tokens); the defaults are EdgeConfig's.
+LIMIT_FLAGS = (
+    ("max_streams_per_client", int, "calls one token may have in flight on a shard"),
+    ("max_streams_per_address", int, "calls one address may have in flight on a shard"),
+    ("max_pulls_per_client", int, "Pull streams one token may have open on a shard"),
+    ("max_pulls_per_address", int, "Pull streams one address may have open on a shard"),
+    ("max_staged_bytes_per_client", int, "bytes of pushes one token may have staged on a shard"),
+    ("max_staged_bytes_per_address", int, "bytes of pushes one address may have staged"),
+    ("control_calls_per_s", float, "control calls (ReportMetric, ...) per second per token"),
+    ("stream_idle_s", float, "seconds a stream may go without a message before it is cut"),
+)
 
 EXAMPLES_SERVE = """examples:
   optserve serve --tokens-file tokens.json    # embedded local Ray, gRPC on 127.0.0.1:50051
@@ -165,12 +180,14 @@ def _edge_options(auth: argparse._ArgumentGroup) -> None:
         default=None,
         help="PEM CA the shards trust when they call each other (default: --tls-cert itself)",
     )
-    auth.add_argument(
-        "--max-streams-per-client",
-        type=int,
-        default=64,
-        help="calls one client connection may have in flight per endpoint (default 64)",
-    )
+    defaults = {f.name: f.default for f in dataclasses.fields(EdgeConfig)}
+    for name, kind, text in LIMIT_FLAGS:
+        auth.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=defaults[name],
+            help=f"{text} (default {defaults[name]:,})",
+        )
     auth.add_argument(
         "--max-models", type=int, default=64, help="models the server holds at most (default 64)"
     )
@@ -331,7 +348,7 @@ def _checkpoint_policy(args: argparse.Namespace) -> dict | None:
 
 def _edge_config(args: argparse.Namespace):
     """Tokens, TLS and limits from `serve`'s options and environment."""
-    from optserve.server.edge.tokens import EdgeConfig, TokenTable
+    from optserve.server.edge.tokens import TokenTable
 
     check_token_table(args.tokens_file)
     tokens = TokenTable.from_environment(args.tokens_file)
@@ -352,13 +369,16 @@ def _edge_config(args: argparse.Namespace):
     tls = args.tls_cert is not None or args.tls_key is not None
     for warning in check_exposure(args.host, tls, not args.no_auth, args.insecure):
         print(f"optserve: {warning}", file=sys.stderr)
-    return EdgeConfig(
-        tokens=tokens,
-        tls_cert=read(args.tls_cert),
-        tls_key=read(args.tls_key),
-        tls_ca=read(args.tls_ca),
-        max_streams_per_client=args.max_streams_per_client,
-    )
+    try:
+        return EdgeConfig(
+            tokens=tokens,
+            tls_cert=read(args.tls_cert),
+            tls_key=read(args.tls_key),
+            tls_ca=read(args.tls_ca),
+            **{name: getattr(args, name) for name, _, _ in LIMIT_FLAGS},
+        )
+    except InvalidArgument as exc:
+        raise SystemExit(f"optserve serve: {exc}") from None
 
 
 def _metrics_token(args: argparse.Namespace) -> str | None:

@@ -204,3 +204,21 @@ def test_the_endpoint_wants_its_bearer_token_and_caches_the_fan_out():
         assert len(calls) == 1  # two scrapes, one fan-out to the shards
     finally:
         metrics.stop()
+
+
+def test_limit_flags_reach_the_edge_config_and_a_bad_one_stops_serve(ray_init):
+    from optserve.server.cli.serve import LIMIT_FLAGS, _edge_config
+    from optserve.server.edge.tokens import EdgeConfig
+
+    parse = build_parser().parse_args
+    default = _edge_config(parse(["serve"]))
+    for name, _, _ in LIMIT_FLAGS:
+        assert getattr(default, name) == getattr(EdgeConfig(), name), name
+    given = _edge_config(parse(["serve", "--max-pulls-per-client", "3", "--stream-idle-s", "2.5",
+                                "--max-staged-bytes-per-address", "1048576",
+                                "--control-calls-per-s", "0.5"]))  # fmt: skip
+    assert (given.max_pulls_per_client, given.stream_idle_s) == (3, 2.5)
+    assert (given.max_staged_bytes_per_address, given.control_calls_per_s) == (1 << 20, 0.5)
+    with pytest.raises(SystemExit, match="max_pulls_per_address must be a positive number"):
+        _edge_config(parse(["serve", "--max-pulls-per-address", "0"]))
+    assert ray_init == []  # checked before anything starts
