@@ -171,7 +171,7 @@ def start_service(
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from optserve.server.coordinator.actor import CoordinatorActor
-    from optserve.server.metrics.endpoint import METRICS_TOKEN_DIGEST_ENV, token_sha256
+    from optserve.server.metrics.endpoint import token_sha256
 
     # On this process's node (a cluster's head node, where `optserve serve` runs): the node a
     # load balancer or Kubernetes Service sends the coordinator's port to.
@@ -180,13 +180,9 @@ def start_service(
         host, port, default_num_shards, limits, placement, checkpoint_dir, keep_checkpoints, edge,
         metrics_port, metrics_host or LOOPBACK, name if ray_metrics else None, name,
         checkpoint_policy,
+        # Its digest only: the token itself never leaves this process.
+        None if metrics_token is None else token_sha256(metrics_token),
     )  # fmt: skip
-    options: dict[str, Any] = {}
-    if metrics_token is not None:
-        # The coordinator's metrics endpoint reads the digest from its environment (kept by Ray
-        # across restarts); the token itself never leaves this process.
-        digest = token_sha256(metrics_token)
-        options["runtime_env"] = {"env_vars": {METRICS_TOKEN_DIGEST_ENV: digest}}
     # Restarted by Ray whenever its process dies; it then adopts its models' shards. (A Ray actor
     # handle: Ray's stubs cannot type its methods' .remote.)
     actor: Any = (
@@ -197,7 +193,6 @@ def start_service(
             num_cpus=0,
             max_restarts=-1,
             scheduling_strategy=here,
-            **options,
         )  # fmt: skip
         .remote(*args)
     )

@@ -54,12 +54,14 @@ class CoordinatorActor:
         ray_service: str | None = None,
         service: str = "optserve-coordinator",
         checkpoint_policy: dict[str, Any] | None = None,
+        metrics_token_sha256: str | None = None,
     ) -> None:
         """`metrics_port` serves Prometheus metrics over HTTP (0: any free port; None: off)
         on `metrics_host` (default: `host`); with `ray_service` (the service's name) they are
         recorded in Ray's metrics too, tagged with it. `service` is this actor's name (what
         its shard actors are named after); `checkpoint_policy` the periodic-checkpoint policy
-        of models that set none (None: every 10 minutes, with a checkpoint directory)."""
+        of models that set none (None: every 10 minutes, with a checkpoint directory). With
+        `metrics_token_sha256` (a bearer token's digest), a scrape must carry that token."""
         logging.basicConfig(level=logging.INFO)
         edge = edge or EdgeConfig()
         self._coordinator = Coordinator(
@@ -91,7 +93,7 @@ class CoordinatorActor:
         self._metrics_address: str | None = None
         if metrics_port is not None:
             bind = metrics_host or host
-            bound = self._coordinator.metrics.serve(bind, metrics_port)
+            bound = self._coordinator.metrics.serve(bind, metrics_port, metrics_token_sha256)
             self._metrics_address = advertised_address(bind, bound)
         if restarted:
             # Ray restarted this coordinator: its running shards are adopted already; the models

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -15,11 +14,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from optserve.server.metrics.endpoint import (
-    METRICS_TOKEN_DIGEST_ENV,
-    ScrapeCache,
-    serve_metrics,
-)
+from optserve.server.metrics.endpoint import ScrapeCache, serve_metrics
 from optserve.server.metrics.series import (
     CHECKPOINT_BUCKETS,
     SHARD_SCRAPE_TIMEOUT_S,
@@ -155,10 +150,8 @@ class CoordinatorMetrics:
 
     def serve(self, host: str, port: int, token_digest: str | None = None) -> int:
         """Serve the metrics at http://host:port/metrics (port 0: any free one); return the
-        port. With `token_digest` (the SHA-256 of a bearer token; default: the coordinator's
-        $OPTSERVE_METRICS_TOKEN_SHA256, which `start_service` sets), a scrape must carry that
+        port. With `token_digest` (the SHA-256 of a bearer token), a scrape must carry that
         token."""
-        token_digest = token_digest or os.environ.get(METRICS_TOKEN_DIGEST_ENV) or None
         outer = self
 
         class _Everything(Collector):

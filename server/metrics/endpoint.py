@@ -30,9 +30,6 @@ from prometheus_client.metrics_core import Metric
 
 # How long one fan-out to the shards answers scrapes (seconds).
 SCRAPE_CACHE_S = 1.0
-# The SHA-256 digest of the endpoint's bearer token, in the coordinator's environment
-# (`optserve.server.runtime.start_service` sets it; a digest, never the token).
-METRICS_TOKEN_DIGEST_ENV = "OPTSERVE_METRICS_TOKEN_SHA256"
 
 
 def token_sha256(token: str) -> str:
