@@ -143,12 +143,27 @@ def main() -> int:
             rows[-1] = (label, median, ", ".join(f"{k} {v}" for k, v in answers.items()), shard)
         disk = os.path.join(directory, "tenant-b")
         how = _tmpfs(disk)
-        admin.create_model("tenant-b", {"w": torch.zeros(args.numel)}, {"name": "adam"},
-                           checkpoint={"every_s": 1})  # fmt: skip
+        # Another tenant trains a model checkpointed every second onto the full disk.
+        numel_b = max(1 << 18, args.numel // 4)  # more than 1 MiB of fp32
+        admin.create_model("tenant-b", {"w": torch.zeros(numel_b)}, {"name": "adam"},
+                           checkpoint={"enabled": True, "every_s": 1})  # fmt: skip
+        stop_b = threading.Event()
+        grad_b = {"w": torch.full((numel_b,), 1e-3)}
+
+        def train_b() -> None:
+            while not stop_b.wait(0.05):
+                admin.push("tenant-b", grad_b)
+
+        tenant_b = threading.Thread(target=train_b)
+        tenant_b.start()
         time.sleep(args.settle + 2)
         measured("full disk", f"tenant-b's checkpoints onto {how}")
+        stop_b.set()
+        tenant_b.join()
         state = admin.status("tenant-b")["checkpoint"]
-        rows[-1] = (*rows[-1][:2], f"{rows[-1][2]}; its status: {dict(state)}"[:200], rows[-1][3])
+        failure = state.get("last_failure") or {}
+        rows[-1] = (*rows[-1][:2], f"{rows[-1][2]}: {state['failures_in_a_row']} failure(s) in a "
+                    f"row, last {failure.get('reason')}", rows[-1][3])  # fmt: skip
         measured("no attack (after)")
     finally:
         admin.close()
