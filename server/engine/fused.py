@@ -6,6 +6,15 @@ passes and allocates temporaries. A `FusedStep` wraps a torch optimizer around a
 aliases the shard's flat buffer and whose state entries are the engine's own state tensors, so
 both paths share one copy of everything. Results differ from the readable path by a few ulp
 (spec section 2), which the tests bound.
+
+The step counter stays the engine's: an exact Python int in `state["step"]`, advanced here by
+one per step and never read back from torch (a float32 counter stops at 2^24 and would put a
+wrong step into checkpoints). torch's fused kernels take the counter as a 0-dim float32 tensor
+(the CUDA kernel reads its address as a `float*`, so no other dtype can be handed over): before
+each step the tensor is set to the steps taken so far, and torch adds 1 before its kernel reads
+it. Up to 2^24 the kernel sees t exactly; beyond, it sees t within one float32 ulp (a relative
+error of at most 2^-23, the size of the kernel's own float32 rounding) in its bias corrections
+and Adagrad's lr_decay.
 """
 
 from __future__ import annotations
@@ -61,20 +70,19 @@ class FusedStep:
                 weight_decay=cfg.weight_decay, maximize=cfg.maximize,
                 amsgrad=is_amsgrad(cfg), fused=True,
             )  # fmt: skip
+        # torch's step tensor, refilled from the engine's counter before every step
+        self._step = torch.zeros((), dtype=torch.float32, device=weights.device)
 
     def step(self, grad: torch.Tensor, state: State, lr: float) -> None:
         group = self.optimizer.param_groups[0]
         group["lr"] = lr
-        torch_state: dict[str, Any] = {}
-        for key, value in state.items():
-            if key not in _TORCH_KEYS:  # Lookahead's slow weights and counter, when wrapped
-                continue
-            if key == "step":
-                torch_state["step"] = torch.tensor(
-                    float(value), dtype=torch.float32, device=self.param.device
-                )
-            else:
-                torch_state[key] = value
+        torch_state: dict[str, Any] = {
+            key: value for key, value in state.items() if key in _TORCH_KEYS and key != "step"
+        }  # Lookahead's slow weights and counter, when wrapped, stay out
+        counted = "step" in state
+        if counted:  # torch adds 1 before its kernel reads it (module docstring)
+            self._step.fill_(float(state["step"]))
+            torch_state["step"] = self._step
         if self.name == "sgd" and group["momentum"] != 0 and "momentum_buffer" not in state:
             torch_state.pop("momentum_buffer", None)  # torch creates it as a copy of g
         self.optimizer.state[self.param] = torch_state
@@ -84,4 +92,7 @@ class FusedStep:
         finally:
             self.param.grad = None
         for key, value in self.optimizer.state[self.param].items():
-            state[key] = int(value.item()) if key == "step" else value
+            if key != "step":
+                state[key] = value
+        if counted:
+            state["step"] = int(state["step"]) + 1
