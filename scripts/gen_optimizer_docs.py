@@ -211,7 +211,7 @@ STATE_NOTES: dict[str, dict[str, str]] = {
     "adagrad": {"step": "t; read only by lr_decay"},
     "rmsprop": {"momentum_buffer": "Bn", "step": "t; counted, not used"},
     "adadelta": {"step": "t; counted, not used"},
-    "adabound": {"base_lr": "the lr when the rule was built"},
+    "adabound": {"base_lr": "the lr the bounds scale from: the config's lr at build or swap"},
     "radam": {"step": "t; drives both the bias corrections and r_t"},
     "ranger": {"counter": "c = t mod k"},
 }

@@ -7,8 +7,12 @@
     lo = f (1 - 1 / (gamma_b t + 1));  hi = f (1 + 1 / (gamma_b t))
     theta <- theta - clip(eta, lo, hi) * M
 
-base_lr is the lr when the rule was built; adabound keeps it as an attribute outside its
-state_dict, so a restore would change f. Here it is state (`base_lr`) and round-trips.
+base_lr is the lr the optimizer was built with; adabound keeps it as an attribute outside its
+state_dict, so a restore would change f. Here it is state (`base_lr`) and round-trips. A swap
+(policy migrate or reset) builds the rule anew with the request's lr (spec C12: hyperparameters
+come from the request), so base_lr becomes the new config's lr and the bounds close on final_lr
+as configured, as with adabound built with that lr. Policy keep is a torch param-group edit:
+base_lr stays, and f = final_lr * lr_new / base_lr, as adabound does after `group["lr"] = ...`.
 State: `exp_avg`, `exp_avg_sq` (+ `max_exp_avg_sq`), `step`, `base_lr`.
 """
 
@@ -22,7 +26,7 @@ import torch
 from optserve.common.config import AdaBoundConfig
 from optserve.server.engine import ops
 from optserve.server.engine.adam import AdamFamily
-from optserve.server.engine.base import State
+from optserve.server.engine.base import ElementwiseRule, State
 from optserve.server.engine.estimates import Estimates, MigrationReport
 
 
@@ -52,9 +56,23 @@ class AdaBound(AdamFamily[AdaBoundConfig, AdaBoundScalars]):
 
     def seed(self, new: State, est: Estimates, report: MigrationReport) -> None:
         super().seed(new, est, report)
-        if est.s_hat is not None and "base_lr" in est.shared:
-            new["base_lr"] = est.shared["base_lr"]
-            report.set("base_lr", "kept", "AdaBound's bound scale")
+        self._base_lr_from_request(new, est.shared.get("base_lr"), report)
+
+    def retune(
+        self, old: ElementwiseRule, state: State, new: State, report: MigrationReport
+    ) -> None:
+        super().retune(old, state, new, report)
+        self._base_lr_from_request(new, state.get("base_lr"), report)
+
+    def _base_lr_from_request(
+        self, new: State, old_base_lr: float | None, report: MigrationReport
+    ) -> None:
+        """base_lr is the new config's lr (C12), as `reset` and a newly built adabound have it."""
+        new["base_lr"] = self.config.lr
+        if old_base_lr == self.config.lr:
+            report.set("base_lr", "kept", "the bounds' lr scale, the same lr")
+        else:
+            report.set("base_lr", "fresh", "the new lr (C12): the bounds close on final_lr")
 
     def init_state(self, weights: torch.Tensor) -> State:
         state: State = {

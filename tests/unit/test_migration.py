@@ -310,3 +310,52 @@ def test_keep_refuses_another_rule():
     with pytest.raises(Exception, match="keep"):
         eng.set_optimizer(parse_optimizer_config({"name": "sgd", "lr": 0.01}), "keep")
     assert eng.config.name == "adam"
+
+
+def _adabound_oracle_run(param, opt, stream):
+    for g in stream:
+        param.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("policy", ["migrate", "reset", "keep"])
+def test_adabound_lr_change_follows_the_oracle_c12(policy):
+    """A swap that changes only AdaBound's lr. migrate and reset build the rule anew with the
+    request's lr (C12), so base_lr is the new lr and the bounds close on final_lr as configured:
+    the oracle is adabound built with the new lr (holding the old state, for migrate). keep is a
+    torch param-group edit: the oracle is adabound with `group["lr"]` set mid-run, whose bounds
+    then close on final_lr * lr_new / lr_old."""
+    adabound = pytest.importorskip("adabound")
+    stream = grads(60, seed=8)
+    old, new = {"name": "adabound", "lr": 1e-3, "gamma": 0.1}, {"name": "adabound", "lr": 1e-2,
+                                                                  "gamma": 0.1}  # fmt: skip
+    eng = engine(old)
+    run(eng, stream[:30])
+    report = eng.set_optimizer(parse_optimizer_config(new), policy)
+    assert eng.state["base_lr"] == (1e-3 if policy == "keep" else 1e-2)
+    assert report.entries["base_lr"][0] == ("kept" if policy == "keep" else "fresh")
+
+    param = torch.nn.Parameter(torch.zeros(N, dtype=torch.float64))
+    before = adabound.AdaBound([param], lr=1e-3, gamma=0.1)
+    _adabound_oracle_run(param, before, stream[:30])
+    if policy == "keep":
+        oracle = before
+    else:
+        oracle = adabound.AdaBound([param], lr=1e-2, gamma=0.1)  # base_lrs = [1e-2]
+        if policy == "migrate":
+            oracle.load_state_dict(before.state_dict())  # M, V, t (and the old group lr)
+    oracle.param_groups[0]["lr"] = 1e-2
+    _adabound_oracle_run(param, oracle, stream[30:])
+    run(eng, stream[30:])
+    assert torch.equal(eng.weights, param.detach())
+
+
+def test_adabound_migrate_and_reset_agree_on_base_lr():
+    """Both policies take base_lr from the request, whatever the source (C12)."""
+    for source in ({"name": "adabound", "lr": 1e-3}, {"name": "adabound", "lr": 1e-3,
+                   "amsbound": True}, {"name": "adam", "lr": 1e-3}):  # fmt: skip
+        for policy in ("migrate", "reset"):
+            eng = engine(source)
+            run(eng, grads(3))
+            eng.set_optimizer(parse_optimizer_config({"name": "adabound", "lr": 0.02}), policy)
+            assert eng.state["base_lr"] == 0.02, (source, policy)
