@@ -63,6 +63,13 @@ def _keep(
 ) -> State:
     """The source's state as it is (same tensors, no copy): `keep` of the same rule."""
     if _elementwise(target).identity() != _elementwise(source).identity():
+        if report.source == report.target:  # amsgrad or amsbound turned on or off
+            raise InvalidArgument(
+                f"policy 'keep' keeps state as it is; turning {report.target}'s "
+                f"{'amsbound' if report.target == 'adabound' else 'amsgrad'} on or off changes "
+                "which state it keeps and needs 'migrate' (which starts max_exp_avg_sq at the "
+                "current exp_avg_sq, C6) or 'reset'"
+            )
         raise InvalidArgument(
             f"policy 'keep' keeps state within one rule; {report.source} -> {report.target} "
             "needs 'migrate' or 'reset'"

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from optserve.common.config import parse_optimizer_config
+from optserve.common.config import parse_optimizer_config, with_overrides
 from optserve.server.engine.group import GroupEngine
 
 N = 4000
@@ -359,3 +359,70 @@ def test_adabound_migrate_and_reset_agree_on_base_lr():
             run(eng, grads(3))
             eng.set_optimizer(parse_optimizer_config({"name": "adabound", "lr": 0.02}), policy)
             assert eng.state["base_lr"] == 0.02, (source, policy)
+
+
+def _oracle_holding(config: dict, weights: torch.Tensor, state: dict):
+    """The oracle of `config` (AMSGrad or AMSBound) holding a copy of the engine's state."""
+    param = torch.nn.Parameter(weights.clone())
+    if config["name"] == "adabound":
+        adabound = pytest.importorskip("adabound")
+        opt = adabound.AdaBound([param], lr=config["lr"], amsbound=True)
+        step = state["step"]
+    else:
+        cls = torch.optim.AdamW if config["name"] == "adamw" else torch.optim.Adam
+        opt = cls([param], lr=config["lr"], amsgrad=True)
+        step = torch.tensor(float(state["step"]))
+    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    opt.state[param] = {"step": step, **{k: state[k].clone() for k in keys}}
+    return param, opt
+
+
+@pytest.mark.parametrize(
+    ("source", "switch"),
+    [({"name": "adam"}, "amsgrad"), ({"name": "adamw"}, "amsgrad"),
+     ({"name": "adabound"}, "amsbound")],
+    ids=["adam", "adamw", "adabound"],
+)  # fmt: skip
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_turning_amsgrad_on_under_the_same_name_applies_c6(source, switch, path):
+    """`adam` -> `adam` with `amsgrad: true` (`--set amsgrad=true`), likewise `adamw`, and
+    `adabound` with `amsbound: true`: Vmax := V (C6), as `adam` -> `amsgrad` does, and the run
+    continues as the oracle's AMSGrad / AMSBound holding M, V, t and Vmax = V."""
+    stream = grads(50, seed=9)
+    source = {**source, "lr": 0.01}
+    eng = GroupEngine("g", torch.zeros(N), parse_optimizer_config(source), path=path)
+    for g in stream[:30]:
+        eng.step(g.float(), 0.01)
+    target = with_overrides(eng.config, {switch: True})
+    report = eng.set_optimizer(target, "migrate")
+    assert report.entries["max_exp_avg_sq"][0] == "converted"
+    assert torch.equal(eng.state["max_exp_avg_sq"], eng.state["exp_avg_sq"])
+    assert eng.state["max_exp_avg_sq"].abs().max() > 0
+    if source["name"] == "adam":  # the other spelling migrates to the same bits
+        other = GroupEngine("g", torch.zeros(N), parse_optimizer_config(source), path=path)
+        for g in stream[:30]:
+            other.step(g.float(), 0.01)
+        other.set_optimizer(parse_optimizer_config({"name": "amsgrad", "lr": 0.01}), "migrate")
+        assert other.state.keys() == eng.state.keys()
+        assert other.state["step"] == eng.state["step"]
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert torch.equal(other.state[key], eng.state[key]), key
+    param, oracle = _oracle_holding(source, eng.weights, eng.state)
+    for g in stream[30:]:
+        eng.step(g.float(), 0.01)
+        param.grad = g.float()
+        oracle.step()
+    if eng.fast_path in ("reference", "chunked"):  # the oracle's single-tensor ops
+        assert torch.equal(eng.weights, param.detach())
+    else:  # torch's fused kernel (or a compiled one): a few ulp off (spec section 2)
+        torch.testing.assert_close(eng.weights, param.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_keep_refuses_turning_amsgrad_on_and_names_migrate():
+    """torch raises KeyError when amsgrad is turned on over a live state (spec C6); keep, which
+    adds no state, refuses and names the policy that applies C6."""
+    eng = engine({"name": "adam", "lr": 0.01})
+    run(eng, grads(2))
+    with pytest.raises(Exception, match="amsgrad on or off .* needs 'migrate'"):
+        eng.set_optimizer(with_overrides(eng.config, {"amsgrad": True}), "keep")
+    assert "max_exp_avg_sq" not in eng.state and eng.config.name == "adam"
