@@ -122,13 +122,20 @@ class GroupStatus(Result):
     lr: float
     numel: int
     state: dict[str, Any]
+    # What steps the group on every shard (`fused`, `compiled` or `eager`), chosen when its
+    # rule was set, never by a race: part of the run's numerics (recorded in checkpoints).
+    kernel: str = ""
+    # Why the kernel is not the fastest there could be (empty when it is).
+    kernel_note: str = ""
 
 
 class ShardGroupStatus(Result):
-    """One group's slice on one shard: the rule, the kernel path, its size and scalars."""
+    """One group's slice on one shard: the rule, the kernel and its path, size and scalars."""
 
     rule: str
+    # fused, compiled, chunked or reference (the last two: the eager kernel).
     path: str
+    kernel: str = ""
     numel: int
     state: dict[str, Any]
 

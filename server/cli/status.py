@@ -121,8 +121,8 @@ def _print_model(status: dict) -> None:
               f"{checkpoint.get('next_try_in_s') or 0:.0f} s")  # fmt: skip
     print()
     print(table(
-        ["GROUP", "PARAMS", "LR", "STATE", "OVERRIDES"],
-        [[name, f"{g['numel']:,}", f"{g['lr']:.6g}", json.dumps(g["state"]),
+        ["GROUP", "PARAMS", "LR", "KERNEL", "STATE", "OVERRIDES"],
+        [[name, f"{g['numel']:,}", f"{g['lr']:.6g}", _kernel_cell(g), json.dumps(g["state"]),
           json.dumps(g["overrides"])] for name, g in status["groups"].items()],
     ))  # fmt: skip
     print()
@@ -135,6 +135,11 @@ def _print_model(status: dict) -> None:
          for s in status["shards"]],
     ))  # fmt: skip
     _print_history(status)
+
+
+def _kernel_cell(group: dict) -> str:
+    kernel, note = group.get("kernel", ""), group.get("kernel_note", "")
+    return f"{kernel} ({note})" if note and kernel != "fused" else kernel
 
 
 def _print_history(status: dict) -> None:

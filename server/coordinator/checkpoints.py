@@ -218,6 +218,7 @@ def restore_plan(store: Store, ckpt: Checkpoint) -> RestorePlan:
         sources=ckpt.sources(),
         version=ckpt.version,
         configs=ckpt.group_configs,
+        kernels=ckpt.kernels,
         scalars=ckpt.scalars,
         schedule=ckpt.schedule,
         schedule_state=ckpt.schedule_state,

@@ -174,6 +174,7 @@ def _start_shard(
     plan = {
         g.name: {
             "numel": b - a,
+            "group_numel": g.numel,
             "range": [a, b],
             "optimizer": configs[g.name],
             "views": tensor_views(g, a, b),

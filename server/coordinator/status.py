@@ -51,6 +51,8 @@ def model_status(
                     "lr": info["lr"],
                     "numel": sum(s["groups"][group]["numel"] for s in shards),
                     "state": info["scalars"],
+                    "kernel": info.get("kernel", ""),
+                    "kernel_note": info.get("kernel_note", ""),
                 }
                 for group, info in first["groups"].items()
             },
@@ -107,6 +109,7 @@ def _shard_status(s: Mapping[str, Any]) -> dict[str, Any]:
             g: {
                 "rule": i["rule"],
                 "path": i["path"],
+                "kernel": i.get("kernel", ""),
                 "numel": i["numel"],
                 "state": i["scalars"],
             }

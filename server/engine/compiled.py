@@ -12,12 +12,13 @@ leaves floats unspecialised), so a new lr, bias correction or bound compiles not
 booleans are structure, and each combination is one graph. Shapes are dynamic, so one kernel
 serves every buffer length, and every engine of the process shares the compiled function.
 
-Compiling takes seconds, so `CompiledStep` compiles in a background thread, on a small dummy
-buffer and for every combination of the rule's `step_flags` (RAdam's rectification switches on
-early in a run: it must not compile then); the engine keeps its chunked path until the kernel is
-ready. If compiling fails (no C++ compiler, unsupported device), it stays on the chunked path
-and says why. Inductor rounds a few operations differently from eager torch (a few ulp); the
-tests bound that.
+Compiling takes seconds, so `CompiledStep` compiles when it is made, before its group takes a
+push (engine/kernels.py: the kernel is chosen once, never by a race), on a small dummy buffer
+and for every combination of the rule's `step_flags` (RAdam's rectification switches on early
+in a run: it must not compile then). Inductor keeps what it compiled on disk
+(TORCHINDUCTOR_CACHE_DIR), so the next process on the machine mostly loads it. If compiling
+fails (no C++ compiler, unsupported device), `error` says why and the group steps eagerly.
+Inductor rounds a few operations differently from eager torch (a few ulp); the tests bound that.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -55,66 +57,37 @@ def _compiled(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 class CompiledStep:
-    """One rule's compiled `update` for one flat buffer's dtype, device and state structure.
+    """One rule's compiled `update` for one flat buffer's dtype, device and state structure,
+    compiled (or failed: `error`) by the time the constructor returns."""
 
-    It starts compiling at once (in the background, or before returning if `background` is
-    False), or, with `background=None`, when `start` is called; `on_ready` is called from the
-    compiling thread once the kernel is ready."""
-
-    def __init__(
-        self,
-        rule: ElementwiseRule,
-        weights: torch.Tensor,
-        background: bool | None = True,
-        on_ready: Callable[[CompiledStep], None] | None = None,
-    ) -> None:
+    def __init__(self, rule: ElementwiseRule, weights: torch.Tensor) -> None:
         self.rule = rule
-        self._fn = _compiled(type(rule).update)
         self.dtype, self.device = weights.dtype, weights.device
         self.error: BaseException | None = None
-        self._on_ready = on_ready
-        self._ready = threading.Event()
-        self._done = threading.Event()
-        if background is not None:
-            self.start(background)
-
-    def start(self, background: bool = True) -> None:
-        """Compile, in a thread of its own unless `background` is False."""
-        if background:
-            threading.Thread(target=self._warm_up, name="optserve-compile", daemon=True).start()
-        else:
+        started = time.perf_counter()
+        try:
+            self._fn = _compiled(type(rule).update)
             self._warm_up()
+        except Exception as exc:  # noqa: BLE001 - any failure means: step eagerly
+            self.error = exc
+            log.warning("compiling the %s kernel failed; it steps eagerly: %s",
+                        rule.config.name, exc)  # fmt: skip
+        self.seconds = time.perf_counter() - started
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until compiling ended; True if the kernel is ready."""
-        self._done.wait(timeout)
-        return self.ready
+        return self.error is None
 
     def _warm_up(self) -> None:
         """Compile on a dummy buffer of the same dtype, device and state structure, once for
         each combination of the booleans that may change between steps."""
-        try:
-            weights = torch.zeros(WARM_UP_ELEMENTS, dtype=self.dtype, device=self.device)
-            state = self.rule.init_state(weights)
-            scalars: Any = self.rule.prepare(state, 0.0, weights)
-            flags = type(self.rule).step_flags
-            for values in itertools.product((False, True), repeat=len(flags)):
-                variant = scalars._replace(**dict(zip(flags, values, strict=True)))
-                self.step(weights, torch.zeros_like(weights), state, variant)
-        except Exception as exc:  # noqa: BLE001 - any failure means: keep the chunked path
-            self.error = exc
-            log.warning("compiling the %s kernel failed; using the eager path: %s",
-                        self.rule.config.name, exc)  # fmt: skip
-        else:
-            self._ready.set()
-            if self._on_ready is not None:
-                self._on_ready(self)
-        finally:
-            self._done.set()
+        weights = torch.zeros(WARM_UP_ELEMENTS, dtype=self.dtype, device=self.device)
+        state = self.rule.init_state(weights)
+        scalars: Any = self.rule.prepare(state, 0.0, weights)
+        flags = type(self.rule).step_flags
+        for values in itertools.product((False, True), repeat=len(flags)):
+            variant = scalars._replace(**dict(zip(flags, values, strict=True)))
+            self.step(weights, torch.zeros_like(weights), state, variant)
 
     def step(self, weights: torch.Tensor, grad: torch.Tensor, state: State, s: Any) -> None:
         """The element-wise part of one step; `s` is what the rule's `prepare` returned."""

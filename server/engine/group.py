@@ -1,25 +1,24 @@
-"""One parameter group's flat buffer on one shard: weights, rule, state, and the fast paths.
+"""One parameter group's flat buffer on one shard: weights, rule, state, and its kernel.
 
-Paths, all tested against the readable reference (`Rule.apply` on the whole buffer):
+Kernels (engine/kernels.py), all tested against the readable reference (`Rule.apply` on the
+whole buffer):
 
 * fused: torch's fused kernel where torch has one for the rule and device (engine/fused.py);
 * compiled: the rule's own `update` compiled by inductor (engine/compiled.py), for the other
-  rules on buffers of at least COMPILE_MIN_ELEMENTS; compiled in the background, and used from
-  the step after it is ready;
-* chunked: the rule's element-wise `update` run slice by slice, so each slice's temporaries
-  stay in cache (CPU); bit-identical to the reference, since every element sees the same ops;
-* reference: `update` on the whole buffer (also what other devices use).
+  rules on groups of at least COMPILE_MIN_ELEMENTS (the whole group's, on every shard alike);
+* eager: the rule's element-wise `update` run slice by slice ("chunked"), so each slice's
+  temporaries stay in cache (CPU); bit-identical to the reference, since every element sees
+  the same ops; or on the whole buffer ("reference": small buffers, other devices).
 
-The path is chosen once, when the rule is set (and changes once more when a kernel finishes
-compiling), not on every step. Every path steps the inner rule; Lookahead then acts in one
-place, `Lookahead.after_step`. OPTSERVE_COMPILE=off in the environment turns compiling off.
+The kernel is chosen once, when the rule is set (create, restore, swap), and compiled then if
+it must be, before the group takes a push: never by a thread finishing. Every path steps the
+inner rule; Lookahead then acts in one place, `Lookahead.after_step`. OPTSERVE_COMPILE=off in
+the environment turns compiling off.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import threading
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -30,15 +29,15 @@ from optserve.server.engine import build_rule
 from optserve.server.engine.base import ElementwiseRule, Rule, State, TensorViews
 from optserve.server.engine.compiled import CompiledStep
 from optserve.server.engine.fused import FusedStep, fused_available
+from optserve.server.engine.kernels import COMPILE_MIN_ELEMENTS, Choice, choose, honour
 from optserve.server.engine.lookahead import Lookahead
 from optserve.server.engine.migration import MigrationReport, Policy, migrate
+
+__all__ = ["CHUNK_ELEMENTS", "COMPILE_MIN_ELEMENTS", "GroupEngine"]
 
 # Elements per slice of the chunked path: 1 MiB of fp32, so a slice and its temporaries stay
 # in the L2/L3 caches (measured: 2-3x faster than whole-buffer ops on the development machine).
 CHUNK_ELEMENTS = 1 << 18
-# Below this, a step costs well under a millisecond on any path and a compile (seconds of CPU)
-# would not pay for itself; tests' small models stay on the eager paths.
-COMPILE_MIN_ELEMENTS = 1 << 20
 Path = Literal["fast", "reference"]
 StepFn = Callable[[torch.Tensor, float], None]
 
@@ -52,41 +51,34 @@ class GroupEngine:
         views: TensorViews = (),
         path: Path = "fast",
         state: State | None = None,
+        group_numel: int | None = None,
+        kernel: str | None = None,
     ) -> None:
         """`state`, when given, is taken over as it is (tensors on the weights' device, of
-        their length: a restore reads them in place); otherwise the rule's fresh state."""
+        their length: a restore reads them in place); otherwise the rule's fresh state.
+        `group_numel` is the whole group's size across the model's shards (default: this
+        buffer's): it picks the kernel; `kernel` is the one a checkpoint recorded."""
         self.name = name
         self.weights = weights
         self.views = tuple(views)
         self.path = path
         numel = weights.numel()
+        self.group_numel = numel if group_numel is None else group_numel
         whole = weights.device.type != "cpu" or numel <= CHUNK_ELEMENTS
         self._parts = (
             [slice(0, numel)]
             if whole
             else [slice(a, min(a + CHUNK_ELEMENTS, numel)) for a in range(0, numel, CHUNK_ELEMENTS)]
         )
-        self._path_lock = threading.Lock()
-        self._set_rule(config)
+        self._set_rule(config, kernel)
         if state is None:
             self.state: State = self.rule.init_state(weights)
         else:
             self._check_state(config, state)
             self.state = dict(state)
 
-    def __getstate__(self) -> dict[str, Any]:  # a copy gets a lock of its own
-        return {k: v for k, v in self.__dict__.items() if k != "_path_lock"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._path_lock = threading.Lock()
-
-    def _set_rule(self, config: RuleConfig) -> None:
-        """Build the rule and choose its path, once."""
-        with self._path_lock:  # a compile finishing now must not install the old kernel
-            self._choose(config)
-
-    def _choose(self, config: RuleConfig) -> None:
+    def _set_rule(self, config: RuleConfig, recorded: str | None = None) -> None:
+        """Build the rule and choose its kernel, once (compiling it now if it is compiled)."""
         self.config = config
         self.rule: Rule = build_rule(config)
         self._lookahead = self.rule if isinstance(self.rule, Lookahead) else None
@@ -95,37 +87,31 @@ class GroupEngine:
         self._inner: ElementwiseRule = inner
         self._fused: FusedStep | None = None
         self._compiled: CompiledStep | None = None
+        device = self.weights.device
+        choice = choose(config.name, fused_available(inner, device), self.group_numel, device)
+        if recorded is not None:
+            choice = honour(recorded, choice, device)
         eager = ("chunked", self._step_chunked) if len(self._parts) > 1 else None
         self._current: tuple[str, StepFn] = eager or ("reference", self._step_reference)
         if self.path == "reference":
             self._current = ("reference", self._step_reference)
-        elif fused_available(inner, self.weights.device):
+        elif choice.kernel == "fused":
             self._fused = FusedStep(inner, self.weights)
             self._current = ("fused", self._step_fused)
-        elif self._compile_wanted():
-            self._compiled = CompiledStep(inner, self.weights, None, self._compiled_ready)
-            self._compiled.start()  # only now: it may be ready at once (a warm cache)
-
-    def _compile_wanted(self) -> bool:
-        if os.environ.get("OPTSERVE_COMPILE", "auto").lower() in ("off", "0", "false", "no"):
-            return False
-        return self.weights.numel() >= COMPILE_MIN_ELEMENTS
-
-    def _compiled_ready(self, compiled: CompiledStep) -> None:
-        """From the compiling thread: take the kernel, unless the rule changed meanwhile."""
-        with self._path_lock:
-            if compiled is self._compiled:
+        elif choice.kernel == "compiled":
+            compiled = CompiledStep(inner, self.weights)
+            if compiled.error is None:
+                self._compiled = compiled
                 self._current = ("compiled", self._step_compiled)
+            else:
+                choice = Choice("eager", f"compiling failed: {compiled.error}")
+        self.kernel = choice
 
     @property
     def fast_path(self) -> str:
-        """Which path the next step takes: fused, compiled, chunked or reference."""
+        """Which path the next step takes: fused, compiled, chunked or reference (the last
+        two: the eager kernel)."""
         return self._current[0]
-
-    def wait_compiled(self, timeout: float | None = None) -> bool:
-        """Block until a compile in progress ended; True if its kernel is ready (the next step
-        takes it)."""
-        return self._compiled is not None and self._compiled.wait(timeout)
 
     def step(self, grad: torch.Tensor, lr: float) -> None:
         """Apply one update with gradient `grad` (fp32, same length; may be modified)."""
@@ -198,6 +184,7 @@ class GroupEngine:
         """Everything needed to continue exactly: config, state tensors (copies) and scalars."""
         return {
             "config": optimizer_config_json(self.config),
+            "kernel": self.kernel.kernel,
             "state": {
                 k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
                 for k, v in self.state.items()
@@ -219,7 +206,7 @@ class GroupEngine:
         loaded = state_dict["state"]
         self._check_state(config, {k: v.reshape(-1) if isinstance(v, torch.Tensor) else v
                                    for k, v in loaded.items()})  # fmt: skip
-        self._set_rule(config)
+        self._set_rule(config, state_dict.get("kernel"))
         self.state = {
             k: v.to(self.weights.device, copy=True) if isinstance(v, torch.Tensor) else v
             for k, v in loaded.items()
@@ -231,5 +218,7 @@ class GroupEngine:
             "config": json.loads(optimizer_config_json(self.config)),
             "numel": self.weights.numel(),
             "path": self.fast_path,
+            "kernel": self.kernel.kernel,
+            "kernel_note": self.kernel.why,
             "scalars": {k: v for k, v in self.state.items() if not isinstance(v, torch.Tensor)},
         }

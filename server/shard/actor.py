@@ -76,9 +76,10 @@ class ShardActor:
     The gRPC data plane runs on the server's own threads inside this actor process and talks to
     the ShardState directly; Ray method calls are the coordinator's control plane.
 
-    `groups` maps each group name to {"numel": length of this shard's slice, "range": [start,
-    end) of the group's elements, "optimizer": its validated config, "views": [(offset, shape),
-    ...]}; `schedule` and `mode` are validated configs too (None: constant, async).
+    `groups` maps each group name to {"numel": length of this shard's slice, "group_numel":
+    the whole group's, "range": [start, end) of the group's elements, "optimizer": its
+    validated config, "views": [(offset, shape), ...]}; `schedule` and `mode` are validated
+    configs too (None: constant, async).
     The shard starts empty: its values arrive from the model's creator (Shard/Load) or from a
     checkpoint (`restore_checkpoint`). `entry` is the model's catalogue entry; `history` the
     leader's starting history ({"audit": [...], "metrics": [...]}).
@@ -107,6 +108,7 @@ class ShardActor:
                 numel=int(g["numel"]),
                 config=parse_optimizer_config(g["optimizer"]),  # (a config passes as it is)
                 views=tuple((int(o), tuple(s)) for o, s in g.get("views", ())),
+                group_numel=g.get("group_numel"),
             )
             for name, g in groups.items()
         }

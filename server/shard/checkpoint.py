@@ -72,6 +72,7 @@ class RestorePlan:
     scalars: Mapping[str, Mapping[str, Any]]
     schedule: Mapping[str, Any]
     schedule_state: Mapping[str, Any]
+    kernels: Mapping[str, str] = field(default_factory=dict)  # as the checkpoint recorded
 
 
 @dataclass
@@ -160,6 +161,7 @@ class ShardCheckpoints:
                 "entry": entry,
                 "scalars": view.scalars,
                 "configs": view.configs,
+                "kernels": view.kernels,
                 "schedule": view.schedule,
                 "schedule_state": view.schedule_state,
                 "write_s": time.perf_counter() - started,
@@ -198,6 +200,7 @@ class ShardCheckpoints:
             group: GroupValues(
                 weights=buffers[(group, "weights")],
                 config=parse_optimizer_config(dict(plan.configs[group])),
+                kernel=plan.kernels.get(group),
                 state={
                     **dict(plan.scalars.get(group, {})),
                     **{key: buffers[(group, key)] for key in keys[group]},

@@ -61,6 +61,9 @@ class GroupInit:
     config: RuleConfig
     views: TensorViews = ()
     numel: int | None = None
+    # The whole group's elements across the model's shards (default: this slice's): it picks
+    # the group's kernel, so every shard of a model takes the same one.
+    group_numel: int | None = None
 
     @property
     def length(self) -> int:
@@ -113,7 +116,8 @@ class ShardState(StateViews):
             for name, init in groups.items():
                 assert init.weights is not None
                 flat = init.weights.detach().reshape(-1).to(self.device, torch.float32, copy=True)
-                self._groups[name] = GroupEngine(name, flat, init.config, init.views, path)
+                self._groups[name] = GroupEngine(name, flat, init.config, init.views, path,
+                                                 group_numel=init.group_numel)  # fmt: skip
         self._schedule_config = parse_schedule_config(schedule)
         self._schedule: Schedule = build_schedule(self._schedule_config)
         self._settings_cache = None  # the configs a pull tells of, as JSON (views.settings)
@@ -171,8 +175,9 @@ class ShardState(StateViews):
                 if flat.numel() != init.length or flat.dtype != torch.float32:
                     raise InvalidArgument(f"initial values of group {name!r} do not fit")
                 self._groups[name] = GroupEngine(
-                    name, flat.to(self.device), init.config, init.views, self._path
-                )
+                    name, flat.to(self.device), init.config, init.views, self._path,
+                    group_numel=init.group_numel,
+                )  # fmt: skip
             self.ready = True
             self._cv.notify_all()
 
@@ -194,7 +199,9 @@ class ShardState(StateViews):
                 raise InvalidArgument(f"values of group {name!r} have the wrong length")
             try:
                 engines[name] = GroupEngine(name, group.weights, group.config, init.views,
-                                            self._path, state=group.state)  # fmt: skip
+                                            self._path, state=group.state,
+                                            group_numel=init.group_numel,
+                                            kernel=group.kernel)  # fmt: skip
             except ValueError as exc:
                 raise FailedPrecondition(f"group {name!r}: {exc}") from None
         with self._cv:
@@ -411,9 +418,11 @@ class ShardState(StateViews):
 
     def report_metric(self, name: str, value: float) -> bool:
         """Feed a reported metric to the model's schedule (on its leader: the updates it decides
-        from now on use what the schedule says); True if it changed the lr."""
+        from now on use what the schedule says); True if it changed a group's lr (a plateau
+        reduction smaller than the schedule's eps changes none)."""
         with self._schedule_lock:
-            return self._schedule.observe(name, value)
+            base_lrs = [self.config(group).lr for group in self._plans]
+            return self._schedule.observe(name, value, base_lrs)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         groups = state["groups"]

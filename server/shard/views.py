@@ -32,6 +32,7 @@ class GroupValues:
     weights: torch.Tensor
     config: RuleConfig
     state: dict[str, Any]
+    kernel: str | None = None  # the kernel that wrote them (engine/kernels.py), if recorded
 
 
 @dataclass
@@ -45,6 +46,7 @@ class CheckpointView:
     configs: dict[str, str]
     schedule: str
     schedule_state: dict[str, Any]
+    kernels: dict[str, str]  # each group's kernel (engine/kernels.py): part of its numerics
 
 
 class StateViews:
@@ -141,6 +143,7 @@ class StateViews:
                 tensors=tensors,
                 scalars=scalars,
                 configs={name: optimizer_config_json(g.config) for name, g in self._groups.items()},
+                kernels={name: g.kernel.kernel for name, g in self._groups.items()},
                 schedule=schedule_config_json(self._schedule_config),
                 schedule_state=self._schedule.state_dict(),
             )

@@ -108,6 +108,7 @@ class Checkpoint:
     schedule_state: dict[str, Any]
     mode: dict[str, Any]
     scalars: dict[str, dict[str, Any]]  # group -> non-tensor state (step, counter, base_lr)
+    kernels: dict[str, str] = field(default_factory=dict)  # group -> the kernel that stepped it
     audit: list[dict[str, Any]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     created: float = field(default_factory=time.time)
@@ -166,9 +167,10 @@ def assemble(meta: Mapping[str, Any], reports: Sequence[Mapping[str, Any]]) -> C
         raise FailedPrecondition(f"shards are at different versions {sorted(versions)}")
     first = reports[0]
     for report in reports[1:]:
-        for key in ("configs", "schedule", "scalars"):
-            if json.dumps(report[key], sort_keys=True) != json.dumps(first[key], sort_keys=True):
-                raise FailedPrecondition(f"shards disagree on {key}: {first[key]} vs {report[key]}")
+        for key in ("configs", "schedule", "scalars", "kernels"):
+            mine, theirs = report.get(key), first.get(key)
+            if json.dumps(mine, sort_keys=True) != json.dumps(theirs, sort_keys=True):
+                raise FailedPrecondition(f"shards disagree on {key}: {theirs} vs {mine}")
     names = [sorted(r["entry"].tensors) for r in reports]
     if any(n != names[0] for n in names):
         # e.g. SGD's momentum_buffer, made at the first step: all shards step together
@@ -185,6 +187,7 @@ def assemble(meta: Mapping[str, Any], reports: Sequence[Mapping[str, Any]]) -> C
         schedule_state=dict(first["schedule_state"]),
         schedule=json.loads(first["schedule"]),
         group_configs={g: json.loads(c) for g, c in first["configs"].items()},
+        kernels=dict(first.get("kernels", {})),
         shards=shards,
         **meta,
     )

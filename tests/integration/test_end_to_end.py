@@ -516,32 +516,49 @@ def test_groups_schedule_swap_and_metrics_through_the_server(client, model_name)
     assert client.describe_model(model_name).optimizer.name == "sgd"
 
 
-def test_large_group_runs_the_compiled_kernel_in_the_shard(service, client, model_name):
-    """A group of >= COMPILE_MIN_ELEMENTS compiles its rule's kernel inside the shard's process
-    (in the background) and, once it is ready, keeps matching torch's RAdam."""
-    from optserve.server.engine.group import COMPILE_MIN_ELEMENTS
+def test_a_large_group_is_compiled_before_its_first_push_and_gives_the_same_bits_anywhere(
+    service, client, model_name
+):
+    """A group of >= COMPILE_MIN_ELEMENTS takes the compiled kernel on every shard (the whole
+    group decides, not a shard's slice), compiled before the model takes a push: never by a
+    race. One shard and two give the same bits, and so does a restore onto another count."""
+    from optserve.server.engine.kernels import COMPILE_MIN_ELEMENTS
 
     generator = torch.Generator().manual_seed(3)
     initial = {"w": torch.randn(COMPILE_MIN_ELEMENTS + 7, generator=generator)}
-    client.create_model(model_name, initial, {"name": "radam", "lr": 0.01})
-    (shard,) = ray.get(service.actor.shard_actors.remote(model_name))
-    param = torch.nn.Parameter(initial["w"].clone())
-    oracle = torch.optim.RAdam([param], lr=0.01)
-    paths = set()
-    deadline = time.monotonic() + 240
-    step = 0
-    while step < 8 or "compiled" not in paths:
-        assert time.monotonic() < deadline, f"the kernel never became ready: {paths}"
-        path = ray.get(shard.info.remote())["groups"]["default"]["path"]
-        paths.add(path)
-        grad = torch.randn(initial["w"].shape, generator=generator)
-        client.push(model_name, {"w": grad})
-        param.grad = grad
-        oracle.step()
-        step += 1
-        if path != "compiled":
-            time.sleep(0.5)
-    assert paths <= {"chunked", "compiled"}
-    pulled, version = client.pull(model_name)
-    assert version == step
-    torch.testing.assert_close(pulled["w"], param.detach(), rtol=1e-5, atol=1e-6)
+    config = {"name": "radam", "lr": 0.01}
+    one, two = model_name, f"{model_name}-two"
+    client.create_model(one, initial, config)
+    client.create_model(two, initial, config, num_shards=2)
+    try:
+        for name in (one, two):
+            status = client.status(name)
+            assert status.groups["default"].kernel == "compiled", status.groups["default"]
+            assert {s.groups["default"].path for s in status.shards} == {"compiled"}
+        param = torch.nn.Parameter(initial["w"].clone())
+        oracle = torch.optim.RAdam([param], lr=0.01)
+        grads = [torch.randn(initial["w"].shape, generator=generator) for _ in range(8)]
+
+        def push(step: int, *models: str) -> None:
+            for name in models:
+                client.push(name, {"w": grads[step]})
+            param.grad = grads[step]
+            oracle.step()
+
+        for step in range(6):  # RAdam rectifies from its 6th step: both variants run
+            push(step, one, two)
+        ours, _ = client.pull(one)
+        theirs, _ = client.pull(two)
+        assert torch.equal(ours["w"], theirs["w"])
+        torch.testing.assert_close(ours["w"], param.detach(), rtol=1e-5, atol=1e-6)
+        client.checkpoint(two)
+        client.restore(two, num_shards=1)  # a new shard process: compiled again (or cached)
+        assert client.status(two).groups["default"].kernel == "compiled"
+        for step in range(6, 8):
+            push(step, one, two)
+        ours, version = client.pull(one)
+        theirs, _ = client.pull(two)
+        assert version == 8 and torch.equal(ours["w"], theirs["w"])
+        torch.testing.assert_close(ours["w"], param.detach(), rtol=1e-5, atol=1e-6)
+    finally:
+        client.drop_model(two)

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from optserve.common.config import parse_optimizer_config
-from optserve.server.engine import build_rule, compiled
-from optserve.server.engine import group as group_module
+from optserve.server.engine import build_rule, compiled, kernels
 from optserve.server.engine.fused import fused_available
 from optserve.server.engine.group import GroupEngine
 from tests.unit.test_engine import CASES, seeded
@@ -36,7 +35,7 @@ COMPILED_CASES = sorted(
 @pytest.fixture
 def compile_small(monkeypatch):
     """Let the engine compile buffers of test size."""
-    monkeypatch.setattr(group_module, "COMPILE_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "COMPILE_MIN_ELEMENTS", 1)
     monkeypatch.delenv("OPTSERVE_COMPILE", raising=False)
 
 
@@ -50,8 +49,8 @@ def test_compiled_path_equals_reference_path(case, compile_small):
     config = parse_optimizer_config(CASES[case])
     fast = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config)
     ref = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config, path="reference")
-    assert fast.wait_compiled(timeout=300), fast._compiled and fast._compiled.error
-    assert fast.fast_path == "compiled"
+    assert fast.fast_path == "compiled", fast.kernel  # compiled before the constructor returned
+    assert fast.kernel.kernel == "compiled" and fast.describe()["kernel"] == "compiled"
     lr = config.lr
     # Once compiled, changing every per-step number (lr, bias corrections, bounds) and the
     # buffer length must not compile again: they travel as tensors, shapes are dynamic.
@@ -87,7 +86,7 @@ def test_rules_with_a_fused_kernel_compile_too(config):
     rule = build_rule(config)
     weights, ref_weights = seeded(NUMEL, 1, torch.float32), seeded(NUMEL, 1, torch.float32)
     state, ref_state = rule.init_state(weights), rule.init_state(ref_weights)
-    step = compiled.CompiledStep(rule, weights, background=False)
+    step = compiled.CompiledStep(rule, weights)
     assert step.ready, step.error
     with torch._dynamo.config.patch(error_on_recompile=True):
         for i in range(20):
@@ -100,7 +99,7 @@ def test_rules_with_a_fused_kernel_compile_too(config):
             torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
 
 
-def test_engine_keeps_working_while_and_if_compiling_fails(compile_small, monkeypatch):
+def test_engine_steps_eagerly_and_says_why_if_compiling_fails(compile_small, monkeypatch):
     def broken(fn):
         def fail(*args, **kwargs):
             raise RuntimeError("no compiler here")
@@ -111,9 +110,8 @@ def test_engine_keeps_working_while_and_if_compiling_fails(compile_small, monkey
     config = parse_optimizer_config({"name": "rmsprop", "lr": 0.01})
     fast = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config)
     ref = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config, path="reference")
-    assert not fast.wait_compiled(timeout=60)
-    assert "no compiler here" in str(fast._compiled.error)
-    assert fast.fast_path == "reference"
+    assert fast._compiled is None and fast.fast_path == "reference"
+    assert fast.kernel.kernel == "eager" and "no compiler here" in fast.kernel.why
     for step in range(5):
         grad = seeded(NUMEL, step, torch.float32)
         fast.step(grad.clone(), 0.01)
@@ -125,11 +123,19 @@ def test_compiling_can_be_turned_off(compile_small, monkeypatch):
     monkeypatch.setenv("OPTSERVE_COMPILE", "off")
     engine = GroupEngine("g", torch.zeros(NUMEL), parse_optimizer_config({"name": "radam"}))
     assert engine._compiled is None and engine.fast_path == "reference"
+    assert engine.kernel == kernels.Choice("eager", "OPTSERVE_COMPILE=off")
 
 
-def test_small_buffers_are_not_compiled():
-    engine = GroupEngine("g", torch.zeros(NUMEL), parse_optimizer_config({"name": "radam"}))
-    assert engine._compiled is None
+def test_small_groups_are_not_compiled_and_the_group_not_the_slice_decides():
+    config = parse_optimizer_config({"name": "radam"})
+    engine = GroupEngine("g", torch.zeros(NUMEL), config)
+    assert engine._compiled is None and engine.kernel.kernel == "eager"
+    assert "fewer than" in engine.kernel.why
+    # A shard's small slice of a large group takes the group's kernel, as every shard does.
+    if kernels.compiler_problem("cpu") is None and not kernels.compile_switched_off():
+        part = GroupEngine("g", torch.zeros(NUMEL), config,
+                           group_numel=kernels.COMPILE_MIN_ELEMENTS)  # fmt: skip
+        assert part.kernel.kernel == "compiled" and part.fast_path == "compiled"
 
 
 def test_eager_steps_stay_bit_exact_while_a_kernel_compiles_elsewhere():
@@ -152,9 +158,7 @@ def test_eager_steps_stay_bit_exact_while_a_kernel_compiles_elsewhere():
     other = build_rule(
         parse_optimizer_config({"name": "rmsprop", "centered": True, "maximize": True})
     )
-    compiling = threading.Thread(
-        target=compiled.CompiledStep, args=(other, torch.zeros(NUMEL)), kwargs={"background": False}
-    )
+    compiling = threading.Thread(target=compiled.CompiledStep, args=(other, torch.zeros(NUMEL)))
     compiling.start()
     overlapped = runs = 0
     while compiling.is_alive():
@@ -165,3 +169,32 @@ def test_eager_steps_stay_bit_exact_while_a_kernel_compiles_elsewhere():
     assert runs > 0
     if not overlapped:
         pytest.skip(f"the compile ended before an eager run overlapped it ({runs} runs)")
+
+
+def test_the_kernel_is_chosen_from_the_rule_and_the_group_and_a_restore_keeps_the_recorded():
+    cpu = torch.device("cpu")
+    big = kernels.COMPILE_MIN_ELEMENTS
+    assert kernels.choose("adam", True, 10, cpu) == kernels.Choice("fused")
+    assert kernels.choose("radam", False, big - 1, cpu).kernel == "eager"
+    compiled_here = kernels.compiler_problem("cpu") is None and not kernels.compile_switched_off()
+    wanted = kernels.choose("radam", False, big, cpu)
+    assert wanted.kernel == ("compiled" if compiled_here else "eager")
+    # A checkpoint written by the eager kernel is continued by it, where a compiler is too;
+    # one written compiled, where there is none, says what that costs.
+    assert kernels.honour("eager", kernels.Choice("compiled"), cpu).kernel == "eager"
+    assert kernels.honour("compiled", kernels.Choice("compiled"), cpu).kernel == "compiled"
+    lost = kernels.honour("compiled", kernels.Choice("eager", "no C++ compiler"), cpu)
+    assert lost.kernel == "eager" and "few ulp" in lost.why
+    assert kernels.honour("unknown", wanted, cpu) == wanted
+
+
+def test_a_restored_group_takes_its_recorded_kernel(compile_small):
+    config = parse_optimizer_config({"name": "rmsprop", "lr": 0.01})
+    engine = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config)
+    saved = engine.state_dict()
+    assert saved["kernel"] == engine.kernel.kernel
+    restored = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config)
+    restored.load_state_dict({**saved, "kernel": "eager"})
+    assert restored.kernel.kernel == "eager" and restored.fast_path == "reference"
+    again = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config, kernel="eager")
+    assert again.kernel.kernel == "eager" and "eager kernel" in again.kernel.why
