@@ -76,8 +76,10 @@ class PlateauSchedule(Strict):
 
     ``rule: "newbob"`` (the survey's): keep the lr until the metric fails to improve, then halve
     it at every report from then on. ``rule: "torch"``: torch's ReduceLROnPlateau, which
-    multiplies by `factor` only after more than `patience` reports without improvement. Unset
-    fields take each rule's defaults (newbob: factor 0.5, threshold 0; torch: torch's).
+    multiplies by `factor` only after more than `patience` reports without improvement. Either
+    rule reduces each group's lr as torch does: new = max(lr * factor, min_lr), applied only if
+    lr - new > eps. Unset fields take each rule's defaults (newbob: factor 0.5, threshold 0;
+    torch: torch's).
     """
 
     name: Literal["plateau"] = "plateau"

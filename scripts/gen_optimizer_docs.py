@@ -184,8 +184,8 @@ SCHEDULE_MEANINGS: dict[str, dict[str, str]] = {
         "threshold": "≥ 0; null: the rule's default",
         "threshold_mode": '`"rel"` or `"abs"`',
         "cooldown": "reports ignored after a reduction (torch rule); integer ≥ 0",
-        "min_lr": "floor of the lr; ≥ 0",
-        "eps": "accepted for torch compatibility; not used by either rule",
+        "min_lr": "floor of the reductions (an lr below it is not raised); ≥ 0",
+        "eps": "a reduction that lowers the lr by eps or less is not applied; ≥ 0",
     },
     "warmup": {
         "warmup_steps": "length of the warm-up in updates; integer ≥ 1",

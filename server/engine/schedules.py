@@ -11,12 +11,18 @@ after each optimizer step. Closed forms (survey and torch.optim.lr_scheduler):
     reciprocal    lr * (1 + t / r)^(-c)                               (survey; LambdaLR)
     cosine        eta_min + (lr - eta_min) (1 + cos(pi t / T_max)) / 2  (CosineAnnealingLR)
     warmup        lr * t / W for t < W, then `then` at step t - W      (LambdaLR + SequentialLR)
-    plateau       lr * scale, where reported metrics lower the scale (below), floored at min_lr
+    plateau       lr reduced at the reports of a metric (below)
 
 Plateau, `newbob` (survey): while the watched metric keeps improving the lr is kept; at the
-first report that does not improve, and at every report after it, the scale is multiplied by
-`factor`. `torch` (ReduceLROnPlateau): the scale is multiplied by `factor` after more than
-`patience` reports without improvement, then `cooldown` reports are ignored.
+first report that does not improve, and at every report after it, the lr is reduced. `torch`
+(ReduceLROnPlateau): the lr is reduced after more than `patience` reports without improvement,
+then `cooldown` reports are ignored. A reduction is torch's, for either rule and per group:
+
+    new = max(lr * factor, min_lr);   lr <- new  only if  lr - new > eps
+
+so a reduction smaller than eps is not applied, and since the next one would be the same, the
+group's lr stays there. The schedule counts the reductions; a group's lr is its configured lr
+taken through that many reductions (cached per configured lr, so each is computed once).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from bisect import bisect_right
+from collections.abc import Sequence
 from typing import Any
 
 from optserve.common.config import (
@@ -43,8 +50,9 @@ class Schedule(ABC):
     def lr(self, base_lr: float, step: int) -> float:
         """The lr for the update that follows `step` applied updates."""
 
-    def observe(self, name: str, value: float) -> bool:
-        """Take a reported metric; True if it changed the schedule."""
+    def observe(self, name: str, value: float, base_lrs: Sequence[float] = ()) -> bool:
+        """Take a reported metric; True if it changed the lr of a group whose configured lr is
+        in `base_lrs` (without them: if it changed the schedule)."""
         return False
 
     def state_dict(self) -> dict[str, Any]:
@@ -124,8 +132,8 @@ class Warmup(Schedule):
             return base_lr * step / self.steps
         return self.then.lr(base_lr, step - self.steps)
 
-    def observe(self, name: str, value: float) -> bool:
-        return self.then.observe(name, value)
+    def observe(self, name: str, value: float, base_lrs: Sequence[float] = ()) -> bool:
+        return self.then.observe(name, value, base_lrs)
 
     def state_dict(self) -> dict[str, Any]:
         return {"then": self.then.state_dict()}
@@ -135,17 +143,22 @@ class Warmup(Schedule):
 
 
 class Plateau(Schedule):
+    # Configured lrs whose reduced lr is cached; more than this many distinct ones (lr changes
+    # by hand, many groups) start the cache afresh.
+    CACHED_BASES = 256
+
     def __init__(self, config: PlateauSchedule) -> None:
         self.config = config
         self.factor = config.resolved_factor
         self.patience = config.resolved_patience
         self.threshold = config.resolved_threshold
-        self.scale = 1.0
+        self.reductions = 0  # reductions triggered so far; each group applies them (eps)
         self.best: float | None = None
         self.num_bad = 0
         self.cooldown_left = 0
         self.triggered = False
         self.reports = 0
+        self._reduced: dict[float, tuple[int, float]] = {}  # base lr -> (reductions seen, lr)
 
     def _improves(self, value: float) -> bool:
         if self.best is None:
@@ -157,7 +170,7 @@ class Plateau(Schedule):
             bound = self.best + sign * self.threshold
         return value > bound if sign > 0 else value < bound
 
-    def observe(self, name: str, value: float) -> bool:
+    def observe(self, name: str, value: float, base_lrs: Sequence[float] = ()) -> bool:
         if name != self.config.metric:
             return False
         self.reports += 1
@@ -178,16 +191,31 @@ class Plateau(Schedule):
             if reduce:
                 self.cooldown_left = self.config.cooldown
                 self.num_bad = 0
-        if reduce:
-            self.scale *= self.factor
-        return reduce
+        if not reduce:
+            return False
+        before = [self.lr(base_lr, 0) for base_lr in base_lrs]
+        self.reductions += 1
+        after = [self.lr(base_lr, 0) for base_lr in base_lrs]
+        return not base_lrs or before != after
 
     def lr(self, base_lr: float, step: int) -> float:
-        return max(base_lr * self.scale, self.config.min_lr)
+        """`base_lr` taken through the reductions so far, each as torch's `_reduce_lr`."""
+        seen, lr = self._reduced.get(base_lr, (0, base_lr))
+        factor, min_lr, eps = self.factor, self.config.min_lr, self.config.eps
+        while seen < self.reductions:
+            new_lr = max(lr * factor, min_lr)
+            if not lr - new_lr > eps:
+                seen = self.reductions  # every later reduction would be this one: none applies
+                break
+            lr, seen = new_lr, seen + 1
+        if base_lr not in self._reduced and len(self._reduced) >= self.CACHED_BASES:
+            self._reduced.clear()
+        self._reduced[base_lr] = (seen, lr)
+        return lr
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "scale": self.scale,
+            "reductions": self.reductions,
             "best": self.best,
             "num_bad": self.num_bad,
             "cooldown_left": self.cooldown_left,
@@ -196,8 +224,19 @@ class Plateau(Schedule):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        scale = state.pop("scale", None)  # written before the reductions were counted
+        keys = set(self.state_dict())
         for key, value in state.items():
-            setattr(self, key, value)
+            if key in keys:
+                setattr(self, key, value)
+        if scale is not None and "reductions" not in state:
+            # scale was factor^reductions, or 0 once it underflowed (each report reduces once
+            # at most, so the reports bound the count)
+            self.reductions = (
+                round(math.log(scale) / math.log(self.factor)) if scale > 0 else self.reports
+            )
+        self._reduced.clear()
 
 
 _SCHEDULES: dict[type, type[Schedule]] = {

@@ -4,7 +4,7 @@ the real parser, the Python calls bind to the client's signatures).
 
 Two claims of the page's prose that no other test makes are checked here too, code against code:
 `reset` starts every target key fresh whatever the pair of rules, and the plateau schedule's
-newbob rule ignores `patience` while `eps` changes neither rule.
+newbob rule ignores `patience` while `eps` acts in both rules.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def test_reset_starts_every_target_key_fresh():
             assert all(actions[key] == "dropped" for key in actions.keys() - fresh), actions
 
 
-def test_newbob_ignores_patience_and_eps_changes_nothing():
+def test_newbob_ignores_patience_and_eps_acts_in_both_rules():
     newbob = build_schedule(parse_schedule_config({"name": "plateau", "patience": 3}))
     newbob.observe("val_loss", 1.0)
     assert newbob.observe("val_loss", 2.0)  # the first report that does not improve reduces
@@ -201,9 +201,10 @@ def test_newbob_ignores_patience_and_eps_changes_nothing():
     for rule in ("newbob", "torch"):
         lrs = []
         for eps in (1e-8, 0.4):
-            config = {"name": "plateau", "rule": rule, "patience": 0, "eps": eps}
+            config = {"name": "plateau", "rule": rule, "factor": 0.5, "patience": 0, "eps": eps}
             schedule = build_schedule(parse_schedule_config(config))
             for value in (1.0, 1.0, 0.9, 1.0):
                 schedule.observe("val_loss", value)
             lrs.append(schedule.lr(1.0, 0))
-        assert lrs[0] == lrs[1], (rule, lrs)
+        # 1 -> 0.5 (0.5 > eps 0.4) is applied, 0.5 -> 0.25 is not, nor any after it
+        assert lrs == [0.125 if rule == "newbob" else 0.25, 0.5], (rule, lrs)

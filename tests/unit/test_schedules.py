@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -130,6 +131,87 @@ def test_torch_plateau_matches_reduce_lr_on_plateau_with_defaults():
         torch_sched.step(value)
         ours.observe("val_loss", value)
         assert math.isclose(ours.lr(1.0, 0), opt.param_groups[0]["lr"], rel_tol=1e-12)
+
+
+# Settings of ReduceLROnPlateau's arguments, eps in particular (issue 18: `eps` was accepted and
+# ignored); each runs on three groups at once, since torch applies eps per group.
+PLATEAU_SETTINGS = [
+    {"factor": 0.5, "patience": 0, "eps": 0.3},
+    {"factor": 0.5, "patience": 0, "eps": 0.3, "threshold": 0.0},
+    {"factor": 0.1, "patience": 2, "eps": 1e-3, "cooldown": 1},
+    {"factor": 0.7, "patience": 1, "eps": 0.05, "min_lr": 0.2},
+    {"factor": 0.5, "patience": 0, "eps": 0.0, "min_lr": 0.1, "threshold": 0.05,
+     "threshold_mode": "abs"},
+    {"factor": 0.3, "patience": 0, "eps": 0.01, "mode": "max", "threshold": 0.01},
+    {"factor": 0.5, "patience": 0},  # torch's default eps 1e-8
+]  # fmt: skip
+GROUP_LRS = [1.0, 0.3, 0.05]
+
+
+def _metric_streams():
+    gen = torch.Generator().manual_seed(3)
+    noisy = (1.0 / (1 + torch.arange(40) / 10) + 0.05 * torch.randn(40, generator=gen)).tolist()
+    walk = (1.0 + 0.1 * torch.randn(40, generator=gen).cumsum(0)).tolist()
+    return {"worsening": [1.0 + i for i in range(12)], "noisy": noisy, "walk": walk}
+
+
+@pytest.mark.parametrize("stream", sorted(_metric_streams()))
+@pytest.mark.parametrize("setting", PLATEAU_SETTINGS, ids=lambda s: json.dumps(s))
+def test_torch_plateau_matches_reduce_lr_on_plateau(setting, stream):
+    """Every group's lr after every report is torch's (bit for bit: the same multiplications),
+    and a report says it changed the lr exactly when torch changed some group's lr."""
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in GROUP_LRS]
+    opt = torch.optim.SGD(groups, lr=1.0)
+    torch_sched = S.ReduceLROnPlateau(opt, **setting)
+    ours = build_schedule(parse_schedule_config({"name": "plateau", "rule": "torch", **setting}))
+    for value in _metric_streams()[stream]:
+        before = [group["lr"] for group in opt.param_groups]
+        torch_sched.step(value)
+        expected = [group["lr"] for group in opt.param_groups]
+        changed = ours.observe("val_loss", value, GROUP_LRS)
+        assert [ours.lr(lr, 0) for lr in GROUP_LRS] == expected, (value, expected)
+        assert changed == (before != expected)
+
+
+def test_plateau_eps_example_from_the_issue():
+    """lr 1, factor 0.5, eps 0.3: 1 -> 0.5 is applied, 0.5 -> 0.25 (0.25 < eps) is not, for
+    good. newbob applies eps the same way."""
+    for rule in ("torch", "newbob"):
+        config = {"name": "plateau", "rule": rule, "factor": 0.5, "patience": 0, "eps": 0.3}
+        schedule = build_schedule(parse_schedule_config(config))
+        lrs = []
+        for value in (1.0, 2.0, 3.0, 4.0, 5.0):
+            schedule.observe("val_loss", value, [1.0])
+            lrs.append(schedule.lr(1.0, 0))
+        assert lrs == [1.0, 0.5, 0.5, 0.5, 0.5], rule
+        assert schedule.lr(0.1, 0) == 0.1  # a group whose every reduction is below eps
+
+
+def test_plateau_report_says_whether_a_group_lr_changed():
+    shard = ShardState(
+        "m", 0, {"default": GroupInit(torch.zeros(4), parse_optimizer_config({"name": "sgd",
+                                                                               "lr": 1.0}))},
+        schedule={"name": "plateau", "rule": "torch", "factor": 0.5, "patience": 0, "eps": 0.3},
+        path="reference",
+    )  # fmt: skip
+    assert [shard.report_metric("val_loss", v) for v in (1.0, 2.0, 3.0)] == [False, True, False]
+    assert shard.lr("default") == 0.5
+
+
+def test_plateau_state_round_trips_and_reads_the_older_scale():
+    config = parse_schedule_config({"name": "plateau", "rule": "torch", "factor": 0.5,
+                                    "patience": 0, "min_lr": 0.01})  # fmt: skip
+    schedule = build_schedule(config)
+    for value in (1.0, 2.0, 3.0, 4.0):
+        schedule.observe("val_loss", value)
+    restored = build_schedule(config)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.lr(0.2, 0) == schedule.lr(0.2, 0) == 0.025
+    older = {**schedule.state_dict(), "scale": 0.125}  # what a checkpoint held before
+    del older["reductions"]
+    restored = build_schedule(config)
+    restored.load_state_dict(older)
+    assert restored.reductions == 3 and restored.lr(0.2, 0) == 0.025
 
 
 def test_plateau_ignores_other_metrics_and_round_trips():
