@@ -150,6 +150,9 @@ class ShardStatus(Result):
     device: str
     version: int
     ready: bool = True
+    # Choosing and compiling its groups' kernels, before it takes its values (seconds, once
+    # per machine: inductor caches what it compiled on disk).
+    preparing: bool = False
     broken: str | None = None
     groups: dict[str, ShardGroupStatus]
 

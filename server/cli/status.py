@@ -130,7 +130,8 @@ def _print_model(status: dict) -> None:
         ["SHARD", "ADDRESS", "DEVICE", "VERSION", "STATE", "RULES"],
         [[str(s["index"]), s["address"], s["device"], f"{s['version']:,}",
           f"broken: {s['broken']}" if s.get("broken") else
-          ("ok" if s.get("ready", True) else "loading"),
+          ("ok" if s.get("ready", True) else
+           "compiling kernels" if s.get("preparing") else "loading"),
           ", ".join(f"{g}: {i['rule']} ({i['path']})" for g, i in s["groups"].items())]
          for s in status["shards"]],
     ))  # fmt: skip

@@ -102,6 +102,7 @@ def _shard_status(s: Mapping[str, Any]) -> dict[str, Any]:
         "device": s["device"],
         "version": s["version"],
         "ready": s.get("ready", True),
+        "preparing": s.get("preparing", False),
         # Why the shard no longer matches the others (None: it does); the coordinator
         # restores the model from its newest checkpoint when one breaks.
         "broken": s.get("broken"),

@@ -73,6 +73,8 @@ class CompiledStep:
             log.warning("compiling the %s kernel failed; it steps eagerly: %s",
                         rule.config.name, exc)  # fmt: skip
         self.seconds = time.perf_counter() - started
+        if self.error is None:
+            log.info("compiled the %s kernel in %.1f s", rule.config.name, self.seconds)
 
     @property
     def ready(self) -> bool:

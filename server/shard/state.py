@@ -110,8 +110,10 @@ class ShardState(StateViews):
         self._path = path
         self.buffers = BufferPool({name: init.length for name, init in groups.items()})
         self._groups: dict[str, GroupEngine] = {}
-        # False until the shard holds its values (all GroupInits with weights: at once).
+        # False until the shard holds its values (all GroupInits with weights: at once);
+        # `preparing` while its groups' kernels are chosen and compiled (before `ready`).
         self.ready = all(init.weights is not None for init in groups.values())
+        self.preparing = False
         if self.ready:
             for name, init in groups.items():
                 assert init.weights is not None
@@ -166,7 +168,7 @@ class ShardState(StateViews):
         if set(weights) != set(self._plans):
             raise InvalidArgument(f"initial values need groups {sorted(self._plans)}")
         with self._cv:
-            if self.ready:
+            if self.ready or self.preparing:
                 raise FailedPrecondition(
                     f"shard {self.index} of model {self.model!r} already has its values"
                 )
@@ -174,10 +176,18 @@ class ShardState(StateViews):
                 flat = weights[name].reshape(-1)
                 if flat.numel() != init.length or flat.dtype != torch.float32:
                     raise InvalidArgument(f"initial values of group {name!r} do not fit")
-                self._groups[name] = GroupEngine(
-                    name, flat.to(self.device), init.config, init.views, self._path,
-                    group_numel=init.group_numel,
-                )  # fmt: skip
+            self.preparing = True
+        try:  # not under the lock: a kernel may compile for seconds, and status reads on
+            engines = {
+                name: GroupEngine(name, weights[name].reshape(-1).to(self.device), init.config,
+                                  init.views, self._path, group_numel=init.group_numel)
+                for name, init in self._plans.items()
+            }  # fmt: skip
+        finally:
+            with self._cv:
+                self.preparing = False
+        with self._cv:
+            self._groups = engines
             self.ready = True
             self._cv.notify_all()
 

@@ -60,6 +60,7 @@ class StateViews:
     device: torch.device
     broken: str | None
     ready: bool
+    preparing: bool
     _lock: threading.RLock
     _groups: dict[str, GroupEngine]
     _plans: dict[str, Any]
@@ -199,6 +200,7 @@ class StateViews:
                 "schedule": schedule_config_json(self._schedule_config),
                 "schedule_state": self._schedule.state_dict(),
                 "ready": self.ready,
+                "preparing": self.preparing,
                 "groups": {name: self._describe(name) for name in self._plans},
             }
 
