@@ -216,6 +216,7 @@ class PushPipeline:
             self._refuse(push, exc)
             raise
         except Exception:  # the stream broke off (the trainer went away): the same, at once
+            self.observer.decided(push.trainer, push.peer, 0, applied=False)
             self._refuse(push, Aborted("the push stream broke off before its end"))
             raise
 

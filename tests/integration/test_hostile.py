@@ -232,7 +232,7 @@ def test_slow_loris_pushes_are_cut_and_give_back_what_they_held(hostile, small_m
     assert alice.push(model, grad) == version + 2
     assert alice.pull(model)[1] == version + 2
     mallory = alice.status(model).trainers["mallory"]
-    assert (mallory.pushes, mallory.applied) == (16, 0)
+    assert (mallory.pushes, mallory.applied, mallory.refused) == (16, 0, 16)  # every one counted
 
 
 def test_huge_ids_are_refused_and_neither_kept_nor_shown(hostile, small_model, alice):
