@@ -6,6 +6,7 @@ file, TLS on, metrics behind a token, and placeholder tokens refused when the se
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shlex
@@ -195,8 +196,16 @@ def test_the_image_recipe_installs_optserve_and_exposes_its_port():
     assert lines[0].startswith("FROM python:3.11")
     assert any(line.startswith("RUN pip install") and " . " in f"{line} " for line in lines)
     assert "EXPOSE 50051 9464" in lines
-    for folder in ("protos", "client", "server"):
-        assert f"COPY {folder} {folder}" in lines
+    # Every folder setup.py packages (and setup.py itself) is in the image.
+    tree = ast.parse((DEPLOY.parent / "setup.py").read_text())
+    (roots,) = [node.value for node in tree.body
+                if isinstance(node, ast.Assign) and node.targets[0].id == "ROOTS"]  # fmt: skip
+    for folder in {path.split("/")[0] for path in ast.literal_eval(roots).values()}:
+        assert f"COPY {folder} {folder}" in lines, folder
+    assert any(line.startswith("COPY ") and " setup.py " in line for line in lines)
+    # The compiled kernels' compiler is installed, and checked once the image is built.
+    assert any("apt-get install" in line and " g++ " in f"{line} " for line in lines)
+    assert "compiler_problem" in (DEPLOY / "Dockerfile").read_text()
 
 
 def test_the_shipped_placeholder_tokens_stop_the_server(monkeypatch, tmp_path):
