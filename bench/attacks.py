@@ -219,7 +219,16 @@ def overflow_gradient(target: Target, stop: threading.Event, rounds: int | None 
     return _client_loop(target, stop, rounds, lambda c: c.push(target.model, grad, version=0))
 
 
+def honest_trainer(target: Target, stop: threading.Event, rounds: int | None = None) -> Tally:
+    """No attack, the control: a second trainer pushing normal gradients as fast as it can,
+    under its own name. What any busy tenant of the model costs alice on the same cores."""
+    numel = sum(length for _, _, length in _shards(target))  # one parameter: the group
+    grad = {target.param: torch.full((numel,), 1e-6)}
+    return _client_loop(target, stop, rounds, lambda c: c.push(target.model, grad))
+
+
 ATTACKS: dict[str, Callable[[Target, threading.Event, int | None], Tally]] = {
+    "honest 2nd trainer": honest_trainer,
     "pull flood": pull_flood,
     "slow-loris pushes": slow_loris,
     "huge ids": huge_ids,

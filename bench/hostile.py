@@ -13,8 +13,9 @@ every second onto a 1 MiB tmpfs (root only; else a path a file blocks), fails ev
 
 Printed per attack: alice's median step time and its ratio to the median of the no-attack
 phases (measured before and after), what the server answered the attacker, and the peak RSS
-of the largest shard process while the attack ran. Goal (issue 17): every ratio at most 2x,
-and shard memory bounded.
+of the largest shard process while the attack ran. The first row is a control, no attack: a
+second, honest trainer pushing as fast as it can (what any busy tenant of the same cores
+costs alice). Goal (issue 17): every ratio at most 2x, and shard memory bounded.
 """
 
 from __future__ import annotations
