@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from optserve.server.engine.base import ElementwiseRule, State
+from optserve.server.engine.lookahead import sync_slow_weights
 
 log = logging.getLogger(__name__)
 # One compiled wrapper per update function for the whole process: dynamo caches compiled code
@@ -94,3 +95,21 @@ class CompiledStep:
     def step(self, weights: torch.Tensor, grad: torch.Tensor, state: State, s: Any) -> None:
         """The element-wise part of one step; `s` is what the rule's `prepare` returned."""
         self._fn(weights, grad, state, s)
+
+
+class CompiledSync:
+    """Lookahead's sync (`lookahead.sync_slow_weights`) compiled for one buffer's dtype and
+    device, by the time the constructor returns (or failed: `error`)."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        self.error: BaseException | None = None
+        try:
+            self._fn = _compiled(sync_slow_weights)
+            dummy = torch.zeros(WARM_UP_ELEMENTS, dtype=weights.dtype, device=weights.device)
+            self._fn(dummy, dummy.clone(), 0.5)
+        except Exception as exc:  # noqa: BLE001 - any failure means: sync eagerly
+            self.error = exc
+            log.warning("compiling Lookahead's sync failed; it syncs eagerly: %s", exc)
+
+    def __call__(self, weights: torch.Tensor, slow: torch.Tensor, alpha: float) -> None:
+        self._fn(weights, slow, alpha)

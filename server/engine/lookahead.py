@@ -18,7 +18,7 @@ of the flat buffer, never on the flat buffer itself (spec section 4).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -52,16 +52,24 @@ class Lookahead(Rule):
         self.after_step(weights, state)
 
     def after_step(
-        self, weights: torch.Tensor, state: State, parts: Iterable[slice] = (slice(None),)
+        self,
+        weights: torch.Tensor,
+        state: State,
+        parts: Iterable[slice] = (slice(None),),
+        sync: Callable[[torch.Tensor, torch.Tensor, float], None] | None = None,
     ) -> None:
         """Count the inner step; every k-th, phi <- phi + alpha (theta - phi) and theta <- phi.
 
-        The sync is element-wise, so it runs on `parts` (slices of the buffer) one by one."""
+        The sync is element-wise, so it runs on `parts` (slices of the buffer) one by one; or
+        `sync` (`sync_slow_weights` compiled: one pass) does it on the whole buffer."""
         state["counter"] += 1
         if state["counter"] < self.k:
             return
         state["counter"] = 0
         slow = state["slow_buffer"]
+        if sync is not None:
+            sync(weights, slow, self.alpha)
+            return
         for part in parts:
             phi = slow[part]
             phi.add_(weights[part] - phi, alpha=self.alpha)
@@ -85,6 +93,14 @@ class Lookahead(Rule):
             report.set("counter", "kept", "position in the slow cycle (C11)")
         else:
             report.set("counter", "fresh", "a new slow cycle starts now (C11)")
+
+
+def sync_slow_weights(weights: torch.Tensor, slow: torch.Tensor, alpha: float) -> None:
+    """Lookahead's sync as one element-wise function, for compiling (engine/compiled.py): each
+    buffer is read once and written once, where the eager ops pass over them four times."""
+    synced = slow + (weights - slow) * alpha
+    slow.copy_(synced)
+    weights.copy_(synced)
 
 
 class RangerRAdam(RAdam):
