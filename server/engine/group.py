@@ -7,8 +7,10 @@ whole buffer):
 * compiled: the rule's own `update` compiled by inductor (engine/compiled.py), for the other
   rules on groups of at least COMPILE_MIN_ELEMENTS (the whole group's, on every shard alike);
 * eager: the rule's element-wise `update` run slice by slice ("chunked"), so each slice's
-  temporaries stay in cache (CPU); bit-identical to the reference, since every element sees
-  the same ops; or on the whole buffer ("reference": small buffers, other devices).
+  temporaries stay in cache (CPU); or on the whole buffer ("reference"), as torch's foreach
+  step does. Both are bit-identical (every element sees the same ops), so a large CPU buffer
+  takes whichever has been faster lately (`FasterOf`): slices win on a quiet machine, whole
+  buffers on a loaded one. Small buffers and other devices take the whole buffer.
 
 The kernel is chosen once, when the rule is set (create, restore, swap), and compiled then if
 it must be, before the group takes a push: never by a thread finishing. Every path steps the
@@ -19,6 +21,7 @@ the environment turns compiling off.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -27,7 +30,7 @@ import torch
 from optserve.common.config import RuleConfig, optimizer_config_json, parse_optimizer_config
 from optserve.server.engine import build_rule
 from optserve.server.engine.base import ElementwiseRule, Rule, State, TensorViews
-from optserve.server.engine.compiled import CompiledStep
+from optserve.server.engine.compiled import CompiledStep, CompiledSync
 from optserve.server.engine.fused import FusedStep, fused_available
 from optserve.server.engine.kernels import COMPILE_MIN_ELEMENTS, Choice, choose, honour
 from optserve.server.engine.lookahead import Lookahead
@@ -40,6 +43,43 @@ __all__ = ["CHUNK_ELEMENTS", "COMPILE_MIN_ELEMENTS", "GroupEngine"]
 CHUNK_ELEMENTS = 1 << 18
 Path = Literal["fast", "reference"]
 StepFn = Callable[[torch.Tensor, float], None]
+# How often the eager kernel times again the way it is not taking (steps), and the weight of
+# the newest timing in each way's running cost.
+RETIME_EVERY = 32
+TIMING_WEIGHT = 0.3
+
+
+class FasterOf:
+    """Bit-identical ways to take the same step; each step takes the one that has been faster
+    lately, and every RETIME_EVERY steps another one is timed again.
+
+    The eager kernel's slices keep their temporaries in cache: 2-3x faster than whole-buffer
+    ops on a quiet machine. But each slice's small ops wait on every intra-op thread, so on
+    a loaded machine they can be 10x slower than whole-buffer ops (torch's foreach step).
+    Timing both keeps the eager kernel at the better of the two, whatever the machine."""
+
+    def __init__(self, ways: dict[str, StepFn]) -> None:
+        self.ways = ways
+        self.cost: dict[str, float] = {}
+        self.steps = 0
+        self.current = next(iter(ways))
+
+    def __call__(self, grad: torch.Tensor, lr: float) -> None:
+        self.steps += 1
+        untimed = [name for name in self.ways if name not in self.cost]
+        best = min(self.cost, key=self.cost.__getitem__) if self.cost else self.current
+        if untimed:
+            name = untimed[0]
+        elif self.steps % RETIME_EVERY == 0:
+            name = min((n for n in self.ways if n != best), key=self.cost.__getitem__)
+        else:
+            name = best
+        started = time.perf_counter()
+        self.ways[name](grad, lr)
+        took = time.perf_counter() - started
+        old = self.cost.get(name)
+        self.cost[name] = took if old is None else old + TIMING_WEIGHT * (took - old)
+        self.current = name
 
 
 class GroupEngine:
@@ -91,7 +131,12 @@ class GroupEngine:
         choice = choose(config.name, fused_available(inner, device), self.group_numel, device)
         if recorded is not None:
             choice = honour(recorded, choice, device)
-        eager = ("chunked", self._step_chunked) if len(self._parts) > 1 else None
+        self._faster: FasterOf | None = None
+        if len(self._parts) > 1:
+            self._faster = FasterOf(
+                {"chunked": self._step_chunked, "reference": self._step_reference}
+            )
+        eager = ("chunked", self._faster) if self._faster is not None else None
         self._current: tuple[str, StepFn] = eager or ("reference", self._step_reference)
         if self.path == "reference":
             self._current = ("reference", self._step_reference)
@@ -106,11 +151,19 @@ class GroupEngine:
             else:
                 choice = Choice("eager", f"compiling failed: {compiled.error}")
         self.kernel = choice
+        # Lookahead's sync, compiled with the fast kernels where a compile is worth it.
+        self._sync: CompiledSync | None = None
+        fast = self._lookahead is not None and choice.kernel != "eager" and self.path == "fast"
+        if fast and choose("lookahead", False, self.group_numel, device).kernel == "compiled":
+            sync = CompiledSync(self.weights)
+            self._sync = sync if sync.error is None else None
 
     @property
     def fast_path(self) -> str:
-        """Which path the next step takes: fused, compiled, chunked or reference (the last
-        two: the eager kernel)."""
+        """Which path steps: fused, compiled, chunked or reference (the last two: the eager
+        kernel; a large CPU buffer's, the one its last step took)."""
+        if self._current[1] is self._faster and self._faster is not None:
+            return self._faster.current
         return self._current[0]
 
     def step(self, grad: torch.Tensor, lr: float) -> None:
@@ -126,7 +179,8 @@ class GroupEngine:
         """`step` for a gradient `preprocess` has seen."""
         self._current[1](grad, lr)
         if self._lookahead is not None:
-            self._lookahead.after_step(self.weights, self.state, self._parts)
+            parts = self._parts if self.fast_path == "chunked" else (slice(None),)
+            self._lookahead.after_step(self.weights, self.state, parts, self._sync)
 
     def stays_finite(self, grad: torch.Tensor, lr: float) -> bool:
         """Whether `step_preprocessed(grad, lr)` would leave every weight and state element

@@ -233,3 +233,38 @@ def test_stays_finite_computes_on_copies_and_finds_an_overflowing_state(path):
     for key, value in before.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(engine.state[key], value)
+
+
+def test_the_eager_kernel_takes_the_way_that_has_been_faster_lately(monkeypatch):
+    """FasterOf (engine/group.py), on a fake clock each way advances by its own cost: both ways
+    are timed first, the cheaper one is taken, the other timed again every RETIME_EVERY steps,
+    and when the machine changes (the cheap way gets dear) the choice follows."""
+    from optserve.server.engine import group as group_module
+
+    now = [0.0]
+    monkeypatch.setattr(group_module.time, "perf_counter", lambda: now[0])
+    costs = {"chunked": 1.0, "reference": 3.0}
+    taken: list[str] = []
+
+    def way(name):
+        def step(grad, lr):
+            taken.append(name)
+            now[0] += costs[name]
+
+        return step
+
+    faster = group_module.FasterOf({name: way(name) for name in costs})
+    every = group_module.RETIME_EVERY
+    for _ in range(2 * every + 1):
+        faster(None, 0.0)
+    assert taken[:2] == ["chunked", "reference"]
+    # its first timing, then at steps RETIME_EVERY and 2 x RETIME_EVERY
+    assert [i + 1 for i, name in enumerate(taken) if name == "reference"] == [2, every, 2 * every]
+    assert faster.current == "chunked"
+    costs["chunked"] = 10.0  # a loaded machine: the slices' many small ops wait on threads
+    taken.clear()
+    for _ in range(every):
+        faster(None, 0.0)
+    # One dear step tips the running cost (1 + 0.3 x 9 > 3); after it, only a re-timing.
+    assert taken[0] == "chunked" and taken.count("chunked") == 2
+    assert faster.current == "reference"
