@@ -22,6 +22,8 @@ from optserve.server.cli.safety import (
 )
 from optserve.server.edge.tokens import MIN_TOKEN_CHARS, EdgeConfig
 
+# What the eager kernels cost against the compiled ones (bench/engine.py, 16M elements, 2 cores).
+EAGER_COST = "2-10x slower per step"
 # The limits of server/edge/limits.py a serve flag sets ("per token": per address without
 # auth; "per address": a host, whatever its tokens); the defaults are EdgeConfig's.
 LIMIT_FLAGS = (
@@ -238,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(max_models=args.max_models, max_model_bytes=args.max_model_bytes)
     policy = _checkpoint_policy(args)
     host = args.host
+    _say_if_no_compiler()
 
     if args.ray_address:
         try:
@@ -332,6 +335,23 @@ def _watch(service, stop: threading.Event) -> bool:
             print(f"optserve: the coordinator is not answering ({type(exc).__name__}); "
                   "waiting for Ray to restart it", file=sys.stderr, flush=True)  # fmt: skip
     return True
+
+
+def _say_if_no_compiler() -> None:
+    """Once, at start: without a C++ compiler the rules torch has no fused kernel for step in
+    eager torch ops (engine/kernels.py), and what that costs; each group's status says so too."""
+    from optserve.server.engine.kernels import (
+        COMPILE_MIN_ELEMENTS,
+        compile_switched_off,
+        compiler_problem,
+    )
+
+    why = "OPTSERVE_COMPILE=off" if compile_switched_off() else compiler_problem("cpu")
+    if why is not None:
+        print(f"optserve: WARNING: {why}: on CPU shards, groups of {COMPILE_MIN_ELEMENTS:,}+ "
+              f"elements under RMSprop, AdaDelta, AdaBound, RAdam or Ranger step in eager "
+              f"torch ops, {EAGER_COST} than their compiled kernels (bench/engine.py); install "
+              "g++ (deploy/Dockerfile does)", file=sys.stderr)  # fmt: skip
 
 
 def _checkpoint_policy(args: argparse.Namespace) -> dict | None:

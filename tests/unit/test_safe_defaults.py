@@ -222,3 +222,19 @@ def test_limit_flags_reach_the_edge_config_and_a_bad_one_stops_serve(ray_init):
     with pytest.raises(SystemExit, match="max_pulls_per_address must be a positive number"):
         _edge_config(parse(["serve", "--max-pulls-per-address", "0"]))
     assert ray_init == []  # checked before anything starts
+
+
+def test_serve_says_once_at_start_when_kernels_cannot_compile(ray_init, monkeypatch, capsys):
+    from optserve.server.engine import kernels
+
+    monkeypatch.delenv("OPTSERVE_COMPILE", raising=False)
+    monkeypatch.setattr(kernels, "compiler_problem", lambda device="cpu": "no C++ compiler here")
+    with pytest.raises(Started):
+        serve()
+    warned = [line for line in capsys.readouterr().err.splitlines() if "compiler" in line]
+    assert len(warned) == 1 and "WARNING: no C++ compiler here" in warned[0]
+    assert "RAdam" in warned[0] and "g++" in warned[0]
+    monkeypatch.setattr(kernels, "compiler_problem", lambda device="cpu": None)
+    with pytest.raises(Started):
+        serve()
+    assert "compiler" not in capsys.readouterr().err
