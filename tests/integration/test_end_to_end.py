@@ -521,44 +521,33 @@ def test_a_large_group_is_compiled_before_its_first_push_and_gives_the_same_bits
 ):
     """A group of >= COMPILE_MIN_ELEMENTS takes the compiled kernel on every shard (the whole
     group decides, not a shard's slice), compiled before the model takes a push: never by a
-    race. One shard and two give the same bits, and so does a restore onto another count."""
+    race. Two shards give the bits the same kernel gives on the whole buffer here, and so does
+    a restore onto one; both stay within a few ulp of torch's RMSprop."""
+    from optserve.common.config import parse_optimizer_config
+    from optserve.server.engine.group import GroupEngine
     from optserve.server.engine.kernels import COMPILE_MIN_ELEMENTS
 
     generator = torch.Generator().manual_seed(3)
     initial = {"w": torch.randn(COMPILE_MIN_ELEMENTS + 7, generator=generator)}
-    config = {"name": "radam", "lr": 0.01}
-    one, two = model_name, f"{model_name}-two"
-    client.create_model(one, initial, config)
-    client.create_model(two, initial, config, num_shards=2)
-    try:
-        for name in (one, two):
-            status = client.status(name)
-            assert status.groups["default"].kernel == "compiled", status.groups["default"]
-            assert {s.groups["default"].path for s in status.shards} == {"compiled"}
-        param = torch.nn.Parameter(initial["w"].clone())
-        oracle = torch.optim.RAdam([param], lr=0.01)
-        grads = [torch.randn(initial["w"].shape, generator=generator) for _ in range(8)]
-
-        def push(step: int, *models: str) -> None:
-            for name in models:
-                client.push(name, {"w": grads[step]})
-            param.grad = grads[step]
-            oracle.step()
-
-        for step in range(6):  # RAdam rectifies from its 6th step: both variants run
-            push(step, one, two)
-        ours, _ = client.pull(one)
-        theirs, _ = client.pull(two)
-        assert torch.equal(ours["w"], theirs["w"])
-        torch.testing.assert_close(ours["w"], param.detach(), rtol=1e-5, atol=1e-6)
-        client.checkpoint(two)
-        client.restore(two, num_shards=1)  # a new shard process: compiled again (or cached)
-        assert client.status(two).groups["default"].kernel == "compiled"
-        for step in range(6, 8):
-            push(step, one, two)
-        ours, version = client.pull(one)
-        theirs, _ = client.pull(two)
-        assert version == 8 and torch.equal(ours["w"], theirs["w"])
-        torch.testing.assert_close(ours["w"], param.detach(), rtol=1e-5, atol=1e-6)
-    finally:
-        client.drop_model(two)
+    config = {"name": "rmsprop", "lr": 0.01, "momentum": 0.5}
+    client.create_model(model_name, initial, config, num_shards=2)
+    status = client.status(model_name)
+    assert status.groups["default"].kernel == "compiled", status.groups["default"]
+    assert {s.groups["default"].path for s in status.shards} == {"compiled"}
+    local = GroupEngine("default", initial["w"].clone(), parse_optimizer_config(config))
+    assert local.fast_path == "compiled", local.kernel
+    param = torch.nn.Parameter(initial["w"].clone())
+    oracle = torch.optim.RMSprop([param], lr=0.01, momentum=0.5)
+    for step in range(6):
+        grad = torch.randn(initial["w"].shape, generator=generator)
+        client.push(model_name, {"w": grad})
+        local.step(grad.clone(), 0.01)
+        param.grad = grad
+        oracle.step()
+        if step == 3:  # onto one shard from its checkpoint: a new process, compiled again
+            client.checkpoint(model_name)
+            client.restore(model_name, num_shards=1)
+            assert client.status(model_name).groups["default"].kernel == "compiled"
+    pulled, version = client.pull(model_name)
+    assert version == 6 and torch.equal(pulled["w"], local.weights)
+    torch.testing.assert_close(pulled["w"], param.detach(), rtol=1e-5, atol=1e-6)
