@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 
 import pytest
 from prometheus_client.metrics_core import GaugeMetricFamily
@@ -16,18 +14,10 @@ from prometheus_client.metrics_core import GaugeMetricFamily
 from optserve.server.metrics import CoordinatorMetrics
 from optserve.server.metrics.endpoint import ScrapeCache
 from tests.helpers import auth
+from tests.helpers.http import get
 
 OPTSERVE = [sys.executable, "-m", "optserve.server.cli"]
 METRICS_TOKEN = "metrics-token-for-the-test-0123456789"
-
-
-def get(url: str, token: str | None = None) -> tuple[int, str]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def test_serve_off_loopback_without_tls_exits_nonzero_and_serves_nothing():

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import urllib.error
-import urllib.request
 
 import pytest
 import ray
@@ -19,6 +17,7 @@ from optserve.server.cli.safety import check_exposure, exposure_problems, placeh
 from optserve.server.metrics import CoordinatorMetrics
 from optserve.server.metrics.endpoint import ScrapeCache, token_sha256
 from tests.helpers import auth
+from tests.helpers.http import get
 
 
 class Started(Exception):
@@ -170,15 +169,6 @@ def test_scrapes_within_a_second_share_one_fan_out():
     # A model created or dropped (another set of shards): fresh at once.
     cache.get(shards[:1])
     assert len(calls) == 3 and calls[-1] == shards[:1]
-
-
-def get(url: str, token: str | None = None) -> tuple[int, str]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def test_the_endpoint_wants_its_bearer_token_and_caches_the_fan_out():
