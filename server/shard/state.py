@@ -11,7 +11,6 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -30,7 +29,6 @@ from optserve.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from optserve.server.engine.base import TensorViews
 from optserve.server.engine.group import GroupEngine, Path
 from optserve.server.engine.migration import MigrationReport, Policy
 from optserve.server.engine.schedules import Schedule, build_schedule
@@ -38,7 +36,7 @@ from optserve.server.shard.gradients import checked_slice
 from optserve.server.shard.memory import BufferPool
 from optserve.server.shard.sequencer import Decision, GradStats
 from optserve.server.shard.updates import Verdict, step_groups
-from optserve.server.shard.views import GroupValues, StateViews
+from optserve.server.shard.views import GroupInit, GroupValues, StateViews
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,32 +44,6 @@ T = TypeVar("T")
 APPLY_TIMEOUT_S = 300.0
 # Versions whose update the shards' verdicts refused, kept for the rounds' other members.
 MAX_REFUSED = 1_000
-
-
-@dataclass(frozen=True)
-class GroupInit:
-    """What a shard needs to start one group: its slice of the weights, its config, and the
-    (offset, shape) of every parameter tensor wholly inside the slice.
-
-    Without `weights` (then `numel` says the slice's length) the shard starts empty and
-    serves nothing until its values arrive: `initialize` (a new model's initial values) or
-    `load` (a checkpoint)."""
-
-    weights: torch.Tensor | None
-    config: RuleConfig
-    views: TensorViews = ()
-    numel: int | None = None
-    # The whole group's elements across the model's shards (default: this slice's): it picks
-    # the group's kernel, so every shard of a model takes the same one.
-    group_numel: int | None = None
-
-    @property
-    def length(self) -> int:
-        if self.weights is not None:
-            return self.weights.numel()
-        if self.numel is None:
-            raise ValueError("a GroupInit needs weights or numel")
-        return self.numel
 
 
 class ShardState(StateViews):

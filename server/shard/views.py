@@ -1,6 +1,7 @@
 """What a shard shows of its state without changing it: weights for a pull, everything for a
 checkpoint (`CheckpointView`; a restore brings `GroupValues` back), a digest, its status.
-Mixed into `ShardState`, whose lock and buffers these read."""
+Mixed into `ShardState`, whose lock and buffers these read. Also what a shard starts a group
+from (`GroupInit`)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,39 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from optserve.common.config import RuleConfig, optimizer_config_json, schedule_config_json
+from optserve.server.engine.base import TensorViews
 from optserve.server.engine.group import GroupEngine
 from optserve.server.engine.schedules import Schedule
 from optserve.server.shard.snapshots import PullSnapshots, Snapshot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class GroupInit:
+    """What a shard needs to start one group: its slice of the weights, its config, and the
+    (offset, shape) of every parameter tensor wholly inside the slice.
+
+    Without `weights` (then `numel` says the slice's length) the shard starts empty and
+    serves nothing until its values arrive: `initialize` (a new model's initial values) or
+    `load` (a checkpoint)."""
+
+    weights: torch.Tensor | None
+    config: RuleConfig
+    views: TensorViews = ()
+    numel: int | None = None
+    # The whole group's elements across the model's shards (default: this slice's): it picks
+    # the group's kernel, so every shard of a model takes the same one.
+    group_numel: int | None = None
+
+    @property
+    def length(self) -> int:
+        if self.weights is not None:
+            return self.weights.numel()
+        if self.numel is None:
+            raise ValueError("a GroupInit needs weights or numel")
+        return self.numel
 
 
 @dataclass
