@@ -51,8 +51,7 @@ def model_status(
                     "lr": info["lr"],
                     "numel": sum(s["groups"][group]["numel"] for s in shards),
                     "state": info["scalars"],
-                    "kernel": info.get("kernel", ""),
-                    "kernel_note": info.get("kernel_note", ""),
+                    **_kernel(group, shards),
                 }
                 for group, info in first["groups"].items()
             },
@@ -91,6 +90,17 @@ def as_seen_by(status: Status, principal: Principal | None) -> Status:
         for entry in status.audit
     ]
     return status.model_copy(update={"trainers": trainers, "audit": audit})
+
+
+def _kernel(group: str, shards: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """A group's kernel on every shard (they differ only where one could not compile)."""
+    found = {(s["groups"][group].get("kernel", ""), s["groups"][group].get("kernel_note", ""))
+             for s in shards}  # fmt: skip
+    if len({kernel for kernel, _ in found}) == 1:
+        kernel, note = sorted(found)[-1]
+        return {"kernel": kernel, "kernel_note": note}
+    notes = "; ".join(f"shard {s['index']}: {s['groups'][group].get('kernel', '')}" for s in shards)
+    return {"kernel": "mixed", "kernel_note": f"the shards differ ({notes})"}
 
 
 def _shard_status(s: Mapping[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ StepFn = Callable[[torch.Tensor, float], None]
 # How often the eager kernel times again the way it is not taking (steps), and the weight of
 # the newest timing in each way's running cost.
 RETIME_EVERY = 32
+MAX_RETIME_EVERY = 1024
 TIMING_WEIGHT = 0.3
 
 
@@ -56,29 +57,39 @@ class FasterOf:
     The eager kernel's slices keep their temporaries in cache: 2-3x faster than whole-buffer
     ops on a quiet machine. But each slice's small ops wait on every intra-op thread, so on
     a loaded machine they can be 10x slower than whole-buffer ops (torch's foreach step).
-    Timing both keeps the eager kernel at the better of the two, whatever the machine."""
+    Timing both keeps the eager kernel at the better of the two, whatever the machine. A way
+    that lost its re-timing by more than 2x waits twice as long for the next (up to
+    MAX_RETIME_EVERY steps), so a far slower way costs little."""
 
-    def __init__(self, ways: dict[str, StepFn]) -> None:
+    def __init__(
+        self, ways: dict[str, StepFn], clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.ways = ways
+        self.clock = clock
         self.cost: dict[str, float] = {}
         self.steps = 0
+        self.every = RETIME_EVERY
         self.current = next(iter(ways))
 
     def __call__(self, grad: torch.Tensor, lr: float) -> None:
         self.steps += 1
         untimed = [name for name in self.ways if name not in self.cost]
         best = min(self.cost, key=self.cost.__getitem__) if self.cost else self.current
+        retime = not untimed and self.steps % self.every == 0
         if untimed:
             name = untimed[0]
-        elif self.steps % RETIME_EVERY == 0:
+        elif retime:
             name = min((n for n in self.ways if n != best), key=self.cost.__getitem__)
         else:
             name = best
-        started = time.perf_counter()
+        started = self.clock()
         self.ways[name](grad, lr)
-        took = time.perf_counter() - started
+        took = self.clock() - started
         old = self.cost.get(name)
         self.cost[name] = took if old is None else old + TIMING_WEIGHT * (took - old)
+        if retime:
+            far = self.cost[name] > 2 * self.cost[best]
+            self.every = min(2 * self.every, MAX_RETIME_EVERY) if far else RETIME_EVERY
         self.current = name
 
 
@@ -129,8 +140,9 @@ class GroupEngine:
         self._compiled: CompiledStep | None = None
         device = self.weights.device
         choice = choose(config.name, fused_available(inner, device), self.group_numel, device)
+        base, _, extra = (recorded or "").partition("+")
         if recorded is not None:
-            choice = honour(recorded, choice, device)
+            choice = honour(base, choice, device)
         self._faster: FasterOf | None = None
         if len(self._parts) > 1:
             self._faster = FasterOf(
@@ -150,13 +162,45 @@ class GroupEngine:
                 self._current = ("compiled", self._step_compiled)
             else:
                 choice = Choice("eager", f"compiling failed: {compiled.error}")
-        self.kernel = choice
-        # Lookahead's sync, compiled with the fast kernels where a compile is worth it.
+        # Lookahead's sync, compiled with the fast kernels where a compile is worth it (and,
+        # on a restore, where the run that wrote the checkpoint compiled it).
         self._sync: CompiledSync | None = None
         fast = self._lookahead is not None and choice.kernel != "eager" and self.path == "fast"
-        if fast and choose("lookahead", False, self.group_numel, device).kernel == "compiled":
+        wanted = fast and choose("lookahead", False, self.group_numel, device).kernel == "compiled"
+        if recorded is not None and fast:
+            if extra == "sync" and not wanted:
+                why = "the run so far compiled Lookahead's sync; here it syncs eagerly"
+                choice = Choice(choice.kernel, f"{why} (a few ulp per sync)")
+            wanted = wanted and extra == "sync"
+        if wanted:
             sync = CompiledSync(self.weights)
-            self._sync = sync if sync.error is None else None
+            if sync.error is None:
+                self._sync = sync
+            else:
+                choice = Choice(choice.kernel, f"Lookahead's sync syncs eagerly: {sync.error}")
+        self.kernel = choice
+
+    @property
+    def kernel_record(self) -> str:
+        """What status shows and checkpoints record: the kernel, with "+sync" when Lookahead's
+        sync is compiled beside it (the two syncs differ by a few ulp)."""
+        return self.kernel.kernel + ("+sync" if self._sync is not None else "")
+
+    def warm(self, config: RuleConfig) -> None:
+        """Compile, outside any lock, what `set_optimizer(config)` will compile: compiled code
+        is the process's, so the swap (under the shard's lock) then finds it ready."""
+        rule = build_rule(config)
+        inner = rule.inner if isinstance(rule, Lookahead) else rule
+        assert isinstance(inner, ElementwiseRule)
+        device, numel = self.weights.device, self.group_numel
+        if self.path != "fast":
+            return
+        if choose(config.name, fused_available(inner, device), numel, device).kernel == "compiled":
+            CompiledStep(inner, self.weights)
+        if isinstance(rule, Lookahead) and choose("lookahead", False, numel, device).kernel == (
+            "compiled"
+        ):
+            CompiledSync(self.weights)
 
     @property
     def fast_path(self) -> str:
@@ -230,7 +274,12 @@ class GroupEngine:
         old_rule, old_state = self.rule, self.state
         new_rule = build_rule(config)
         new_state, report = migrate(old_rule, old_state, new_rule, self.weights, policy)
-        self._set_rule(config)
+        # The same rule (a new lr, say) keeps the kernel it stepped with: the same bits as the
+        # run that wrote a restored checkpoint; a new rule's kernel is chosen afresh.
+        same = config.name == self.config.name and (config.lookahead is None) == (
+            self.config.lookahead is None
+        )
+        self._set_rule(config, self.kernel_record if same else None)
         self.state = new_state
         return report
 
@@ -238,7 +287,7 @@ class GroupEngine:
         """Everything needed to continue exactly: config, state tensors (copies) and scalars."""
         return {
             "config": optimizer_config_json(self.config),
-            "kernel": self.kernel.kernel,
+            "kernel": self.kernel_record,
             "state": {
                 k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
                 for k, v in self.state.items()
@@ -272,7 +321,7 @@ class GroupEngine:
             "config": json.loads(optimizer_config_json(self.config)),
             "numel": self.weights.numel(),
             "path": self.fast_path,
-            "kernel": self.kernel.kernel,
+            "kernel": self.kernel_record,
             "kernel_note": self.kernel.why,
             "scalars": {k: v for k, v in self.state.items() if not isinstance(v, torch.Tensor)},
         }

@@ -88,9 +88,9 @@ def honour(recorded: str, choice: Choice, device: torch.device) -> Choice:
     if recorded == choice.kernel or recorded not in KERNELS:
         return choice
     if recorded == "eager":
-        return Choice("eager", "the checkpoint was written by the eager kernel")
+        return Choice("eager", "the run so far (a checkpoint) stepped with the eager kernel")
     if recorded == "compiled" and choice.kernel == "eager":
         problem = compiler_problem(device.type) or choice.why
-        return Choice("eager", f"the checkpoint was written by the compiled kernel, but here: "
-                               f"{problem}; results differ by a few ulp per step")  # fmt: skip
+        why = "the run so far (a checkpoint) stepped with the compiled kernel"
+        return Choice("eager", f"{why}, but here: {problem}; results differ by a few ulp a step")
     return choice  # "fused" recorded where torch has none (another device): no choice

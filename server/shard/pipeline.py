@@ -211,13 +211,11 @@ class PushPipeline:
                 self.state.buffers.give(buffers)
                 raise
             return self.state.stage(push.push_id, grads, buffers)
-        except OptserveError as exc:  # refuse the push on every shard now, not at a timeout
+        except Exception as exc:  # refuse the push on every shard now, not at a timeout
             self.observer.decided(push.trainer, push.peer, 0, applied=False)
+            if not isinstance(exc, OptserveError):  # the stream broke off (trainer went away)
+                exc = Aborted("the push stream broke off before its end")
             self._refuse(push, exc)
-            raise
-        except Exception:  # the stream broke off (the trainer went away): the same, at once
-            self.observer.decided(push.trainer, push.peer, 0, applied=False)
-            self._refuse(push, Aborted("the push stream broke off before its end"))
             raise
 
     def _decide(self, push: PushCall, stats: GradStats) -> Decision:

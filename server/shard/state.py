@@ -159,6 +159,10 @@ class ShardState(StateViews):
             with self._cv:
                 self.preparing = False
         with self._cv:
+            if self.ready:  # a restore landed meanwhile: it holds the newer values
+                raise FailedPrecondition(
+                    f"shard {self.index} of model {self.model!r} already has its values"
+                )
             self._groups = engines
             self.ready = True
             self._cv.notify_all()
@@ -175,17 +179,21 @@ class ShardState(StateViews):
             raise InvalidArgument(f"a checkpoint's values need groups {sorted(self._plans)}")
         schedule_config = parse_schedule_config(schedule)
         engines = {}
-        for name, init in self._plans.items():
-            group = values[name]
-            if group.weights.numel() != init.length:
-                raise InvalidArgument(f"values of group {name!r} have the wrong length")
-            try:
-                engines[name] = GroupEngine(name, group.weights, group.config, init.views,
-                                            self._path, state=group.state,
-                                            group_numel=init.group_numel,
-                                            kernel=group.kernel)  # fmt: skip
-            except ValueError as exc:
-                raise FailedPrecondition(f"group {name!r}: {exc}") from None
+        self.preparing = True  # status: compiling kernels (outside the lock, as initialize)
+        try:
+            for name, init in self._plans.items():
+                group = values[name]
+                if group.weights.numel() != init.length:
+                    raise InvalidArgument(f"values of group {name!r} have the wrong length")
+                try:
+                    engines[name] = GroupEngine(name, group.weights, group.config, init.views,
+                                                self._path, state=group.state,
+                                                group_numel=init.group_numel,
+                                                kernel=group.kernel)  # fmt: skip
+                except ValueError as exc:
+                    raise FailedPrecondition(f"group {name!r}: {exc}") from None
+        finally:
+            self.preparing = False
         with self._cv:
             self._groups = engines
             self._schedule_config = schedule_config
@@ -386,6 +394,8 @@ class ShardState(StateViews):
         """Swap every group's rule (state moved by `policy`); return the per-group reports."""
         if set(configs) != set(self._groups):
             raise InvalidArgument(f"need a config for each group {sorted(self._groups)}")
+        for name, engine in list(self._groups.items()):  # compile before taking the lock
+            engine.warm(configs[name])
         with self._at(at_version):
             return {
                 name: self._groups[name].set_optimizer(configs[name], policy)

@@ -172,7 +172,7 @@ class StateViews:
                 tensors=tensors,
                 scalars=scalars,
                 configs={name: optimizer_config_json(g.config) for name, g in self._groups.items()},
-                kernels={name: g.kernel.kernel for name, g in self._groups.items()},
+                kernels={name: g.kernel_record for name, g in self._groups.items()},
                 schedule=schedule_config_json(self._schedule_config),
                 schedule_state=self._schedule.state_dict(),
             )

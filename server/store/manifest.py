@@ -167,7 +167,7 @@ def assemble(meta: Mapping[str, Any], reports: Sequence[Mapping[str, Any]]) -> C
         raise FailedPrecondition(f"shards are at different versions {sorted(versions)}")
     first = reports[0]
     for report in reports[1:]:
-        for key in ("configs", "schedule", "scalars", "kernels"):
+        for key in ("configs", "schedule", "scalars"):
             mine, theirs = report.get(key), first.get(key)
             if json.dumps(mine, sort_keys=True) != json.dumps(theirs, sort_keys=True):
                 raise FailedPrecondition(f"shards disagree on {key}: {theirs} vs {mine}")
@@ -187,7 +187,12 @@ def assemble(meta: Mapping[str, Any], reports: Sequence[Mapping[str, Any]]) -> C
         schedule_state=dict(first["schedule_state"]),
         schedule=json.loads(first["schedule"]),
         group_configs={g: json.loads(c) for g, c in first["configs"].items()},
-        kernels=dict(first.get("kernels", {})),
+        # Groups every shard stepped alike (else a restore chooses afresh: engine/kernels.py).
+        kernels={
+            g: k
+            for g, k in first.get("kernels", {}).items()
+            if all(r.get("kernels", {}).get(g) == k for r in reports)
+        },  # fmt: skip
         shards=shards,
         **meta,
     )

@@ -50,7 +50,8 @@ def test_compiled_path_equals_reference_path(case, compile_small):
     fast = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config)
     ref = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config, path="reference")
     assert fast.fast_path == "compiled", fast.kernel  # compiled before the constructor returned
-    assert fast.kernel.kernel == "compiled" and fast.describe()["kernel"] == "compiled"
+    record = "compiled+sync" if config.lookahead or config.name == "ranger" else "compiled"
+    assert fast.kernel.kernel == "compiled" and fast.describe()["kernel"] == record
     lr = config.lr
     # Once compiled, changing every per-step number (lr, bias corrections, bounds) and the
     # buffer length must not compile again: they travel as tensors, shapes are dynamic.
@@ -213,6 +214,8 @@ def test_lookaheads_sync_is_compiled_with_the_fast_kernels(config, compile_small
     fast = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config)
     ref = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config, path="reference")
     assert fast._sync is not None and ref._sync is None
+    kernel = "fused" if config.name == "adam" else "compiled"
+    assert fast.kernel_record == fast.state_dict()["kernel"] == f"{kernel}+sync"
     for step in range(7):
         grad = seeded(NUMEL, step + 10, torch.float32)
         fast.step(grad.clone(), config.lr)
@@ -222,3 +225,8 @@ def test_lookaheads_sync_is_compiled_with_the_fast_kernels(config, compile_small
     torch.testing.assert_close(fast.state["slow_buffer"], ref.state["slow_buffer"])
     eager = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config, kernel="eager")
     assert eager._sync is None  # the eager kernel syncs eagerly: bit-exact with the paper's
+    # A checkpoint written with the eager sync is continued with it; a new lr keeps it too.
+    kept = GroupEngine("g", seeded(NUMEL, 1, torch.float32), config, kernel=kernel)
+    assert kept._sync is None and kept.kernel_record == kernel
+    kept.set_optimizer(config.model_copy(update={"lr": 0.5 * config.lr}), "migrate")
+    assert kept._sync is None and kept.kernel_record == kernel

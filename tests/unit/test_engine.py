@@ -235,15 +235,14 @@ def test_stays_finite_computes_on_copies_and_finds_an_overflowing_state(path):
             assert torch.equal(engine.state[key], value)
 
 
-def test_the_eager_kernel_takes_the_way_that_has_been_faster_lately(monkeypatch):
+def test_the_eager_kernel_takes_the_way_that_has_been_faster_lately():
     """FasterOf (engine/group.py), on a fake clock each way advances by its own cost: both ways
     are timed first, the cheaper one is taken, the other timed again every RETIME_EVERY steps,
     and when the machine changes (the cheap way gets dear) the choice follows."""
     from optserve.server.engine import group as group_module
 
     now = [0.0]
-    monkeypatch.setattr(group_module.time, "perf_counter", lambda: now[0])
-    costs = {"chunked": 1.0, "reference": 3.0}
+    costs = {"chunked": 1.0, "reference": 1.5}
     taken: list[str] = []
 
     def way(name):
@@ -253,7 +252,7 @@ def test_the_eager_kernel_takes_the_way_that_has_been_faster_lately(monkeypatch)
 
         return step
 
-    faster = group_module.FasterOf({name: way(name) for name in costs})
+    faster = group_module.FasterOf({name: way(name) for name in costs}, clock=lambda: now[0])
     every = group_module.RETIME_EVERY
     for _ in range(2 * every + 1):
         faster(None, 0.0)
@@ -265,6 +264,13 @@ def test_the_eager_kernel_takes_the_way_that_has_been_faster_lately(monkeypatch)
     taken.clear()
     for _ in range(every):
         faster(None, 0.0)
-    # One dear step tips the running cost (1 + 0.3 x 9 > 3); after it, only a re-timing.
+    # One dear step tips the running cost (1 + 0.3 x 9 > 1.5); after it, only a re-timing.
     assert taken[0] == "chunked" and taken.count("chunked") == 2
     assert faster.current == "reference"
+
+    # Far slower at every re-timing (> 2x): each waits twice as long as the one before.
+    costs["chunked"] = 100.0
+    taken.clear()
+    for _ in range(8 * every):
+        faster(None, 0.0)
+    assert 1 <= taken.count("chunked") <= 3 and faster.every >= 4 * every

@@ -78,3 +78,15 @@ def test_migration_report_and_checkpoint_info():
     done = CheckpointInfo(name="c", version=3, uri="/x", bytes=10, pause_s=0.1, seconds=0.2)
     assert done.to_dict()["bytes"] == 10 and done.time is None
     assert CheckpointInfo.model_validate({"name": "c", "version": 3, "time": 5.0}).time == 5.0
+
+
+def test_a_groups_kernel_in_status_is_every_shards():
+    from optserve.server.coordinator.status import _kernel
+
+    def shard(index, kernel, note=""):
+        return {"index": index, "groups": {"g": {"kernel": kernel, "kernel_note": note}}}
+
+    same = _kernel("g", [shard(0, "compiled"), shard(1, "compiled")])
+    assert same == {"kernel": "compiled", "kernel_note": ""}
+    mixed = _kernel("g", [shard(0, "compiled"), shard(1, "eager", "compiling failed")])
+    assert mixed["kernel"] == "mixed" and "shard 1: eager" in mixed["kernel_note"]
