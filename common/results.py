@@ -122,8 +122,9 @@ class GroupStatus(Result):
     lr: float
     numel: int
     state: dict[str, Any]
-    # What steps the group on every shard (`fused`, `compiled` or `eager`), chosen when its
-    # rule was set, never by a race: part of the run's numerics (recorded in checkpoints).
+    # What steps the group on every shard (`fused`, `compiled` or `eager`; `+sync`: Lookahead's
+    # sync compiled beside it; `mixed`: the shards differ), chosen when its rule was set, never
+    # by a race: part of the run's numerics (recorded in checkpoints).
     kernel: str = ""
     # Why the kernel is not the fastest there could be (empty when it is).
     kernel_note: str = ""
