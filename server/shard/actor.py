@@ -122,8 +122,9 @@ class ShardActor:
             gradients=mode.gradients,
         )  # fmt: skip
         self._checkpoints = ShardCheckpoints(self._state)
-        # A rule's first use imports the rest of torch it needs (its optimizers, compiler):
-        # seconds of CPU, paid here while the shards start, not while the values stream in.
+        # A rule's first use imports the rest of torch it needs (its optimizers): seconds of
+        # CPU, paid here while the shards start, not while the values stream in. (A compiled
+        # kernel compiles once the values are in: `ShardState.initialize`, status "preparing".)
         for init in inits.values():
             GroupEngine("warm-up", torch.zeros(1), init.config)
         self._entry: dict[str, Any] = dict(entry or {})
