@@ -14,7 +14,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily
 from optserve.server.metrics import CoordinatorMetrics
 from optserve.server.metrics.endpoint import ScrapeCache
 from tests.helpers import auth
-from tests.helpers.http import get
+from tests.helpers.http_get import get
 
 OPTSERVE = [sys.executable, "-m", "optserve.server.cli"]
 METRICS_TOKEN = "metrics-token-for-the-test-0123456789"

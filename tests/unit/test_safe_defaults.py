@@ -17,7 +17,7 @@ from optserve.server.cli.safety import check_exposure, exposure_problems, placeh
 from optserve.server.metrics import CoordinatorMetrics
 from optserve.server.metrics.endpoint import ScrapeCache, token_sha256
 from tests.helpers import auth
-from tests.helpers.http import get
+from tests.helpers.http_get import get
 
 
 class Started(Exception):
