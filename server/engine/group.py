@@ -139,7 +139,7 @@ class GroupEngine:
         self._fused: FusedStep | None = None
         self._compiled: CompiledStep | None = None
         device = self.weights.device
-        choice = choose(config.name, fused_available(inner, device), self.group_numel, device)
+        choice, sync_worth = self._wanted(config, inner, self._lookahead is not None)
         base, _, extra = (recorded or "").partition("+")
         if recorded is not None:
             choice = honour(base, choice, device)
@@ -166,7 +166,7 @@ class GroupEngine:
         # on a restore, where the run that wrote the checkpoint compiled it).
         self._sync: CompiledSync | None = None
         fast = self._lookahead is not None and choice.kernel != "eager" and self.path == "fast"
-        wanted = fast and choose("lookahead", False, self.group_numel, device).kernel == "compiled"
+        wanted = fast and sync_worth
         if recorded is not None and fast:
             if extra == "sync" and not wanted:
                 why = "the run so far compiled Lookahead's sync; here it syncs eagerly"
@@ -192,15 +192,23 @@ class GroupEngine:
         rule = build_rule(config)
         inner = rule.inner if isinstance(rule, Lookahead) else rule
         assert isinstance(inner, ElementwiseRule)
-        device, numel = self.weights.device, self.group_numel
+        choice, sync_worth = self._wanted(config, inner, isinstance(rule, Lookahead))
         if self.path != "fast":
             return
-        if choose(config.name, fused_available(inner, device), numel, device).kernel == "compiled":
+        if choice.kernel == "compiled":
             CompiledStep(inner, self.weights)
-        if isinstance(rule, Lookahead) and choose("lookahead", False, numel, device).kernel == (
-            "compiled"
-        ):
+        if sync_worth and choice.kernel != "eager":
             CompiledSync(self.weights)
+
+    def _wanted(
+        self, config: RuleConfig, inner: ElementwiseRule, lookahead: bool
+    ) -> tuple[Choice, bool]:
+        """The kernel `choose` gives this group under `config` (before a recorded one is
+        honoured), and whether Lookahead's sync is worth compiling beside a fast kernel."""
+        device = self.weights.device
+        choice = choose(config.name, fused_available(inner, device), self.group_numel, device)
+        big = choose("lookahead", False, self.group_numel, device).kernel == "compiled"
+        return choice, lookahead and big
 
     @property
     def fast_path(self) -> str:
