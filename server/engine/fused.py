@@ -7,6 +7,19 @@ aliases the shard's flat buffer and whose state entries are the engine's own sta
 both paths share one copy of everything. Results differ from the readable path by a few ulp
 (spec section 2), which the tests bound.
 
+RAdam (and Ranger's RAdam) steps with torch's fused Adam kernel too. Once rectified, RAdam's
+step is Adam's with other scalars:
+
+    gamma r_t (M / bc1) sqrt(bc2) / (sqrt(V) + eps)
+        = (gamma r_t / bc1) M / (sqrt(V) / sqrt(bc2) + eps / sqrt(bc2))
+
+so the kernel is given lr = gamma r_t and eps = eps / sqrt(bc2), and for decoupled decay (AdamW's
+theta (1 - lr lambda)) lambda / r_t, so that the decay stays gamma lambda. The moments, L2 decay
+and maximize are Adam's own. The few steps before rectification (rho_t <= threshold: about five
+with beta2 = 0.999) take RAdam's readable update on the whole buffer. Over 200 steps of 1M
+elements the result stays within 5e-7 of torch.optim.RAdam, as the compiled kernel's did, at
+fused Adam's speed and with no compiler.
+
 The step counter stays the engine's: an exact Python int in `state["step"]`, advanced here by
 one per step and never read back from torch (a float32 counter stops at 2^24 and would put a
 wrong step into checkpoints). torch's fused kernels take the counter as a 0-dim float32 tensor
@@ -25,8 +38,10 @@ import torch
 
 from optserve.server.engine.adam import is_amsgrad
 from optserve.server.engine.base import ElementwiseRule, State
+from optserve.server.engine.radam import RAdam
 
-_FUSED_RULES = ("sgd", "adam", "adamw", "amsgrad", "adagrad")
+_FUSED_RULES = ("sgd", "adam", "adamw", "amsgrad", "adagrad", "radam", "ranger")
+_RADAM_RULES = ("radam", "ranger")  # fused Adam with RAdam's scalars (module docstring)
 _TORCH_KEYS = frozenset(
     {"step", "momentum_buffer", "sum", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
 )
@@ -50,6 +65,8 @@ class FusedStep:
     def __init__(self, rule: ElementwiseRule, weights: torch.Tensor) -> None:
         cfg = rule.config
         self.name = cfg.name
+        self.radam = rule if isinstance(rule, RAdam) else None
+        self.weights = weights
         self.param = torch.nn.Parameter(weights, requires_grad=False)  # aliases the buffer
         if cfg.name == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -63,6 +80,14 @@ class FusedStep:
                 initial_accumulator_value=cfg.initial_accumulator_value, eps=cfg.eps,
                 maximize=cfg.maximize, fused=True,
             )  # fmt: skip
+        elif self.radam is not None:
+            decoupled = self.radam.decoupled  # lr, eps and decay: set every step (`_step_radam`)
+            optimizer_cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+            self.optimizer = optimizer_cls(
+                [self.param], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                weight_decay=cfg.weight_decay, maximize=bool(getattr(cfg, "maximize", False)),
+                fused=True,
+            )  # fmt: skip
         else:
             optimizer_cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
             self.optimizer = optimizer_cls(
@@ -74,14 +99,36 @@ class FusedStep:
         self._step = torch.zeros((), dtype=torch.float32, device=weights.device)
 
     def step(self, grad: torch.Tensor, state: State, lr: float) -> None:
+        if self.radam is not None:
+            self._step_radam(grad, state, lr)
+            return
+        self.optimizer.param_groups[0]["lr"] = lr
+        counted = "step" in state
+        self._run(grad, state, int(state["step"]) if counted else None)
+        if counted:
+            state["step"] = int(state["step"]) + 1
+
+    def _step_radam(self, grad: torch.Tensor, state: State, lr: float) -> None:
+        assert self.radam is not None
+        s = self.radam.prepare(state, lr, self.weights)  # counts this step
+        if not (s.rectified and isinstance(s.rect, float) and s.rect > 0):
+            self.radam.update(self.weights, grad, state, s)  # before rectification
+            return
         group = self.optimizer.param_groups[0]
-        group["lr"] = lr
+        group["lr"] = s.lr * s.rect
+        group["eps"] = s.eps / s.bias_correction2**0.5
+        group["weight_decay"] = s.weight_decay / s.rect if s.decoupled else s.weight_decay
+        self._run(grad, state, int(state["step"]) - 1)
+
+    def _run(self, grad: torch.Tensor, state: State, steps_before: int | None) -> None:
+        """torch's step on the engine's state; `steps_before` (None: the rule counts no steps)
+        is the counter torch adds one to before its kernel reads it."""
+        group = self.optimizer.param_groups[0]
         torch_state: dict[str, Any] = {
             key: value for key, value in state.items() if key in _TORCH_KEYS and key != "step"
         }  # Lookahead's slow weights and counter, when wrapped, stay out
-        counted = "step" in state
-        if counted:  # torch adds 1 before its kernel reads it (module docstring)
-            self._step.fill_(float(state["step"]))
+        if steps_before is not None:  # torch adds 1 before its kernel reads it (docstring)
+            self._step.fill_(float(steps_before))
             torch_state["step"] = self._step
         if self.name == "sgd" and group["momentum"] != 0 and "momentum_buffer" not in state:
             torch_state.pop("momentum_buffer", None)  # torch creates it as a copy of g
@@ -94,5 +141,3 @@ class FusedStep:
         for key, value in self.optimizer.state[self.param].items():
             if key != "step":
                 state[key] = value
-        if counted:
-            state["step"] = int(state["step"]) + 1

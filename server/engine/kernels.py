@@ -3,14 +3,15 @@
 Three kernels, each deterministic on its own (the same inputs give the same bits, whatever the
 buffer's length or offset, so on any shard count):
 
-* `fused`: torch's fused kernel, for the rules and devices torch has one for (engine/fused.py);
+* `fused`: torch's fused kernel, for the rules and devices torch has one for, RAdam and Ranger
+  included (they step with fused Adam's kernel and RAdam's scalars: engine/fused.py);
 * `compiled`: the rule's own `update` compiled by inductor (engine/compiled.py), for the other
-  rules on groups of at least COMPILE_MIN_ELEMENTS elements (the whole group's, not a shard's
-  slice: every shard of a model takes the same kernel);
+  rules (RMSprop, AdaDelta, AdaBound) on groups of at least COMPILE_MIN_ELEMENTS elements (the
+  whole group's, not a shard's slice: every shard of a model takes the same kernel);
 * `eager`: the rule's `update` in torch's eager ops, slice by slice on a large CPU buffer
   (bit-identical to the reference path).
 
-The compiled and eager kernels round a few operations differently (a few ulp per step), so the
+The kernels round a few operations differently (a few ulp per step), so the
 kernel is part of a run's numerics: it is chosen when a group's rule is set (create, restore,
 swap), shown per group in status and recorded in checkpoints; a restore takes the recorded one.
 A compile happens before the group takes its first push, and inductor's on-disk cache
@@ -89,8 +90,13 @@ def honour(recorded: str, choice: Choice, device: torch.device) -> Choice:
         return choice
     if recorded == "eager":
         return Choice("eager", "the run so far (a checkpoint) stepped with the eager kernel")
+    why = "the run so far (a checkpoint) stepped with the compiled kernel"
+    if recorded == "compiled" and choice.kernel == "fused":  # RAdam's, before it was fused
+        problem = "OPTSERVE_COMPILE=off" if compile_switched_off() else compiler_problem(device.type)
+        if problem is None:
+            return Choice("compiled", why)
+        return Choice("fused", f"{why}, but here: {problem}; results differ by a few ulp a step")
     if recorded == "compiled" and choice.kernel == "eager":
         problem = compiler_problem(device.type) or choice.why
-        why = "the run so far (a checkpoint) stepped with the compiled kernel"
         return Choice("eager", f"{why}, but here: {problem}; results differ by a few ulp a step")
     return choice  # "fused" recorded where torch has none (another device): no choice

@@ -26,9 +26,11 @@ FUSED = {  # rules torch has a fused kernel for on the CPU: the engine's fast pa
     "amsgrad": {"name": "amsgrad", "lr": 0.01},
     "adagrad": {"name": "adagrad", "lr": 0.05, "lr_decay": 1e-6},
     "adam+lookahead": {"name": "adam", "lr": 0.01, "lookahead": {"k": 2}},
+    "radam": {"name": "radam", "lr": 0.01},  # on fused Adam's kernel (engine/fused.py)
+    "ranger": {"name": "ranger", "lr": 0.01, "k": 2},
 }
 EAGER = {  # rules without one: the compiled and chunked paths serve them
-    "radam": {"name": "radam", "lr": 0.01},
+    "radam": {"name": "radam", "lr": 0.01},  # on the eager and compiled kernels too
     "adabound": {"name": "adabound", "lr": 0.01},
     "rmsprop": {"name": "rmsprop", "lr": 0.01},
     "adadelta": {"name": "adadelta"},
@@ -36,9 +38,11 @@ EAGER = {  # rules without one: the compiled and chunked paths serve them
 }
 
 
-def at_big_step(config: dict, numel: int, path: str = "fast") -> GroupEngine:
+def at_big_step(
+    config: dict, numel: int, path: str = "fast", kernel: str | None = None
+) -> GroupEngine:
     engine = GroupEngine("g", seeded(numel, 1, torch.float32), parse_optimizer_config(config),
-                         path=path)  # fmt: skip
+                         path=path, kernel=kernel)  # fmt: skip
     engine.state["step"] = BIG
     return engine
 
@@ -76,9 +80,8 @@ def test_fused_path_counts_past_2_to_the_24(case):
 
 
 @pytest.mark.parametrize("case", sorted(EAGER))
-def test_chunked_path_counts_past_2_to_the_24(case, monkeypatch):
-    monkeypatch.setenv("OPTSERVE_COMPILE", "off")
-    chunked = at_big_step(EAGER[case], CHUNK_ELEMENTS + 100)
+def test_chunked_path_counts_past_2_to_the_24(case):
+    chunked = at_big_step(EAGER[case], CHUNK_ELEMENTS + 100, kernel="eager")
     assert chunked.fast_path == "chunked"
     step_and_check_counter(chunked)
     assert_round_trips(chunked)
