@@ -92,7 +92,8 @@ def honour(recorded: str, choice: Choice, device: torch.device) -> Choice:
         return Choice("eager", "the run so far (a checkpoint) stepped with the eager kernel")
     why = "the run so far (a checkpoint) stepped with the compiled kernel"
     if recorded == "compiled" and choice.kernel == "fused":  # RAdam's, before it was fused
-        problem = "OPTSERVE_COMPILE=off" if compile_switched_off() else compiler_problem(device.type)
+        off = compile_switched_off()
+        problem = "OPTSERVE_COMPILE=off" if off else compiler_problem(device.type)
         if problem is None:
             return Choice("compiled", why)
         return Choice("fused", f"{why}, but here: {problem}; results differ by a few ulp a step")

@@ -20,8 +20,12 @@ from tests.unit.test_engine import assert_close, seeded, trajectories
 CONFIGS = {
     "radam": {"name": "radam", "lr": 0.01},
     "radam-l2": {"name": "radam", "lr": 0.01, "weight_decay": 0.1},
-    "radam-decoupled": {"name": "radam", "lr": 0.01, "weight_decay": 0.1,
-                        "decoupled_weight_decay": True},  # fmt: skip
+    "radam-decoupled": {
+        "name": "radam",
+        "lr": 0.01,
+        "weight_decay": 0.1,
+        "decoupled_weight_decay": True,
+    },  # fmt: skip
     "radam-maximize": {"name": "radam", "lr": 0.003, "maximize": True, "betas": [0.8, 0.99]},
     "radam-eps": {"name": "radam", "lr": 0.01, "eps": 0.1},  # eps counts in the denominator
     "ranger": {"name": "ranger", "lr": 0.01, "weight_decay": 0.05},
@@ -67,11 +71,11 @@ def test_the_same_bits_on_any_slicing():
     whole = GroupEngine("g", seeded(numel, 1, torch.float32), config)
     start = seeded(numel, 1, torch.float32)
     parts = [GroupEngine("g", start[a:b].clone(), config, group_numel=numel)
-             for a, b in zip(cuts, cuts[1:])]  # fmt: skip
+             for a, b in zip(cuts, cuts[1:], strict=False)]  # fmt: skip
     for step in range(12):
         grad = seeded(numel, 50 + step, torch.float32)
         whole.step(grad.clone(), config.lr)
-        for part, a, b in zip(parts, cuts, cuts[1:]):
+        for part, a, b in zip(parts, cuts, cuts[1:], strict=False):
             part.step(grad[a:b].clone(), config.lr)
     assert all(p.kernel_record == whole.kernel_record for p in parts)
     assert torch.equal(torch.cat([p.weights for p in parts]), whole.weights)
