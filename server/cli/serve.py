@@ -22,8 +22,9 @@ from optserve.server.cli.safety import (
 )
 from optserve.server.edge.tokens import MIN_TOKEN_CHARS, EdgeConfig
 
-# What the eager kernels cost against the compiled ones (bench/engine.py, 16M elements, 2 cores).
-EAGER_COST = "2-10x slower per step"
+# What the eager kernels cost against the compiled ones (bench/engine.py, 16M and 100M
+# elements, 2 cores: RMSprop 2.1-2.3x, AdaDelta 3.0-3.7x, AdaBound 2.6-3.1x).
+EAGER_COST = "2-4x slower per step"
 # The limits of server/edge/limits.py a serve flag sets ("per token": per address without
 # auth; "per address": a host, whatever its tokens); the defaults are EdgeConfig's.
 LIMIT_FLAGS = (
@@ -349,7 +350,7 @@ def _say_if_no_compiler() -> None:
     why = "OPTSERVE_COMPILE=off" if compile_switched_off() else compiler_problem("cpu")
     if why is not None:
         print(f"optserve: WARNING: {why}: on CPU shards, groups of {COMPILE_MIN_ELEMENTS:,}+ "
-              f"elements under RMSprop, AdaDelta, AdaBound, RAdam or Ranger step in eager "
+              f"elements under RMSprop, AdaDelta or AdaBound step in eager "
               f"torch ops, {EAGER_COST} than their compiled kernels (bench/engine.py); install "
               "g++ (deploy/Dockerfile does)", file=sys.stderr)  # fmt: skip
 
