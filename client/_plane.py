@@ -75,6 +75,7 @@ class Transfers:
         version: int | None = None,
         wire_dtype: torch.dtype = torch.float32,
         trainer: str = "",
+        local_steps: int = 0,
     ) -> int:
         """Push one gradient per parameter; return the model version of the update it is in.
 
@@ -84,9 +85,12 @@ class Transfers:
         a refused push (invalid, stale beyond `max_staleness`: FailedPrecondition, a closed
         sync round: Aborted) changes nothing. In sync mode the call returns once the round
         that includes the push is applied. `trainer` names the pusher (one push per trainer
-        per sync round).
+        per sync round). `local_steps`: under local SGD, the pusher's inner steps so far (shown
+        in status; the gradient is then a pseudo-gradient).
         """
-        return self._push(model, grads, version, wire_dtype, trainer, None)[1]
+        return self._push(
+            model, grads, version, wire_dtype, trainer, None, local_steps=local_steps
+        )[1]
 
     def push_and_pull(
         self,
@@ -98,14 +102,15 @@ class Transfers:
         pull_dtype: torch.dtype = torch.float32,
         trainer: str = "",
         reuse_buffers: bool = False,
+        local_steps: int = 0,
     ) -> tuple[dict[str, torch.Tensor], int]:
         """Push, and get the weights after the update back in the same round trip.
 
         Returns (weights, version): the weights' version is the push's or a later one.
-        `reuse_buffers`: as for `pull`.
+        `reuse_buffers`: as for `pull`; `local_steps`: as for `push`.
         """
         weights, version = self._push(
-            model, grads, version, wire_dtype, trainer, pull_dtype, reuse_buffers
+            model, grads, version, wire_dtype, trainer, pull_dtype, reuse_buffers, local_steps
         )
         assert weights is not None
         return weights, version
@@ -119,6 +124,7 @@ class Transfers:
         trainer: str,
         pull_dtype: torch.dtype | None,
         reuse_buffers: bool = False,
+        local_steps: int = 0,
     ) -> tuple[dict[str, torch.Tensor] | None, int]:
         if wire_dtype not in GRADIENT_WIRE_DTYPES:
             raise InvalidArgument(
@@ -137,6 +143,7 @@ class Transfers:
                 trainer=trainer,
                 push_id=uuid.uuid4().hex,
                 pull_dtype=to_wire_dtype(pull_dtype or torch.float32),
+                local_steps=local_steps,
             )
 
             def requests(shard: ShardSlice) -> Iterator[bytes]:

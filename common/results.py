@@ -160,7 +160,9 @@ class ShardStatus(Result):
 
 class TrainerStatus(Result):
     """A trainer as the model's leader saw it: its pushes, applied or refused, the version its
-    last push was computed on, its staleness, seconds since its last push, and its peer."""
+    last push was computed on, its staleness, seconds since its last push, and its peer.
+    `local_steps`: under local SGD (DiLoCo), the inner optimizer steps the trainer had taken
+    by its last push (0 for a trainer that pushes every step)."""
 
     pushes: int
     applied: int
@@ -171,6 +173,7 @@ class TrainerStatus(Result):
     peer: str
     first_seen: float | None = None
     last_seen: float | None = None
+    local_steps: int = 0
 
 
 class CheckpointStatus(Result):

@@ -143,16 +143,23 @@ def _kernel_cell(group: dict) -> str:
     return f"{kernel} ({note})" if note and kernel != "fused" else kernel
 
 
+def _local_steps(trainer: dict) -> str:
+    """A trainer's inner steps under local SGD; "-" for one that pushes every step."""
+    steps = trainer.get("local_steps", 0)
+    return f"{steps:,}" if steps else "-"
+
+
 def _print_history(status: dict) -> None:
     """The model's trainers, newest metrics and audit entries, as tables."""
     trainers = status.get("trainers", {})
     if trainers:
         print()
         print(table(
-            ["TRAINER", "PUSHES", "APPLIED", "REFUSED", "ON VERSION", "STALENESS", "LAST PUSH",
-             "PEER"],
+            ["TRAINER", "PUSHES", "APPLIED", "REFUSED", "ON VERSION", "STALENESS", "LOCAL STEPS",
+             "LAST PUSH", "PEER"],
             [[name, f"{t['pushes']:,}", f"{t['applied']:,}", f"{t['refused']:,}",
-              f"{t['version']:,}", str(t["staleness"]), ago(t["idle_s"]), t["peer"]]
+              f"{t['version']:,}", str(t["staleness"]), _local_steps(t), ago(t["idle_s"]),
+              t["peer"]]
              for name, t in trainers.items()],
         ))  # fmt: skip
     if status["metrics"]:

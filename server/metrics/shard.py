@@ -44,16 +44,18 @@ class Trainers:
         self._lock = threading.Lock()
         self._seen: dict[str, dict[str, Any]] = {}
 
-    def saw(self, trainer: str, peer: str, based_on: int) -> None:
-        """A push of `trainer`, computed on version `based_on`, arrived."""
+    def saw(self, trainer: str, peer: str, based_on: int, local_steps: int = 0) -> None:
+        """A push of `trainer`, computed on version `based_on`, arrived (`local_steps`: its
+        inner steps so far, under local SGD)."""
         with self._lock:
             entry = self._seen.pop(trainer, None) or {
                 "pushes": 0, "applied": 0, "refused": 0, "staleness": 0,
                 "first_seen": self._clock(),
             }  # fmt: skip
             entry.update(
-                pushes=entry["pushes"] + 1, last_seen=self._clock(), peer=peer, version=based_on
-            )
+                pushes=entry["pushes"] + 1, last_seen=self._clock(), peer=peer, version=based_on,
+                local_steps=local_steps,
+            )  # fmt: skip
             self._seen[trainer] = entry  # most recent last
             while len(self._seen) > MAX_TRAINERS:
                 del self._seen[next(iter(self._seen))]
@@ -159,10 +161,10 @@ class ShardMetrics:
             self._staleness.observe(staleness)
         self.trainers.decided(trainer or peer, staleness, applied)
 
-    def arrived(self, trainer: str, peer: str, based_on: int) -> None:
+    def arrived(self, trainer: str, peer: str, based_on: int, local_steps: int = 0) -> None:
         """The leader received a push (applied or not): the trainer is alive."""
         if self._pushes is not None:
-            self.trainers.saw(trainer or peer, peer, based_on)
+            self.trainers.saw(trainer or peer, peer, based_on, local_steps)
 
     def waited(self, seconds: float) -> None:
         """A staged push waited this long for its decision (its sync round, the leader)."""

@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -86,6 +86,7 @@ class PushCall:
     based_on: int  # the model version its gradient was computed on
     trainer: str = ""
     peer: str = ""
+    local_steps: int = 0  # local SGD: the trainer's inner steps so far (0: it pushes each step)
 
 
 class Leader(Protocol):
@@ -129,7 +130,7 @@ class LocalLeader:
 class PushObserver(Protocol):
     """What the pipeline reports (the shard's metrics)."""
 
-    def arrived(self, trainer: str, peer: str, based_on: int) -> None: ...
+    def arrived(self, trainer: str, peer: str, based_on: int, local_steps: int = 0) -> None: ...
 
     def decided(self, trainer: str, peer: str, staleness: int, applied: bool) -> None: ...
 
@@ -157,7 +158,7 @@ class PushPipeline:
         into pooled buffers and returns them. Returns the decision and the shard's version
         after applying it; a refused push raises its error, and nothing is applied."""
         push = self._with_id(push)  # bounded before anything keeps them
-        self.observer.arrived(push.trainer, push.peer, push.based_on)
+        self.observer.arrived(push.trainer, push.peer, push.based_on, local_steps=push.local_steps)
         epoch, stats = self._stage(push, receive)
         staged_at = time.perf_counter()
         decision = self._decide(push, stats)
@@ -198,7 +199,7 @@ class PushPipeline:
         sequencer = getattr(self.leader, "sequencer", None)
         if sequencer is None or sequencer.num_shards != 1:
             raise InvalidArgument("a push to a model with several shards needs a push_id")
-        return PushCall(uuid.uuid4().hex, push.based_on, push.trainer, push.peer)
+        return replace(push, push_id=uuid.uuid4().hex)
 
     def _stage(
         self, push: PushCall, receive: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]

@@ -223,7 +223,9 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         """Run one push through the pipeline; also the dtype its pull half asks for."""
         header = self._header(request_iterator)
         pull_dtype = _pull_dtype(header.pull_dtype)  # a bad one is refused before any staging
-        push = PushCall(header.push_id, header.version, _identity(header.trainer), peer)
+        push = PushCall(
+            header.push_id, header.version, _identity(header.trainer), peer, header.local_steps
+        )
         held = Hold()
 
         def receive(buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from optserve.server.shard.state import ShardState
 
 
 class _Quiet:
-    def arrived(self, trainer: str, peer: str, based_on: int) -> None:
+    def arrived(self, trainer: str, peer: str, based_on: int, local_steps: int = 0) -> None:
         pass
 
     def decided(self, trainer: str, peer: str, staleness: int, applied: bool) -> None:

@@ -27,7 +27,7 @@ class Observer:
     def __init__(self):
         self.decisions: list[tuple[str, bool]] = []
 
-    def arrived(self, trainer, peer, based_on):
+    def arrived(self, trainer, peer, based_on, local_steps=0):
         pass
 
     def decided(self, trainer, peer, staleness, applied):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from optserve.v1 import tensor_pb2 as optserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17optserve/v1/shard.proto\x12\x0boptserve.v1\x1a\x18optserve/v1/tensor.proto\"v\n\nPushHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07trainer\x18\x03 \x01(\t\x12\x0f\n\x07push_id\x18\x04 \x01(\t\x12&\n\npull_dtype\x18\x05 \x01(\x0e\x32\x12.optserve.v1.DType\"n\n\x0bPushRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.optserve.v1.PushHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.optserve.v1.TensorChunkH\x00\x42\t\n\x07payload\"2\n\x0cPushResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tstaleness\x18\x02 \x01(\x04\"?\n\x0bPullRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.optserve.v1.DType\"\x8f\x01\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12-\n\x03lrs\x18\x02 \x03(\x0b\x32 .optserve.v1.PullHeader.LrsEntry\x12\x15\n\rsettings_json\x18\x03 \x01(\t\x1a*\n\x08LrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"o\n\x0cPullResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.optserve.v1.PullHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.optserve.v1.TensorChunkH\x00\x42\t\n\x07payload\"\x1b\n\nLoadHeader\x12\r\n\x05model\x18\x01 \x01(\t\"n\n\x0bLoadRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.optserve.v1.LoadHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.optserve.v1.TensorChunkH\x00\x42\t\n\x07payload\"\x1f\n\x0cLoadResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\x8a\x02\n\x0fSequenceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07push_id\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\r\x12\'\n\x06header\x18\x04 \x01(\x0b\x32\x17.optserve.v1.PushHeader\x12\x0e\n\x06refuse\x18\x05 \x01(\t\x12\x13\n\x0brefuse_code\x18\x06 \x01(\x05\x12\x13\n\x0brefuse_kind\x18\t \x01(\t\x12\x12\n\ngrad_sumsq\x18\x07 \x01(\x01\x12\x16\n\x0egrad_nonfinite\x18\x08 \x01(\x04\x12\x0f\n\x07verdict\x18\n \x01(\x08\x12\x18\n\x10verified_version\x18\x0b \x01(\x04\x12\x0e\n\x06\x66inite\x18\x0c \x01(\x08\"\x92\x02\n\x10SequenceDecision\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x12\n\nerror_code\x18\x02 \x01(\x05\x12\x12\n\nerror_kind\x18\x08 \x01(\t\x12\x33\n\x03lrs\x18\t \x03(\x0b\x32&.optserve.v1.SequenceDecision.LrsEntry\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x0f\n\x07members\x18\x04 \x03(\t\x12\x0f\n\x07weights\x18\x05 \x03(\x01\x12\x10\n\x08lr_scale\x18\x06 \x01(\x01\x12\x11\n\tstaleness\x18\x07 \x01(\x04\x12\x0e\n\x06verify\x18\n \x01(\x08\x1a*\n\x08LrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xd2\x02\n\x05Shard\x12=\n\x04Push\x12\x18.optserve.v1.PushRequest\x1a\x19.optserve.v1.PushResponse(\x01\x12=\n\x04Pull\x12\x18.optserve.v1.PullRequest\x1a\x19.optserve.v1.PullResponse0\x01\x12\x43\n\x08PushPull\x12\x18.optserve.v1.PushRequest\x1a\x19.optserve.v1.PullResponse(\x01\x30\x01\x12=\n\x04Load\x12\x18.optserve.v1.LoadRequest\x1a\x19.optserve.v1.LoadResponse(\x01\x12G\n\x08Sequence\x12\x1c.optserve.v1.SequenceRequest\x1a\x1d.optserve.v1.SequenceDecisionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17optserve/v1/shard.proto\x12\x0boptserve.v1\x1a\x18optserve/v1/tensor.proto\"\x8b\x01\n\nPushHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07trainer\x18\x03 \x01(\t\x12\x0f\n\x07push_id\x18\x04 \x01(\t\x12&\n\npull_dtype\x18\x05 \x01(\x0e\x32\x12.optserve.v1.DType\x12\x13\n\x0blocal_steps\x18\x06 \x01(\x04\"n\n\x0bPushRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.optserve.v1.PushHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.optserve.v1.TensorChunkH\x00\x42\t\n\x07payload\"2\n\x0cPushResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tstaleness\x18\x02 \x01(\x04\"?\n\x0bPullRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.optserve.v1.DType\"\x8f\x01\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12-\n\x03lrs\x18\x02 \x03(\x0b\x32 .optserve.v1.PullHeader.LrsEntry\x12\x15\n\rsettings_json\x18\x03 \x01(\t\x1a*\n\x08LrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"o\n\x0cPullResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.optserve.v1.PullHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.optserve.v1.TensorChunkH\x00\x42\t\n\x07payload\"\x1b\n\nLoadHeader\x12\r\n\x05model\x18\x01 \x01(\t\"n\n\x0bLoadRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.optserve.v1.LoadHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.optserve.v1.TensorChunkH\x00\x42\t\n\x07payload\"\x1f\n\x0cLoadResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\x8a\x02\n\x0fSequenceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07push_id\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\r\x12\'\n\x06header\x18\x04 \x01(\x0b\x32\x17.optserve.v1.PushHeader\x12\x0e\n\x06refuse\x18\x05 \x01(\t\x12\x13\n\x0brefuse_code\x18\x06 \x01(\x05\x12\x13\n\x0brefuse_kind\x18\t \x01(\t\x12\x12\n\ngrad_sumsq\x18\x07 \x01(\x01\x12\x16\n\x0egrad_nonfinite\x18\x08 \x01(\x04\x12\x0f\n\x07verdict\x18\n \x01(\x08\x12\x18\n\x10verified_version\x18\x0b \x01(\x04\x12\x0e\n\x06\x66inite\x18\x0c \x01(\x08\"\x92\x02\n\x10SequenceDecision\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x12\n\nerror_code\x18\x02 \x01(\x05\x12\x12\n\nerror_kind\x18\x08 \x01(\t\x12\x33\n\x03lrs\x18\t \x03(\x0b\x32&.optserve.v1.SequenceDecision.LrsEntry\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x0f\n\x07members\x18\x04 \x03(\t\x12\x0f\n\x07weights\x18\x05 \x03(\x01\x12\x10\n\x08lr_scale\x18\x06 \x01(\x01\x12\x11\n\tstaleness\x18\x07 \x01(\x04\x12\x0e\n\x06verify\x18\n \x01(\x08\x1a*\n\x08LrsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xd2\x02\n\x05Shard\x12=\n\x04Push\x12\x18.optserve.v1.PushRequest\x1a\x19.optserve.v1.PushResponse(\x01\x12=\n\x04Pull\x12\x18.optserve.v1.PullRequest\x1a\x19.optserve.v1.PullResponse0\x01\x12\x43\n\x08PushPull\x12\x18.optserve.v1.PushRequest\x1a\x19.optserve.v1.PullResponse(\x01\x30\x01\x12=\n\x04Load\x12\x18.optserve.v1.LoadRequest\x1a\x19.optserve.v1.LoadResponse(\x01\x12G\n\x08Sequence\x12\x1c.optserve.v1.SequenceRequest\x1a\x1d.optserve.v1.SequenceDecisionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,32 +36,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PULLHEADER_LRSENTRY']._serialized_options = b'8\001'
   _globals['_SEQUENCEDECISION_LRSENTRY']._loaded_options = None
   _globals['_SEQUENCEDECISION_LRSENTRY']._serialized_options = b'8\001'
-  _globals['_PUSHHEADER']._serialized_start=66
-  _globals['_PUSHHEADER']._serialized_end=184
-  _globals['_PUSHREQUEST']._serialized_start=186
-  _globals['_PUSHREQUEST']._serialized_end=296
-  _globals['_PUSHRESPONSE']._serialized_start=298
-  _globals['_PUSHRESPONSE']._serialized_end=348
-  _globals['_PULLREQUEST']._serialized_start=350
-  _globals['_PULLREQUEST']._serialized_end=413
-  _globals['_PULLHEADER']._serialized_start=416
-  _globals['_PULLHEADER']._serialized_end=559
-  _globals['_PULLHEADER_LRSENTRY']._serialized_start=517
-  _globals['_PULLHEADER_LRSENTRY']._serialized_end=559
-  _globals['_PULLRESPONSE']._serialized_start=561
-  _globals['_PULLRESPONSE']._serialized_end=672
-  _globals['_LOADHEADER']._serialized_start=674
-  _globals['_LOADHEADER']._serialized_end=701
-  _globals['_LOADREQUEST']._serialized_start=703
-  _globals['_LOADREQUEST']._serialized_end=813
-  _globals['_LOADRESPONSE']._serialized_start=815
-  _globals['_LOADRESPONSE']._serialized_end=846
-  _globals['_SEQUENCEREQUEST']._serialized_start=849
-  _globals['_SEQUENCEREQUEST']._serialized_end=1115
-  _globals['_SEQUENCEDECISION']._serialized_start=1118
-  _globals['_SEQUENCEDECISION']._serialized_end=1392
-  _globals['_SEQUENCEDECISION_LRSENTRY']._serialized_start=517
-  _globals['_SEQUENCEDECISION_LRSENTRY']._serialized_end=559
-  _globals['_SHARD']._serialized_start=1395
-  _globals['_SHARD']._serialized_end=1733
+  _globals['_PUSHHEADER']._serialized_start=67
+  _globals['_PUSHHEADER']._serialized_end=206
+  _globals['_PUSHREQUEST']._serialized_start=208
+  _globals['_PUSHREQUEST']._serialized_end=318
+  _globals['_PUSHRESPONSE']._serialized_start=320
+  _globals['_PUSHRESPONSE']._serialized_end=370
+  _globals['_PULLREQUEST']._serialized_start=372
+  _globals['_PULLREQUEST']._serialized_end=435
+  _globals['_PULLHEADER']._serialized_start=438
+  _globals['_PULLHEADER']._serialized_end=581
+  _globals['_PULLHEADER_LRSENTRY']._serialized_start=539
+  _globals['_PULLHEADER_LRSENTRY']._serialized_end=581
+  _globals['_PULLRESPONSE']._serialized_start=583
+  _globals['_PULLRESPONSE']._serialized_end=694
+  _globals['_LOADHEADER']._serialized_start=696
+  _globals['_LOADHEADER']._serialized_end=723
+  _globals['_LOADREQUEST']._serialized_start=725
+  _globals['_LOADREQUEST']._serialized_end=835
+  _globals['_LOADRESPONSE']._serialized_start=837
+  _globals['_LOADRESPONSE']._serialized_end=868
+  _globals['_SEQUENCEREQUEST']._serialized_start=871
+  _globals['_SEQUENCEREQUEST']._serialized_end=1137
+  _globals['_SEQUENCEDECISION']._serialized_start=1140
+  _globals['_SEQUENCEDECISION']._serialized_end=1414
+  _globals['_SEQUENCEDECISION_LRSENTRY']._serialized_start=539
+  _globals['_SEQUENCEDECISION_LRSENTRY']._serialized_end=581
+  _globals['_SHARD']._serialized_start=1417
+  _globals['_SHARD']._serialized_end=1755
 # @@protoc_insertion_point(module_scope)

@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PushHeader(_message.Message):
-    __slots__ = ("model", "version", "trainer", "push_id", "pull_dtype")
+    __slots__ = ("model", "version", "trainer", "push_id", "pull_dtype", "local_steps")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAINER_FIELD_NUMBER: _ClassVar[int]
     PUSH_ID_FIELD_NUMBER: _ClassVar[int]
     PULL_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     trainer: str
     push_id: str
     pull_dtype: _tensor_pb2.DType
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., trainer: _Optional[str] = ..., push_id: _Optional[str] = ..., pull_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
+    local_steps: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., trainer: _Optional[str] = ..., push_id: _Optional[str] = ..., pull_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., local_steps: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")
