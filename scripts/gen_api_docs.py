@@ -780,6 +780,43 @@ def rpc_statuses(policy: Policy, f: Facts) -> dict[str, list[tuple[str, str, str
             ),
             ("RESOURCE_EXHAUSTED", "The cluster cannot place the shards.", "Add resources."),
         ],
+        "Coordinator/Fork": [
+            (
+                "INVALID_ARGUMENT",
+                "An invalid fork name, an `at` that is neither \"now\" nor "
+                "\"checkpoint:<name>\", an invalid optimizer config or policy.",
+                "Fix it; nothing was changed.",
+            ),
+            (
+                "NOT_FOUND",
+                "No model of that name, or it has no checkpoint of that name.",
+                "`ListModels`, `ListCheckpoints`.",
+            ),
+            (
+                "ALREADY_EXISTS",
+                "A model (or a promoted fork's alias) already has the fork's name.",
+                "Choose another name.",
+            ),
+            (
+                "RESOURCE_EXHAUSTED",
+                "The server holds its limit of models, or cannot place the fork's shards.",
+                "Drop a model first.",
+            ),
+            store,
+        ],
+        "Coordinator/Promote": [
+            *lookup,
+            (
+                "FAILED_PRECONDITION",
+                "The model is not a fork (it records no parent).",
+                "Promote a model made by `Fork`.",
+            ),
+            (
+                "ALREADY_EXISTS",
+                "`keep_as` names a model that exists.",
+                "Choose another name; nothing was changed.",
+            ),
+        ],
         "Shard/Push": push,
         "Shard/Pull": pull,
         "Shard/PushPull": [*push, *pull[1:2]],

@@ -94,7 +94,7 @@ class GroupInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[str]] = ..., overrides_json: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "params", "groups", "shards", "version", "optimizer_json", "schedule_json", "mode_json", "initializing")
+    __slots__ = ("name", "params", "groups", "shards", "version", "optimizer_json", "schedule_json", "mode_json", "initializing", "forked_from", "fork_version", "fork_checkpoint", "aliases")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,10 @@ class ModelInfo(_message.Message):
     SCHEDULE_JSON_FIELD_NUMBER: _ClassVar[int]
     MODE_JSON_FIELD_NUMBER: _ClassVar[int]
     INITIALIZING_FIELD_NUMBER: _ClassVar[int]
+    FORKED_FROM_FIELD_NUMBER: _ClassVar[int]
+    FORK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FORK_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
     name: str
     params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
     groups: _containers.RepeatedCompositeFieldContainer[GroupInfo]
@@ -113,7 +117,11 @@ class ModelInfo(_message.Message):
     schedule_json: str
     mode_json: str
     initializing: bool
-    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., version: _Optional[int] = ..., optimizer_json: _Optional[str] = ..., schedule_json: _Optional[str] = ..., mode_json: _Optional[str] = ..., initializing: _Optional[bool] = ...) -> None: ...
+    forked_from: str
+    fork_version: int
+    fork_checkpoint: str
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., version: _Optional[int] = ..., optimizer_json: _Optional[str] = ..., schedule_json: _Optional[str] = ..., mode_json: _Optional[str] = ..., initializing: _Optional[bool] = ..., forked_from: _Optional[str] = ..., fork_version: _Optional[int] = ..., fork_checkpoint: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -260,3 +268,47 @@ class RestoreRequest(_message.Message):
     num_shards: int
     unless_current: bool
     def __init__(self, model: _Optional[str] = ..., checkpoint: _Optional[str] = ..., num_shards: _Optional[int] = ..., unless_current: _Optional[bool] = ...) -> None: ...
+
+class ForkRequest(_message.Message):
+    __slots__ = ("model", "new_name", "at", "optimizer_json", "policy")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NEW_NAME_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    new_name: str
+    at: str
+    optimizer_json: str
+    policy: str
+    def __init__(self, model: _Optional[str] = ..., new_name: _Optional[str] = ..., at: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class ForkResponse(_message.Message):
+    __slots__ = ("model", "pause_s", "report_json")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_S_FIELD_NUMBER: _ClassVar[int]
+    REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    pause_s: float
+    report_json: str
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., pause_s: _Optional[float] = ..., report_json: _Optional[str] = ...) -> None: ...
+
+class PromoteRequest(_message.Message):
+    __slots__ = ("model", "keep_as")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    KEEP_AS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    keep_as: str
+    def __init__(self, model: _Optional[str] = ..., keep_as: _Optional[str] = ...) -> None: ...
+
+class PromoteResponse(_message.Message):
+    __slots__ = ("model", "main", "dropped", "kept_as")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAIN_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    KEPT_AS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    main: str
+    dropped: bool
+    kept_as: str
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., main: _Optional[str] = ..., dropped: _Optional[bool] = ..., kept_as: _Optional[str] = ...) -> None: ...

@@ -94,6 +94,16 @@ class CoordinatorStub:
                 request_serializer=optserve_dot_v1_dot_coordinator__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=optserve_dot_v1_dot_coordinator__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Fork = channel.unary_unary(
+                '/optserve.v1.Coordinator/Fork',
+                request_serializer=optserve_dot_v1_dot_coordinator__pb2.ForkRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_coordinator__pb2.ForkResponse.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/optserve.v1.Coordinator/Promote',
+                request_serializer=optserve_dot_v1_dot_coordinator__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_coordinator__pb2.PromoteResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -188,6 +198,27 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fork(self, request, context):
+        """Copy a model at one version under a new name (docs/forks.md): weights, all optimizer state,
+        schedule and its state, update mode, param groups, metrics and audit history. The copy
+        starts from a consistent checkpoint: taken now (the parent's updates are held as long as
+        a checkpoint holds them) or one of the parent's. Its optimizer can be swapped at once. The
+        fork is a model like any other (it checkpoints, restores, recovers and counts against the
+        server's limits) that records its lineage (ModelInfo.forked_from, fork_version).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """Make a fork its parent's main line: the parent's name (and every name that resolved to the
+        parent) resolves to the fork from then on, for every call; the parent's run is dropped, or
+        kept under another name. Recorded in both models' audit logs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +281,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=optserve_dot_v1_dot_coordinator__pb2.RestoreRequest.FromString,
                     response_serializer=optserve_dot_v1_dot_coordinator__pb2.ModelInfo.SerializeToString,
+            ),
+            'Fork': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fork,
+                    request_deserializer=optserve_dot_v1_dot_coordinator__pb2.ForkRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_coordinator__pb2.ForkResponse.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=optserve_dot_v1_dot_coordinator__pb2.PromoteRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_coordinator__pb2.PromoteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -576,6 +617,60 @@ class Coordinator:
             '/optserve.v1.Coordinator/Restore',
             optserve_dot_v1_dot_coordinator__pb2.RestoreRequest.SerializeToString,
             optserve_dot_v1_dot_coordinator__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Coordinator/Fork',
+            optserve_dot_v1_dot_coordinator__pb2.ForkRequest.SerializeToString,
+            optserve_dot_v1_dot_coordinator__pb2.ForkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.Coordinator/Promote',
+            optserve_dot_v1_dot_coordinator__pb2.PromoteRequest.SerializeToString,
+            optserve_dot_v1_dot_coordinator__pb2.PromoteResponse.FromString,
             options,
             channel_credentials,
             insecure,
