@@ -15,7 +15,7 @@ STATUS = {
     "schedule": {"name": "constant"}, "schedule_state": {}, "gradient_counters": {"skipped": 1},
     "trainers": {"t0": {"pushes": 3, "applied": 2, "refused": 1, "staleness": 0, "version": 6,
                         "idle_s": 1.5, "peer": "ipv4:127.0.0.1:5", "first_seen": 9.0,
-                        "last_seen": 10.0}},
+                        "last_seen": 10.0, "local_steps": 0}},
     "device": "cpu",
     "checkpoint": {"policy": {"every_s": 600}, "periodic": True, "last_version": 5,
                    "last_time": 1.0, "age_s": 2.0, "updates_at_risk": 2,
