@@ -2,7 +2,8 @@
 
 * `serve`: the server; `demo`: the main job, end to end;
 * `status`: every model, or one in detail; `control`: `plot`, `set-optimizer`, `set-schedule`,
-  `checkpoint`, `restore`; `common`: what the client commands share.
+  `checkpoint`, `restore`; `compare`: a model beside its forks; `common`: what the client
+  commands share.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from optserve.server.cli import control, demo, serve, status
+from optserve.server.cli import compare, control, demo, serve, status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     status.add_parser(sub)
     control.add_parsers(sub)
+    compare.add_parser(sub)
     return parser
 
 

@@ -26,7 +26,7 @@ PUBLIC = {
     "parse_optimizer_config", "parse_schedule_config",
 }  # fmt: skip
 # Public modules of the client package besides its root (the rest are private: `_name`).
-PUBLIC_MODULES = {"plot"}
+PUBLIC_MODULES = {"compare", "plot"}
 
 
 def test_exported_members_are_pinned():
@@ -62,7 +62,7 @@ def _imports(modules: str) -> list[str]:
 
 
 def test_client_never_imports_server_code():
-    loaded = _imports("optserve.client, optserve.client.plot")
+    loaded = _imports("optserve.client, optserve.client.plot, optserve.client.compare")
     assert not [m for m in loaded if m.startswith("optserve.server") or m == "ray"], loaded
 
 
