@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 from optserve.client._client import ParameterServerClient
+from optserve.client._local_sgd import LocalSGD, local_sgd
 from optserve.client._param_groups import GroupMirror, shown
 from optserve.client._resume import Resume
 from optserve.client._stubs import ModelInfo
@@ -101,6 +102,11 @@ class RemoteOptimizer(Resume, torch.optim.Optimizer):
     `token` is the bearer token for a server with authentication (default $OPTSERVE_TOKEN or
     the file named by $OPTSERVE_TOKEN_FILE); `tls_ca` a CA file (or PEM bytes) for a TLS server.
 
+    `local_steps=H` with `inner` (an optimizer config torch.optim runs, e.g. AdamW) is local
+    SGD (DiLoCo, docs/frameworks.md): each `step()` is an inner step here, and every H-th pushes
+    the pseudo-gradient (weights at the round's start minus now) to the server's rule, the
+    outer optimizer, and loads the new weights. `inner_optimizer`'s state stays on the trainer.
+
     `tune_allocator` (default on) has glibc keep the per-step message buffers for reuse
     (`optserve.common.allocator`): it changes the whole process's allocator thresholds, and
     saves a large model's steps tens of thousands of page faults each.
@@ -131,6 +137,8 @@ class RemoteOptimizer(Resume, torch.optim.Optimizer):
         tls_ca: str | bytes | None = None,
         tune_allocator: bool = True,
         override_schedule: bool = False,
+        local_steps: int = 1,
+        inner: str | Mapping[str, Any] | RuleConfig | None = None,
     ) -> None:
         if tune_allocator:
             keep_step_buffers()
@@ -143,6 +151,8 @@ class RemoteOptimizer(Resume, torch.optim.Optimizer):
             raise InvalidArgument("parameter names must be unique")
         if client is None and address is None:
             raise InvalidArgument("RemoteOptimizer needs address=... (or client=...)")
+        self._local: LocalSGD | None = local_sgd(named, local_steps, inner)
+        self.inner_optimizer = self._local.optimizer if self._local is not None else None
         self._constructing = True
         super().__init__([p for _, p in named], defaults={})
         self._constructing = False
@@ -263,6 +273,8 @@ class RemoteOptimizer(Resume, torch.optim.Optimizer):
         for name, param in self._named:
             param.copy_(weights[name])
         self._refresh()
+        if self._local is not None:  # a new round starts from the global weights
+            self._local.begin_round()
 
     def _send_changes(self) -> None:
         """Send what was changed in the param groups since the server last told them."""
@@ -306,15 +318,21 @@ class RemoteOptimizer(Resume, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Send the param groups' changes, if any; push every parameter's gradient; then load
-        the updated weights and the server's settings."""
+        the updated weights and the server's settings. Under local SGD: one inner step, and on
+        a round's last one all that with the round's pseudo-gradient."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._local is not None:
+            grads = self._local.step()
+            if grads is None:  # not the round's last inner step
+                return loss
+        else:
+            grads = {
+                n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self._named
+            }
         self._send_changes()
-        grads = {
-            name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in self._named
-        }
         try:
             weights, self.version = self.client.push_and_pull(
                 self.model,
@@ -323,6 +341,7 @@ class RemoteOptimizer(Resume, torch.optim.Optimizer):
                 wire_dtype=self.wire_dtype,
                 trainer=self.trainer,
                 reuse_buffers=True,  # copied into the parameters below
+                local_steps=self._local.steps if self._local is not None else 0,
             )
         except PushRefused as exc:
             # Too stale (async max_staleness), too late for its sync round, or computed on a
@@ -342,6 +361,8 @@ class RemoteOptimizer(Resume, torch.optim.Optimizer):
         for name, param in self._named:
             param.copy_(weights[name])
         self._refresh()
+        if self._local is not None:
+            self._local.begin_round()
         return loss
 
     def _wait_for_server(self) -> None:
