@@ -22,6 +22,7 @@ import grpc
 import torch
 
 from optserve.client._auth import ChannelSecurity
+from optserve.client._forks import ForkCalls
 from optserve.client._plane import Transfers
 from optserve.client._stubs import (
     CHANNEL_OPTIONS,
@@ -81,7 +82,7 @@ def _jsonable(value: Any) -> Any:
     raise InvalidArgument(f"{type(value).__name__} is not a JSON value")
 
 
-class ParameterServerClient(Transfers):
+class ParameterServerClient(Transfers, ForkCalls):
     """A connection to an optserve server.
 
     `address` is the coordinator's host:port. Every method raises a subclass of
@@ -210,7 +211,7 @@ class ParameterServerClient(Transfers):
             timeout=self.timeout_s,
             metadata=self._metadata,
         )
-        return self._remember(reply)
+        return self._remember(reply, model)
 
     def list_models(self) -> list[str]:
         reply = call(
@@ -383,10 +384,10 @@ class ParameterServerClient(Transfers):
 
     # ---- plumbing ------------------------------------------------------------------------
 
-    def _remember(self, reply: coordinator_pb2.ModelInfo | ModelInfo) -> ModelInfo:
+    def _remember(self, reply: coordinator_pb2.ModelInfo | ModelInfo, asked: str = "") -> ModelInfo:
         info = reply if isinstance(reply, ModelInfo) else ModelInfo.from_proto(reply)
-        with self._lock:
-            self._layouts[info.name] = info
+        with self._lock:  # under the name asked for too (a promoted fork's alias)
+            self._layouts[info.name] = self._layouts[asked or info.name] = info
         return info
 
     def _with_layout(self, model: str, fn: Callable[[ModelInfo], T]) -> T:

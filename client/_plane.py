@@ -25,6 +25,7 @@ from optserve.common.codec import wire_dtype as to_wire_dtype
 from optserve.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
+    ModelRestored,
     OptserveError,
     Unavailable,
     from_rpc_error,
@@ -58,6 +59,7 @@ class Transfers:
     _metadata: tuple[tuple[str, str], ...]
     _buffers: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]]
     _settings: dict[str, ModelSettings]
+    _layouts: dict[str, ModelInfo]
 
     if TYPE_CHECKING:
 
@@ -131,14 +133,22 @@ class Transfers:
                 f"wire_dtype must be float32, float16 or bfloat16, got {dtype_name(wire_dtype)}"
             )
 
+        tried: list[str] = []
+
         def push_all(info: ModelInfo) -> tuple[dict[str, torch.Tensor] | None, int]:
+            if tried and info.name != tried[0]:  # the name was promoted to a fork meanwhile:
+                raise ModelRestored(  # this gradient is of the other run's weights
+                    f"{model!r} now names model {info.name!r} (a promoted fork); nothing was "
+                    "applied: pull its weights and push again"
+                )
+            tried.append(info.name)
             self._check_gradients(info, grads)
             based_on = self._versions.get(model, info.version) if version is None else version
             flats = {g.name: flatten_group(g, grads, wire_dtype) for g in info.groups}
             # A sync push waits for its round: give it the round's time on top of ours.
             deadline = self.timeout_s + float(getattr(info.mode, "round_timeout_s", 0.0))
             header = shard_pb2.PushHeader(
-                model=model,
+                model=info.name,  # the model the name resolves to (a promoted fork's alias)
                 version=based_on,
                 trainer=trainer,
                 push_id=uuid.uuid4().hex,
@@ -187,9 +197,9 @@ class Transfers:
         costly for large models): the returned tensors are then views of those buffers, valid
         until that next call; copy what you keep (RemoteOptimizer copies into the parameters).
         """
-        request = shard_pb2.PullRequest(model=model, dtype=to_wire_dtype(wire_dtype))
 
         def pull_all(info: ModelInfo) -> tuple[dict[str, torch.Tensor], int]:
+            request = shard_pb2.PullRequest(model=info.name, dtype=to_wire_dtype(wire_dtype))
             flat_out = self._receive_buffers(info, wire_dtype) if reuse_buffers else None
 
             def pull_one(shard: ShardSlice) -> tuple[int, dict[str, torch.Tensor], Any]:
@@ -210,7 +220,8 @@ class Transfers:
         and pull) of it: each group's lr for the next update, each group's optimizer config and
         the schedule. None before the first pull, or from a server that does not send them."""
         with self._lock:
-            return self._settings.get(model)
+            info = self._layouts.get(model)  # a promoted fork's alias: the fork's
+            return self._settings.get(info.name if info is not None else model)
 
     def _receive_buffers(self, info: ModelInfo, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """One flat receive buffer per group for this model and wire dtype, kept and reused."""

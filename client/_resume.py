@@ -10,12 +10,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from optserve.client._client import ParameterServerClient
+from optserve.client._forks import SwitchModel
 from optserve.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 
 log = logging.getLogger(__name__)
 
 
-class Resume:
+class Resume(SwitchModel):
     """Mixed into `RemoteOptimizer`, whose client, model, version and param groups these use."""
 
     client: ParameterServerClient

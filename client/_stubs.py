@@ -49,6 +49,12 @@ class ModelInfo:
     mode: Any = None
     # True while the shards wait for their initial values (the creator sends them).
     initializing: bool = False
+    # A fork's lineage (docs/forks.md): its parent ("" if not a fork), the parent's version it
+    # copied and the checkpoint it started from; names that resolve to it (a promoted fork).
+    forked_from: str = ""
+    fork_version: int = 0
+    fork_checkpoint: str = ""
+    aliases: tuple[str, ...] = ()
 
     @property
     def params(self) -> tuple[ParamSlot, ...]:
@@ -83,6 +89,10 @@ class ModelInfo:
                 for g in info.groups
             },
             initializing=info.initializing,
+            forked_from=info.forked_from,
+            fork_version=info.fork_version,
+            fork_checkpoint=info.fork_checkpoint,
+            aliases=tuple(info.aliases),
         )
 
 

@@ -249,3 +249,11 @@ class Status(Result):
     metrics: list[MetricEntry]
     audit: list[AuditEntry]
     history: HistoryCounts
+    # A fork's parent: the model it was forked from (None: not a fork; docs/forks.md).
+    forked_from: str | None = None
+    # The parent's version the fork copied (its first version).
+    fork_version: int | None = None
+    # The parent's checkpoint the fork started from.
+    fork_checkpoint: str | None = None
+    # Other names that resolve to this model (a promoted fork answers to its parent's name).
+    aliases: list[str] = []

@@ -1,5 +1,5 @@
 """The client commands that change or save a model: `plot`, `set-optimizer`, `set-schedule`,
-`checkpoint`, `restore`."""
+`checkpoint`, `restore`; and, from server/cli/forks.py, `fork` and `promote`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import json
 import time
 
+from optserve.server.cli import forks
 from optserve.server.cli.common import command, connect, positive, print_json, progress
 
 
@@ -16,6 +17,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_set_schedule(sub)
     _add_checkpoint(sub)
     _add_restore(sub)
+    forks.add_parsers(sub)
 
 
 def _add_plot(sub: argparse._SubParsersAction) -> None:

@@ -123,6 +123,9 @@ class ModelEntry:
     committed: bool = False
     replaces: str | None = None
     dropping: bool = False
+    # A fork's lineage (server/coordinator/forks.py): "forked_from", "fork_version",
+    # "fork_checkpoint"; and "aliases", the names that resolve to this model once promoted.
+    lineage: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         out = {f: getattr(self, f) for f in self.__dataclass_fields__}

@@ -51,6 +51,7 @@ from optserve.server.coordinator.catalogue import (
     validate_params,
 )
 from optserve.server.coordinator.control import ControlChanges
+from optserve.server.coordinator.forks import Forks
 from optserve.server.coordinator.launch import (
     Placement,
     ShardProcess,
@@ -81,7 +82,7 @@ log = logging.getLogger(__name__)
 DROP_WAITS_FOR_CHECKPOINT_S = 30.0
 
 
-class Coordinator(ControlChanges, Persistence):
+class Coordinator(ControlChanges, Persistence, Forks):
     """`service` names this coordinator's shard actors (its actor's name): with `adopt`, the
     running shards of that name are adopted at start. `checkpoint_policy` is the periodic
     policy of models that set none (default with a checkpoint directory: every 10 minutes)."""
@@ -159,6 +160,8 @@ class Coordinator(ControlChanges, Persistence):
         with self._lock:
             if name in self._models or name in self._reserved:
                 raise AlreadyExists(f"model {name!r} already exists")
+            if (target := self._resolve(name)) != name:
+                raise AlreadyExists(f"{name!r} names model {target!r} (promoted to it)")
             if len(self._models) + len(self._reserved) >= self.limits.max_models:
                 raise ResourceExhausted(
                     f"the server holds its limit of {self.limits.max_models} models; drop one first"
@@ -189,12 +192,23 @@ class Coordinator(ControlChanges, Persistence):
                 lambda: name not in self._reserved, timeout=self.limits.creation_wait_s
             ):
                 raise Unavailable(f"model {name!r} is still being created; retry shortly")
-            record = self._models.get(name)
+            record = self._models.get(self._resolve(name))
         if record is None:
             raise NotFound(f"unknown model {name!r}")
         if record.lost is not None and not lost_too:
             raise Unavailable(f"model {name!r} is down: {record.lost}")
         return record
+
+    def resolve(self, name: str) -> str:
+        """The model a name stands for: its own, or the promoted fork it now names."""
+        with self._lock:
+            return self._resolve(name)
+
+    def _resolve(self, name: str) -> str:  # under the lock
+        if name in self._models or name in self._reserved:
+            return name
+        models = self._models.values()
+        return next((r.name for r in models if name in r.entry.lineage.get("aliases", [])), name)
 
     def list_models(self) -> list[str]:
         with self._lock:
@@ -316,6 +330,7 @@ class Coordinator(ControlChanges, Persistence):
         does not bring it back) before the model leaves the catalogue. A store that cannot
         record it refuses the drop (UNAVAILABLE), and the model runs on."""
         with self._lock:
+            name = self._resolve(name)  # a promoted fork's alias drops the fork
             record = self._models.get(name)
             if record is None or record.dropping:
                 raise NotFound(f"unknown model {name!r}")

@@ -51,6 +51,7 @@ class Persistence:
     _models: dict[str, ModelRecord]
     get: Callable[..., ModelRecord]
     reserve: Callable[[str], None]
+    resolve: Callable[[str], str]
     release: Callable[[str], None]
     register: Callable[..., bool]
     _check_num_shards: Callable[[int], None]
@@ -120,12 +121,12 @@ class Persistence:
             "overrides": entry["overrides"], "optimizer": entry["optimizer"],
             "mode": entry["mode"], "run_id": entry["run_id"],
             "checkpoint_policy": entry["checkpoint_policy"], "num_shards": len(record.actors),
-            "service": entry["service"],
+            "service": entry["service"], "lineage": entry["lineage"],
         }  # fmt: skip
 
     def list_checkpoints(self, name: str) -> list[dict[str, Any]]:
         check_model_name(name)
-        return self._store().list(name)
+        return self._store().list(self.resolve(name))
 
     def restore(
         self,
@@ -143,6 +144,7 @@ class Persistence:
         `unless_current`: a running model that holds exactly the named checkpoint's state (no
         update since this run wrote it or was restored from it) is left as it is."""
         check_model_name(name)
+        name = self.resolve(name)  # a promoted fork's alias: the fork
         store = self._store()
         if unless_current and checkpoint is not None and replace is None:
             with self._lock:
@@ -215,6 +217,7 @@ class Persistence:
             num_shards, run_id=ckpt.run_id,
             replaces=current.entry.launch if current is not None else None,
         )  # fmt: skip
+        entry.lineage = dict(current.entry.lineage if current is not None else ckpt.lineage)
         configs = {g: parse_optimizer_config(c) for g, c in ckpt.group_configs.items()}
         record = self._start(entry, entry.layouts(), history, configs)
         store = self._store()

@@ -14,7 +14,7 @@ from optserve.common.config import (
     parse_optimizer_config,
     parse_schedule_config,
 )
-from optserve.common.errors import InvalidArgument, ResourceExhausted
+from optserve.common.errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from optserve.common.results import MigrationReport
 from optserve.server.coordinator.catalogue import GroupSpec, ModelRecord
 from optserve.server.coordinator.core import Coordinator
@@ -84,6 +84,10 @@ def model_info(
         schedule_json=record.schedule_json,
         mode_json=record.mode_json,
         initializing=record.initializing,
+        forked_from=record.entry.lineage.get("forked_from") or "",
+        fork_version=record.entry.lineage.get("fork_version") or 0,
+        fork_checkpoint=record.entry.lineage.get("fork_checkpoint") or "",
+        aliases=list(record.entry.lineage.get("aliases", [])),
     )
 
 
@@ -255,6 +259,35 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             unless_current=request.unless_current,
         )
         return model_info(record, self._coordinator.shard_info(record))
+
+    @unary_errors
+    def Fork(
+        self, request: coordinator_pb2.ForkRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ForkResponse:
+        principal = current_principal()  # a token limited to some models makes only those
+        if principal is not None and not principal.covers(request.new_name):
+            raise PermissionDenied(f"this token does not cover model {request.new_name!r}")
+        optimizer = (
+            parse_optimizer_config(request.optimizer_json) if request.optimizer_json else None
+        )
+        done = self._coordinator.fork(
+            request.model, request.new_name, request.at or "now", optimizer,
+            request.policy or "migrate", caller_of(context),
+        )  # fmt: skip
+        info = model_info(done.record, self._coordinator.shard_info(done.record))
+        report = done.report.model_dump_json(exclude={"version"}) if done.report else ""
+        return coordinator_pb2.ForkResponse(model=info, pause_s=done.pause_s, report_json=report)
+
+    @unary_errors
+    def Promote(
+        self, request: coordinator_pb2.PromoteRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.PromoteResponse:
+        done = self._coordinator.promote(request.model, request.keep_as, caller_of(context))
+        record = done["record"]
+        return coordinator_pb2.PromoteResponse(
+            model=model_info(record, self._coordinator.shard_info(record)), main=done["main"],
+            dropped=done["dropped"], kept_as=done["kept_as"],
+        )  # fmt: skip
 
 
 def caller_of(context: grpc.ServicerContext) -> str:

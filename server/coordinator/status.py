@@ -33,6 +33,12 @@ def model_status(
             # Why the model is down for good (a shard died or broke, and no checkpoint could bring
             # it back), or None.
             "lost": record.lost,
+            # A fork's lineage and the names that resolve to the model (docs/forks.md).
+            **{
+                k: record.entry.lineage.get(k)
+                for k in ("forked_from", "fork_version", "fork_checkpoint")
+            },  # fmt: skip
+            "aliases": list(record.entry.lineage.get("aliases", [])),
             "mode": record.mode.model_dump(mode="json"),
             "optimizer": record.optimizer.model_dump(mode="json"),
             "schedule": record.schedule.model_dump(mode="json"),

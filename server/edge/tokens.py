@@ -56,7 +56,7 @@ INTERNAL_METHODS = frozenset({"/optserve.v1.Shard/Sequence"})
 CONTROL_METHODS = frozenset(
     f"/optserve.v1.Coordinator/{name}"
     for name in ("ReportMetric", "SetOptimizer", "SetHyperparameters", "SetSchedule",
-                 "Checkpoint", "Restore", "CreateModel", "DropModel")
+                 "Checkpoint", "Restore", "CreateModel", "DropModel", "Fork", "Promote")
 )  # fmt: skip
 # Each reads the shard's whole slice: held under max_pulls_per_client.
 PULL_METHODS = frozenset({"/optserve.v1.Shard/Pull", "/optserve.v1.Shard/PushPull"})

@@ -116,6 +116,7 @@ class Checkpoint:
     run_id: str = "0"
     checkpoint_policy: dict[str, Any] = field(default_factory=dict)
     service: str = ""
+    lineage: dict[str, Any] = field(default_factory=dict)  # a fork's (ModelEntry.lineage)
     shards: list[ShardFile] = field(default_factory=list)
     # The first format's single file: {"tensors.safetensors": {"bytes", "sha256"}}.
     files: dict[str, Any] = field(default_factory=dict)
@@ -290,8 +291,7 @@ class Store:
 
     def clear_dropped(self, model: str) -> None:
         """Forget a drop: the model was restored since."""
-        path = posixpath.join(self._dir(model), DROPPED)
-        if self.fs.exists(path):
+        if self.fs.exists(path := posixpath.join(self._dir(model), DROPPED)):
             self.fs.rm(path)
             sync_directory(self.fs, self._dir(model))
 
