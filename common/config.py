@@ -58,6 +58,14 @@ class SGDConfig(_RuleConfig):
     weight_decay: NonNegative = Field(0.0, description="L2 penalty: g <- g + weight_decay*theta.")
     nesterov: bool = Field(False, description="Nesterov momentum (momentum > 0, dampening 0).")
     maximize: bool = False
+    delay: int = Field(
+        1,
+        ge=1,
+        description="Delayed Nesterov (Liu et al. 2024), the asynchronous local-SGD outer "
+        "optimizer: the momentum takes the mean of the gradients once every `delay` updates, "
+        "and in between each update moves by lr * g / delay. 1 is torch.optim.SGD exactly; "
+        "> 1 needs nesterov=true.",
+    )
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> SGDConfig:
@@ -65,6 +73,11 @@ class SGDConfig(_RuleConfig):
             raise ValueError(
                 "nesterov=true requires momentum > 0 and dampening = 0 "
                 f"(got momentum={self.momentum}, dampening={self.dampening})"
+            )
+        if self.delay > 1 and not self.nesterov:
+            raise ValueError(
+                f"delay={self.delay} is the Delayed Nesterov rule and requires nesterov=true "
+                "(with momentum > 0 and dampening = 0); delay=1 is plain torch SGD"
             )
         return self
 

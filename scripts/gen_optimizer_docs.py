@@ -102,6 +102,7 @@ RULE_MEANINGS: dict[str, dict[str, str]] = {
         "dampening": "τ ≥ 0; damps the gradient from the second update on",
         "weight_decay": "λ ≥ 0, L2: g ← g + λθ",
         "nesterov": "Nesterov momentum; needs momentum > 0 and dampening 0",
+        "delay": "N, integer ≥ 1; > 1: Delayed Nesterov (needs `nesterov`); 1: torch's SGD",
         "lookahead": "wrap the rule in Lookahead (see `lookahead`)",
     },
     "adagrad": {
@@ -207,7 +208,11 @@ COMMON_STATE_NOTES = {
     "counter": "c",
 }
 STATE_NOTES: dict[str, dict[str, str]] = {
-    "sgd": {"momentum_buffer": "B, made by the first update"},
+    "sgd": {
+        "momentum_buffer": "B, made by the first update; with `delay` > 1, m, zero at first",
+        "delay_buffer": "Δ, the open window's sum of g",
+        "delay_counter": "c, the pushes in the open window",
+    },
     "adagrad": {"step": "t; read only by lr_decay"},
     "rmsprop": {"momentum_buffer": "Bn", "step": "t; counted, not used"},
     "adadelta": {"step": "t; counted, not used"},
@@ -220,6 +225,7 @@ STATE_NOTES: dict[str, dict[str, str]] = {
 MIGRATION_CONFIGS: dict[str, dict[str, Any]] = {
     "sgd": {"name": "sgd"},
     "sgd-m": {"name": "sgd", "momentum": 0.9},
+    "sgd-dn": {"name": "sgd", "momentum": 0.9, "nesterov": True, "delay": 4},
     "adagrad": {"name": "adagrad"},
     "rmsprop": {"name": "rmsprop"},
     "rmsprop-cm": {"name": "rmsprop", "momentum": 0.9, "centered": True},
@@ -413,6 +419,8 @@ def switches(name: str) -> list[tuple[str, dict[str, Any]]]:
             out.append((f"`{field}`", {field: True}))
         elif field == "momentum":
             out.append(("`momentum` > 0", {field: 0.9}))
+        elif field == "delay":  # Delayed Nesterov, which needs Nesterov momentum
+            out.append(("`delay` > 1", {field: 4, "momentum": 0.9, "nesterov": True}))
     return out
 
 
@@ -435,6 +443,7 @@ def state_line(name: str) -> str:
             more = set(state_keys(json.dumps({"name": name, **change}))) - base
         except InvalidArgument:  # e.g. nesterov alone, which needs momentum
             continue
+        more -= held  # a switch that needs another (delay needs momentum) adds its own keys
         if more:
             extras.append(f"{noted(name, more)} with {condition}")
             held |= more

@@ -52,6 +52,8 @@ def fused_available(rule: ElementwiseRule, device: torch.device) -> bool:
     the engine runs the slow-weight sync itself)."""
     if rule.config.name not in _FUSED_RULES:
         return False
+    if getattr(rule.config, "delay", 1) > 1:
+        return False  # Delayed Nesterov (sgd with delay > 1): torch's fused SGD cannot run it
     if rule.config.name == "adagrad" and device.type != "cpu":
         return False  # torch's fused Adagrad is documented for CPU; CUDA support is unverified
     from torch.optim.optimizer import _get_fused_kernels_supported_devices

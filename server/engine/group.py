@@ -93,6 +93,12 @@ class FasterOf:
         self.current = name
 
 
+def _kernel_family(config: RuleConfig) -> tuple[str, bool, bool]:
+    """Configs that step with the same kernels: the rule, with Lookahead or not, and (sgd)
+    Delayed Nesterov or not."""
+    return config.name, config.lookahead is None, getattr(config, "delay", 1) > 1
+
+
 class GroupEngine:
     def __init__(
         self,
@@ -284,9 +290,7 @@ class GroupEngine:
         new_state, report = migrate(old_rule, old_state, new_rule, self.weights, policy)
         # The same rule (a new lr, say) keeps the kernel it stepped with: the same bits as the
         # run that wrote a restored checkpoint; a new rule's kernel is chosen afresh.
-        same = config.name == self.config.name and (config.lookahead is None) == (
-            self.config.lookahead is None
-        )
+        same = _kernel_family(config) == _kernel_family(self.config)
         self._set_rule(config, self.kernel_record if same else None)
         self.state = new_state
         return report

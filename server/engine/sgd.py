@@ -8,6 +8,9 @@
 
 State: `momentum_buffer` (only when momentum != 0, created by the first step). torch rescales
 the whole accumulated history when gamma changes, since B is kept in gradient units.
+
+`delay` > 1 is Delayed Nesterov, the asynchronous local-SGD outer optimizer: another update with
+the same B (engine/delayed_nesterov.py); `delay` = 1, the default, is the rule above.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from optserve.common.config import SGDConfig
 from optserve.server.engine import ops
-from optserve.server.engine.base import ElementwiseRule, State
+from optserve.server.engine.base import ElementwiseRule, ScalarsT, State
 from optserve.server.engine.estimates import Estimates, MigrationReport
 
 
@@ -38,15 +41,11 @@ def _scale(config: SGDConfig) -> tuple[float, float]:
     return config.momentum, config.dampening
 
 
-class SGD(ElementwiseRule[SGDConfig, SGDScalars]):
+class SGDFamily(ElementwiseRule[SGDConfig, ScalarsT]):
+    """What every `sgd` config shares: the momentum buffer B, its meaning and its migration
+    (SGD here; Delayed Nesterov, `delay` > 1, in engine/delayed_nesterov.py)."""
+
     name = "sgd"
-    step_flags = ("first",)
-
-    def init_state(self, weights: torch.Tensor) -> State:
-        return {}
-
-    def lazy_keys(self) -> tuple[str, ...]:
-        return ("momentum_buffer",) if self.config.momentum != 0 else ()
 
     def estimates(self, state: State) -> Estimates:
         cfg = self.config
@@ -90,6 +89,16 @@ class SGD(ElementwiseRule[SGDConfig, SGDScalars]):
             why = "B (1 - tau_new)(1 - mu_old) / ((1 - tau_old)(1 - mu_new))"
             report.set("momentum_buffer", "converted", why)
         new["momentum_buffer"] = buf
+
+
+class SGD(SGDFamily[SGDScalars]):
+    step_flags = ("first",)
+
+    def init_state(self, weights: torch.Tensor) -> State:
+        return {}
+
+    def lazy_keys(self) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self.config.momentum != 0 else ()
 
     def prepare(self, state: State, lr: float, weights: torch.Tensor) -> SGDScalars:
         cfg = self.config

@@ -29,6 +29,43 @@ class PaperLookahead:
                 p.copy_(slow)
 
 
+class PaperDelayedNesterov:
+    """Delayed Nesterov as Liu, Douillard et al. 2024 write it (arXiv 2401.09135, Algorithm 3,
+    momentum activation c = 0), per parameter tensor, with torch SGD's L2 decay and maximize in
+    front. Hand-written from the paper; the engine's `sgd` with `delay` > 1 must match it.
+
+        Delta <- Delta + g_t
+        if t mod N == 0:  m <- beta m + Delta / N;  theta <- theta - eps (g_t / N + beta m);
+                          Delta <- 0
+        else:             theta <- theta - eps g_t / N
+    """
+
+    def __init__(self, params, lr, momentum, delay, weight_decay=0.0, maximize=False, **rest):
+        assert rest.get("nesterov", True) and not rest.get("dampening", 0.0), rest
+        self.params = list(params)
+        self.param_groups = [{"params": self.params, "lr": lr}]
+        self.beta, self.n = momentum, delay
+        self.weight_decay, self.maximize = weight_decay, maximize
+        self.t = 0
+        self.m = [torch.zeros_like(p) for p in self.params]  # the paper's m_0 = 0
+        self.delta = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        lr = self.param_groups[0]["lr"]
+        for p, m, delta in zip(self.params, self.m, self.delta, strict=True):
+            g = -p.grad if self.maximize else p.grad
+            g = g + self.weight_decay * p
+            delta += g
+            if self.t % self.n == 0:
+                m.copy_(self.beta * m + delta / self.n)
+                p -= lr * (g / self.n + self.beta * m)
+                delta.zero_()
+            else:
+                p -= lr * (g / self.n)
+
+
 def _adabound(params, **kwargs):
     import adabound
 
@@ -41,6 +78,12 @@ def torch_oracle(config: dict, params: list[torch.nn.Parameter]):
     if "betas" in cfg:
         cfg["betas"] = tuple(cfg["betas"])
     name = config["name"]
+    if name == "sgd" and cfg.pop("delay", 1) > 1:
+        opt = PaperDelayedNesterov(params, delay=config["delay"], **cfg)
+        if config.get("lookahead"):
+            la = {"k": 5, "alpha": 0.5, **config["lookahead"]}
+            return PaperLookahead(opt, la["k"], la["alpha"])  # type: ignore[arg-type]
+        return opt
     if name == "ranger":
         use_gc = cfg.pop("use_gc", False)
         cfg.pop("gc_conv_only", None)

@@ -41,7 +41,11 @@ def compile_small(monkeypatch):
 
 def test_the_rules_without_a_fused_kernel_take_the_compiled_path():
     names = {parse_optimizer_config(CASES[key]).name for key in COMPILED_CASES}
-    assert names == {"rmsprop", "adadelta", "adabound"}  # RAdam, Ranger: fused Adam's kernel
+    # RAdam, Ranger: fused Adam's kernel; sgd: Delayed Nesterov (delay > 1), which torch's
+    # fused SGD cannot run
+    assert names == {"rmsprop", "adadelta", "adabound", "sgd"}
+    delayed = {key for key in COMPILED_CASES if CASES[key]["name"] == "sgd"}
+    assert all(CASES[key].get("delay", 1) > 1 for key in delayed)
 
 
 @pytest.mark.parametrize("case", COMPILED_CASES)

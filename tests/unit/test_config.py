@@ -36,6 +36,7 @@ def test_canonical_json_round_trips_with_defaults_filled_in():
         "lookahead": None,
         "weight_decay": 0.0,
         "maximize": False,
+        "delay": 1,
     }
     assert parse_optimizer_config(data) == config
 

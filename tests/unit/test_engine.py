@@ -22,6 +22,15 @@ BASE = {
     "momentum": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
     "nesterov": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True},
     "dampened": {"name": "sgd", "lr": 0.02, "momentum": 0.5, "dampening": 0.3, "maximize": True},
+    # Delayed Nesterov (engine/delayed_nesterov.py) against the paper's Algorithm 3
+    "delayed-nesterov": {
+        "name": "sgd",
+        "lr": 0.1,
+        "momentum": 0.8,
+        "nesterov": True,
+        "delay": 3,
+        "maximize": True,
+    },
     "adagrad": {"name": "adagrad", "lr": 0.05, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
     "rmsprop": {"name": "rmsprop", "lr": 0.01},
     "rmsprop-centered-momentum": {
@@ -198,8 +207,8 @@ def test_defaults_are_the_oracles(name):
               "radam": torch.optim.RAdam}[name]  # fmt: skip
     signature = inspect.signature(oracle.__init__).parameters
     for field, info in RULE_CONFIGS[name].model_fields.items():
-        if field in ("name", "lookahead"):
-            continue
+        if field in ("name", "lookahead") or (name, field) == ("sgd", "delay"):
+            continue  # ours: Lookahead, and Delayed Nesterov (whose default 1 is torch's SGD)
         assert field in signature, f"{field} is not an argument of {oracle.__name__}"
         default = signature[field].default
         assert info.default == (tuple(default) if isinstance(default, tuple) else default), field

@@ -135,6 +135,7 @@ RULES = {
     "sgd": {"name": "sgd", "lr": 0.01},
     "momentum": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
     "nesterov": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True},
+    "delayed-nesterov": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True, "delay": 4},
     "adagrad": {"name": "adagrad", "lr": 0.01},
     "rmsprop": {"name": "rmsprop", "lr": 0.001},
     "rmsprop-centered-momentum": {
