@@ -4,6 +4,7 @@ A fork starts as a copy of its parent at one version (`fork_version`), metrics h
 included, and then goes its own way. The pure functions here (no plotting, no server) say what
 to draw and what to print:
 
+* `read_branch(client, name)`: a model's status with its lineage, what the others read;
 * `branches(statuses)`: each branch's own reports, per metric, over model versions; a fork's
   inherited history (the entries it shares with its parent) is left out, so each line shows
   what that branch itself did;
@@ -30,6 +31,9 @@ from typing import Any
 SLOPE_PER = 100
 # How many of a metric's newest reports on a branch its slope is fitted to.
 DEFAULT_WINDOW = 20
+
+# A metric whose positive values span more than this factor is drawn on a log scale.
+LOG_SPAN = 20.0
 
 Points = list[tuple[float, float]]
 
@@ -72,6 +76,17 @@ def lineage(status: Mapping[str, Any]) -> tuple[str | None, int | None]:
     parent = status.get("forked_from") or None
     at = status.get("fork_version")
     return (str(parent), int(at) if at is not None else None) if parent else (None, None)
+
+
+def read_branch(client: Any, name: str, history: int = 10_000) -> dict[str, Any]:
+    """`client.status(name, history)` as a dict, with the model's lineage (`forked_from`,
+    `fork_version`, from `describe_model`) where the status answer does not carry it."""
+    status = client.status(name, history=history).to_dict()
+    if "forked_from" not in status:
+        info = client.describe_model(name)
+        status["forked_from"] = getattr(info, "forked_from", "") or None
+        status["fork_version"] = getattr(info, "fork_version", None)
+    return status
 
 
 def _key(entry: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -173,6 +188,12 @@ def drawn_series(found: Sequence[Branch]) -> dict[str, dict[str, Points]]:
     return drawn
 
 
+def wide(values: Sequence[float]) -> bool:
+    """Whether a metric spans more than `LOG_SPAN`x, all positive: drawn on a log scale, so an
+    early loss of 2 does not flatten the branches' differences at 0.05 after the fork."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) > LOG_SPAN
+
+
 def format_slope(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:+.4g}"
 
@@ -209,6 +230,7 @@ def plot_compare(
     metrics = sorted(drawn) or ["(no metrics reported)"]
     colours = {b.name: f"C{i % 10}" for i, b in enumerate(found)}
     labels = {b.name: b.label for b in found}
+    logged: list[str] = []  # metrics drawn on a log scale
     fig, axes = plt.subplots(len(metrics), 1, figsize=(10, 2.2 + 2.6 * len(metrics)),
                              sharex=True, squeeze=False)  # fmt: skip
     try:
@@ -216,6 +238,10 @@ def plot_compare(
             for name, points in drawn.get(metric, {}).items():
                 ax.plot([p[0] for p in points], [p[1] for p in points], color=colours[name],
                         label=labels[name], marker="." if len(points) < 50 else None)  # fmt: skip
+            values = [y for points in drawn.get(metric, {}).values() for _, y in points]
+            if wide(values):
+                ax.set_yscale("log")
+                logged.append(metric)
             if metric not in drawn:
                 ax.text(0.5, 0.5, "no data reported", ha="center", va="center",
                         transform=ax.transAxes, color="grey")  # fmt: skip
@@ -240,6 +266,7 @@ def plot_compare(
             ],
             "metrics": {m: {n: len(p) for n, p in lines.items()} for m, lines in drawn.items()},
             "markers": [{"x": x, "label": label} for x, label in markers],
+            "log_scale": logged,
         }  # fmt: skip
         fig.savefig(path, format="png", dpi=100, metadata={"optserve": json.dumps(summary)})
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from optserve.server.cli.common import command, connect, positive, table
 
@@ -60,41 +61,32 @@ def _window(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from optserve.client.compare import branches, compare_rows, lineage, plot_compare, table_rows
+    from optserve.client import compare as c
 
     names = [n for n in (args.target, *args.forks) if n]
     model = args.model or (names.pop(0) if names else None)
     if model is None:
         raise SystemExit("optserve compare: name the model (optserve compare MODEL [FORK ...])")
     with connect(args) as client:
+        statuses = [c.read_branch(client, model, args.history)]  # NOT_FOUND before a search
         forks = names or find_forks(client, model)
-        statuses = [read_branch(client, name, args.history) for name in (model, *forks)]
+        statuses += [c.read_branch(client, name, args.history) for name in forks]
     for status in statuses[1:]:
-        if lineage(status)[0] is None:
-            print(f"optserve compare: note: {status['model']} is no fork; drawn from its start")
+        if c.lineage(status)[0] is None:
+            note = f"optserve compare: note: {status['model']} is no fork; drawn from its start"
+            print(note, file=sys.stderr)
     out = args.out or f"{model}-compare.png"
-    summary = plot_compare(statuses, out)
-    rows = compare_rows(branches(statuses), args.window)
+    summary = c.plot_compare(statuses, out)
+    rows = c.compare_rows(c.branches(statuses), args.window)
     if args.json:
         print(json.dumps({"plot": out, "rows": [r.to_dict() for r in rows], **summary}, indent=2))
         return 0
     if len(statuses) == 1:
         print(f"optserve compare: {model} has no forks; drawing it alone")
-    print(table(*table_rows(rows)) if rows else "no metrics reported yet")
+    print(table(*c.table_rows(rows)) if rows else "no metrics reported yet")
     marks = ", ".join(m["label"] for m in summary["markers"]) or "no fork point"
     print(f"wrote {out}: {len(statuses)} branch(es), {len(summary['metrics'])} metric(s); {marks}")
     return 0
-
-
-def read_branch(client, name: str, history: int) -> dict:
-    """A model's status (its `history` newest metrics) with its lineage (from DescribeModel:
-    `forked_from`, `fork_version`) when the status answer does not carry it."""
-    status = client.status(name, history=history).to_dict()
-    if "forked_from" not in status:
-        info = client.describe_model(name)
-        status["forked_from"] = getattr(info, "forked_from", "") or None
-        status["fork_version"] = getattr(info, "fork_version", None)
-    return status
 
 
 def find_forks(client, model: str) -> list[str]:

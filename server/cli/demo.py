@@ -8,6 +8,8 @@ EXAMPLES_DEMO = """examples:
   optserve demo                       # two trainers on digits, about 20 seconds
   optserve demo --short               # fewer epochs, for a quick check
   optserve demo --optimizer '{"name": "sgd", "lr": 0.05, "momentum": 0.9}'
+  optserve demo --fork                # fork halfway: Adam on one branch, SGD on the other,
+                                      # compare, promote the better, plot both
 """
 
 
@@ -31,11 +33,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--swap-to",
         default='{"name": "sgd", "lr": 0.05, "momentum": 0.9}',
-        help="optimizer config JSON to swap to mid-run (migrating the state); '' to not swap",
+        help="optimizer config JSON to swap to mid-run (migrating the state); '' to not swap; "
+        "with --fork: the fork's optimizer",
     )
     demo.add_argument(
-        "--swap-at", type=float, default=0.5, help="fraction of the run at which to swap"
-    )
+        "--swap-at", type=float, default=0.5,
+        help="fraction of the run at which to swap (with --fork: to fork, in whole epochs)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--fork", action="store_true",
+        help="fork the run at --swap-at instead of swapping: the main line keeps --optimizer, "
+        "the fork gets --swap-to, half the trainers go to each; then compare the two, promote "
+        "the better (held-out accuracy) and plot both (out-dir/digits-mlp-compare.png)",
+    )  # fmt: skip
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
         "--out-dir",
@@ -47,6 +57,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.fork:
+        from optserve.server.demo.fork import run_fork
+
+        return run_fork(args)
     from optserve.server.demo.run import run
 
     return run(args)

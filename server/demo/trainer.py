@@ -4,6 +4,11 @@ The digits data set (1,797 8x8 images, 10 classes) ships inside scikit-learn, so
 downloaded. Each trainer takes every `world_size`-th training example, computes gradients
 locally and lets a `RemoteOptimizer` apply them on the server.
 
+With ``--fork NAME --fork-after-epochs K`` (``optserve demo --fork``), each trainer waits
+after K epochs until the demo has forked the model as NAME; then the odd ranks move to the fork
+(`RemoteOptimizer.switch_model`) and the even ones stay, so half the trainers go on each
+branch. The lowest rank on each branch reports its held-out metrics.
+
 Run by the demo as ``python -m optserve.server.demo.trainer --address HOST:PORT --rank R ...``.
 """
 
@@ -17,9 +22,12 @@ import time
 import torch
 from torch import nn
 
-from optserve.client import RemoteOptimizer
+from optserve.client import NotFound, ParameterServerClient, RemoteOptimizer
 
 TEST_FRACTION = 0.2
+# How long a trainer waits for the demo's fork before it gives up (the demo forks as soon as
+# every trainer has made its first-half pushes: about a second).
+FORK_WAIT_S = 120.0
 
 
 def load_digits_split(
@@ -51,6 +59,21 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(dim=1) == y).float().mean())
 
 
+def wait_for_model(address: str, model: str, timeout_s: float = FORK_WAIT_S) -> None:
+    """Return once `model` exists on the server (the demo's fork); SystemExit after
+    `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    with ParameterServerClient(address) as client:
+        while True:
+            try:
+                client.describe_model(model)
+                return
+            except NotFound:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{model} did not appear within {timeout_s:.0f}s") from None
+                time.sleep(0.1)
+
+
 def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     x_train, y_train, _, _ = load_digits_split(args.seed)
@@ -69,7 +92,15 @@ def train(args: argparse.Namespace) -> None:
     # in its validation panel, and what a plateau schedule would read).
     _, _, x_val, y_val = load_digits_split(args.seed)
     start = time.perf_counter()
+    reports_val = args.rank == 0
     for epoch in range(1, args.epochs + 1):
+        if args.fork and epoch == args.fork_after_epochs + 1:
+            wait_for_model(args.address, args.fork)
+            if args.rank % 2 == 1:
+                opt.switch_model(args.fork)
+                reports_val = args.rank == 1
+            print(f"on {args.fork if args.rank % 2 else args.model} from model version "
+                  f"{opt.version}", flush=True)  # fmt: skip
         order = torch.randperm(len(y), generator=generator)
         total, batches, window = 0.0, 0, []
         for i in range(0, len(y), args.batch_size):
@@ -84,7 +115,7 @@ def train(args: argparse.Namespace) -> None:
             if args.report_every and len(window) == args.report_every:
                 opt.report_metric("loss", sum(window) / len(window), step=opt.version)
                 window = []
-        if args.rank == 0 and args.report_every:
+        if reports_val and args.report_every:
             with torch.no_grad():
                 val_loss = float(loss_fn(net(x_val), y_val))
             opt.report_metric("val_loss", val_loss, step=opt.version)
@@ -112,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         "--report-every", type=int, default=10,
         help="report the mean training loss every N batches (0: report no metrics)",
     )  # fmt: skip
+    parser.add_argument("--fork", default=None, help="the fork the odd ranks move to")
+    parser.add_argument(
+        "--fork-after-epochs", type=int, default=0, help="epochs before moving to --fork"
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.rank < args.world_size:
         parser.error(f"--rank must be in [0, {args.world_size}), got {args.rank}")

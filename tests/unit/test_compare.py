@@ -147,6 +147,10 @@ def test_the_png_records_what_it_drew(tmp_path):
     assert summary["metrics"] == {"loss": {"main": 6, "main-sgd": 4}, "val_accuracy": {"main": 2}}
     assert summary["markers"] == [{"x": 30.0, "label": "fork main-sgd at 30"}]
     assert [b["name"] for b in summary["branches"]] == ["main", "main-sgd"]
+    assert summary["log_scale"] == []  # loss spans 0.2 to 0.9: linear
+    wide = plot_compare([status("w", 3, [metric("loss", 2.0, 1), metric("loss", 0.01, 2)])],
+                        str(tmp_path / "wide.png"))  # fmt: skip
+    assert wide["log_scale"] == ["loss"]
     # A model with nothing reported still gets a (mostly empty) plot.
     empty = plot_compare([status("quiet", 0, [])], str(tmp_path / "quiet.png"))
     assert empty["metrics"] == {} and empty["markers"] == []
