@@ -30,6 +30,8 @@ from optserve.server.engine.group import GroupEngine
 
 RULES = {
     "sgd-momentum": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+    # Delayed Nesterov (async local SGD's outer rule): no torch counterpart, no fused kernel
+    "sgd-delayed": {"name": "sgd", "lr": 0.7, "momentum": 0.9, "nesterov": True, "delay": 4},
     "adagrad": {"name": "adagrad"},
     "rmsprop": {"name": "rmsprop"},
     "adadelta": {"name": "adadelta"},
