@@ -64,6 +64,6 @@ def _promote(args: argparse.Namespace) -> int:
         info = client.promote(args.fork, keep_as=args.keep_as)
     parent = info.forked_from
     then = f"kept as {args.keep_as}" if args.keep_as else "dropped"
-    print(f"promoted {info.name}: {', '.join(info.aliases)} now name it; the run {parent} "
+    print(f"promoted {info.name}: {', '.join(info.aliases)} now resolve to it; the run {parent} "
           f"had is {then}")  # fmt: skip
     return 0

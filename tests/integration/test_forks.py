@@ -15,6 +15,7 @@ from optserve.common.errors import (
     InvalidArgument,
     NotFound,
 )
+from optserve.server.store.manifest import Store
 from tests.integration.test_checkpoints import full_state
 from tests.integration.test_readme import ADDRESS, BLOCK, ROOT
 
@@ -86,36 +87,26 @@ def test_a_fork_is_the_model_at_one_version_then_goes_its_own_way(service, clien
         assert model_name in client.list_models() and fork in client.list_models()
 
 
-def test_a_fork_with_another_optimizer(service, client, model_name):
+def test_a_fork_from_a_checkpoint_with_another_optimizer_by_the_cli(service, client, model_name):
     fork = f"{model_name}-sgd"
-    client.create_model(model_name, weights(), ADAM)
-    with dropped(client, fork):
-        client.push(model_name, grads(0))
-        info = client.fork(model_name, fork, optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9})
-        assert (
-            info.optimizer.name == "sgd"
-            and client.describe_model(model_name).optimizer.name == "adam"
-        )
-        assert client.pull(fork)[0]["bias"].equal(client.pull(model_name)[0]["bias"])
-        audit = [a.action for a in client.status(fork).audit]
-        assert audit.index("fork") < audit.index("set_optimizer")
-        reset = f"{model_name}-reset"
-        with dropped(client, reset):
-            client.fork(model_name, reset, optimizer={"name": "adam", "lr": 0.5}, policy="reset")
-            assert client.status(reset).groups["default"].state.get("step", 0) == 0
-
-
-def test_a_fork_from_a_checkpoint_and_through_a_restore(service, client, model_name):
-    fork = f"{model_name}-old"
     client.create_model(model_name, weights(), ADAM)
     with dropped(client, fork):
         client.push(model_name, grads(0))
         first = client.checkpoint(model_name)
         at_one, _ = client.pull(model_name)
         client.push(model_name, grads(1))
-        info = client.fork(model_name, fork, at=f"checkpoint:{first.name}")
-        assert (info.fork_version, info.fork_checkpoint) == (1, first.name)
+        said = cli("fork", "--address", service.address, "--model", model_name, fork,
+                   "--at", f"checkpoint:{first.name}", "--optimizer",
+                   '{"name": "sgd", "lr": 0.1, "momentum": 0.9}')  # fmt: skip
+        assert said == (f"forked {model_name} at version 1 (checkpoint {first.name}) as {fork}: "
+                        "sgd on 1 shard(s)")  # fmt: skip
+        info = client.describe_model(fork)
+        assert (info.fork_version, info.fork_checkpoint, info.version) == (1, first.name, 1)
+        assert info.optimizer.name == "sgd"
+        assert client.describe_model(model_name).optimizer.name == "adam"
         assert all(torch.equal(at_one[k], v) for k, v in client.pull(fork)[0].items())
+        audit = [a.action for a in client.status(fork).audit]
+        assert audit.index("fork") < audit.index("set_optimizer")
         # The fork is a model like any other: it checkpoints and restores, lineage and all.
         client.push(fork, grads(5))
         taken = client.checkpoint(fork)
@@ -124,6 +115,19 @@ def test_a_fork_from_a_checkpoint_and_through_a_restore(service, client, model_n
         assert restored.version == 2 and restored.forked_from == model_name
         assert client.status(fork).fork_checkpoint == first.name
         assert len(client.list_checkpoints(fork)) >= 2  # its first: the copy it started from
+
+
+def cli(*argv):
+    """Run an `optserve` command in this process; return what it printed."""
+    import io
+    from contextlib import redirect_stdout
+
+    from optserve.server.cli import main
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(list(argv)) == 0
+    return out.getvalue().strip()
 
 
 def test_fork_refuses_bad_input_and_changes_nothing(service, client, model_name):
@@ -145,7 +149,9 @@ def test_fork_refuses_bad_input_and_changes_nothing(service, client, model_name)
     assert [a.action for a in client.status(model_name).audit] == []
 
 
-def test_trainers_switch_branches_and_a_promoted_fork_takes_the_name(service, client, model_name):
+def test_trainers_switch_branches_and_a_promoted_fork_takes_the_name(
+    service, client, model_name, checkpoint_dir
+):
     fork, kept = f"{model_name}-b", f"{model_name}-was-main"
     model = torch.nn.Linear(3, 2)
     trainer = RemoteOptimizer(model.named_parameters(), model=model_name, address=service.address,
@@ -165,8 +171,10 @@ def test_trainers_switch_branches_and_a_promoted_fork_takes_the_name(service, cl
         other.pull(model_name)
         with pytest.raises(AlreadyExists):
             client.promote(fork, keep_as=fork)
-        info = client.promote(fork, keep_as=kept)
-        assert model_name in info.aliases
+        said = cli("promote", "--address", service.address, fork, "--keep-as", kept)
+        assert said == (f"promoted {fork}: {model_name} now resolve to it; the run "
+                        f"{model_name} had is kept as {kept}")  # fmt: skip
+        assert model_name in client.describe_model(fork).aliases
         assert client.describe_model(model_name).name == fork
         assert client.status(model_name).model == fork
         assert model_name not in client.list_models() and kept in client.list_models()
@@ -186,9 +194,9 @@ def test_trainers_switch_branches_and_a_promoted_fork_takes_the_name(service, cl
             client.create_model(model_name, weights(), ADAM)
         with pytest.raises(FailedPrecondition):
             client.promote(fork)
-        # Restored under its own name, the fork keeps its aliases (checkpointed at promotion).
-        client.restore(fork)
-        assert client.describe_model(model_name).name == fork
+        # The checkpoint taken at the promotion holds the aliases: a restore brings them back.
+        newest = Store(checkpoint_dir).read(fork)
+        assert newest.lineage["aliases"] == [model_name] and newest.version == 3
 
 
 def python_blocks(path):
@@ -206,9 +214,11 @@ def test_the_docs_examples_run_as_written(service, client, path, section, capsys
     try:
         exec(compile(code, path, "exec"), {"__name__": "__main__"})
     finally:
-        for model in ("forks-demo", "forks-demo-adam", "forks-demo-sgd", "my-net", "my-net-sgd"):
+        for model in ("forks-demo", "forks-demo-sgd", "my-net", "my-net-sgd"):
             with contextlib.suppress(NotFound):
                 client.drop_model(model)
     said = capsys.readouterr().out
     if path == "docs/forks.md":
         assert said.splitlines() == ["forks-demo 20 sgd", "forks-demo-sgd", "['forks-demo']"]
+    else:
+        assert said.splitlines() == ["my-net 1", "my-net-sgd"]
