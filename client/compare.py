@@ -95,12 +95,15 @@ def _key(entry: Mapping[str, Any]) -> tuple[Any, ...]:
 
 def branches(statuses: Sequence[Mapping[str, Any]]) -> list[Branch]:
     """The branches of `status(model, history=...)` answers, in the order given (the model
-    first). A fork's entries that its parent (when compared too) also holds were copied by the
-    fork and are not its own; without the parent, its entries before the fork point are."""
+    first). The first is drawn whole (a fork compared as the model, a promoted one say, keeps
+    the history it copied). Each other fork's entries that its parent (when compared too) also
+    holds were copied by the fork and are not its own; without the parent, its entries before
+    the fork point are."""
     by_name = {str(s["model"]): s for s in statuses}
     out = []
-    for status in statuses:
+    for index, status in enumerate(statuses):
         parent, at = lineage(status)
+        own_only = index > 0 and parent is not None
         inherited: set[tuple[Any, ...]] = set()
         if parent in by_name:
             inherited = {_key(e) for e in by_name[parent].get("metrics", [])}
@@ -109,7 +112,7 @@ def branches(statuses: Sequence[Mapping[str, Any]]) -> list[Branch]:
             str((status.get("optimizer") or {}).get("name", "?")), parent, at,
         )  # fmt: skip
         for entry in status.get("metrics", []):
-            if parent is not None and (
+            if own_only and (
                 _key(entry) in inherited or (at is not None and entry["version"] < at)
             ):
                 continue

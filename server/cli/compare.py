@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("optserve compare: name the model (optserve compare MODEL [FORK ...])")
     with connect(args) as client:
         statuses = [c.read_branch(client, model, args.history)]  # NOT_FOUND before a search
-        forks = names or find_forks(client, model)
+        # A promoted fork answers to its parent's name: its own forks name it by its own.
+        real = str(statuses[0]["model"])
+        forks = [n for n in names or find_forks(client, {model, real}) if n != real]
         statuses += [c.read_branch(client, name, args.history) for name in forks]
     for status in statuses[1:]:
         if c.lineage(status)[0] is None:
@@ -89,18 +91,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def find_forks(client, model: str) -> list[str]:
-    """Every model the caller can see whose lineage says it was forked from `model`."""
+def find_forks(client, parents: set[str]) -> list[str]:
+    """Every model the caller can see whose lineage says it was forked from one of `parents`
+    (a model's names)."""
     from optserve.common.errors import OptserveError
 
     found = []
     for name in sorted(client.list_models()):
-        if name == model:
+        if name in parents:
             continue
         try:
             parent = getattr(client.describe_model(name), "forked_from", "")
         except OptserveError:  # dropped meanwhile, not ours to read, or down: not a fork we see
             continue
-        if parent == model:
+        if parent in parents:
             found.append(name)
     return found

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from unittest import mock
@@ -106,7 +105,9 @@ def test_compare_finds_the_forks_plots_them_and_tables_each_branch(
     assert code == 2 and "NOT_FOUND" in err and not (tmp_path / "x").exists()
 
 
-def test_the_fork_demo_promotes_the_fork_when_it_is_the_better(client, model_name):
+def test_the_fork_demo_promotes_the_fork_when_it_is_the_better(
+    service, client, model_name, tmp_path
+):
     """`optserve demo --fork`'s last step, on a fork that learned and a main line that did not:
     the fork is promoted, the main line's name serves its weights, the old run is kept."""
     net = build_model(0)
@@ -119,8 +120,10 @@ def test_the_fork_demo_promotes_the_fork_when_it_is_the_better(client, model_nam
         for _ in range(15):  # full-batch steps on the fork only
             net.load_state_dict(client.pull(fork)[0])
             net.zero_grad()
-            torch.nn.functional.cross_entropy(net(x), y).backward()
-            client.push(fork, {n: p.grad for n, p in net.named_parameters()})
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            version = client.push(fork, {n: p.grad for n, p in net.named_parameters()})
+            client.report_metric(fork, "loss", loss.item(), step=version)
         settled = settle(client, model_name, fork, seed=0)
         scores = settled.scores
         assert scores[fork]["accuracy"] > scores[model_name]["accuracy"] + 0.3, scores
@@ -128,6 +131,10 @@ def test_the_fork_demo_promotes_the_fork_when_it_is_the_better(client, model_nam
         assert settled.main_line == {k: scores[fork][k] for k in ("accuracy", "loss")}
         assert held_out(client.pull(kept)[0], 0)["accuracy"] == scores[model_name]["accuracy"]
         assert scores[fork]["optimizer"]["name"] == "sgd"
+        # Compared under the main line's name, the promoted fork is drawn whole, once.
+        said = optserve(service, "compare", model_name, "--out", str(tmp_path / "p.png"))
+        assert [line.split()[0] for line in said.stdout.splitlines()[2:-1]] == [fork]
+        assert f"fork {fork} at 0" in said.stdout
 
 
 def docs_blocks() -> list[tuple[str, str]]:
@@ -137,21 +144,24 @@ def docs_blocks() -> list[tuple[str, str]]:
     return re.findall(r"^```(\w*)\n(.*?)^```", section, re.M | re.S)
 
 
-def test_the_docs_example_runs_as_written(service, client, tmp_path):
+def test_the_docs_example_runs_as_written(service, client, tmp_path, monkeypatch):
+    """docs/compare.md's Python example (in this process: a new one would import torch again),
+    then its CLI line."""
     (lang, code), (lang_cli, cli) = docs_blocks()
     assert (lang, lang_cli) == ("python", "bash")
-    env = {**os.environ, "OPTSERVE_ADDRESS": service.address, "OMP_NUM_THREADS": "1"}
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
     with dropped(client, "cmp-net", "cmp-net-sgd"):
-        code = code.replace("127.0.0.1:50051", service.address)
-        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "forked at version 30" in result.stdout
-        said = dict(re.findall(r"^(cmp-net\S*) loss latest (\S+)", result.stdout, re.M))
+        with redirect_stdout(out):
+            exec(compile(code.replace("127.0.0.1:50051", service.address), "compare.md", "exec"),
+                 {"__name__": "__main__"})  # fmt: skip
+        printed = out.getvalue()
+        assert "forked at version 20" in printed
+        said = dict(re.findall(r"^(cmp-net\S*) loss latest (\S+)", printed, re.M))
         assert set(said) == {"cmp-net", "cmp-net-sgd"}
-        assert re.search(r"cmp-net-sgd loss .* 30 updates since the fork", result.stdout)
+        assert re.search(r"cmp-net-sgd loss .* 20 updates since the fork", printed)
         assert (tmp_path / "cmp-net-compare.png").is_file()
-        # The CLI line, in a shell, prints the same latest values.
+        # The CLI line prints the same latest values.
         shown = optserve(service, *cli.split()[1:], "--out", str(tmp_path / "cli.png")).stdout
         for name, latest in said.items():
             row = next(line.split() for line in shown.splitlines() if line.startswith(name + " "))

@@ -65,13 +65,15 @@ def test_a_fork_owns_only_what_it_reported_itself():
     assert [x for x, _ in fork.metrics["loss"]] == [35, 45, 55]
     assert [y for _, y in fork.metrics["loss"]] == pytest.approx([0.6, 0.4, 0.2])
     assert (fork.forked_from, fork.fork_version, fork.optimizer) == ("main", 30, "sgd")
-    # Without its parent beside it, the fork's entries before the fork point are still dropped.
-    (alone,) = branches([FORK])
-    assert alone.metrics["loss"][0] == (
-        30.0,
-        pytest.approx(0.7),
-    )  # at the fork point: kept, it may be its own
+    # Without its parent beside it, the fork's entries before the fork point are still dropped
+    # (the one at the fork point is kept: it may be its own) ...
+    alone = branches([status("other", 0, []), FORK])[1]
+    assert alone.metrics["loss"][0] == (30.0, pytest.approx(0.7))
     assert len(alone.metrics["loss"]) == 4
+    # ... but a fork compared as the model (the first: a promoted fork, say) is drawn whole.
+    (whole,) = branches([FORK])
+    assert len(whole.metrics["loss"]) == 6 and whole.fork_version == 30
+    assert fork_markers([whole]) == [(30.0, "fork main-sgd at 30")]
 
 
 def test_slope_is_the_least_squares_fit_per_hundred_updates_over_the_window():
