@@ -141,6 +141,16 @@ def coordinator_calls(model):
             "admin",
             lambda s, md: s.Restore(c.RestoreRequest(model=model), timeout=60, metadata=md),
         ),
+        "Fork": (
+            "admin",
+            lambda s, md: s.Fork(
+                c.ForkRequest(model=model, new_name=f"{model}-fork"), timeout=60, metadata=md
+            ),
+        ),
+        "Promote": (
+            "admin",
+            lambda s, md: s.Promote(c.PromoteRequest(model=model), timeout=30, metadata=md),
+        ),
     }
 
 
@@ -226,7 +236,7 @@ def test_every_rpc_checks_the_token_its_role_and_its_model_scope(service, client
                             call, stubs[where], bearer(token), grpc.StatusCode.PERMISSION_DENIED
                         )
                 checked += 1
-        assert checked == 16
+        assert checked == 18
         # Sequence is for the model's shards only, whatever the token.
         sequence = shard_pb2.SequenceRequest(
             model=model_name, push_id="x", header=shard_pb2.PushHeader(model=model_name)
