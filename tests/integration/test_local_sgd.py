@@ -5,17 +5,21 @@ staleness policies, a live swap of the outer optimizer, and each trainer's local
 
 from __future__ import annotations
 
+import contextlib
+import re
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from optserve.client import RemoteOptimizer
+from optserve.client import NotFound, RemoteOptimizer
 
 OUTER = {"name": "sgd", "lr": 0.7, "momentum": 0.9, "nesterov": True}
 INNER = {"name": "adamw", "lr": 0.01}
 H, ROUNDS = 4, 3
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _net() -> torch.nn.Module:
@@ -136,3 +140,32 @@ def test_async_bf16_pseudo_gradients_staleness_policies_and_a_live_outer_swap(
         assert status.trainers["async-diloco"].local_steps == 12
     finally:
         opt.close()
+
+
+def _python_blocks(path: Path, section: str) -> list[str]:
+    """The ```python blocks under the heading `section` of a Markdown file."""
+    text = path.read_text()
+    start = text.index(f"\n## {section}")
+    end = text.find("\n## ", start + 1)
+    body = text[start : end if end != -1 else None]
+    return re.findall(r"^```python\n(.*?)^```", body, re.MULTILINE | re.DOTALL)
+
+
+def test_the_readme_and_docs_examples_run_as_written(service, client, capsys):
+    """The README's local-SGD example (one trainer) and docs/frameworks.md's (two trainers in
+    sync mode), run in this process against the session's server; what they print is what
+    their comments say."""
+    (readme,) = _python_blocks(ROOT / "README.md", "Local SGD")
+    (docs,) = _python_blocks(ROOT / "docs" / "frameworks.md", "Local SGD / DiLoCo")
+    try:
+        for code, said in [
+            (readme, "4 200"),
+            (docs, "10 {'rank-0': 100, 'rank-1': 100}"),
+        ]:
+            assert "127.0.0.1:50051" in code and said in code
+            exec(compile(code.replace("127.0.0.1:50051", service.address), "example", "exec"), {})
+            assert capsys.readouterr().out.strip().splitlines()[-1] == said
+    finally:
+        for model in ("diloco", "diloco-digits"):
+            with contextlib.suppress(NotFound):
+                client.drop_model(model)

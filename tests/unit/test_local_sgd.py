@@ -3,12 +3,14 @@ from our configs, rounds, pseudo-gradients, and the refusals of bad input."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 from optserve.client import InvalidArgument, RemoteOptimizer
 from optserve.client._local_sgd import LOCAL_RULES, LocalSGD, build_inner, local_sgd
-from optserve.common.config import RULE_NAMES
+from optserve.common.config import RULE_NAMES, SGDConfig
 
 
 def _params() -> list[tuple[str, torch.nn.Parameter]]:
@@ -135,3 +137,22 @@ def test_local_steps_1_with_an_inner_optimizer_pushes_each_steps_pseudo_gradient
     assert delta is not None
     for name, _ in named:
         torch.testing.assert_close(delta[name], torch.full_like(delta[name], 1.0))
+
+
+def test_a_server_only_hyperparameter_runs_locally_only_at_its_default():
+    """A field of our config that torch's class lacks (a server-side extension of the rule):
+    at its default the rule is torch's and runs; set otherwise it is refused."""
+    cls, _ = LOCAL_RULES["sgd"]
+    extra = {
+        k: f.default
+        for k, f in SGDConfig.model_fields.items()
+        if k not in ("name", "lookahead") and k not in inspect.signature(cls.__init__).parameters
+    }
+    if not extra:
+        pytest.skip("SGDConfig has no field torch.optim.SGD lacks")
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    config = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True}
+    assert type(build_inner({**config, **extra}, params)) is cls
+    key, default = next(iter(extra.items()))
+    with pytest.raises(InvalidArgument, match=key):
+        build_inner({**config, key: default + 1}, params)
