@@ -124,7 +124,8 @@ class ModelEntry:
     replaces: str | None = None
     dropping: bool = False
     # A fork's lineage (server/coordinator/forks.py): "forked_from", "fork_version",
-    # "fork_checkpoint"; and "aliases", the names that resolve to this model once promoted.
+    # "fork_checkpoint", "parent_run" (the parent's run id); and "aliases", the names that
+    # resolve to this model once promoted.
     lineage: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:

@@ -152,7 +152,7 @@ class Forks:
             ckpt = store.read_manifest(source, from_checkpoint)
             store.check_files(ckpt)
             lineage = {"forked_from": source, "fork_version": ckpt.version,
-                       "fork_checkpoint": ckpt.name}  # fmt: skip
+                       "fork_checkpoint": ckpt.name, "parent_run": ckpt.run_id}  # fmt: skip
             entry = {**control.audit_entry(caller, "fork", None, {"from": source,
                      "checkpoint": ckpt.name}), "version": ckpt.version}  # fmt: skip
             copy = copy_checkpoint(store, ckpt, new_name, lineage, entry)
@@ -198,6 +198,13 @@ class Forks:
             check_model_name(keep_as)
         with self._lock:  # the main line now: the parent, or what its name resolves to
             losing = self._models.get(self._resolve(parent))
+        if (
+            losing is not None
+            and losing.name == parent
+            and losing.run_id != lineage.get("parent_run", losing.run_id)
+        ):
+            raise FailedPrecondition(f"model {parent!r} is not the run {record.name!r} was "
+                                     "forked from (it was dropped and created again)")  # fmt: skip
         if keep_as and losing is None:
             raise FailedPrecondition(f"{parent!r} no longer runs: there is nothing to keep")
         kept = ""

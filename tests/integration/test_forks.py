@@ -147,6 +147,15 @@ def test_fork_refuses_bad_input_and_changes_nothing(service, client, model_name)
         client.promote(model_name)
     assert client.list_models() == before
     assert [a.action for a in client.status(model_name).audit] == []
+    # A fork of a run that was dropped and created again is not that model's to replace.
+    fork = f"{model_name}-orphan"
+    with dropped(client, fork):
+        client.fork(model_name, fork)
+        client.drop_model(model_name)
+        client.create_model(model_name, weights(1), ADAM)
+        with pytest.raises(FailedPrecondition, match="created again"):
+            client.promote(fork)
+        assert client.describe_model(model_name).name == model_name
 
 
 def test_trainers_switch_branches_and_a_promoted_fork_takes_the_name(
