@@ -156,3 +156,15 @@ def test_the_png_records_what_it_drew(tmp_path):
     # A model with nothing reported still gets a (mostly empty) plot.
     empty = plot_compare([status("quiet", 0, [])], str(tmp_path / "quiet.png"))
     assert empty["metrics"] == {} and empty["markers"] == []
+
+
+def test_the_fork_demo_keeps_the_better_branch_and_names_the_old_main_line():
+    from optserve.server.demo.fork import better, branch_name
+
+    scores = {"m": {"accuracy": 0.97, "loss": 0.08}, "m-sgd": {"accuracy": 0.98, "loss": 0.09}}
+    assert better(scores) == "m-sgd"  # accuracy first
+    scores["m"]["accuracy"] = 0.98
+    assert better(scores) == "m"  # then the lower loss
+    assert branch_name({"name": "sgd"}, "digits-mlp") == "digits-mlp-sgd"
+    assert branch_name({"name": "adam"}, "m-sgd", base="m") == "m-adam"
+    assert branch_name({"name": "sgd"}, "m-sgd", base="m") == "m-main"  # both on one rule
