@@ -54,7 +54,7 @@ class _Forker(threading.Thread):
         super().__init__(name="optserve-demo-fork", daemon=True)
         self.address, self.fork, self.at_version = address, fork, at_version
         self.optimizer = optimizer
-        self.stop = threading.Event()
+        self.stop, self.failed = threading.Event(), threading.Event()
         self.version: int | None = None
         self.error: BaseException | None = None
 
@@ -72,6 +72,7 @@ class _Forker(threading.Thread):
                         break
         except BaseException as exc:  # noqa: BLE001 - reported by the demo
             self.error = exc
+            self.failed.set()  # the trainers waiting for the fork are stopped
             return
         if self.version is not None:
             rule = json.loads(self.optimizer)["name"]
@@ -161,7 +162,7 @@ def run_fork(args: argparse.Namespace) -> int:
             for rank in range(args.trainers)
         ]  # fmt: skip
         try:
-            failed = demo._run_trainers(commands)
+            failed = demo._run_trainers(commands, abort=forker.failed)
         finally:
             forker.stop.set()
             forker.join(timeout=120)

@@ -79,10 +79,11 @@ def _trainer_command(
     ]  # fmt: skip
 
 
-def _run_trainers(commands: list[list[str]]) -> list[int]:
+def _run_trainers(commands: list[list[str]], abort: threading.Event | None = None) -> list[int]:
     """Run the trainer processes, relaying their output; return the ranks that failed.
 
-    If one fails, or on Ctrl-C, the others are stopped rather than left behind.
+    If one fails, `abort` is set (the demo's fork failed) or on Ctrl-C, the others are
+    stopped rather than left behind.
     """
     procs = [
         subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -99,7 +100,7 @@ def _run_trainers(commands: list[list[str]]) -> list[int]:
     deadline = time.monotonic() + TRAINER_TIMEOUT_S
     try:
         while any(p.poll() is None for p in procs) and not failed:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (abort is not None and abort.is_set()):
                 failed = [r for r, p in enumerate(procs) if p.poll() is None]
                 break
             time.sleep(0.1)
