@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         statuses = [c.read_branch(client, model, args.history)]  # NOT_FOUND before a search
         # A promoted fork answers to its parent's name: its own forks name it by its own.
         real = str(statuses[0]["model"])
-        forks = [n for n in names or find_forks(client, {model, real}) if n != real]
+        named = names or find_forks(client, {model, real})
+        forks = [n for n in dict.fromkeys(named) if n not in (model, real)]  # each once
         statuses += [c.read_branch(client, name, args.history) for name in forks]
     for status in statuses[1:]:
         if c.lineage(status)[0] is None:

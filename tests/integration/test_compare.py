@@ -83,9 +83,12 @@ def test_compare_finds_the_forks_plots_them_and_tables_each_branch(
         assert drawn["markers"] == [{"x": 8.0, "label": f"fork {fork} at 8"}]
         assert [(b["name"], b["optimizer"], b["fork_version"]) for b in drawn["branches"]] == [
             (model_name, "adam", None), (fork, "sgd", 8)]  # fmt: skip
-        # The JSON table: the slope is the least-squares fit of the newest 3 reports.
-        table = json.loads(optserve(service, "compare", model_name, fork, "--window", "3",
-                                    "--json", "--out", str(out)).stdout)  # fmt: skip
+        # The JSON table (each branch once, however often named): the slope is the
+        # least-squares fit of the newest 3 reports.
+        args = [model_name, fork, fork, model_name, "--window", "3", "--json", "--out", str(out)]
+        table = json.loads(optserve(service, "compare", *args).stdout)
+        assert [(r["branch"], r["metric"]) for r in table["rows"]] == [
+            (model_name, "loss"), (fork, "loss")]  # fmt: skip
         row = next(r for r in table["rows"] if r["branch"] == fork)
         points = [(m.version, m.value) for m in client.status(fork).metrics][-3:]
         mean_x = sum(x for x, _ in points) / 3
