@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from optserve.client import NotFound, RemoteOptimizer
+from optserve.server.cli.status import _print_history
 
 OUTER = {"name": "sgd", "lr": 0.7, "momentum": 0.9, "nesterov": True}
 INNER = {"name": "adamw", "lr": 0.01}
@@ -59,7 +60,7 @@ def _nesterov(theta: dict, buf: dict | None, g: dict, lr: float, mu: float) -> t
     return {n: theta[n] - lr * (g[n] + mu * buf[n]) for n in g}, buf
 
 
-def test_sync_outer_update_is_nesterov_on_the_mean_pseudo_gradient(service, model_name):
+def test_sync_outer_update_is_nesterov_on_the_mean_pseudo_gradient(service, model_name, capsys):
     nets = [_net(), _net()]
     initial = {n: p.detach().clone() for n, p in nets[0].named_parameters()}
     opts = [
@@ -103,6 +104,11 @@ def test_sync_outer_update_is_nesterov_on_the_mean_pseudo_gradient(service, mode
         for k in range(2):
             seen = status.trainers[f"diloco-{k}"]
             assert (seen.pushes, seen.applied, seen.local_steps) == (ROUNDS, ROUNDS, H * ROUNDS)
+        _print_history(status.to_dict())  # what `optserve status --model` prints of them
+        header, _, *rows = capsys.readouterr().out.strip().splitlines()[:4]
+        assert "LOCAL STEPS" in header
+        at = header.index("LOCAL STEPS")
+        assert [row[at:].split()[0] for row in rows] == [str(H * ROUNDS)] * 2
     finally:
         for opt in opts:
             opt.close()
