@@ -350,7 +350,7 @@ def _say_if_no_compiler() -> None:
     why = "OPTSERVE_COMPILE=off" if compile_switched_off() else compiler_problem("cpu")
     if why is not None:
         print(f"optserve: WARNING: {why}: on CPU shards, groups of {COMPILE_MIN_ELEMENTS:,}+ "
-              f"elements under RMSprop, AdaDelta or AdaBound step in eager "
+              f"elements under RMSprop, AdaDelta, AdaBound or SGD's Delayed Nesterov step in eager "
               f"torch ops, {EAGER_COST} than their compiled kernels (bench/engine.py); install "
               "g++ (deploy/Dockerfile does)", file=sys.stderr)  # fmt: skip
 
