@@ -3,9 +3,9 @@
 The readable path makes one pass over memory per operation and allocates temporaries; compiled,
 the same definition becomes one loop that reads every buffer once and writes it once, so a
 step runs near memory speed. It serves the rules torch has no fused kernel for (RMSprop,
-AdaDelta, AdaBound), and any rule on a device without torch's fused kernel (Adagrad on CUDA);
-RAdam and Ranger's RAdam, which step with fused Adam's kernel (engine/fused.py), where a
-checkpoint says the run so far stepped with this one.
+AdaDelta, AdaBound, SGD's Delayed Nesterov), and any rule on a device without torch's fused
+kernel (Adagrad on CUDA); RAdam and Ranger's RAdam, which step with fused Adam's kernel
+(engine/fused.py), where a checkpoint says the run so far stepped with this one.
 
 Nothing is written twice: `torch.compile` is given the rule's static `update` as it is. The
 named scalars travel as its last argument: their floats are inputs of the compiled code (dynamo

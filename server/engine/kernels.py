@@ -6,8 +6,9 @@ buffer's length or offset, so on any shard count):
 * `fused`: torch's fused kernel, for the rules and devices torch has one for, RAdam and Ranger
   included (they step with fused Adam's kernel and RAdam's scalars: engine/fused.py);
 * `compiled`: the rule's own `update` compiled by inductor (engine/compiled.py), for the other
-  rules (RMSprop, AdaDelta, AdaBound) on groups of at least COMPILE_MIN_ELEMENTS elements (the
-  whole group's, not a shard's slice: every shard of a model takes the same kernel);
+  rules (RMSprop, AdaDelta, AdaBound, SGD's Delayed Nesterov) on groups of at least
+  COMPILE_MIN_ELEMENTS elements (the whole group's, not a shard's slice: every shard of a model
+  takes the same kernel);
 * `eager`: the rule's `update` in torch's eager ops, slice by slice on a large CPU buffer
   (bit-identical to the reference path).
 
