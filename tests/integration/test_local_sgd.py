@@ -175,3 +175,31 @@ def test_the_readme_and_docs_examples_run_as_written(service, client, capsys):
         for model in ("diloco", "diloco-digits"):
             with contextlib.suppress(NotFound):
                 client.drop_model(model)
+
+
+def test_a_refused_pseudo_gradient_starts_a_new_round_from_the_global_weights(service, model_name):
+    """Async, max_staleness 0: of two trainers that started a round on the same version, the
+    second's pseudo-gradient is refused. It loads the global weights, counts the drop, and its
+    next round starts there; its inner steps and inner state go on."""
+    nets = [_net(), _net()]
+    mode = {"mode": "async", "max_staleness": 0}
+    opts = [
+        RemoteOptimizer(
+            net.named_parameters(), address=service.address, model=model_name,
+            optimizer=OUTER, mode=mode, trainer=f"t{k}", local_steps=2, inner=INNER,
+        )
+        for k, net in enumerate(nets)
+    ]  # fmt: skip
+    try:
+        _train(opts[0], nets[0], seed=1, steps=2)  # pushed: version 1
+        _train(opts[1], nets[1], seed=2, steps=2)  # computed on version 0: refused
+        assert (opts[0].version, opts[1].version, opts[1].dropped_pushes) == (1, 1, 1)
+        for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+            assert torch.equal(p, q)  # the global weights of version 1
+        _train(opts[1], nets[1], seed=3, steps=2)  # a fresh round on version 1: applied
+        assert opts[1].version == 2 and opts[1].dropped_pushes == 1
+        seen = opts[1].status().trainers["t1"]
+        assert (seen.pushes, seen.applied, seen.refused, seen.local_steps) == (2, 1, 1, 4)
+    finally:
+        for opt in opts:
+            opt.close()
