@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+import ray
 import torch
 
 from optserve.client import ParameterServerClient, RemoteOptimizer
@@ -15,6 +16,7 @@ from optserve.common.errors import (
     InvalidArgument,
     NotFound,
 )
+from optserve.server.coordinator.catalogue import ModelEntry
 from optserve.server.store.manifest import Store
 from tests.integration.test_checkpoints import full_state
 from tests.integration.test_readme import ADDRESS, BLOCK, ROOT
@@ -203,7 +205,12 @@ def test_trainers_switch_branches_and_a_promoted_fork_takes_the_name(
             client.create_model(model_name, weights(), ADAM)
         with pytest.raises(FailedPrecondition):
             client.promote(fork)
-        # The checkpoint taken at the promotion holds the aliases: a restore brings them back.
+        # Every shard carries the aliases in its catalogue entry (what a coordinator that
+        # comes back adopts), and the checkpoint taken at the promotion holds them (a restore
+        # brings them back).
+        shards = ray.get(service.actor.shard_actors.remote(fork))
+        for entry in ray.get([shard.entry.remote() for shard in shards]):
+            assert ModelEntry.from_dict(entry).lineage["aliases"] == [model_name]
         newest = Store(checkpoint_dir).read(fork)
         assert newest.lineage["aliases"] == [model_name] and newest.version == 3
 

@@ -32,6 +32,8 @@ STATUS = {
     "audit": [{"time": 1.0, "version": 0, "action": "create", "caller": "me", "old": None,
                "new": {"name": "adam"}}],
     "history": {"metrics_kept": 1, "metrics_shown": 1, "audit_kept": 1, "audit_shown": 1},
+    "forked_from": "main", "fork_version": 3, "fork_checkpoint": "0000000000001-000000000003-ab",
+    "aliases": [],
 }  # fmt: skip
 
 
