@@ -211,7 +211,7 @@ STATE_NOTES: dict[str, dict[str, str]] = {
     "sgd": {
         "momentum_buffer": "B, made by the first update; with `delay` > 1, m, zero at first",
         "delay_buffer": "Δ, the open window's sum of g",
-        "delay_counter": "c, the pushes in the open window",
+        "delay_counter": "j, the pushes in the open window",
     },
     "adagrad": {"step": "t; read only by lr_decay"},
     "rmsprop": {"momentum_buffer": "Bn", "step": "t; counted, not used"},

@@ -2,15 +2,16 @@
 
 Source: Liu, Douillard et al. 2024, "Asynchronous Local-SGD Training for Language Modeling"
 (arXiv 2401.09135), Algorithm 3, "Delayed Nesterov update", with its momentum activation c = 0
-(the paper's default). In async local SGD every push is one trainer's pseudo-gradient, computed
-from weights some updates old; Nesterov momentum applied at every push lets each stale gradient
-steer the momentum on its own (the paper's key finding: momentum is what stale gradients hurt).
-DN folds N pushes into the momentum at once, as their mean, and in between moves the weights by
-the plain gradient, scaled by 1/N:
+(the paper's default; checked against the transcription of the algorithm in the HALoS authors'
+code, utnslab/halos src/halos/opt.py). In async local SGD every push is one trainer's pseudo-
+gradient, computed from weights some updates old; Nesterov momentum applied at every push lets
+each stale gradient steer the momentum on its own (the paper's key finding: momentum is what
+stale gradients hurt). DN folds N pushes into the momentum at once, as their mean, and in
+between moves the weights by the plain gradient, scaled by 1/N:
 
     g <- -g (maximize);  g <- g + lambda * theta                (L2, as torch's SGD)
-    Delta <- Delta + g;  c <- c + 1
-    if c = N:   m <- mu * m + Delta / N;  Delta <- 0;  c <- 0
+    Delta <- Delta + g;  j <- j + 1
+    if j = N:   m <- mu * m + Delta / N;  Delta <- 0;  j <- 0
                 theta <- theta - gamma * (g / N + mu * m)
     otherwise:  theta <- theta - gamma * g / N
 
@@ -20,7 +21,7 @@ time. With N = 1 it is that Nesterov step at every push, torch.optim.SGD(nestero
 engine then runs `SGD` itself, bit for bit). The paper's N is the number of workers by default.
 
 State: `momentum_buffer` (m, torch's key and units: zero until the first window closes),
-`delay_buffer` (Delta, the sum of the open window's gradients), `delay_counter` (c, the pushes
+`delay_buffer` (Delta, the sum of the open window's gradients), `delay_counter` (j, the pushes
 in the open window, < N). A delay that shrinks below the open window's count (policy `keep`)
 closes the window at the next push. torch has no fused kernel for this rule: it steps with its
 own `update`, eager or compiled.
@@ -104,7 +105,7 @@ class DelayedNesterov(SGDFamily[DelayedNesterovScalars]):
     @staticmethod
     def _fresh_window(report: MigrationReport) -> None:
         for key in DELAY_KEYS:
-            report.set(key, "fresh", "a new delay window starts now (Delta = 0, c = 0)")
+            report.set(key, "fresh", "a new delay window starts now (Delta = 0, j = 0)")
 
     def prepare(self, state: State, lr: float, weights: torch.Tensor) -> DelayedNesterovScalars:
         cfg = self.config
