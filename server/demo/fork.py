@@ -196,6 +196,7 @@ def _finish(
             drawn = {"error": str(exc)}
         settled = settle(client, MODEL, fork, args.seed)
         saved = client.checkpoint(MODEL)
+        serving = client.describe_model(MODEL).name  # the promoted fork's own name, if promoted
     print(table(*table_rows(rows)))
     for name, score in settled.scores.items():
         print(f"{name} ({score['optimizer']['name']}): held-out accuracy {score['accuracy']:.2%}, "
@@ -209,7 +210,8 @@ def _finish(
     print(f"final test accuracy: {settled.main_line['accuracy']:.2%} on the main line, {MODEL} "
           f"({elapsed:.1f}s in all)", flush=True)  # fmt: skip
     print(f"plot:       {plot_path} ({_said(drawn)})")
-    print(f"checkpoint: {checkpoints / MODEL / saved.name} (version {saved.version})")
+    print(f"checkpoint: {checkpoints / serving / saved.name} (version {saved.version}, of "
+          f"{MODEL}: {serving})")  # fmt: skip
     print(f"(with a server running: optserve compare {MODEL} draws the same for any model)")
     demo._next_steps(checkpoints)
     if args.report:
@@ -221,7 +223,7 @@ def _finish(
             "promoted": settled.kept_as is not None, "kept_as": settled.kept_as,
             "test_accuracy": settled.main_line["accuracy"], "main_line": settled.main_line,
             "rows": [r.to_dict() for r in rows], "plot": str(plot_path), "drawn": drawn,
-            "checkpoint": {"dir": str(checkpoints), **saved.to_dict()},
+            "checkpoint": {"dir": str(checkpoints), "model": serving, **saved.to_dict()},
         }  # fmt: skip
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -205,3 +205,8 @@ def test_demo_fork_promotes_the_better_branch_and_plots_both(tmp_path):
     assert set(drawn["metrics"]["val_accuracy"]) == {"digits-mlp", fork}
     assert "[demo] at model version 138: forked digits-mlp -> digits-mlp-sgd" in result.stdout
     assert str(plot) in result.stdout and "BRANCH" in result.stdout
+    # The main line (whichever branch it is now) is checkpointed where the demo says.
+    saved = summary["checkpoint"]
+    assert saved["model"] == summary["winner"] and saved["version"] == 3 * 46 + 3 * 23
+    checkpoint = Path(saved["dir"]) / saved["model"] / saved["name"]
+    assert (checkpoint / "manifest.json").is_file() and str(checkpoint) in result.stdout
