@@ -48,10 +48,12 @@ class Branch:
     forked_from: str | None = None
     fork_version: int | None = None
     metrics: dict[str, Points] = field(default_factory=dict)  # name -> (version, value)
+    lr: float | None = None  # the rule's configured lr (two branches may share a rule)
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({self.optimizer})"
+        lr = "" if self.lr is None else f", lr {self.lr:g}"
+        return f"{self.name} ({self.optimizer}{lr})"
 
 
 @dataclass
@@ -107,9 +109,11 @@ def branches(statuses: Sequence[Mapping[str, Any]]) -> list[Branch]:
         inherited: set[tuple[Any, ...]] = set()
         if parent in by_name:
             inherited = {_key(e) for e in by_name[parent].get("metrics", [])}
+        rule = status.get("optimizer") or {}
+        lr = rule.get("lr")
         branch = Branch(
-            str(status["model"]), int(status["version"]),
-            str((status.get("optimizer") or {}).get("name", "?")), parent, at,
+            str(status["model"]), int(status["version"]), str(rule.get("name", "?")), parent, at,
+            lr=float(lr) if isinstance(lr, int | float) else None,
         )  # fmt: skip
         for entry in status.get("metrics", []):
             if own_only and (

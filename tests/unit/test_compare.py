@@ -65,6 +65,9 @@ def test_a_fork_owns_only_what_it_reported_itself():
     assert [x for x, _ in fork.metrics["loss"]] == [35, 45, 55]
     assert [y for _, y in fork.metrics["loss"]] == pytest.approx([0.6, 0.4, 0.2])
     assert (fork.forked_from, fork.fork_version, fork.optimizer) == ("main", 30, "sgd")
+    assert fork.label == "main-sgd (sgd)"
+    (with_lr,) = branches([{**FORK, "optimizer": {"name": "adam", "lr": 0.005}}])
+    assert with_lr.label == "main-sgd (adam, lr 0.005)"
     # Without its parent beside it, the fork's entries before the fork point are still dropped
     # (the one at the fork point is kept: it may be its own) ...
     alone = branches([status("other", 0, []), FORK])[1]
