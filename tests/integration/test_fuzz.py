@@ -887,7 +887,7 @@ HYPERPARAMETERS = [
     "lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "momentum", "dampening",
     "nesterov", "lr_decay", "initial_accumulator_value", "alpha", "centered", "rho", "final_lr",
     "gamma", "amsbound", "decoupled_weight_decay", "k", "N_sma_threshold", "use_gc",
-    "gc_conv_only", "lookahead", "name", "foreach",
+    "gc_conv_only", "lookahead", "name", "foreach", "delay",
 ]  # fmt: skip
 SCHEDULE_KEYS = [
     "step_size", "gamma", "milestones", "r", "c", "T_max", "eta_min", "rule", "metric", "mode",
@@ -929,7 +929,7 @@ PLAUSIBLE = {
     "initial_accumulator_value": [0.1], "alpha": [0.5, 0.99], "centered": [True], "rho": [0.5],
     "final_lr": [0.0, 0.1], "gamma": [1e-3, 0.5], "amsbound": [True],
     "decoupled_weight_decay": [True], "k": [1, 5], "N_sma_threshold": [0.0, 5.0],
-    "use_gc": [True], "gc_conv_only": [True],
+    "use_gc": [True], "gc_conv_only": [True], "delay": [1, 3],
     "lookahead": [None, {"k": 1, "alpha": 0.5}, {"k": 3, "alpha": 1.0}],
 }  # fmt: skip
 PLAUSIBLE_PAIRS = st.lists(
