@@ -15,10 +15,11 @@ between moves the weights by the plain gradient, scaled by 1/N:
                 theta <- theta - gamma * (g / N + mu * m)
     otherwise:  theta <- theta - gamma * g / N
 
-Over a window of N pushes the weights move by -gamma (mean g + mu * m): one Nesterov step on
-the mean of the window's gradients (torch's form, B <- mu B + g; d = g + mu B), taken a push at a
+Over a window of N pushes the weights move by -gamma (mean g + mu * m): one Nesterov step on the
+mean of the window's gradients (torch's form, B <- mu B + g; d = g + mu B), taken a push at a
 time. With N = 1 it is that Nesterov step at every push, torch.optim.SGD(nesterov=True) (the
-engine then runs `SGD` itself, bit for bit). The paper's N is the number of workers by default.
+engine then runs `SGD` itself, bit for bit). N is typically the number of trainers: a window
+then holds about one push of each.
 
 State: `momentum_buffer` (m, torch's key and units: zero until the first window closes),
 `delay_buffer` (Delta, the sum of the open window's gradients), `delay_counter` (j, the pushes
