@@ -783,8 +783,8 @@ def rpc_statuses(policy: Policy, f: Facts) -> dict[str, list[tuple[str, str, str
         "Coordinator/Fork": [
             (
                 "INVALID_ARGUMENT",
-                "An invalid fork name, an `at` that is neither \"now\" nor "
-                "\"checkpoint:<name>\", an invalid optimizer config or policy.",
+                'An invalid fork name, an `at` that is neither "now" nor '
+                '"checkpoint:<name>", an invalid optimizer config or policy.',
                 "Fix it; nothing was changed.",
             ),
             (
