@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import ray
 import torch
+
+from optserve.common.errors import NotFound
 
 SHAPES = {"weight": (4, 5), "bias": (7,), "kernel": (2, 3, 2, 2)}
 
@@ -17,6 +21,17 @@ def gradient(trainer, step):
     """Trainer `trainer`'s gradient at its step `step` (seeded: a replay gets the same)."""
     generator = torch.Generator().manual_seed(1000 * trainer + step)
     return {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
+
+
+@contextlib.contextmanager
+def dropped(client, *names):
+    """Drop the models named (forks a test made) when the test ends, passed or not."""
+    try:
+        yield
+    finally:
+        for name in names:
+            with contextlib.suppress(NotFound):
+                client.drop_model(name)
 
 
 def leader_log(service, model):

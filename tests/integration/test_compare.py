@@ -3,7 +3,6 @@ example of docs/compare.md as written."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -17,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from optserve.client import NotFound
 from optserve.server.cli import main
 from optserve.server.demo.fork import held_out, settle
 from optserve.server.demo.trainer import build_model, load_digits_split
+from tests.helpers.models import dropped
 from tests.integration.test_plot_and_status import OPTSERVE, optserve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,16 +33,6 @@ def train(client, model, updates):
         error = weights["w"] - TARGET
         client.report_metric(model, "loss", float((error**2).sum()), step=version)
         client.push(model, {"w": 2 * error})
-
-
-@contextlib.contextmanager
-def dropped(client, *names):
-    try:
-        yield
-    finally:
-        for name in names:
-            with contextlib.suppress(NotFound):
-                client.drop_model(name)
 
 
 def run_cli(service, *args: str) -> tuple[int, str, str]:

@@ -18,6 +18,7 @@ from optserve.common.errors import (
 )
 from optserve.server.coordinator.catalogue import ModelEntry
 from optserve.server.store.manifest import Store
+from tests.helpers.models import dropped
 from tests.integration.test_checkpoints import full_state
 from tests.integration.test_readme import ADDRESS, BLOCK, ROOT
 
@@ -34,17 +35,6 @@ def weights(seed=0):
 def grads(step):
     generator = torch.Generator().manual_seed(100 + step)
     return {n: torch.randn(s, generator=generator) for n, s in SHAPES.items()}
-
-
-@contextlib.contextmanager
-def dropped(client, *names):
-    """Drop the models named (forks the test made) when the test ends, passed or not."""
-    try:
-        yield
-    finally:
-        for name in names:
-            with contextlib.suppress(NotFound):
-                client.drop_model(name)
 
 
 def same_state(a, b):
