@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ import torch
 from optserve.client import ParameterServerClient
 from optserve.client.compare import branches, compare_rows, plot_compare, read_branch, table_rows
 from optserve.common.config import parse_optimizer_config
-from optserve.common.errors import NotFound
 from optserve.server.cli.common import table
 from optserve.server.demo import run as demo
 from optserve.server.demo.run import MODEL
@@ -47,37 +45,22 @@ def better(scores: dict[str, dict[str, float]]) -> str:
     return max(scores, key=lambda name: (scores[name]["accuracy"], -scores[name]["loss"]))
 
 
-class _Forker(threading.Thread):
+class _Forker(demo.AtVersion):
     """Forks the model once it reaches `at_version` (every trainer then waits for the fork)."""
 
     def __init__(self, address: str, fork: str, at_version: int, optimizer: str) -> None:
-        super().__init__(name="optserve-demo-fork", daemon=True)
-        self.address, self.fork, self.at_version = address, fork, at_version
-        self.optimizer = optimizer
-        self.stop, self.failed = threading.Event(), threading.Event()
+        super().__init__(address, at_version, "optserve-demo-fork")
+        self.fork, self.optimizer = fork, optimizer
         self.version: int | None = None
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        try:
-            with ParameterServerClient(self.address) as client:
-                while not self.stop.wait(0.1):
-                    try:
-                        version = client.describe_model(MODEL).version
-                    except NotFound:  # the first trainer has not created it yet
-                        continue
-                    if version >= self.at_version:
-                        info = client.fork(MODEL, self.fork, optimizer=self.optimizer)
-                        self.version = int(info.fork_version)
-                        break
-        except BaseException as exc:  # noqa: BLE001 - reported by the demo
-            self.error = exc
-            self.failed.set()  # the trainers waiting for the fork are stopped
-            return
-        if self.version is not None:
-            rule = json.loads(self.optimizer)["name"]
-            print(f"[demo] at model version {self.version}: forked {MODEL} -> {self.fork} "
-                  f"({rule}, state migrated)", flush=True)  # fmt: skip
+    def act(self, client: ParameterServerClient) -> None:
+        info = client.fork(MODEL, self.fork, optimizer=self.optimizer)
+        self.version = int(info.fork_version)
+
+    def announce(self) -> None:
+        rule = json.loads(self.optimizer)["name"]
+        print(f"[demo] at model version {self.version}: forked {MODEL} -> {self.fork} "
+              f"({rule}, state migrated)", flush=True)  # fmt: skip
 
 
 @dataclass

@@ -126,17 +126,22 @@ def _updates_expected(args: argparse.Namespace, epochs: int, batch_size: int = 3
     return epochs * sum(math.ceil(n / batch_size) for n in per_rank)
 
 
-class _Swapper(threading.Thread):
-    """Swaps the model's optimizer once the run is `at` of the way through (DESIGN section 8:
-    the demo swaps the optimizer mid-run), and says what happened to each state key."""
+class AtVersion(threading.Thread):
+    """Acts on the demo's model once it reaches `at_version` (`act`, then `announce`); an
+    error is kept in `error` and `failed` is set (trainers waiting on the act stop)."""
 
-    def __init__(self, address: str, target: str, at_version: int, label: str) -> None:
-        super().__init__(name="optserve-demo-swap", daemon=True)
-        self.address, self.target, self.at_version = address, target, at_version
-        self.label = label
-        self.stop = threading.Event()
-        self.report: MigrationReport | None = None
+    def __init__(self, address: str, at_version: int, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.address, self.at_version = address, at_version
+        self.stop, self.failed = threading.Event(), threading.Event()
         self.error: BaseException | None = None
+        self.done = False
+
+    def act(self, client: ParameterServerClient) -> None:
+        raise NotImplementedError
+
+    def announce(self) -> None:
+        """Say what `act` did (once it did)."""
 
     def run(self) -> None:
         try:
@@ -147,17 +152,36 @@ class _Swapper(threading.Thread):
                     except NotFound:  # the first trainer has not created it yet
                         continue
                     if version >= self.at_version:
-                        self.report = client.set_optimizer(MODEL, self.target, "migrate")
+                        self.act(client)
+                        self.done = True
                         break
         except BaseException as exc:  # noqa: BLE001 - reported by the demo
             self.error = exc
+            self.failed.set()
             return
-        if self.report is not None:
-            group = self.report.groups["default"]
-            said = "; ".join(f"{k} {v.action}" for k, v in group.keys.items())
-            source = group.source
-            print(f"[demo] at model version {self.report.version}: optimizer swapped "
-                  f"{source} -> {self.label} (migrate: {said})", flush=True)  # fmt: skip
+        if self.done:
+            self.announce()
+
+
+class _Swapper(AtVersion):
+    """Swaps the model's optimizer once the run is `at` of the way through (DESIGN section 8:
+    the demo swaps the optimizer mid-run), and says what happened to each state key."""
+
+    def __init__(self, address: str, target: str, at_version: int, label: str) -> None:
+        super().__init__(address, at_version, "optserve-demo-swap")
+        self.target, self.label = target, label
+        self.report: MigrationReport | None = None
+
+    def act(self, client: ParameterServerClient) -> None:
+        self.report = client.set_optimizer(MODEL, self.target, "migrate")
+
+    def announce(self) -> None:
+        assert self.report is not None
+        group = self.report.groups["default"]
+        said = "; ".join(f"{k} {v.action}" for k, v in group.keys.items())
+        source = group.source
+        print(f"[demo] at model version {self.report.version}: optimizer swapped "
+              f"{source} -> {self.label} (migrate: {said})", flush=True)  # fmt: skip
 
 
 def _plot(client: ParameterServerClient, path: Path) -> str:
