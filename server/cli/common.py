@@ -23,9 +23,10 @@ def command(
     description: str,
     epilog: str,
     model_required: bool = True,
+    model_option: bool = True,
 ) -> argparse.ArgumentParser:
     """A client command's parser, with the options every client command shares (where the
-    coordinator is, the model, the deadline, the token and TLS)."""
+    coordinator is, the model unless not `model_option`, the deadline, the token and TLS)."""
     command = sub.add_parser(
         name, help=help, description=description, epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -35,11 +36,12 @@ def command(
         default=os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS),
         help=f"coordinator host:port (default ${ADDRESS_ENV}, else {DEFAULT_ADDRESS})",
     )
-    command.add_argument(
-        "--model",
-        required=model_required,
-        help="model name" if model_required else "model name (default: every model)",
-    )
+    if model_option:
+        command.add_argument(
+            "--model",
+            required=model_required,
+            help="model name" if model_required else "model name (default: every model)",
+        )
     command.add_argument("--timeout-s", type=float, default=120.0, help="RPC deadline")
     command.add_argument(
         "--token-file",

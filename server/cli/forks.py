@@ -41,7 +41,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "dropped, or kept as another model with --keep-as. The audit log records it.",
         "examples:\n  optserve promote my-net-sgd\n"
         "  optserve promote my-net-sgd --keep-as my-net-adam\n",
-        model_required=False,
+        model_option=False,  # FORK names the model
     )
     promote.add_argument("fork", help="the fork to promote")
     promote.add_argument("--keep-as", default=None, metavar="NAME",

@@ -125,7 +125,9 @@ class Coordinator(ControlChanges, Persistence, Forks):
         # Signalled when a creation in progress ends, so lookups of that name can wait for it.
         self._created = threading.Condition(self._lock)
         self._models: dict[str, ModelRecord] = {}
-        self._reserved: set[str] = set()
+        # Names being created, each with the thread creating it: that thread may look the model
+        # up (a fork swaps its optimizer before anyone else sees it); others wait.
+        self._reserved: dict[str, int] = {}
         # Prometheus: the coordinator's own series; a scrape gathers every shard's too.
         # With `ray_service`, the coordinator and every shard record them in Ray's metrics too,
         # tagged with that name.
@@ -166,11 +168,11 @@ class Coordinator(ControlChanges, Persistence, Forks):
                 raise ResourceExhausted(
                     f"the server holds its limit of {self.limits.max_models} models; drop one first"
                 )
-            self._reserved.add(name)
+            self._reserved[name] = threading.get_ident()
 
     def release(self, name: str) -> None:
         with self._lock:
-            self._reserved.discard(name)
+            self._reserved.pop(name, None)
             self._created.notify_all()
 
     def register(self, record: ModelRecord, replacing: ModelRecord | None = None) -> bool:
@@ -187,9 +189,10 @@ class Coordinator(ControlChanges, Persistence, Forks):
     def get(self, name: str, lost_too: bool = False) -> ModelRecord:
         """The model's record; a lookup during its creation waits a while for it to end. A lost
         model answers UNAVAILABLE, unless `lost_too` (to look at it)."""
+        me = threading.get_ident()
         with self._lock:
             if not self._created.wait_for(
-                lambda: name not in self._reserved, timeout=self.limits.creation_wait_s
+                lambda: self._reserved.get(name, me) == me, timeout=self.limits.creation_wait_s
             ):
                 raise Unavailable(f"model {name!r} is still being created; retry shortly")
             record = self._models.get(self._resolve(name))

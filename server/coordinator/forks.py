@@ -17,6 +17,7 @@ under another name), and from then on the parent's name resolves to the fork for
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -93,8 +94,20 @@ def _link_or_copy(store: Store, source: str, target: str) -> None:
     store.fs.copy(src, dst)
 
 
+def _check_keep(optimizer: RuleConfig | None, policy: str, rule: Any) -> None:
+    """Policy `keep` keeps state within one rule: the fork's (`rule`, a name or a config)."""
+    name = rule.get("name") if isinstance(rule, dict) else rule
+    if optimizer is not None and policy == "keep" and name != optimizer.name:
+        raise InvalidArgument(f"policy 'keep' keeps state within one rule; the fork runs "
+                              f"{name!r}, not {optimizer.name!r}")  # fmt: skip
+
+
 class Forks:
     """fork and promote, for `Coordinator`."""
+
+    # One promotion at a time: two forks of one model promoted at once must not each drop
+    # what the parent's name resolves to (the other fork).
+    _promoting = threading.Lock()
 
     # What they use, set by Coordinator (declared for the type checker).
     store: Store | None
@@ -135,15 +148,15 @@ class Forks:
                 raise
             parent = None  # a model that is only in the store: one of its checkpoints
         source = parent.name if parent is not None else model
-        if optimizer is not None and policy == "keep":
-            rule = parent.optimizer.name if parent is not None else None
-            if rule != optimizer.name:
-                raise InvalidArgument(f"policy 'keep' keeps state within one rule; the fork "
-                                      f"runs {rule!r}, not {optimizer.name!r}")  # fmt: skip
-        if from_checkpoint is not None:  # known before anything is taken or reserved
+        if from_checkpoint is None:  # "now": the parent's rule is the checkpoint's
+            assert parent is not None
+            _check_keep(optimizer, policy, parent.optimizer.name)
+        else:  # known before anything is taken or reserved
             store.candidates(source, from_checkpoint)
-        self.reserve(new_name)
+            _check_keep(optimizer, policy, store.read_manifest(source, from_checkpoint).optimizer)
+        self.reserve(new_name)  # until the fork is whole: swapped too (others' lookups wait)
         pause_s = 0.0
+        report: MigrationReport | None = None
         try:
             if from_checkpoint is None:
                 assert parent is not None
@@ -162,6 +175,12 @@ class Forks:
             except BaseException:
                 store.remove(new_name, copy.name)
                 raise
+            if optimizer is not None:  # before the fork takes a push: its name is still held
+                try:
+                    report = self.set_optimizer(new_name, optimizer, policy, caller)
+                except BaseException:  # the fork never ran: as if it had not been made
+                    self.drop_model(new_name)
+                    raise
         finally:
             self.release(new_name)
         if parent is not None:  # the parent's audit log tells of its forks too
@@ -171,13 +190,7 @@ class Forks:
                 ray.get(parent.actors[0].record_history.remote([told], []), timeout=60)
             except Exception:  # noqa: BLE001 - the fork stands; only the parent's log misses it
                 log.warning("could not record the fork in %s's audit log", source)
-        result = ForkResult(record, pause_s)
-        if optimizer is not None:
-            try:
-                result.report = self.set_optimizer(new_name, optimizer, policy, caller)
-            except BaseException:  # the fork never ran: as if it had not been made
-                self.drop_model(new_name)
-                raise
+        result = ForkResult(record, pause_s, report)
         log.info("forked %s at version %d (checkpoint %s) as %s", source, ckpt.version,
                  ckpt.name, new_name)  # fmt: skip
         return result
@@ -186,6 +199,10 @@ class Forks:
         """Make fork `name` its parent's main line: the parent's name (and the names that
         resolved to the parent) resolve to the fork from now on. The parent's run is dropped,
         or first copied as `keep_as`. Returns {"record", "main", "dropped", "kept_as"}."""
+        with self._promoting:
+            return self._promote(name, keep_as, caller)
+
+    def _promote(self, name: str, keep_as: str, caller: str) -> dict[str, Any]:
         record = self.get(name)
         lineage = dict(record.entry.lineage)
         parent = lineage.get("forked_from")
@@ -216,22 +233,22 @@ class Forks:
             moved += [losing.name, *losing.entry.lineage.get("aliases", [])]
         aliases = sorted({*lineage.get("aliases", []), *moved})
         self._set_lineage(record, {**lineage, "aliases": aliases})
-        if losing is not None:
-            try:
-                self.drop_model(losing.name)
-            except BaseException:
-                self._set_lineage(record, lineage)  # the parent runs on: nothing changed
-                raise
         entry = {**control.audit_entry(caller, "promote", {"main": parent},
                  {"main": record.name, "aliases": aliases, "kept_as": kept or None}),
                  "version": control.leader_version(record)}  # fmt: skip
-        ray.get(record.actors[0].record_history.remote([entry], []), timeout=60)
-        if self.store is not None:  # the aliases in the store too, for a restart from it
-            try:
+        try:  # the aliases and the audit entry reach the store before the parent goes
+            ray.get(record.actors[0].record_history.remote([entry], []), timeout=60)
+            if self.store is not None:
                 self.checkpoint(record.name, caller)
-            except Exception:  # noqa: BLE001 - the running shards carry the aliases already
-                log.warning("could not checkpoint %s after its promotion", record.name,
-                            exc_info=True)  # fmt: skip
+            if losing is not None:
+                self.drop_model(losing.name)
+        except BaseException as exc:
+            self._set_lineage(record, lineage)  # the parent runs on: nothing changed
+            undone = {**control.audit_entry(caller, "promote undone", None, {"error": str(exc)}),
+                      "version": control.leader_version(record)}  # fmt: skip
+            with contextlib.suppress(Exception):
+                ray.get(record.actors[0].record_history.remote([undone], []), timeout=60)
+            raise
         log.info("promoted %s: %s now resolve to it", record.name, aliases)
         return {"record": record, "main": parent, "dropped": losing is not None,
                 "kept_as": kept}  # fmt: skip

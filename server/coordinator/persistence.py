@@ -73,6 +73,7 @@ class Persistence:
         `keep_checkpoints`. Each shard writes its own file; the manifest comes last."""
         store = self._store()
         record = self.get(name)
+        name = record.name  # a promoted fork's checkpoints are its own, under any alias
         policy = checkpoints.effective_policy(record.entry.checkpoint_policy, self.default_policy)
         snapshot = snapshot or policy.get("snapshot", "pause")
         if record.dropping:  # a drop began: no checkpoint starts now

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +15,12 @@ from optserve.common.config import (
     parse_optimizer_config,
     parse_schedule_config,
 )
-from optserve.common.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from optserve.common.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from optserve.common.results import MigrationReport
 from optserve.server.coordinator.catalogue import GroupSpec, ModelRecord
 from optserve.server.coordinator.core import Coordinator
@@ -282,6 +288,19 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def Promote(
         self, request: coordinator_pb2.PromoteRequest, context: grpc.ServicerContext
     ) -> coordinator_pb2.PromoteResponse:
+        principal = current_principal()  # a scoped token must cover every name it changes:
+        if principal is not None:  # the fork's parent, what that name serves now, the copy
+            coordinator = self._coordinator
+            parent = coordinator.get(request.model).entry.lineage.get("forked_from", "")
+            names = {request.keep_as, parent}
+            if parent:
+                main = coordinator.resolve(parent)
+                names.add(main)
+                with contextlib.suppress(NotFound):
+                    names.update(coordinator.get(main).entry.lineage.get("aliases", []))
+            for name in sorted(n for n in names if n):
+                if not principal.covers(name):
+                    raise PermissionDenied(f"this token does not cover model {name!r}")
         done = self._coordinator.promote(request.model, request.keep_as, caller_of(context))
         record = done["record"]
         return coordinator_pb2.PromoteResponse(

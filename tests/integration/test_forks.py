@@ -180,6 +180,8 @@ def test_trainers_switch_branches_and_a_promoted_fork_takes_the_name(
         assert client.status(model_name).model == fork
         assert model_name not in client.list_models() and kept in client.list_models()
         assert client.describe_model(kept).version == 2
+        # Checkpoints under the old name are the fork's, where the fork's files are.
+        assert client.checkpoint(model_name).uri.endswith(f"/{fork}")
         # A trainer on the old name: its push is refused once (pull), then lands on the fork.
         model(torch.ones(4, 3)).sum().backward()
         trainer.step()

@@ -3,6 +3,7 @@ the per-client stream limit, and what a refused or broken push leaves behind (no
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import threading
@@ -16,7 +17,7 @@ import torch
 
 from optserve.client import ParameterServerClient
 from optserve.common.codec import encode_tensor
-from optserve.common.errors import PermissionDenied, ResourceExhausted, Unavailable
+from optserve.common.errors import NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from optserve.common.wire import chunk_frames, header_frame
 from optserve.v1 import coordinator_pb2, coordinator_pb2_grpc, shard_pb2, shard_pb2_grpc
 from tests.helpers import auth
@@ -287,8 +288,18 @@ def test_trainer_tokens_train_and_scoped_tokens_see_only_their_models(service, c
         # The audit log names the token that made a control change.
         client.set_hyperparameters(scoped, lr=0.2)
         assert client.status(scoped)["audit"][-1]["caller"].startswith("token 'admin'")
+        # A fork in its scope does not let a scoped token promote over a model outside it
+        # (the promotion would drop that model and give its name to the fork).
+        client.fork(model_name, f"{scoped}-f")
+        scoped_admin = ParameterServerClient(service.address, token=auth.SCOPED_ADMIN)
+        with scoped_admin, pytest.raises(PermissionDenied, match=repr(model_name)):
+            scoped_admin.promote(f"{scoped}-f")
+        assert client.describe_model(model_name).name == model_name  # nothing changed
+        assert not client.describe_model(f"{scoped}-f").aliases
     finally:
         client.drop_model(scoped)
+        with contextlib.suppress(NotFound):
+            client.drop_model(f"{scoped}-f")
 
 
 # ---- TLS and the stream limit ------------------------------------------------------------------
