@@ -217,12 +217,13 @@ def test_a_report_metric_storm_does_not_block_another_models_control_calls(
     limited, bystander, tmp_path
 ):
     storm_model, other_model = scoped_name(), bystander
-    gate = str(tmp_path / "open")
+    gate, holding = str(tmp_path / "open"), str(tmp_path / "holding")
     with ParameterServerClient(limited.address) as admin:
         admin.create_model(storm_model, {"w": torch.zeros(8)}, SGD)
         (storm_leader,) = shards(limited, storm_model)
 
-        def hold_metrics_thread(a, gate=gate):  # the storm's leader takes no metric for now
+        def hold_metrics_thread(a, gate=gate, holding=holding):  # no metric taken for now
+            open(holding, "w").close()
             deadline = time.monotonic() + 60
             while not os.path.exists(gate) and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -230,6 +231,9 @@ def test_a_report_metric_storm_does_not_block_another_models_control_calls(
         blocker = storm_leader.__ray_call__.options(concurrency_group="metrics").remote(
             hold_metrics_thread
         )
+        # Calls from different callers reach an actor in no set order: the storm starts once
+        # the leader's metrics thread is held (a report taken before would answer OK).
+        wait_for(lambda: os.path.exists(holding), "the leader's metrics thread held")
         request = coordinator_pb2.ReportMetricRequest(model=storm_model, name="loss", value=1.0)
 
         def report():  # each on a connection of its own
