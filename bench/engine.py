@@ -76,10 +76,16 @@ def bytes_per_element(engine: GroupEngine) -> float:
     return 12 + 8 * buffers + sync
 
 
+# Calls made before timing: lazily created state, and RAdam's first steps (rho_t <= 5, about
+# five with beta2 = 0.999) take other code than the rest of a run.
+WARM_UP_CALLS = 8
+
+
 def timed(fns, repeat: int, device: str) -> list[float]:
     """Median seconds per call of each function, calls interleaved so drift hits all alike."""
-    for fn in fns:
-        fn()  # warm-up (and lazily created state)
+    for _ in range(WARM_UP_CALLS):
+        for fn in fns:
+            fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat):
         for fn, samples in zip(fns, times, strict=True):
