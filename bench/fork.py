@@ -52,7 +52,7 @@ def inodes(path: str) -> set[int]:
     return {os.stat(os.path.join(r, n)).st_ino for r, _, files in os.walk(path) for n in files}
 
 
-def disk_bytes(path: str, leave_out: set[int] = frozenset()) -> int:  # type: ignore[assignment]
+def disk_bytes(path: str, leave_out: set[int] | frozenset[int] = frozenset()) -> int:
     """Bytes the files under `path` hold on disk, each inode counted once, but those of
     `leave_out` (files shared, as hard links, with another directory)."""
     seen, total = set(leave_out), 0
