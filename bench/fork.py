@@ -1,11 +1,11 @@
 """Benchmark: forking a live model at 100M+ parameters (issue 19): what the parent's trainer
 waits, how long the fork takes, the disk it adds, and the memory of every process meanwhile.
 
-Usage: python bench/fork.py [--numel 100000000] [--dir DIR]
+Usage: python bench/fork.py [--numel 100000000] [--dir DIR] [--same-rule]
 
 One Adam model on 2 shards takes pushes from a trainer thread (push_and_pull of one fp32
-gradient, as fast as it can) while `fork("now")` copies it under another name with SGD. Printed,
-measured in the same run:
+gradient, as fast as it can) while `fork("now")` copies it under another name with SGD (with
+--same-rule: with Adam, the optimizer not swapped). Printed, measured in the same run:
 
 * the trainer's step: median before the fork, and the longest step while the fork ran (the
   parent's pause: a fork takes the parent's checkpoint, so pushes wait as a checkpoint makes
@@ -69,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--numel", type=int, default=100_000_000)
     parser.add_argument("--dir", default=tempfile.gettempdir())
+    parser.add_argument("--same-rule", action="store_true", help="fork without a swap")
     args = parser.parse_args()
     need = args.numel * BYTES_PER_PARAM
     free = psutil.virtual_memory().available
@@ -76,10 +77,13 @@ def main() -> None:
         print(f"skipped: {args.numel:,} parameters need about {need / GiB:.1f} GiB, "
               f"{free / GiB:.1f} GiB are available")  # fmt: skip
         return
-    run(args.numel, args.dir)
+    run(args.numel, args.dir, None if args.same_rule else SWAP)
 
 
-def run(numel: int, root: str) -> None:
+SWAP = {"name": "sgd", "lr": 0.01, "momentum": 0.9}
+
+
+def run(numel: int, root: str, optimizer: dict | None) -> None:
     from optserve.client import ParameterServerClient
     from optserve.server.runtime import start_service
 
@@ -114,8 +118,7 @@ def run(numel: int, root: str) -> None:
             parents = {p: v for p, v in before.peaks.items() if before.roles[p] == "shard"}
             with Sampler() as sampler:
                 started = time.perf_counter()
-                info = client.fork("parent", "fork", optimizer={"name": "sgd", "lr": 0.01,
-                                                                "momentum": 0.9})  # fmt: skip
+                info = client.fork("parent", "fork", optimizer=optimizer)
                 fork_s = time.perf_counter() - started
             during = [s for t, s in steps if started - s <= t <= started + fork_s]
             stop.set()
