@@ -24,7 +24,7 @@ Lookahead is not an element-wise rule: it wraps one and acts after the inner ste
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
@@ -34,6 +34,10 @@ from optserve.server.engine.estimates import Estimates, MigrationReport
 
 ConfigT = TypeVar("ConfigT", bound=RuleConfig)
 ScalarsT = TypeVar("ScalarsT", bound=tuple[Any, ...])
+
+# Elements per slice of the chunked path: 1 MiB of fp32, so a slice and its temporaries stay
+# in the L2/L3 caches (measured: 2-3x faster than whole-buffer ops on the development machine).
+CHUNK_ELEMENTS = 1 << 18
 
 # A rule's state for one flat buffer: tensors named with torch.optim's keys, plus scalars
 # (counters are Python ints here; torch keeps `step` as a 0-dim float32 tensor).
@@ -118,3 +122,26 @@ class ElementwiseRule(Rule[ConfigT], Generic[ConfigT, ScalarsT]):
     def lazy_keys(self) -> tuple[str, ...]:
         """State keys the rule creates at its first step rather than in `init_state`."""
         return ()
+
+
+def update_in_parts(
+    rule: ElementwiseRule,
+    weights: torch.Tensor,
+    grad: torch.Tensor,
+    state: State,
+    scalars: Any,
+    parts: Iterable[slice],
+) -> None:
+    """`rule.update` on one slice of every tensor at a time: element-wise, so the bits of the
+    whole buffer, with each slice's temporaries only (in cache; no buffer-sized allocations)."""
+    keys = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
+    for part in parts:
+        chunk = dict(state)
+        for key in keys:
+            chunk[key] = state[key][part]
+        rule.update(weights[part], grad[part], chunk, scalars)
+
+
+def slices(numel: int, size: int) -> list[slice]:
+    """Consecutive slices of `size` elements (the last shorter) covering `numel`."""
+    return [slice(a, min(a + size, numel)) for a in range(0, numel, size)]

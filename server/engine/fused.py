@@ -37,7 +37,13 @@ from typing import Any
 import torch
 
 from optserve.server.engine.adam import is_amsgrad
-from optserve.server.engine.base import ElementwiseRule, State
+from optserve.server.engine.base import (
+    CHUNK_ELEMENTS,
+    ElementwiseRule,
+    State,
+    slices,
+    update_in_parts,
+)
 from optserve.server.engine.radam import RAdam
 
 _FUSED_RULES = ("sgd", "adam", "adamw", "amsgrad", "adagrad", "radam", "ranger")
@@ -113,8 +119,9 @@ class FusedStep:
     def _step_radam(self, grad: torch.Tensor, state: State, lr: float) -> None:
         assert self.radam is not None
         s = self.radam.prepare(state, lr, self.weights)  # counts this step
-        if not (s.rectified and isinstance(s.rect, float) and s.rect > 0):
-            self.radam.update(self.weights, grad, state, s)  # before rectification
+        if not (s.rectified and isinstance(s.rect, float) and s.rect > 0):  # before: its own
+            parts = slices(self.weights.numel(), CHUNK_ELEMENTS)  # ops, slice by slice
+            update_in_parts(self.radam, self.weights, grad, state, s, parts)
             return
         group = self.optimizer.param_groups[0]
         group["lr"] = s.lr * s.rect

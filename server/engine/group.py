@@ -29,7 +29,15 @@ import torch
 
 from optserve.common.config import RuleConfig, optimizer_config_json, parse_optimizer_config
 from optserve.server.engine import build_rule
-from optserve.server.engine.base import ElementwiseRule, Rule, State, TensorViews
+from optserve.server.engine.base import (
+    CHUNK_ELEMENTS,
+    ElementwiseRule,
+    Rule,
+    State,
+    TensorViews,
+    slices,
+    update_in_parts,
+)
 from optserve.server.engine.compiled import CompiledStep, CompiledSync
 from optserve.server.engine.fused import FusedStep, fused_available
 from optserve.server.engine.kernels import COMPILE_MIN_ELEMENTS, Choice, choose, honour
@@ -38,9 +46,6 @@ from optserve.server.engine.migration import MigrationReport, Policy, migrate
 
 __all__ = ["CHUNK_ELEMENTS", "COMPILE_MIN_ELEMENTS", "GroupEngine"]
 
-# Elements per slice of the chunked path: 1 MiB of fp32, so a slice and its temporaries stay
-# in the L2/L3 caches (measured: 2-3x faster than whole-buffer ops on the development machine).
-CHUNK_ELEMENTS = 1 << 18
 Path = Literal["fast", "reference"]
 StepFn = Callable[[torch.Tensor, float], None]
 # How often the eager kernel times again the way it is not taking (steps), and the weight of
@@ -122,11 +127,7 @@ class GroupEngine:
         numel = weights.numel()
         self.group_numel = numel if group_numel is None else group_numel
         whole = weights.device.type != "cpu" or numel <= CHUNK_ELEMENTS
-        self._parts = (
-            [slice(0, numel)]
-            if whole
-            else [slice(a, min(a + CHUNK_ELEMENTS, numel)) for a in range(0, numel, CHUNK_ELEMENTS)]
-        )
+        self._parts = [slice(0, numel)] if whole else slices(numel, CHUNK_ELEMENTS)
         self._set_rule(config, kernel)
         if state is None:
             self.state: State = self.rule.init_state(weights)
@@ -250,8 +251,7 @@ class GroupEngine:
         scalars = inner.prepare(state, lr, self.weights)
         keys = [k for k, v in state.items() if isinstance(v, torch.Tensor)]
         numel = self.weights.numel()
-        for a in range(0, numel, CHUNK_ELEMENTS):
-            part = slice(a, min(a + CHUNK_ELEMENTS, numel))
+        for part in slices(numel, CHUNK_ELEMENTS):
             chunk = dict(state)
             for key in keys:
                 chunk[key] = state[key][part].clone()
@@ -274,14 +274,8 @@ class GroupEngine:
         self._compiled.step(self.weights, grad, self.state, scalars)
 
     def _step_chunked(self, grad: torch.Tensor, lr: float) -> None:
-        inner = self._inner
-        scalars = inner.prepare(self.state, lr, self.weights)
-        tensor_keys = [k for k, v in self.state.items() if isinstance(v, torch.Tensor)]
-        for part in self._parts:
-            chunk = dict(self.state)
-            for key in tensor_keys:
-                chunk[key] = self.state[key][part]
-            inner.update(self.weights[part], grad[part], chunk, scalars)
+        scalars = self._inner.prepare(self.state, lr, self.weights)
+        update_in_parts(self._inner, self.weights, grad, self.state, scalars, self._parts)
 
     def set_optimizer(self, config: RuleConfig, policy: Policy) -> MigrationReport:
         """Switch rules, moving the state by `policy` (spec section 5)."""
